@@ -1,0 +1,92 @@
+// GAE on the CPU: one reverse pass per row, rows in parallel, optional whitening over all valid tokens.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t, typename acc_t>
+void gae_rows(const scalar_t* rewards, const scalar_t* values, const bool* mask, acc_t* advantages,
+              acc_t* returns, int64_t batch, int64_t steps, acc_t gamma, acc_t lam) {
+  const acc_t decay = gamma * lam;
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t offset = row * steps;
+      // "next" is the row's next valid token; after the last one, value and advantage are 0.
+      acc_t next_value = 0, next_advantage = 0;
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t i = offset + t;
+        if (!mask[i]) {
+          advantages[i] = 0;
+          returns[i] = 0;
+          continue;
+        }
+        const acc_t value = static_cast<acc_t>(values[i]);
+        const acc_t delta = static_cast<acc_t>(rewards[i]) + gamma * next_value - value;
+        next_advantage = delta + decay * next_advantage;
+        next_value = value;
+        advantages[i] = next_advantage;
+        returns[i] = next_advantage + value;
+      }
+    }
+  });
+}
+
+// Whitens the valid advantages in place: (A - mean) / sqrt(unbiased var + 1e-8); masked stay 0.
+template <typename acc_t>
+void whiten_valid(acc_t* advantages, const bool* mask, int64_t numel) {
+  double sum = 0, sum_sq = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < numel; ++i) {
+    if (mask[i]) {
+      const double a = advantages[i];
+      sum += a;
+      sum_sq += a * a;
+      ++count;
+    }
+  }
+  if (count == 0) return;
+  const double mean = sum / count;
+  const double var = count > 1 ? std::max(0.0, (sum_sq - sum * mean) / (count - 1)) : 0.0;
+  const double inv_std = 1.0 / std::sqrt(var + 1e-8);
+  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (mask[i]) advantages[i] = static_cast<acc_t>((advantages[i] - mean) * inv_std);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                                   const at::Tensor& mask, double gamma, double lam,
+                                                   bool whiten) {
+  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T]");
+  TORCH_CHECK(values.sizes() == rewards.sizes() && mask.sizes() == rewards.sizes(),
+              "rewards, values and mask must share one shape");
+  const auto rewards_c = rewards.contiguous();
+  const auto values_c = values.to(rewards.scalar_type()).contiguous();
+  const auto mask_c = mask.to(at::kBool).contiguous();
+  const int64_t batch = rewards.size(0), steps = rewards.size(1);
+  const auto out_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto advantages = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
+  auto returns = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "gae_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    gae_rows<scalar_t, acc_t>(rewards_c.data_ptr<scalar_t>(), values_c.data_ptr<scalar_t>(),
+                              mask_c.data_ptr<bool>(), advantages.data_ptr<acc_t>(), returns.data_ptr<acc_t>(),
+                              batch, steps, static_cast<acc_t>(gamma), static_cast<acc_t>(lam));
+    if (whiten) whiten_valid<acc_t>(advantages.data_ptr<acc_t>(), mask_c.data_ptr<bool>(), advantages.numel());
+  });
+  return {advantages, returns};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
+  m.def("gae_forward(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, bool whiten) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) { m.impl("gae_forward", &gae_forward_cpu); }

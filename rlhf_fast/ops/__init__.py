@@ -1,0 +1,7 @@
+"""The hot spots of InstructGPT training, one op per file, each with its plain-torch reference beside it."""
+
+from rlhf_fast.ops._backend import use_backend
+from rlhf_fast.ops._checks import set_value_checks
+from rlhf_fast.ops.gae import gae, gae_reference
+
+__all__ = ["gae", "gae_reference", "set_value_checks", "use_backend"]

@@ -1,0 +1,97 @@
+"""Backend selection shared by every op.
+
+Each op has up to four implementations of the same function: `reference` (plain torch, the ground truth),
+`cpp` (C++ CPU kernel), `cuda` (CUDA C++ kernel) and `triton`. Which one runs is decided per call from the
+tensor's device:
+
+- `RLHF_FAST_BACKEND=<name>` in the environment, or `with use_backend("<name>"):`, forces one everywhere
+  (`auto` restores the default). A forced backend that an op cannot run on that device is an error, never a
+  silent fallback.
+- Otherwise CPU tensors take `cpp` (or `reference` where the extension is not built) and CUDA tensors take
+  the op's measured-faster GPU variant, then the other, then `reference`.
+
+Triton runs CPU tensors only under `TRITON_INTERPRET=1` (how the tests exercise it without a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+from rlhf_fast import _extension
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhf_fast_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force one backend for every op called inside the block (`"auto"` for the default choice)."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> str | None:
+    name = _forced.get() or os.environ.get("RLHF_FAST_BACKEND") or "auto"
+    if name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"RLHF_FAST_BACKEND must be one of {('auto',) + BACKENDS}, got {name!r}")
+    return name
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends(device: torch.device, implemented: tuple[str, ...]) -> list[str]:
+    """The backends of `implemented` that can run on `device` in this process."""
+    usable = []
+    for name in implemented:
+        if name == "reference":
+            usable.append(name)
+        elif name == "cpp" and device.type == "cpu" and _extension.has_cpp_kernels():
+            usable.append(name)
+        elif name == "cuda" and device.type == "cuda" and _extension.has_cuda_kernels():
+            usable.append(name)
+        elif name == "triton" and triton_importable():
+            if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+                usable.append(name)
+    return usable
+
+
+def select_backend(op_name: str, device: torch.device, implemented: tuple[str, ...], gpu_order: tuple[str, ...]) -> str:
+    """The backend that runs `op_name` on `device`; `gpu_order` lists the GPU variants fastest first."""
+    usable = available_backends(device, implemented)
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in usable:
+            raise RuntimeError(
+                f"rlhf_fast: backend {forced!r} was forced but cannot run {op_name} on {device.type} "
+                f"(usable here: {usable})"
+            )
+        return forced
+    preference = ("cpp",) if device.type == "cpu" else gpu_order
+    for name in preference:
+        if name in usable:
+            return name
+    return "reference"
