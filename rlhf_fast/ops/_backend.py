@@ -1,7 +1,8 @@
 """Backend selection shared by every op.
 
-Each op has up to four implementations of the same function: `reference` (plain torch, the ground truth),
-`cpp` (C++ CPU kernel), `cuda` (CUDA C++ kernel) and `triton`. Which one runs is decided per call from the
+Each op has up to five implementations of the same function: `reference` (plain torch, the ground truth),
+`cpp` (C++ CPU kernel), `cuda` (CUDA C++ kernel), `triton`, and `chunked` (plain torch over bounded-memory
+chunks, where an op has one). Which one runs is decided per call from the
 tensor's device:
 
 - `RLHF_FAST_BACKEND=<name>` in the environment, or `with use_backend("<name>"):`, forces one everywhere
@@ -25,7 +26,7 @@ import torch
 
 from rlhf_fast import _extension
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
+BACKENDS = ("reference", "cpp", "cuda", "triton", "chunked")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhf_fast_backend", default=None)
 
 
@@ -71,6 +72,8 @@ def available_backends(device: torch.device, implemented: tuple[str, ...]) -> li
             usable.append(name)
         elif name == "cpp" and device.type == "cpu" and _extension.has_cpp_kernels():
             usable.append(name)
+        elif name == "chunked":  # plain torch in bounded-memory chunks: runs anywhere
+            usable.append(name)
         elif name == "cuda" and device.type == "cuda" and _extension.has_cuda_kernels():
             usable.append(name)
         elif name == "triton" and triton_importable():
@@ -90,7 +93,7 @@ def select_backend(op_name: str, device: torch.device, implemented: tuple[str, .
                 f"(usable here: {usable})"
             )
         return forced
-    preference = ("cpp",) if device.type == "cpu" else gpu_order
+    preference = ("cpp", "chunked") if device.type == "cpu" else gpu_order
     for name in preference:
         if name in usable:
             return name
