@@ -1,0 +1,228 @@
+// PPO clipped losses on the CPU. Forward: one pass over the tokens; each fixed-size chunk sums its tokens in
+// double, then the chunk sums are added in order, so the result does not depend on the thread count.
+// Backward: one elementwise pass that recomputes the ratio instead of saving a [B, T] tensor.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "kernels/ppo_loss_token.h"
+
+namespace {
+
+using rlhf_fast::ppo_loss::policy_token;
+using rlhf_fast::ppo_loss::value_token;
+
+constexpr int64_t kTokensPerChunk = 4096;
+
+struct Sums {
+  double policy_loss = 0, approx_kl = 0, ratio = 0, value_loss = 0;
+  int64_t clipped = 0, value_clipped = 0, valid = 0;
+
+  void add(const Sums& other) {
+    policy_loss += other.policy_loss;
+    approx_kl += other.approx_kl;
+    ratio += other.ratio;
+    value_loss += other.value_loss;
+    clipped += other.clipped;
+    value_clipped += other.value_clipped;
+    valid += other.valid;
+  }
+};
+
+// The op's inputs made contiguous, in one dtype, with the mask as bool; the value tensors are undefined
+// when the value loss is off.
+struct Inputs {
+  at::Tensor logprobs, old_logprobs, advantages, mask, values, old_values, returns;
+  bool has_values() const { return values.defined(); }
+};
+
+Inputs prepare_inputs(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+                      const at::Tensor& mask, const std::optional<at::Tensor>& values,
+                      const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns) {
+  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T]");
+  const auto dtype = logprobs.scalar_type();
+  const bool has_values = values.has_value() && values->defined();
+  TORCH_CHECK(has_values == (old_values.has_value() && old_values->defined()) &&
+                  has_values == (returns.has_value() && returns->defined()),
+              "values, old_values and returns must be given together");
+  auto prepare = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.sizes() == logprobs.sizes(), name, " must have the shape of logprobs");
+    TORCH_CHECK(t.scalar_type() == dtype, name, " must have the dtype of logprobs");
+    return t.contiguous();
+  };
+  Inputs in;
+  in.logprobs = logprobs.contiguous();
+  in.old_logprobs = prepare(old_logprobs, "old_logprobs");
+  in.advantages = prepare(advantages, "advantages");
+  TORCH_CHECK(mask.sizes() == logprobs.sizes(), "mask must have the shape of logprobs");
+  in.mask = mask.to(at::kBool).contiguous();
+  if (has_values) {
+    in.values = prepare(*values, "values");
+    in.old_values = prepare(*old_values, "old_values");
+    in.returns = prepare(*returns, "returns");
+  }
+  return in;
+}
+
+template <typename scalar_t, typename acc_t, bool kHasValues>
+Sums sum_tokens(const Inputs& in, int64_t begin, int64_t end, acc_t ratio_low, acc_t ratio_high,
+                acc_t value_clip) {
+  const scalar_t* logprobs = in.logprobs.const_data_ptr<scalar_t>();
+  const scalar_t* old_logprobs = in.old_logprobs.const_data_ptr<scalar_t>();
+  const scalar_t* advantages = in.advantages.const_data_ptr<scalar_t>();
+  const bool* mask = in.mask.const_data_ptr<bool>();
+  const scalar_t* values = kHasValues ? in.values.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* old_values = kHasValues ? in.old_values.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* returns = kHasValues ? in.returns.const_data_ptr<scalar_t>() : nullptr;
+  Sums sums;
+  for (int64_t i = begin; i < end; ++i) {
+    if (!mask[i]) continue;
+    const auto policy = policy_token<acc_t>(static_cast<acc_t>(logprobs[i]), static_cast<acc_t>(old_logprobs[i]),
+                                            static_cast<acc_t>(advantages[i]), ratio_low, ratio_high);
+    sums.policy_loss += policy.loss;
+    sums.approx_kl += policy.approx_kl;
+    sums.ratio += policy.ratio;
+    sums.clipped += policy.clipped;
+    sums.valid += 1;
+    if constexpr (kHasValues) {
+      const auto value = value_token<acc_t>(static_cast<acc_t>(values[i]), static_cast<acc_t>(old_values[i]),
+                                            static_cast<acc_t>(returns[i]), value_clip);
+      sums.value_loss += value.loss;
+      sums.value_clipped += value.clipped;
+    }
+  }
+  return sums;
+}
+
+template <typename scalar_t, typename acc_t, bool kHasValues>
+Sums sum_all_tokens(const Inputs& in, double clip_coef, double value_clip) {
+  const int64_t numel = in.logprobs.numel();
+  const int64_t chunks = (numel + kTokensPerChunk - 1) / kTokensPerChunk;
+  std::vector<Sums> chunk_sums(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      const int64_t begin = chunk * kTokensPerChunk;
+      chunk_sums[chunk] = sum_tokens<scalar_t, acc_t, kHasValues>(
+          in, begin, std::min(begin + kTokensPerChunk, numel), static_cast<acc_t>(1.0 - clip_coef),
+          static_cast<acc_t>(1.0 + clip_coef), static_cast<acc_t>(value_clip));
+    }
+  });
+  Sums total;
+  for (const Sums& sums : chunk_sums) total.add(sums);
+  return total;
+}
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardOutputs ppo_losses_forward_cpu(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+                                      const at::Tensor& advantages, const at::Tensor& mask,
+                                      const std::optional<at::Tensor>& values,
+                                      const std::optional<at::Tensor>& old_values,
+                                      const std::optional<at::Tensor>& returns, double clip_coef,
+                                      double value_clip) {
+  const Inputs in = prepare_inputs(logprobs, old_logprobs, advantages, mask, values, old_values, returns);
+  Sums sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "ppo_losses_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    sums = in.has_values() ? sum_all_tokens<scalar_t, acc_t, true>(in, clip_coef, value_clip)
+                           : sum_all_tokens<scalar_t, acc_t, false>(in, clip_coef, value_clip);
+  });
+  // An all-masked batch divides zeros by 1: every output is 0, never NaN.
+  const double inverse_count = 1.0 / static_cast<double>(std::max<int64_t>(sums.valid, 1));
+  const auto options = logprobs.options().dtype(logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  auto mean = [&](double sum) { return at::scalar_tensor(sum * inverse_count, options); };
+  return {mean(sums.policy_loss),
+          mean(static_cast<double>(sums.clipped)),
+          mean(sums.approx_kl),
+          mean(sums.ratio),
+          mean(sums.value_loss),
+          mean(static_cast<double>(sums.value_clipped)),
+          at::scalar_tensor(sums.valid, logprobs.options().dtype(at::kLong))};
+}
+
+template <typename scalar_t, typename acc_t>
+void policy_gradient(const Inputs& in, acc_t scale, double clip_coef, scalar_t* grad_logprobs) {
+  const scalar_t* logprobs = in.logprobs.const_data_ptr<scalar_t>();
+  const scalar_t* old_logprobs = in.old_logprobs.const_data_ptr<scalar_t>();
+  const scalar_t* advantages = in.advantages.const_data_ptr<scalar_t>();
+  const bool* mask = in.mask.const_data_ptr<bool>();
+  const auto ratio_low = static_cast<acc_t>(1.0 - clip_coef), ratio_high = static_cast<acc_t>(1.0 + clip_coef);
+  at::parallel_for(0, in.logprobs.numel(), kTokensPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t grad = 0;
+      if (mask[i]) {
+        grad = scale * policy_token<acc_t>(static_cast<acc_t>(logprobs[i]), static_cast<acc_t>(old_logprobs[i]),
+                                           static_cast<acc_t>(advantages[i]), ratio_low, ratio_high)
+                           .grad_logprob;
+      }
+      grad_logprobs[i] = static_cast<scalar_t>(grad);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void value_gradient(const Inputs& in, acc_t scale, double value_clip, scalar_t* grad_values) {
+  const scalar_t* values = in.values.const_data_ptr<scalar_t>();
+  const scalar_t* old_values = in.old_values.const_data_ptr<scalar_t>();
+  const scalar_t* returns = in.returns.const_data_ptr<scalar_t>();
+  const bool* mask = in.mask.const_data_ptr<bool>();
+  const auto clip = static_cast<acc_t>(value_clip);
+  at::parallel_for(0, in.values.numel(), kTokensPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t grad = 0;
+      if (mask[i]) {
+        grad = scale * value_token<acc_t>(static_cast<acc_t>(values[i]), static_cast<acc_t>(old_values[i]),
+                                          static_cast<acc_t>(returns[i]), clip)
+                           .grad_value;
+      }
+      grad_values[i] = static_cast<scalar_t>(grad);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_losses_backward_cpu(
+    const at::Tensor& grad_policy_loss, const at::Tensor& grad_value_loss, const at::Tensor& logprobs,
+    const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+    const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& old_values,
+    const std::optional<at::Tensor>& returns, const at::Tensor& valid_count, double clip_coef, double value_clip) {
+  const Inputs in = prepare_inputs(logprobs, old_logprobs, advantages, mask, values, old_values, returns);
+  // d mean / d token = 1 / count; an all-masked batch has no token to receive it.
+  const double inverse_count = 1.0 / static_cast<double>(std::max<int64_t>(valid_count.item<int64_t>(), 1));
+  auto grad_logprobs = at::empty(logprobs.sizes(), logprobs.options());
+  auto grad_values = in.has_values() ? at::empty(logprobs.sizes(), logprobs.options())
+                                     : at::empty({0}, logprobs.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "ppo_losses_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    policy_gradient<scalar_t, acc_t>(in, static_cast<acc_t>(grad_policy_loss.item<double>() * inverse_count),
+                                     clip_coef, grad_logprobs.mutable_data_ptr<scalar_t>());
+    if (in.has_values()) {
+      value_gradient<scalar_t, acc_t>(in, static_cast<acc_t>(grad_value_loss.item<double>() * inverse_count),
+                                      value_clip, grad_values.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return {grad_logprobs, grad_values};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
+  m.def(
+      "ppo_losses_forward(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? values, "
+      "Tensor? old_values, Tensor? returns, float clip_coef, float value_clip) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ppo_losses_backward(Tensor grad_policy_loss, Tensor grad_value_loss, Tensor logprobs, Tensor old_logprobs, "
+      "Tensor advantages, Tensor mask, Tensor? values, Tensor? old_values, Tensor? returns, Tensor valid_count, "
+      "float clip_coef, float value_clip) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
+  m.impl("ppo_losses_forward", &ppo_losses_forward_cpu);
+  m.impl("ppo_losses_backward", &ppo_losses_backward_cpu);
+}
