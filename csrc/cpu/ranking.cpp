@@ -1,0 +1,230 @@
+// K-wise ranking loss on the CPU (definition in rlhf_fast/ops/ranking.py): prompts in parallel, each group
+// (K ≤ 16) held in small local arrays and its K² ordered pairs visited in registers; no [P, K, K] tensor.
+//
+// Forward: per-prompt (Σ −log σ, #pairs, #correct), then one ordered reduction over prompts (deterministic).
+// Backward: d loss / d r_i = grad · w_p · Σ_j ∓σ(−logit_ij), w_p = 1 / (#pairs_p · #prompts with a pair).
+//
+// Group boundaries come from the inclusive cumulative sum of group_sizes. Groups are clamped to 16
+// completions and to the rewards' length, so inputs that skipped the Python checks cannot read out of bounds.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxGroup = 16;
+
+// −log σ(x) = softplus(−x), in a form that neither overflows nor loses the small tail.
+template <typename acc_t>
+inline acc_t neg_log_sigmoid(acc_t x) {
+  return std::max(-x, acc_t(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+// σ(−x), without overflow for either sign.
+template <typename acc_t>
+inline acc_t sigmoid_of_negative(acc_t x) {
+  if (x >= 0) {
+    const acc_t e = std::exp(-x);
+    return e / (1 + e);
+  }
+  return 1 / (1 + std::exp(x));
+}
+
+// One prompt's completions: rewards, rewards − per-completion margin, and ranks.
+template <typename acc_t>
+struct Group {
+  int64_t start = 0;
+  int64_t size = 0;
+  acc_t reward[kMaxGroup];
+  acc_t shifted[kMaxGroup];
+  int64_t rank[kMaxGroup];
+};
+
+template <typename scalar_t, typename acc_t>
+struct Inputs {
+  const scalar_t* rewards;
+  int64_t rewards_stride;
+  int64_t num_completions;
+  const int64_t* ranks;  // contiguous, or nullptr: position in group
+  const acc_t* margins;  // contiguous, or nullptr
+  const int64_t* ends;   // [P] inclusive cumulative group sizes
+
+  Group<acc_t> load(int64_t prompt) const {
+    Group<acc_t> group;
+    group.start = prompt == 0 ? 0 : ends[prompt - 1];
+    const int64_t end = std::min(ends[prompt], num_completions);
+    if (group.start < 0 || group.start >= end) return group;
+    group.size = std::min(end - group.start, kMaxGroup);
+    for (int64_t k = 0; k < group.size; ++k) {
+      const int64_t index = group.start + k;
+      group.reward[k] = static_cast<acc_t>(rewards[index * rewards_stride]);
+      group.shifted[k] = margins ? group.reward[k] - margins[index] : group.reward[k];
+      group.rank[k] = ranks ? ranks[index] : k;
+    }
+    return group;
+  }
+};
+
+struct PromptStats {
+  double term_sum = 0;
+  int64_t pairs = 0;
+  int64_t correct = 0;
+};
+
+template <typename acc_t>
+PromptStats prompt_forward(const Group<acc_t>& group, acc_t margin) {
+  acc_t term_sum = 0;
+  PromptStats stats;
+  for (int64_t i = 0; i < group.size; ++i) {
+    for (int64_t j = 0; j < group.size; ++j) {
+      if (group.rank[i] >= group.rank[j]) continue;  // only i above j; ties and i == j form no pair
+      term_sum += neg_log_sigmoid<acc_t>(group.shifted[i] - group.shifted[j] - margin);
+      ++stats.pairs;
+      stats.correct += group.reward[i] > group.reward[j];
+    }
+  }
+  stats.term_sum = term_sum;
+  return stats;
+}
+
+template <typename scalar_t>
+Inputs<scalar_t, at::opmath_type<scalar_t>> make_inputs(const at::Tensor& rewards, const at::Tensor& ranks,
+                                                        const at::Tensor& margins, const at::Tensor& ends) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return {rewards.data_ptr<scalar_t>(),
+          rewards.stride(0),
+          rewards.numel(),
+          ranks.defined() ? ranks.data_ptr<int64_t>() : nullptr,
+          margins.defined() ? margins.data_ptr<acc_t>() : nullptr,
+          ends.data_ptr<int64_t>()};
+}
+
+at::ScalarType output_dtype(const at::Tensor& rewards) {
+  return rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_common(const at::Tensor& rewards, const std::optional<at::Tensor>& ranks,
+                  const std::optional<at::Tensor>& margins) {
+  TORCH_CHECK(rewards.dim() == 1, "ranking_loss: rewards must be [ΣK]");
+  TORCH_CHECK(!ranks || ranks->sizes() == rewards.sizes(), "ranking_loss: ranks must be shaped like rewards");
+  TORCH_CHECK(!margins || margins->sizes() == rewards.sizes(), "ranking_loss: margins must be shaped like rewards");
+}
+
+at::Tensor contiguous_ranks(const std::optional<at::Tensor>& ranks) {
+  return ranks ? ranks->to(at::kLong).contiguous() : at::Tensor();
+}
+
+at::Tensor contiguous_margins(const std::optional<at::Tensor>& margins, at::ScalarType dtype) {
+  return margins ? margins->to(dtype).contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward_cpu(
+    const at::Tensor& rewards, const at::Tensor& group_sizes, const std::optional<at::Tensor>& ranks,
+    const std::optional<at::Tensor>& margins, double margin) {
+  check_common(rewards, ranks, margins);
+  TORCH_CHECK(group_sizes.dim() == 1, "ranking_loss: group_sizes must be [P]");
+  const auto dtype = output_dtype(rewards);
+  const int64_t num_prompts = group_sizes.size(0);
+  const auto ends = at::cumsum(group_sizes.to(at::kLong), 0).contiguous();
+  const auto ranks_c = contiguous_ranks(ranks);
+  const auto margins_c = contiguous_margins(margins, dtype);
+  auto loss = at::empty({}, rewards.options().dtype(dtype));
+  auto accuracy = at::empty({}, rewards.options().dtype(dtype));
+  auto weights = at::empty({num_prompts}, rewards.options().dtype(dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "ranking_loss_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto inputs = make_inputs<scalar_t>(rewards, ranks_c, margins_c, ends);
+    std::vector<PromptStats> stats(num_prompts);
+    at::parallel_for(0, num_prompts, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) stats[p] = prompt_forward(inputs.load(p), static_cast<acc_t>(margin));
+    });
+    // Prompt order, in double: the result does not depend on the thread count.
+    double mean_sum = 0;
+    int64_t prompts_with_pairs = 0, pairs = 0, correct = 0;
+    for (const auto& s : stats) {
+      if (s.pairs > 0) {
+        mean_sum += s.term_sum / static_cast<double>(s.pairs);
+        ++prompts_with_pairs;
+      }
+      pairs += s.pairs;
+      correct += s.correct;
+    }
+    loss.fill_(prompts_with_pairs ? mean_sum / static_cast<double>(prompts_with_pairs) : 0.0);
+    accuracy.fill_(pairs ? static_cast<double>(correct) / static_cast<double>(pairs) : 0.0);
+    auto* weight = weights.data_ptr<acc_t>();
+    for (int64_t p = 0; p < num_prompts; ++p) {
+      weight[p] = stats[p].pairs ? static_cast<acc_t>(
+                                       1.0 / (static_cast<double>(stats[p].pairs) * static_cast<double>(prompts_with_pairs)))
+                                 : acc_t(0);
+    }
+  });
+  return {loss, accuracy, weights, ends};
+}
+
+at::Tensor ranking_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& rewards,
+                                     const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& margins,
+                                     double margin, const at::Tensor& prompt_weights, const at::Tensor& prompt_ends) {
+  check_common(rewards, ranks, margins);
+  TORCH_CHECK(prompt_weights.dim() == 1 && prompt_ends.sizes() == prompt_weights.sizes(),
+              "ranking_loss: prompt_weights and prompt_ends must both be [P]");
+  TORCH_CHECK(grad_loss.numel() == 1, "ranking_loss: grad_loss must hold one value");
+  const auto dtype = output_dtype(rewards);
+  const int64_t num_prompts = prompt_ends.size(0);
+  const auto ends = prompt_ends.to(at::kLong).contiguous();
+  const auto weights = prompt_weights.to(dtype).contiguous();
+  const auto ranks_c = contiguous_ranks(ranks);
+  const auto margins_c = contiguous_margins(margins, dtype);
+  const double grad = grad_loss.item<double>();
+  // Zeros, so entries outside every group (only possible when the checks were skipped) stay defined.
+  auto grad_rewards = at::zeros(rewards.sizes(), rewards.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "ranking_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto inputs = make_inputs<scalar_t>(rewards, ranks_c, margins_c, ends);
+    const acc_t* weight = weights.data_ptr<acc_t>();
+    scalar_t* out = grad_rewards.data_ptr<scalar_t>();
+    const acc_t pair_margin = static_cast<acc_t>(margin);
+    at::parallel_for(0, num_prompts, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const auto group = inputs.load(p);
+        const acc_t scale = static_cast<acc_t>(grad) * weight[p];
+        for (int64_t i = 0; i < group.size; ++i) {
+          acc_t slope_sum = 0;
+          for (int64_t j = 0; j < group.size; ++j) {
+            if (group.rank[i] == group.rank[j]) continue;
+            // As the better one, r_i raises the pair's logit; as the worse one, it lowers it.
+            const acc_t sign = group.rank[i] < group.rank[j] ? acc_t(1) : acc_t(-1);
+            const acc_t logit = sign * (group.shifted[i] - group.shifted[j]) - pair_margin;
+            slope_sum -= sign * sigmoid_of_negative(logit);
+          }
+          out[group.start + i] = static_cast<scalar_t>(scale * slope_sum);
+        }
+      }
+    });
+  });
+  return grad_rewards;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
+  m.def(
+      "ranking_loss_forward(Tensor rewards, Tensor group_sizes, Tensor? ranks, Tensor? margins, float margin)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ranking_loss_backward(Tensor grad_loss, Tensor rewards, Tensor? ranks, Tensor? margins, float margin,"
+      " Tensor prompt_weights, Tensor prompt_ends) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
+  m.impl("ranking_loss_forward", &ranking_loss_forward_cpu);
+  m.impl("ranking_loss_backward", &ranking_loss_backward_cpu);
+}
