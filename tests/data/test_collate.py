@@ -43,11 +43,11 @@ def test_collate_sft_shapes_padding_and_exact_loss_mask(rng):
         assert batch["attention_mask"][row].tolist() == [True] * n + [False] * (longest - n)
         # Exactly the response tokens and the eos are targets.
         targets = batch["input_ids"][row][batch["loss_mask"][row]].tolist()
-        assert targets == example.input_ids[example.prompt_length:]
+        assert targets == example.input_ids[example.prompt_length :]
         assert not batch["loss_mask"][row, 0]
-    # Used with shifted targets, the mask selects each response token once, predicted from the position before.
+    # With shifted targets, the mask selects each response token once, predicted from the position before.
     shifted_targets = batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:]]
-    assert shifted_targets.tolist() == [t for e in examples for t in e.input_ids[e.prompt_length:]]
+    assert shifted_targets.tolist() == [t for e in examples for t in e.input_ids[e.prompt_length :]]
 
 
 def test_collate_sft_accepts_mappings_and_checks_prompt_length():
@@ -89,16 +89,22 @@ def test_pack_sft_places_each_example_once_with_reset_positions(rng):
             positions = (documents == doc).nonzero().flatten()
             if doc < 0:
                 assert (packed["input_ids"][row, positions] == PAD).all()
-                assert positions.tolist() == list(range(block_size - len(positions), block_size))  # at the end
+                assert positions.tolist() == list(
+                    range(block_size - len(positions), block_size)
+                )  # at the end
                 continue
             seen.add(doc)
             example = examples[doc]
             # Contiguous, in order, with positions restarting at 0.
-            assert positions.tolist() == list(range(int(positions[0]), int(positions[0]) + len(example.input_ids)))
+            assert positions.tolist() == list(
+                range(int(positions[0]), int(positions[0]) + len(example.input_ids))
+            )
             assert packed["input_ids"][row, positions].tolist() == example.input_ids
             assert packed["position_ids"][row, positions].tolist() == list(range(len(example.input_ids)))
-            assert packed["input_ids"][row, positions][packed["loss_mask"][row, positions]].tolist() == \
-                example.input_ids[example.prompt_length:]
+            assert (
+                packed["input_ids"][row, positions][packed["loss_mask"][row, positions]].tolist()
+                == example.input_ids[example.prompt_length :]
+            )
             assert not packed["loss_mask"][row, positions[0]]  # no loss across a document boundary
     assert seen == set(range(len(examples)))
     assert torch.equal(packed["attention_mask"], packed["document_ids"] >= 0)
@@ -121,8 +127,12 @@ def test_packed_attention_mask_blocks_cross_document_attention(rng):
                 continue
             where = (packed["document_ids"][row] == doc).nonzero().flatten()
             alone = torch.nn.functional.scaled_dot_product_attention(
-                q[row:row + 1, :, where], k[row:row + 1, :, where], v[row:row + 1, :, where], is_causal=True)
-            torch.testing.assert_close(packed_out[row:row + 1, :, where], alone)
+                q[row : row + 1, :, where],
+                k[row : row + 1, :, where],
+                v[row : row + 1, :, where],
+                is_causal=True,
+            )
+            torch.testing.assert_close(packed_out[row : row + 1, :, where], alone)
 
 
 def test_pack_sft_argument_checks():
@@ -137,7 +147,9 @@ def test_collate_rankings_encodes_each_completion_once(rng):
     for _ in range(rng.randrange(1, 6)):
         k = rng.randrange(2, 10)
         prompt = [rng.randrange(4, 100) for _ in range(rng.randrange(1, 8))]
-        completions = tuple([rng.randrange(4, 100) for _ in range(rng.randrange(0, 6))] + [EOS] for _ in range(k))
+        completions = tuple(
+            [rng.randrange(4, 100) for _ in range(rng.randrange(0, 6))] + [EOS] for _ in range(k)
+        )
         items.append(EncodedRanking(prompt, completions, tuple(rng.randrange(k) for _ in range(k))))
     expected_rows = [item.prompt_ids + c for item in items for c in item.completion_ids]
     for side in ("right", "left"):
@@ -162,16 +174,20 @@ def test_collate_rankings_encodes_each_completion_once(rng):
 
 
 def test_collate_prompts_left_pads(rng):
-    prompts = [[rng.randrange(4, 100) for _ in range(rng.randrange(1, 10))] for _ in range(rng.randrange(1, 8))]
+    prompts = [
+        [rng.randrange(4, 100) for _ in range(rng.randrange(1, 10))] for _ in range(rng.randrange(1, 8))
+    ]
     items = [EncodedPrompt(p) for p in prompts]
     batch = collate_prompts(items, pad_id=PAD)
     longest = max(map(len, prompts))
     assert batch["input_ids"].shape == (len(prompts), longest)
     assert batch["attention_mask"][:, -1].all()  # every prompt ends in the last column
     for row, prompt in enumerate(prompts):
-        assert batch["input_ids"][row, longest - len(prompt):].tolist() == prompt
-        assert batch["attention_mask"][row].tolist() == [False] * (longest - len(prompt)) + [True] * len(prompt)
-        assert (batch["input_ids"][row, :longest - len(prompt)] == PAD).all()
+        assert batch["input_ids"][row, longest - len(prompt) :].tolist() == prompt
+        assert batch["attention_mask"][row].tolist() == [False] * (longest - len(prompt)) + [True] * len(
+            prompt
+        )
+        assert (batch["input_ids"][row, : longest - len(prompt)] == PAD).all()
     assert torch.equal(collate_prompts(prompts, pad_id=PAD)["input_ids"], batch["input_ids"])
     with pytest.raises(ValueError, match=r"items\[0\] has no tokens"):
         collate_prompts([[]], pad_id=PAD)

@@ -27,8 +27,10 @@ def ids(tokenizer, text: str) -> list[int]:
 
 
 def demos(rng, lengths: list[tuple[int, int]]) -> list[Demonstration]:
-    return [Demonstration(words(rng, p), words(rng, r), SourceLocation(SOURCE, i + 1))
-            for i, (p, r) in enumerate(lengths)]
+    return [
+        Demonstration(words(rng, p), words(rng, r), SourceLocation(SOURCE, i + 1))
+        for i, (p, r) in enumerate(lengths)
+    ]
 
 
 def test_demonstration_ids_are_prompt_then_response_then_eos(tokenizer, rng):
@@ -53,8 +55,10 @@ def test_error_policy_names_the_prompt_with_lengths(tokenizer, rng):
         encode_demonstrations(records, tokenizer, max_length)
     error = caught.value
     assert str(error).startswith(f"{SOURCE}:2: field 'prompt': ")
-    assert f"prompt {prompt} + response {response} + eos 1 = {max_length + 1} tokens > max_length {max_length}" \
+    assert (
+        f"prompt {prompt} + response {response} + eos 1 = {max_length + 1} tokens > max_length {max_length}"
         in str(error)
+    )
     assert error.kind == "too_long"
 
 
@@ -93,7 +97,9 @@ def test_truncate_prompt_keeps_the_prompt_tail_and_the_whole_response(tokenizer,
         prompt_ids, response_ids = ids(tokenizer, record.prompt), ids(tokenizer, record.response)
         keep = min(len(prompt_ids), max_length - len(response_ids) - 1)
         dropped += len(prompt_ids) - keep
-        assert example.input_ids == prompt_ids[len(prompt_ids) - keep:] + response_ids + [tokenizer.eos_token_id]
+        assert example.input_ids == prompt_ids[len(prompt_ids) - keep :] + response_ids + [
+            tokenizer.eos_token_id
+        ]
         assert example.prompt_length == keep >= 1
         assert len(example.input_ids) <= max_length
     truncated = sum(p + r + 1 > max_length for p, r in lengths)
@@ -107,12 +113,15 @@ def test_ranking_ids_encode_each_completion_with_eos(tokenizer, rng):
         k = rng.randrange(2, 10)
         completions = tuple(f"w{j} " + words(rng, rng.randrange(0, 6)) for j in range(k))
         ranks = (0, 1) + tuple(rng.randrange(k) for _ in range(k - 2))
-        records.append(Ranking(words(rng, rng.randrange(1, 8)), completions, ranks, SourceLocation(SOURCE, i + 1)))
+        records.append(
+            Ranking(words(rng, rng.randrange(1, 8)), completions, ranks, SourceLocation(SOURCE, i + 1))
+        )
     encoded = encode_rankings(records, tokenizer, max_length=32)
     for item, record in zip(encoded, records):
         assert item.prompt_ids == ids(tokenizer, record.prompt)
-        assert item.completion_ids == tuple(ids(tokenizer, c) + [tokenizer.eos_token_id]
-                                            for c in record.completions)
+        assert item.completion_ids == tuple(
+            ids(tokenizer, c) + [tokenizer.eos_token_id] for c in record.completions
+        )
         assert item.ranks == record.ranks and item.k == record.k
 
 
@@ -169,7 +178,7 @@ def test_pretrain_blocks_are_the_concatenation_cut(tokenizer, rng):
     stream = [token for r in records for token in ids(tokenizer, r.text) + [tokenizer.eos_token_id]]
     num_blocks = len(stream) // block_size
     assert encoded.blocks.dtype == torch.long and encoded.blocks.shape == (num_blocks, block_size)
-    assert encoded.blocks.flatten().tolist() == stream[:num_blocks * block_size]
+    assert encoded.blocks.flatten().tolist() == stream[: num_blocks * block_size]
     assert encoded.num_tokens == len(stream) and len(encoded) == num_blocks
     tail = len(stream) % block_size
     assert encoded.report.tokens_dropped == tail

@@ -51,8 +51,12 @@ BAD_CASES = [
     ("demonstrations", '{"prompt": ["w1"], "response": "w2"}', "prompt", "wrong_type"),
     ("demonstrations", '{"prompt": " \\n\\t ", "response": "w2"}', "prompt", "empty_text"),
     ("demonstrations", '{"prompt": "w1", "response": ""}', "response", "empty_text"),
-    ("demonstrations", '{"prompt": "w1", "messages": [{"role": "user", "content": "w1"}]}', "messages",
-     "conflicting_fields"),
+    (
+        "demonstrations",
+        '{"prompt": "w1", "messages": [{"role": "user", "content": "w1"}]}',
+        "messages",
+        "conflicting_fields",
+    ),
     ("rankings", '{"prompt": "w1", "completions": ["w2"], "ranks": [0]}', "completions", "bad_k"),
     ("rankings", ranking([f"w{i}" for i in range(10)], list(range(10))), "completions", "bad_k"),
     ("rankings", ranking(["w2", "w3", "w4"], [0, 1]), "ranks", "bad_ranks"),
@@ -69,8 +73,12 @@ BAD_CASES = [
     ("rankings", '{"prompt": "w1", "chosen": "w2"}', "rejected", "missing_field"),
     ("rankings", '{"prompt": "w1", "chosen": "w2", "rejected": ""}', "rejected", "empty_text"),
     ("rankings", '{"prompt": "w1", "chosen": "w2", "rejected": "w2"}', "rejected", "duplicate_completion"),
-    ("rankings", '{"prompt": "w1", "chosen": "w2", "rejected": "w3", "ranks": [0, 1]}', "ranks",
-     "conflicting_fields"),
+    (
+        "rankings",
+        '{"prompt": "w1", "chosen": "w2", "rejected": "w3", "ranks": [0, 1]}',
+        "ranks",
+        "conflicting_fields",
+    ),
     ("prompts", '{"text": "w1"}', "prompt", "missing_field"),
     ("prompts", '{"prompt": null}', "prompt", "wrong_type"),
     ("prompts", '"w1"', "-", "not_an_object"),
@@ -139,8 +147,10 @@ def test_skip_mode_counts_each_reason(write_lines, rng):
     expected = collections.Counter(_kind(line) for line in bad)
     assert result.skipped == expected
     assert result.num_skipped == len(bad)
-    first_line = {kind: min(i + 1 for i, line in enumerate(lines) if line in bad and _kind(line) == kind)
-                  for kind in expected}
+    first_line = {
+        kind: min(i + 1 for i, line in enumerate(lines) if line in bad and _kind(line) == kind)
+        for kind in expected
+    }
     assert {kind: error.line for kind, error in result.first_skipped.items()} == first_line
     # Each kept record knows its own line.
     for record in result:
@@ -170,8 +180,12 @@ def test_every_plain_format_round_trips(tmp_path, rng):
         rankings.append(Ranking(f"w{i}", tuple(f"w{10 * i + j} w{j}" for j in range(k)), tuple(ranks)))
     prompts = [PromptRecord(f"w{i}") for i in range(4)]
     texts = [PretrainText(f"w{i} hello world") for i in range(3)]
-    for records, reader in ((demos, read_demonstrations), (rankings, read_rankings), (prompts, read_prompts),
-                            (texts, read_pretrain_text)):
+    for records, reader in (
+        (demos, read_demonstrations),
+        (rankings, read_rankings),
+        (prompts, read_prompts),
+        (texts, read_pretrain_text),
+    ):
         path = tmp_path / f"{reader.__name__}.jsonl"
         assert write_jsonl(path, records) == len(records)
         result = reader(path)
@@ -181,16 +195,24 @@ def test_every_plain_format_round_trips(tmp_path, rng):
 
 
 def test_pair_format_is_a_ranking_of_two(write_lines):
-    path = write_lines([{"prompt": "w1", "chosen": "w2 w3", "rejected": "w4"},
-                        {"prompt": "w5", "completions": ["w6", "w7", "w8"], "ranks": [1, 0, 1]}])
+    path = write_lines(
+        [
+            {"prompt": "w1", "chosen": "w2 w3", "rejected": "w4"},
+            {"prompt": "w5", "completions": ["w6", "w7", "w8"], "ranks": [1, 0, 1]},
+        ]
+    )
     first, second = read_rankings(path)
     assert first == Ranking("w1", ("w2 w3", "w4"), (0, 1))
     assert second.ranks == (1, 0, 1) and second.k == 3  # ties allowed
 
 
 def test_unknown_fields_are_ignored_and_counted(write_lines):
-    path = write_lines([{"prompt": "w1", "response": "w2", "id": 1, "respones": "x"},
-                        {"prompt": "w1", "response": "w2", "id": 2}])
+    path = write_lines(
+        [
+            {"prompt": "w1", "response": "w2", "id": 1, "respones": "x"},
+            {"prompt": "w1", "response": "w2", "id": 2},
+        ]
+    )
     result = read_demonstrations(path)
     assert len(result) == 2
     assert result.extra_fields == collections.Counter({"id": 2, "respones": 1})
@@ -228,15 +250,17 @@ def test_chat_demonstration_renders_prompt_through_template(write_lines, chat_to
     assert plain.prompt == "w1 w2"
     assert chat.response == "w4 w5"
     assert chat.prompt == render_chat(messages[:-1])
-    assert chat.prompt == chat_tokenizer.apply_chat_template(messages[:-1], tokenize=False,
-                                                             add_generation_prompt=True)
+    assert chat.prompt == chat_tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
     assert chat.source.line == 2
 
 
 def test_chat_prompt_drops_a_trailing_assistant_message(write_lines, chat_tokenizer):
     conversation = [{"role": "user", "content": "w1"}]
-    path = write_lines([{"messages": conversation},
-                        {"messages": conversation + [{"role": "assistant", "content": "w2"}]}])
+    path = write_lines(
+        [{"messages": conversation}, {"messages": conversation + [{"role": "assistant", "content": "w2"}]}]
+    )
     first, second = read_prompts(path, tokenizer=chat_tokenizer)
     assert first.prompt == second.prompt == render_chat(conversation)
 
@@ -245,27 +269,48 @@ CHAT_CASES = [
     # (reader, messages value, field, kind)
     ("demonstrations", [{"role": "user", "content": "w1"}], "messages[0].role", "bad_messages"),
     ("demonstrations", [{"role": "assistant", "content": "w1"}], "messages", "bad_messages"),
-    ("demonstrations", [{"role": "user", "content": "w1"}, {"role": "assistant", "content": " "}],
-     "messages[1].content", "empty_text"),
-    ("demonstrations", [{"role": "user"}, {"role": "assistant", "content": "w2"}], "messages[0].content",
-     "missing_field"),
-    ("demonstrations", [{"content": "w1"}, {"role": "assistant", "content": "w2"}], "messages[0].role",
-     "missing_field"),
-    ("demonstrations", [{"role": "user", "content": ["w1"]}, {"role": "assistant", "content": "w2"}],
-     "messages[0].content", "wrong_type"),
+    (
+        "demonstrations",
+        [{"role": "user", "content": "w1"}, {"role": "assistant", "content": " "}],
+        "messages[1].content",
+        "empty_text",
+    ),
+    (
+        "demonstrations",
+        [{"role": "user"}, {"role": "assistant", "content": "w2"}],
+        "messages[0].content",
+        "missing_field",
+    ),
+    (
+        "demonstrations",
+        [{"content": "w1"}, {"role": "assistant", "content": "w2"}],
+        "messages[0].role",
+        "missing_field",
+    ),
+    (
+        "demonstrations",
+        [{"role": "user", "content": ["w1"]}, {"role": "assistant", "content": "w2"}],
+        "messages[0].content",
+        "wrong_type",
+    ),
     ("demonstrations", ["w1", {"role": "assistant", "content": "w2"}], "messages[0]", "wrong_type"),
     ("demonstrations", [], "messages", "bad_messages"),
     ("demonstrations", {"role": "user"}, "messages", "wrong_type"),
-    ("demonstrations", [{"role": "tool", "content": "w1"}, {"role": "assistant", "content": "w2"}],
-     "messages", "chat_template_failed"),
+    (
+        "demonstrations",
+        [{"role": "tool", "content": "w1"}, {"role": "assistant", "content": "w2"}],
+        "messages",
+        "chat_template_failed",
+    ),
     ("prompts", [{"role": "assistant", "content": "w1"}], "messages", "bad_messages"),
     ("prompts", [{"role": "tool", "content": "w1"}], "messages", "chat_template_failed"),
 ]
 
 
 @pytest.mark.parametrize("reader_name, messages, field, kind", CHAT_CASES)
-def test_bad_chat_record_names_file_line_and_field(write_lines, chat_tokenizer, reader_name, messages, field,
-                                                   kind):
+def test_bad_chat_record_names_file_line_and_field(
+    write_lines, chat_tokenizer, reader_name, messages, field, kind
+):
     path = write_lines([GOOD[reader_name], {"messages": messages}])
     with pytest.raises(DataError) as caught:
         READERS[reader_name](path, tokenizer=chat_tokenizer)
@@ -277,8 +322,9 @@ def test_bad_chat_record_names_file_line_and_field(write_lines, chat_tokenizer, 
 
 @pytest.mark.parametrize("reader", [read_demonstrations, read_prompts])
 def test_chat_record_needs_a_chat_template(write_lines, tokenizer, reader):
-    path = write_lines([{"messages": [{"role": "user", "content": "w1"},
-                                      {"role": "assistant", "content": "w2"}]}])
+    path = write_lines(
+        [{"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}]
+    )
     with pytest.raises(DataError, match="pass tokenizer") as caught:
         reader(path)
     assert_names(caught.value, path, 1, "messages")
@@ -324,4 +370,10 @@ def test_data_error_survives_pickling():
     error = DataError("a.jsonl", 3, "prompt", "empty", kind="empty_text")
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.path, copy.line, copy.field, copy.reason, copy.kind, str(copy)) == (
-        error.path, error.line, error.field, error.reason, error.kind, str(error))
+        error.path,
+        error.line,
+        error.field,
+        error.reason,
+        error.kind,
+        str(error),
+    )

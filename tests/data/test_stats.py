@@ -1,4 +1,4 @@
-"""Dataset statistics: counts, histograms, K distribution, and what each policy would do (agreeing with encode)."""
+"""Dataset statistics: counts, histograms, K distribution, what each policy would do (as encode does)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def test_histogram_buckets_hold_every_length(rng):
 def test_demonstration_stats_agree_with_encoding(tmp_path, tokenizer, rng, policy):
     from rlhf_fast.data import write_jsonl
 
-    records = [Demonstration(words(rng, rng.randrange(1, 25)), words(rng, rng.randrange(1, 25)))
-               for _ in range(40)]
+    records = [
+        Demonstration(words(rng, rng.randrange(1, 25)), words(rng, rng.randrange(1, 25))) for _ in range(40)
+    ]
     lines = [r.to_dict() for r in records] + [{"prompt": "w1", "response": ""}, {"prompt": "w1"}]
     lines[0]["note"] = "extra"
     path = tmp_path / "d.jsonl"
@@ -57,7 +58,9 @@ def test_demonstration_stats_agree_with_encoding(tmp_path, tokenizer, rng, polic
     prompt_lengths = [len(r.prompt.split()) for r in records]
     response_lengths = [len(r.response.split()) for r in records]
     assert stats.histograms["prompt"].count == len(records)
-    assert stats.histograms["total"].maximum == max(p + r + 1 for p, r in zip(prompt_lengths, response_lengths))
+    assert stats.histograms["total"].maximum == max(
+        p + r + 1 for p, r in zip(prompt_lengths, response_lengths)
+    )
     too_long = sum(p + r + 1 > max_length for p, r in zip(prompt_lengths, response_lengths))
     assert stats.fit_outcomes["fits"] == len(records) - too_long
     if policy == "skip":
@@ -80,9 +83,13 @@ def test_ranking_stats_k_distribution(write_lines, tokenizer, rng):
     lines = []
     for _ in range(30):
         k = rng.randrange(2, 10)
-        lines.append({"prompt": words(rng, 3), "completions": [f"w{j} " + words(rng, rng.randrange(0, 4))
-                                                                for j in range(k)],
-                      "ranks": [0, 1] + [rng.randrange(k) for _ in range(k - 2)]})
+        lines.append(
+            {
+                "prompt": words(rng, 3),
+                "completions": [f"w{j} " + words(rng, rng.randrange(0, 4)) for j in range(k)],
+                "ranks": [0, 1] + [rng.randrange(k) for _ in range(k - 2)],
+            }
+        )
     lines.append({"prompt": "w1", "chosen": "w2", "rejected": "w3"})
     loaded = read_rankings(write_lines(lines))
     stats = describe(loaded, tokenizer)
