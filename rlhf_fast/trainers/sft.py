@@ -1,0 +1,290 @@
+"""Supervised fine-tuning on labeler demonstrations (InstructGPT §3.5, "SFT").
+
+The loss is the mean negative log-likelihood of the response tokens (the prompt is masked), computed by the
+fused `linear_token_logprobs` op from the hidden states and the LM head. With `pack=True` several examples
+share a row of `block_size` tokens; a block-diagonal causal mask and per-example position ids keep them from
+seeing each other, so the loss is the same as without packing.
+
+Distributed: each rank takes a contiguous share of every global batch; the loss is normalized by the global
+number of response tokens, so N processes follow the same trajectory as one process with the same batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_fast.trainers._common import (
+    BadStepCounter,
+    RunConfig,
+    batches_of,
+    epoch_order,
+    gradient_sync,
+    guarded_step,
+    make_optimizer,
+    make_scheduler,
+    rank_share,
+    set_residual_dropout,
+    trainable_parameters,
+)
+from rlhf_fast.trainers._modules import PolicyLogprobs, packed_causal_mask
+from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
+from rlhf_fast.trainers.distributed import init_distributed, seed_everything, wrap_model
+from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
+
+
+@dataclasses.dataclass
+class SFTConfig(RunConfig):
+    """SFT hyperparameters; defaults follow InstructGPT (16 epochs, cosine decay, residual dropout 0.2)."""
+
+    learning_rate: float = 9.65e-6
+    batch_size: int = 32  # examples per optimizer step, over all processes
+    micro_batch_size: int | None = None  # examples (packed: rows) per forward on one process; None = all
+    epochs: int = 16
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    warmup: int = 0  # warmup steps
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0  # > 0: cosine decays to this fraction of learning_rate
+    residual_dropout: float | None = 0.2  # None keeps the model's own setting
+    pack: bool = False
+    block_size: int | None = None  # packed row length; default: the longest example
+    eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
+    eval_batch_size: int = 32
+    output_dir: str = "runs/sft"
+
+    def check(self) -> None:
+        super().check()
+        for name in ("batch_size", "epochs", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def _load_policy(policy):
+    from rlhf_fast.models import PolicyModel
+
+    if isinstance(policy, (str, os.PathLike)):
+        return PolicyModel.from_pretrained(policy)
+    if not isinstance(policy, PolicyModel):
+        if hasattr(policy, "get_output_embeddings"):
+            return PolicyModel(policy)
+        raise ValueError(f"policy must be a PolicyModel, a transformers causal LM or a directory, got "
+                         f"{type(policy).__name__}")
+    return policy
+
+
+def _pad_token_id(pad_token_id: int | None, tokenizer, config) -> int:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    for source in (tokenizer, config):
+        value = getattr(source, "pad_token_id", None) if source is not None else None
+        if value is not None:
+            return int(value)
+    raise ValueError("pad_token_id is unknown: pass pad_token_id=, or a tokenizer / model config that has one")
+
+
+class SFTTrainer:
+    """Fine-tunes a causal LM on demonstrations.
+
+    Args:
+        config: `SFTConfig`.
+        policy: a `PolicyModel`, a transformers causal LM, or a model directory.
+        train_data: encoded demonstrations (`encode_demonstrations(...)` items: `input_ids`, `prompt_length`).
+        eval_data: the same, for `eval/loss`.
+        tokenizer: saved with the final model; its pad id is used unless `pad_token_id` is given.
+    """
+
+    def __init__(self, config: SFTConfig, policy, train_data: Sequence[Any], *, eval_data: Sequence[Any] | None = None,
+                 tokenizer=None, pad_token_id: int | None = None):
+        config.check()
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        self.config = config
+        self.ctx = init_distributed(config.device)
+        seed_everything(config.seed + self.ctx.rank)
+        self.train_data = list(train_data)
+        self.eval_data = list(eval_data) if eval_data is not None else []
+        self.tokenizer = tokenizer
+        self.policy = _load_policy(policy).to(self.ctx.device)
+        self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.policy.config)
+        if config.residual_dropout is not None:
+            set_residual_dropout(self.policy.hf_model, config.residual_dropout)
+        self.block_size = config.block_size or max(len(example.input_ids if hasattr(example, "input_ids")
+                                                       else example["input_ids"]) for example in self.train_data)
+        self._skeleton = meta_skeleton(self.policy) if config.fsdp and self.ctx.is_distributed else None
+
+        self.module = PolicyLogprobs(self.policy)
+        self.wrapped = wrap_model(self.module, self.ctx, fsdp=config.fsdp)
+        self.parameters = trainable_parameters(self.module)
+        self.optimizer = make_optimizer(
+            self.parameters, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+            betas=config.adam_betas, eps=config.adam_eps, device=self.ctx.device)
+        self.steps_per_epoch = len(self._epoch_batches(0))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup,
+                                        total_steps=self.total_steps, min_lr_ratio=config.min_lr_ratio)
+        self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
+        self.bad_steps = BadStepCounter(config.max_bad_steps)
+        self.global_step = 0
+
+    # ------------------------------------------------------------------------------------------ batches
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches (example indices) of one epoch; a last batch with fewer examples than
+        processes is dropped, so that every rank has work."""
+        batches = batches_of(epoch_order(len(self.train_data), self.config.seed, epoch), self.config.batch_size,
+                             drop_last=False)
+        if batches and len(batches[-1]) < self.ctx.world_size:
+            batches.pop()
+        if not batches:
+            raise ValueError(f"{len(self.train_data)} examples cannot give every one of the "
+                             f"{self.ctx.world_size} processes one example")
+        return batches
+
+    def _micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
+        """Collated (or packed) micro-batches of this rank's examples, on the CPU."""
+        from rlhf_fast.data import collate_sft, pack_sft
+
+        if not examples:
+            return []
+        if self.config.pack:
+            packed = pack_sft(examples, self.block_size, self.pad_token_id)
+            rows = packed["input_ids"].shape[0]
+            size = self.config.micro_batch_size or rows
+            return [{key: value[start:start + size] for key, value in packed.items()}
+                    for start in range(0, rows, size)]
+        size = self.config.micro_batch_size or len(examples)
+        return [collate_sft(examples[start:start + size], self.pad_token_id)
+                for start in range(0, len(examples), size)]
+
+    def compute_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of response-token NLL, number of response tokens) of one micro-batch, on the device."""
+        device = self.ctx.device
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        loss_mask = batch["loss_mask"][:, 1:].to(device, non_blocking=True)
+        if "document_ids" in batch:
+            attention = packed_causal_mask(batch["document_ids"].to(device), self._dtype())
+            position_ids = batch["position_ids"].to(device)
+        else:
+            attention, position_ids = batch["attention_mask"].to(device), None
+        out = module(input_ids, attention, input_ids[:, 1:], mask=loss_mask, position_ids=position_ids)
+        nll_sum = -(out.logprobs * loss_mask).sum()
+        return nll_sum, loss_mask.sum()
+
+    def _dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.policy.parameters() if p.is_floating_point())
+
+    # ---------------------------------------------------------------------------------------- training
+    def train_step(self, examples: list) -> dict[str, torch.Tensor]:
+        """One optimizer step on this rank's share of a global batch; returns device-tensor metrics."""
+        micro_batches = self._micro_batches(examples)
+        local_tokens = sum(int(batch["loss_mask"][:, 1:].sum()) for batch in micro_batches)
+        global_tokens = self.ctx.all_reduce_sum(torch.tensor([float(local_tokens)], device=self.ctx.device))
+        scale = self.ctx.world_size / global_tokens.clamp(min=1.0)
+        nll_total = torch.zeros((), device=self.ctx.device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with gradient_sync(self.wrapped, enabled=last):
+                nll_sum, _ = self.compute_loss(self.wrapped, batch)
+                (nll_sum * scale).sum().backward()
+            nll_total = nll_total + nll_sum.detach()
+        loss = self.ctx.all_reduce_sum(nll_total.reshape(1)).reshape(()) / global_tokens.reshape(())
+        grad_norm, bad = guarded_step(self.optimizer, self.parameters, loss, self.ctx,
+                                      max_grad_norm=self.config.max_grad_norm)
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": bad, "tokens": global_tokens.reshape(())}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean response-token NLL over `eval_data` (NaN without eval data)."""
+        if not self.eval_data:
+            return float("nan")
+        was_training = self.policy.training
+        self.policy.eval()
+        mine = rank_share(list(range(len(self.eval_data))), self.ctx)
+        totals = torch.zeros(2, device=self.ctx.device)
+        size = self.config.eval_batch_size
+        for start in range(0, len(mine), size):
+            for batch in self._micro_batches([self.eval_data[i] for i in mine[start:start + size]]):
+                nll_sum, count = self.compute_loss(self.module, batch)
+                totals += torch.stack([nll_sum.float(), count.float()])
+        self.ctx.all_reduce_sum(totals)
+        self.policy.train(was_training)
+        nll, count = totals.tolist()
+        return nll / max(count, 1.0)
+
+    def _save(self, epoch: int, step_in_epoch: int) -> None:
+        state = {"step": self.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                 "bad_steps": self.bad_steps.state_dict(), "seed": self.config.seed}
+        self.checkpoints.save(models={"policy": self.module}, optimizer=self.optimizer, scheduler=self.scheduler,
+                              trainer_state=state, optimizer_model=self.module)
+
+    def _resume(self) -> tuple[int, int]:
+        path = self.checkpoints.latest() if self.config.resume else None
+        if path is None:
+            return 0, 0
+        state, _ = self.checkpoints.load(path, models={"policy": self.module}, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, optimizer_model=self.module)
+        self.global_step = state["step"]
+        self.bad_steps.load_state_dict(state.get("bad_steps", {}))
+        return state["epoch"], state["step_in_epoch"]
+
+    def train(self) -> dict[str, float]:
+        """Runs (or resumes) training; returns the last logged metrics."""
+        config = self.config
+        start_epoch, start_step = self._resume()
+        resumed = self.global_step if config.resume and self.global_step > 0 else None
+        log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
+        bar = ProgressBar(self.total_steps, initial=self.global_step, desc="sft", keys=("train/loss", "eval/loss"),
+                          enabled=self.ctx.is_main)
+        self.policy.train()
+        last: dict[str, float] = {}
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                batches = self._epoch_batches(epoch)
+                for step_in_epoch in range(start_step if epoch == start_epoch else 0, len(batches)):
+                    if self.global_step >= self.total_steps:
+                        break
+                    started = time.perf_counter()
+                    examples = [self.train_data[i] for i in rank_share(batches[step_in_epoch], self.ctx)]
+                    metrics = self.train_step(examples)
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.scheduler.step()
+                    self.global_step += 1
+                    values = read_metrics(metrics)
+                    self.bad_steps.update(values["skipped"] > 0, self.global_step)
+                    epoch_done = step_in_epoch == len(batches) - 1
+                    logged = {"train/loss": values["loss"], "train/lr": lr, "train/grad_norm": values["grad_norm"],
+                              "train/skipped": values["skipped"], "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
+                              "time/seconds": time.perf_counter() - started}
+                    logged["time/tokens_per_second"] = values["tokens"] / max(logged["time/seconds"], 1e-9)
+                    if self.eval_data and ((config.eval_every and self.global_step % config.eval_every == 0)
+                                           or (not config.eval_every and epoch_done)
+                                           or self.global_step == self.total_steps):
+                        logged["eval/loss"] = self.evaluate()
+                    if self.global_step % config.log_every == 0 or "eval/loss" in logged:
+                        log.log(self.global_step, logged)
+                    bar.update(logged)
+                    last = logged
+                    if config.save_every and self.global_step % config.save_every == 0:
+                        next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch + 1)
+                        self._save(next_epoch, next_step)
+            self._save(config.epochs, 0)
+            export_pretrained(self.policy, Path(config.output_dir) / "final", self.ctx, tokenizer=self.tokenizer,
+                              skeleton=self._skeleton, prefix="policy.", state_source=self.module)
+        finally:
+            bar.close()
+            log.close()
+        return last
+
+
+__all__ = ["SFTConfig", "SFTTrainer"]
