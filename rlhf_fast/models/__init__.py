@@ -1,0 +1,17 @@
+"""Models: the policy (causal LM exposing hidden states and LM head), value and reward models, tiny GPTs."""
+
+from rlhf_fast.models.policy import PolicyModel
+from rlhf_fast.models.reward import RewardModel, last_token_index
+from rlhf_fast.models.tiny import SPECIAL_TOKENS, TINY_SIZES, build_word_tokenizer, tiny_causal_lm
+from rlhf_fast.models.value import ValueModel
+
+__all__ = [
+    "PolicyModel",
+    "RewardModel",
+    "SPECIAL_TOKENS",
+    "TINY_SIZES",
+    "ValueModel",
+    "build_word_tokenizer",
+    "last_token_index",
+    "tiny_causal_lm",
+]

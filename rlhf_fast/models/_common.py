@@ -1,0 +1,53 @@
+"""Helpers shared by the policy, value and reward models: loading, position ids, backbone extraction."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token among its row's real tokens.
+
+    attention_mask: [B, L] bool/int (nonzero = real token). Returns [B, L] int64: ``cumsum - 1`` clamped at 0, so a
+    left-padded row sees positions 0, 1, ... from its first real token, exactly as the unpadded sequence would.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if the config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def backbone_of(causal_lm: PreTrainedModel) -> PreTrainedModel:
+    """The decoder stack of a causal LM (``transformer`` for GPT-2, ``model`` for Llama, ``gpt_neox`` for
+    Pythia), which returns the final hidden states after the last norm."""
+    backbone = causal_lm.base_model
+    if backbone is causal_lm:
+        raise ValueError(
+            f"{type(causal_lm).__name__} has no separate base model (base_model_prefix="
+            f"{getattr(causal_lm, 'base_model_prefix', None)!r}); expected an AutoModelForCausalLM"
+        )
+    return backbone
+
+
+def check_directory(name: str, path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{name}={path!r} is not a directory (expected a Hugging Face model directory)")
+    return path
+
+
+def load_kwargs(dtype: torch.dtype | str | None, trust_remote_code: bool) -> dict:
+    """Keyword arguments for ``from_pretrained``: safetensors only, remote code off unless asked."""
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return kwargs

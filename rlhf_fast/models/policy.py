@@ -1,0 +1,117 @@
+"""The policy: any Hugging Face causal LM, exposing final hidden states and the LM head separately.
+
+The trainers compute per-token log-probs with the fused op from ``hidden`` and ``lm_head_weight`` so the
+``[B, L, V]`` logits are never materialized; ``logits`` exists for convenience and tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from rlhf_fast.models._common import backbone_of, check_directory, load_kwargs, position_ids_from_mask
+
+
+class PolicyModel(nn.Module):
+    """A causal LM split into a backbone (to the final norm) and an LM head.
+
+    Args:
+        hf_model: an ``AutoModelForCausalLM`` instance (GPT-2, GPT-NeoX/Pythia, Llama, Qwen2, ...).
+    """
+
+    def __init__(self, hf_model: PreTrainedModel):
+        super().__init__()
+        if not isinstance(hf_model, PreTrainedModel):
+            raise ValueError(f"hf_model must be a transformers PreTrainedModel, got {type(hf_model).__name__}")
+        if hf_model.get_output_embeddings() is None:
+            raise ValueError(f"hf_model ({type(hf_model).__name__}) has no LM head; load it with AutoModelForCausalLM")
+        _check_plain_lm_head(hf_model.config)
+        self.hf_model = hf_model
+        backbone_of(hf_model)  # fails early on a model without a separate decoder stack
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
+    ) -> "PolicyModel":
+        """Loads a local Hugging Face causal LM directory (safetensors only)."""
+        path = check_directory("path", path)
+        return cls(AutoModelForCausalLM.from_pretrained(path, **load_kwargs(dtype, trust_remote_code)))
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:
+        """Writes an HF directory (config + safetensors) that ``AutoModelForCausalLM.from_pretrained`` opens,
+        plus the tokenizer files if a tokenizer is given."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.hf_model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+    # --------------------------------------------------------------------------------------------- structure
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @property
+    def backbone(self) -> PreTrainedModel:
+        """The decoder stack; its ``last_hidden_state`` is taken after the final norm."""
+        return backbone_of(self.hf_model)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, d]. With tied embeddings this is the input embedding matrix itself, so gradients through it
+        reach the embedding."""
+        return self.hf_model.get_output_embeddings().weight
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        """[V] or None."""
+        return getattr(self.hf_model.get_output_embeddings(), "bias", None)
+
+    # ------------------------------------------------------------------------------------------------ compute
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states, without the LM head.
+
+        input_ids: [B, L] int64. attention_mask: [B, L] bool/int (1 = real token), any padding side.
+        position_ids: [B, L] int64; by default computed from the mask (cumsum - 1, clamped), so a left-padded row
+        gets the same hidden states as the unpadded sequence. Returns [B, L, d] in the model's dtype.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}"
+            )
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)
+        output = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return output.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [..., d] -> logits [..., V] = hidden @ W.T + b, in the model's dtype."""
+        return nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias)
+
+
+def _check_plain_lm_head(config) -> None:
+    """Logits must be exactly ``hidden @ W.T + b``: models that scale or soft-cap them are refused."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    if softcap is not None or (scale is not None and scale != 1):
+        raise ValueError(
+            f"{type(config).__name__} post-processes its logits (final_logit_softcapping={softcap}, "
+            f"logit_scale={scale}); PolicyModel supports only logits = hidden @ lm_head_weight.T + lm_head_bias"
+        )

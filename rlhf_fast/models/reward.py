@@ -1,0 +1,74 @@
+"""The reward model: a transformer backbone with a scalar head read at each sequence's last real token."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast.models._scalar_head import ScalarHeadModel, default_reward_head_std
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last nonzero entry of each row of a [B, L] mask, whichever side the padding is on.
+
+    Returns [B] int64 (0 for a row with no real token)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask.bool().long() * positions).argmax(-1)
+
+
+class RewardModel(ScalarHeadModel):
+    """``forward(input_ids, attention_mask) -> scores [B] float32``, the head applied to the hidden state of the
+    last real token of each row, plus the normalization offset (``set_normalization``)."""
+
+    head_file = "score_head.safetensors"
+    config_file = "reward_config.json"
+    format_name = "rlhf_fast.reward_model"
+
+    def __init__(self, backbone, head=None, *, head_init_std: float = 0.0):
+        super().__init__(backbone, head, head_init_std=head_init_std)
+        self._normalization_bias = 0.0
+
+    @classmethod
+    def from_policy(cls, policy_model_or_path, **kwargs) -> "RewardModel":
+        """Backbone from an SFT causal LM (``PolicyModel``, HF causal LM, or directory), LM head dropped, fresh
+        head with std 1/sqrt(d + 1) (``head_init_std`` overrides). Keyword arguments as ``from_causal_lm``."""
+        return cls.from_causal_lm(policy_model_or_path, **kwargs)
+
+    @staticmethod
+    def default_head_std(hidden_size: int) -> float:
+        return default_reward_head_std(hidden_size)
+
+    # ---------------------------------------------------------------------------------------- normalization
+    @property
+    def normalization_bias(self) -> float:
+        """The additive offset included in every score."""
+        return self._normalization_bias
+
+    def set_normalization(self, bias: float) -> None:
+        """Sets (replaces) the additive offset. To make a reference set score mean 0, pass
+        ``-(mean of its scores computed with the offset at 0)``. Saved by ``save_pretrained``."""
+        bias = float(bias)
+        if bias != bias or bias in (float("inf"), float("-inf")):
+            raise ValueError(f"bias must be a finite float, got {bias}")
+        self._normalization_bias = bias
+
+    def _head_config(self) -> dict:
+        return {**super()._head_config(), "normalization_bias": self._normalization_bias}
+
+    def _load_head_config(self, config: dict) -> None:
+        self.set_normalization(config.get("normalization_bias", 0.0))
+
+    # ---------------------------------------------------------------------------------------------- compute
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids: [B, L] int64; attention_mask: [B, L] bool/int, left or right padded.
+        Returns scores [B] float32 (normalization offset included)."""
+        if attention_mask is None:
+            raise ValueError("attention_mask is required: the score is read at each row's last real token")
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        last = last_token_index(attention_mask)
+        last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.score(last_hidden) + self._normalization_bias
