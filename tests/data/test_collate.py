@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlhf_fast.data import (
     EncodedPrompt,
@@ -16,6 +18,7 @@ from rlhf_fast.data import (
     pack_sft,
     packed_attention_mask,
 )
+from rlhf_fast.data.collate import _best_fit_decreasing
 
 PAD = 0
 EOS = 2
@@ -200,3 +203,19 @@ def test_collate_pretrain(rng):
     assert collate_pretrain([torch.tensor(b) for b in blocks]).tolist() == blocks
     with pytest.raises(ValueError, match=r"blocks\[1\] has shape \(5,\)"):
         collate_pretrain([blocks[0], blocks[1][:5]])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=40),
+    capacity=st.integers(20, 64),
+)
+def test_best_fit_decreasing_places_every_item_once_within_capacity(lengths, capacity):
+    bins = _best_fit_decreasing(lengths, capacity)
+    placed = sorted(index for members in bins for index in members)
+    assert placed == list(range(len(lengths)))
+    for members in bins:
+        assert members == sorted(members) and sum(lengths[i] for i in members) <= capacity
+    # No two bins could be merged: otherwise best-fit would have filled the first one.
+    loads = sorted(sum(lengths[i] for i in members) for members in bins)
+    assert len(loads) < 2 or loads[0] + loads[1] > capacity

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlhf_fast.data import (
     DataError,
@@ -17,6 +19,7 @@ from rlhf_fast.data import (
     encode_prompts,
     encode_rankings,
 )
+from rlhf_fast.data.encode import TruncationPolicy, plan_fit
 from tests.data.conftest import words
 
 SOURCE = "train.jsonl"
@@ -219,3 +222,29 @@ def test_records_built_in_memory_are_validated():
     ranking = Ranking("w1", ["w2", "w3"], [1, 0])
     assert ranking.completions == ("w2", "w3") and ranking.ranks == (1, 0)  # lists are frozen into tuples
     hash(ranking)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prompt_length=st.integers(0, 60),
+    target_lengths=st.lists(st.integers(0, 60), max_size=9),
+    max_length=st.integers(1, 80),
+    policy=st.sampled_from(list(TruncationPolicy)),
+)
+def test_plan_fit_outcomes(prompt_length, target_lengths, max_length, policy):
+    fit = plan_fit(prompt_length, target_lengths, max_length, policy)
+    longest = max(target_lengths) + 1 if target_lengths else 0
+    fits = prompt_length + longest <= max_length
+    room_for_prompt = longest + 1 <= max_length
+    if fits:
+        assert fit.outcome == "fits" and fit.prompt_keep == prompt_length
+    elif policy is TruncationPolicy.SKIP:
+        assert fit.outcome == "skip"
+    elif policy is TruncationPolicy.TRUNCATE_PROMPT and room_for_prompt:
+        assert fit.outcome == "truncate"
+        assert 1 <= fit.prompt_keep < prompt_length and fit.prompt_keep + longest == max_length
+    else:
+        assert fit.outcome == "error"
+    if not fits:
+        assert fit.field == ("prompt" if room_for_prompt else "response")
+        assert f"{max_length}" in fit.reason
