@@ -3,6 +3,16 @@
 from rlhf_fast.ops._backend import use_backend
 from rlhf_fast.ops._checks import set_value_checks
 from rlhf_fast.ops.gae import gae, gae_reference
+from rlhf_fast.ops.ppo_loss import ppo_losses, ppo_losses_reference
 from rlhf_fast.ops.ranking import ranking_loss, ranking_loss_reference
 
-__all__ = ["gae", "gae_reference", "ranking_loss", "ranking_loss_reference", "set_value_checks", "use_backend"]
+__all__ = [
+    "gae",
+    "gae_reference",
+    "ppo_losses",
+    "ppo_losses_reference",
+    "ranking_loss",
+    "ranking_loss_reference",
+    "set_value_checks",
+    "use_backend",
+]

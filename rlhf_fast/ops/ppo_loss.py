@@ -113,14 +113,15 @@ def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, old_logprob
     clipped = -advantages.to(dtype) * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
     # d(−A·ratio)/d logprob = −A·ratio while the unclipped term is the max; the clipped term is flat.
     grad_logprobs = torch.where(valid & (unclipped >= clipped), unclipped, 0) * (grad_policy_loss * inverse_count)
+    grad_logprobs = grad_logprobs.to(logprobs.dtype).contiguous()  # the kernels' layout, whatever the inputs'
     if values is None:
-        return grad_logprobs.to(logprobs.dtype), logprobs.new_empty(0)
+        return grad_logprobs, logprobs.new_empty(0)
     values_acc, old_values_acc, returns_acc = values.to(dtype), old_values.to(dtype), returns.to(dtype)
     values_clipped = torch.clamp(values_acc, old_values_acc - value_clip, old_values_acc + value_clip)
     error = values_acc - returns_acc
     unclipped_active = valid & (torch.square(error) >= torch.square(values_clipped - returns_acc))
     grad_values = torch.where(unclipped_active, error, 0) * (grad_value_loss * inverse_count)
-    return grad_logprobs.to(logprobs.dtype), grad_values.to(values.dtype)
+    return grad_logprobs, grad_values.to(values.dtype).contiguous()
 
 
 @torch.library.custom_op("rlhf_fast::ppo_losses_forward", mutates_args=())
@@ -185,8 +186,8 @@ def _ppo_losses_backward_op(
 @_ppo_losses_backward_op.register_fake
 def _(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values, old_values, returns,
       valid_count, clip_coef, value_clip):
-    grad_values = logprobs.new_empty(0) if values is None else torch.empty_like(values)
-    return torch.empty_like(logprobs), grad_values
+    grad_values = logprobs.new_empty(0) if values is None else logprobs.new_empty(logprobs.shape)
+    return logprobs.new_empty(logprobs.shape), grad_values
 
 
 def _setup_context(ctx, inputs, output) -> None:
