@@ -1,0 +1,505 @@
+"""PPO and PPO-ptx (InstructGPT §3.5, "RL"), one iteration as one function, top to bottom.
+
+    rollout  sample responses to a batch of prompts with the current policy
+    score    one pass of the reference, policy, value and reward models over the [B, P+T] sequences
+    rewards  −kl_coef·KL(π‖π_ref) at every response token (k1 on the sampled tokens) + the RM score at the last
+    GAE      advantages and returns in one op (γ = 1, λ = 0.95 by default), advantages whitened
+    update   `ppo_epochs` passes over `num_minibatches` minibatches: clipped policy and value losses (fused),
+             plus for PPO-ptx `ptx_coef` × the pretraining NLL, all in one optimizer step
+    metrics  device tensors, read back to the host once per iteration
+
+On a GPU the iteration makes no host synchronization besides that one read: the sampler is sync-free, every
+model call gets a prepared 4-D attention mask, the ops run with value checks off, a non-finite step is skipped
+on the device (fused AdamW's `found_inf`), the adaptive KL coefficient lives on the device, and minibatch
+permutations come from a device generator.
+
+Distributed: each rank samples and scores its share of the prompts; the per-token results are then gathered
+so that every rank holds the whole batch, GAE and whitening are global, and minibatch m is the same set of
+rows as on one process, split across ranks. Losses are rescaled to the global token means, so N processes
+follow the trajectory of one (exactly, when the sampling itself is deterministic, e.g. top_k=1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_fast.ops import gae, set_value_checks
+from rlhf_fast.ops.ppo_loss import ppo_losses
+from rlhf_fast.rollout import sample
+from rlhf_fast.trainers._common import (
+    BadStepCounter,
+    RunConfig,
+    epoch_order,
+    gradient_sync,
+    guarded_step,
+    make_optimizer,
+    make_scheduler,
+    rank_share,
+    trainable_parameters,
+)
+from rlhf_fast.trainers._modules import PolicyLogprobs, RewardScores, ValueScores
+from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
+from rlhf_fast.trainers.distributed import init_distributed, is_fsdp, seed_everything, wrap_model
+from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
+from rlhf_fast.trainers.sft import _load_policy, _pad_token_id
+
+
+@dataclasses.dataclass
+class PPOConfig(RunConfig):
+    """PPO / PPO-ptx hyperparameters, named as in InstructGPT and CleanRL.
+
+    PPO-ptx is on when the trainer is given pretraining data (`ptx_coef` is the paper's γ = 27.8).
+    """
+
+    learning_rate: float = 9.65e-6
+    value_learning_rate: float | None = None  # None: learning_rate
+    batch_size: int = 512  # prompts (episodes) per iteration, over all processes
+    num_minibatches: int = 8
+    ppo_epochs: int = 4
+    epochs: int = 1  # passes over the prompt set (ignored when max_iterations is set)
+    max_iterations: int | None = None
+    warmup: int = 10  # iterations of linear LR warmup
+    lr_schedule: str = "constant"
+    max_new_tokens: int = 64
+    max_prompt_length: int | None = None  # left-pad prompts to this width (static shapes); None: batch max
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    kl_coef: float = 0.02  # β
+    target_kl: float | None = None  # set: adaptive KL controller (Ziegler et al.) towards this KL per sequence
+    horizon: int = 10000  # the adaptive controller's horizon, in episodes
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    ptx_coef: float = 27.8  # γ of PPO-ptx, used when pretraining data is given
+    ptx_batch_size: int | None = None  # pretraining rows per optimizer step, all processes; None: minibatch size
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
+    output_dir: str = "runs/ppo"
+
+    def check(self) -> None:
+        super().check()
+        for name in ("batch_size", "num_minibatches", "ppo_epochs", "epochs", "max_new_tokens", "horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_minibatches "
+                             f"{self.num_minibatches}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+
+
+class FixedKLController:
+    """A constant KL coefficient β."""
+
+    def __init__(self, kl_coef: float, device: torch.device):
+        self.value = torch.tensor(float(kl_coef), device=device)
+
+    def update(self, current_kl: torch.Tensor, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": float(self.value)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value.fill_(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019): β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon), on the device."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int, device: torch.device):
+        super().__init__(kl_coef, device)
+        self.target, self.horizon = float(target), int(horizon)
+
+    def update(self, current_kl: torch.Tensor, n_steps: int) -> None:
+        proportional_error = torch.clamp(current_kl / self.target - 1.0, -0.2, 0.2)
+        self.value.mul_(1.0 + proportional_error * (n_steps / self.horizon))
+
+
+def _whiten(x: torch.Tensor, valid: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    from rlhf_fast.ops.gae import whiten_masked
+
+    whitened = whiten_masked(x, valid)
+    if not shift_mean:
+        mean = torch.where(valid, x, 0).sum() / valid.sum().clamp(min=1)
+        whitened = torch.where(valid, whitened + mean, 0)
+    return whitened
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, x, 0).sum() / valid.sum().clamp(min=1)
+
+
+def _masked_var(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    mean = _masked_mean(x, valid)
+    return _masked_mean((x - mean) ** 2, valid)
+
+
+class PPOTrainer:
+    """RLHF with PPO (and PPO-ptx) against a reward model.
+
+    Args:
+        config: `PPOConfig`.
+        policy: the SFT model (`PolicyModel`, transformers causal LM, or directory); trained in place.
+        reward_model: a `RewardModel` (frozen), or any module / callable `(input_ids [B, L], attention_mask
+            [B, L]) -> scores [B]`.
+        prompts: encoded prompts (`encode_prompts(...)` items, or token id sequences).
+        ref_policy: the frozen reference; default: a copy of `policy` as given.
+        value_model: default `ValueModel.from_reward_model(reward_model)` (InstructGPT), or from the policy
+            when the reward model is not a `RewardModel`.
+        pretrain_data: [N, L] pretraining blocks (`encode_pretrain(...).blocks`): turns on PPO-ptx.
+        tokenizer: provides eos / pad ids unless given, and is saved with the final policy.
+    """
+
+    def __init__(self, config: PPOConfig, policy, reward_model, prompts: Sequence[Any], *, ref_policy=None,
+                 value_model=None, pretrain_data: torch.Tensor | None = None, tokenizer=None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None):
+        from rlhf_fast.models import RewardModel, ValueModel
+
+        config.check()
+        self.config = config
+        self.ctx = ctx = init_distributed(config.device)
+        seed_everything(config.seed + ctx.rank)
+        if config.batch_size % (config.num_minibatches * ctx.world_size):
+            raise ValueError(f"batch_size {config.batch_size} must be a multiple of num_minibatches × processes "
+                             f"= {config.num_minibatches * ctx.world_size}")
+        self.prompts = [list(getattr(p, "input_ids", p)) for p in prompts]
+        if len(self.prompts) < config.batch_size:
+            raise ValueError(f"{len(self.prompts)} prompts are fewer than one batch of {config.batch_size}")
+        self.tokenizer = tokenizer
+        device = ctx.device
+
+        self.policy = _load_policy(policy).to(device)
+        self.ref_policy = (_load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy))
+        self.ref_policy.to(device).requires_grad_(False)
+        self.reward_model = reward_model.to(device) if isinstance(reward_model, nn.Module) else reward_model
+        if isinstance(self.reward_model, nn.Module):
+            self.reward_model.requires_grad_(False).eval()
+        if value_model is None:
+            value_model = (ValueModel.from_reward_model(reward_model) if isinstance(reward_model, RewardModel)
+                           else ValueModel.from_policy(self.policy))
+        self.value_model = value_model.to(device)
+        for model in (self.policy, self.ref_policy, self.value_model):
+            model.eval()  # no dropout anywhere in PPO: the ratio and the KL need a deterministic forward
+        self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.policy.config)
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None) or self.policy.config.eos_token_id
+        if eos_token_id is None:
+            raise ValueError("eos_token_id is unknown: pass eos_token_id= or a tokenizer that has one")
+        self.eos_token_id = int(eos_token_id)
+        self.pretrain_data = None if pretrain_data is None else torch.as_tensor(pretrain_data, dtype=torch.long)
+
+        # Models as the iteration calls them: trained ones wrapped for DDP / FSDP2.
+        self._skeleton = meta_skeleton(self.policy) if config.fsdp and ctx.is_distributed else None
+        self.policy_module = PolicyLogprobs(self.policy)
+        self.value_module = ValueScores(self.value_model)
+        self.ref_module = PolicyLogprobs(self.ref_policy)
+        # A RewardModel is scored through the mask-prepared path; anything else is called as given.
+        uses_model_forward = isinstance(reward_model, RewardModel) and type(reward_model).forward is RewardModel.forward
+        self.reward_module = RewardScores(self.reward_model) if uses_model_forward else self.reward_model
+        self.policy_train = wrap_model(self.policy_module, ctx, fsdp=config.fsdp)
+        self.value_train = wrap_model(self.value_module, ctx, fsdp=config.fsdp)
+        if config.fsdp and ctx.is_distributed:
+            wrap_model(self.ref_module, ctx, fsdp=True)
+            if isinstance(self.reward_module, nn.Module):
+                wrap_model(self.reward_module, ctx, fsdp=True)
+        self.trained = nn.ModuleDict({"policy": self.policy_module, "value": self.value_module})
+
+        self.policy_parameters = trainable_parameters(self.policy_module)
+        self.value_parameters = trainable_parameters(self.value_module)
+        self.parameters = self.policy_parameters + self.value_parameters
+        self.optimizer = make_optimizer(
+            [{"params": self.policy_parameters, "lr": config.learning_rate},
+             {"params": self.value_parameters, "lr": config.value_learning_rate or config.learning_rate}],
+            learning_rate=config.learning_rate, weight_decay=config.weight_decay, betas=config.adam_betas,
+            eps=config.adam_eps, device=device)
+        self.iterations_per_epoch = len(self.prompts) // config.batch_size
+        self.total_iterations = config.max_iterations or config.epochs * self.iterations_per_epoch
+        self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup,
+                                        total_steps=self.total_iterations)
+        self.kl_controller = (AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon, device)
+                              if config.target_kl is not None else FixedKLController(config.kl_coef, device))
+        # Sampling noise differs per rank; the minibatch permutation must be the same on every rank.
+        self.sample_generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + 17 + ctx.rank)
+        self.shuffle_generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + 3)
+        self.checkpoints = CheckpointManager(config.output_dir, ctx)
+        self.bad_iterations = BadStepCounter(config.max_bad_steps, what="iteration")
+        self.iteration_index = 0
+        self.ptx_position = 0
+
+    # ------------------------------------------------------------------------------------- data on the host
+    def prompt_batch(self, iteration: int) -> dict[str, torch.Tensor]:
+        """This rank's prompts of `iteration`, left-padded to a width shared by all ranks, on the device."""
+        from rlhf_fast.data import collate_prompts
+
+        epoch, position = divmod(iteration, self.iterations_per_epoch)
+        order = epoch_order(len(self.prompts), self.config.seed, epoch)
+        global_rows = order[position * self.config.batch_size:(position + 1) * self.config.batch_size]
+        width = self.config.max_prompt_length or max(len(self.prompts[i]) for i in global_rows)
+        mine = [self.prompts[i] for i in rank_share(global_rows, self.ctx)]
+        if max(len(p) for p in mine) > width:
+            raise ValueError(f"a prompt is longer than max_prompt_length={width}")
+        batch = collate_prompts(mine, self.pad_token_id)
+        pad = width - batch["input_ids"].shape[1]
+        input_ids = nn.functional.pad(batch["input_ids"], (pad, 0), value=self.pad_token_id)
+        attention_mask = nn.functional.pad(batch["attention_mask"], (pad, 0), value=False)
+        return {"prompt_ids": self._to_device(input_ids), "prompt_mask": self._to_device(attention_mask)}
+
+    def pretrain_batches(self) -> torch.Tensor | None:
+        """This rank's pretraining rows for every optimizer step of one iteration: [steps, rows, L] on the
+        device, or None without pretraining data. Advances the pretraining cursor."""
+        if self.pretrain_data is None:
+            return None
+        config = self.config
+        steps = config.ppo_epochs * config.num_minibatches
+        rows = config.ptx_batch_size or config.batch_size // config.num_minibatches
+        if rows % self.ctx.world_size:
+            raise ValueError(f"ptx_batch_size {rows} must be a multiple of the {self.ctx.world_size} processes")
+        total = len(self.pretrain_data)
+        indices = []
+        for _ in range(steps * rows):
+            epoch, position = divmod(self.ptx_position, total)
+            if position == 0 or not hasattr(self, "_ptx_order") or self._ptx_order[0] != epoch:
+                self._ptx_order = (epoch, epoch_order(total, config.seed + 1, epoch))
+            indices.append(self._ptx_order[1][position])
+            self.ptx_position += 1
+        blocks = self.pretrain_data[torch.tensor(indices)].view(steps, rows, -1)
+        share = rows // self.ctx.world_size
+        mine = blocks[:, self.ctx.rank * share:(self.ctx.rank + 1) * share]
+        return self._to_device(mine.contiguous())
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.ctx.device.type == "cuda":
+            return tensor.pin_memory().to(self.ctx.device, non_blocking=True)
+        return tensor.to(self.ctx.device)
+
+    # -------------------------------------------------------------------------------------------- models
+    @torch.no_grad()
+    def score(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The reward model's scores [B] float32 of the full sequences."""
+        return self.reward_module(sequences, attention_mask).float()
+
+    @contextlib.contextmanager
+    def _sampling(self):
+        """Under FSDP2 the sampler reads the policy's root parameters directly: gather them around it."""
+        if is_fsdp(self.policy_module):
+            self.policy_module.unshard()
+            try:
+                yield
+            finally:
+                self.policy_module.reshard()
+        else:
+            yield
+
+    # -------------------------------------------------------------------------------------- one iteration
+    def iteration(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  pretrain_blocks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One PPO iteration on this rank's prompts [B_local, P]; returns metrics as 0-dim device tensors.
+
+        `pretrain_blocks` [steps, rows, L] (PPO-ptx) holds this rank's pretraining rows for each optimizer step.
+        """
+        cfg, ctx = self.config, self.ctx
+        checks = set_value_checks(False)
+        try:
+            # 1. Rollout: sample responses with the current policy.
+            with self._sampling():
+                rollout = sample(self.policy, prompt_ids, prompt_mask, cfg.max_new_tokens,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                                 generator=self.sample_generator)
+            sequences, response_ids, response_mask = rollout.sequences, rollout.response_ids, rollout.response_mask
+            attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
+            steps = response_ids.shape[1]
+
+            # 2. Score: reference, policy (old log-probs, entropy, k1 KL), values and reward, no gradients.
+            with torch.no_grad():
+                ref_logprobs = self.ref_module(sequences, attention_mask, response_ids, mask=response_mask,
+                                               temperature=cfg.temperature).logprobs
+                old_logprobs, entropy, kl = self.policy_module(
+                    sequences, attention_mask, response_ids, mask=response_mask, temperature=cfg.temperature,
+                    ref_logprobs=ref_logprobs, return_entropy=True)
+                old_values = self.value_module(sequences, attention_mask, steps)
+                scores = self.score(sequences, attention_mask)
+
+            # 3. Rewards: −β·KL at every response token, the (penalized) RM score added at the last one.
+            has_eos = ((response_ids == self.eos_token_id) & response_mask).any(dim=1)
+            if cfg.missing_eos_penalty is not None:
+                scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+            kl = torch.where(response_mask, kl, 0)
+            last = (response_mask.long().sum(dim=1) - 1).clamp(min=0)
+            rewards = (-self.kl_controller.value * kl).scatter_add(1, last[:, None], scores[:, None])
+
+            # Every rank now takes the whole batch: GAE, whitening and the minibatches are global.
+            (sequences, attention_mask, response_ids, response_mask, old_logprobs, old_values, rewards, kl,
+             entropy, scores, has_eos) = (ctx.all_gather_rows(t) for t in (
+                sequences, attention_mask, response_ids, response_mask, old_logprobs, old_values, rewards, kl,
+                entropy, scores, has_eos))
+            rewards_finite = torch.isfinite(rewards).all()
+            if cfg.whiten_rewards:
+                rewards = _whiten(rewards, response_mask, shift_mean=False)
+
+            # 4. GAE, advantages whitened over the valid tokens of the batch.
+            advantages, returns = gae(rewards, old_values, response_mask, gamma=cfg.gamma, lam=cfg.gae_lambda,
+                                      whiten=cfg.whiten_advantages)
+
+            # 5. Minibatch epochs: one optimizer step per minibatch (policy + value + ptx).
+            batch = sequences.shape[0]
+            minibatch = batch // cfg.num_minibatches
+            share = minibatch // ctx.world_size
+            sums = {key: torch.zeros((), device=ctx.device) for key in (
+                "loss/policy", "loss/value", "loss/ptx", "policy/approx_kl", "policy/clipfrac", "policy/ratio",
+                "val/clipfrac", "train/grad_norm", "train/skipped")}
+            step = 0
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(batch, generator=self.shuffle_generator, device=ctx.device)
+                for start in range(0, batch, minibatch):
+                    rows = order[start:start + minibatch]
+                    mine = rows[ctx.rank * share:(ctx.rank + 1) * share]
+                    mask = response_mask.index_select(0, mine)
+                    # Masked means over this rank's tokens, rescaled to the mean over the minibatch's tokens.
+                    token_share = mask.sum() * ctx.world_size / response_mask.index_select(0, rows).sum().clamp(min=1)
+
+                    ptx_loss = torch.zeros((), device=ctx.device)
+                    if pretrain_blocks is not None:
+                        blocks = pretrain_blocks[step]
+                        with gradient_sync(self.policy_train, enabled=False):
+                            ptx = self.policy_train(blocks, torch.ones_like(blocks, dtype=torch.bool), blocks[:, 1:])
+                            ptx_loss = -ptx.logprobs.mean()
+                            (cfg.ptx_coef * ptx_loss).backward()
+
+                    new = self.policy_train(sequences.index_select(0, mine), attention_mask.index_select(0, mine),
+                                            response_ids.index_select(0, mine), mask=mask,
+                                            temperature=cfg.temperature)
+                    values = self.value_train(sequences.index_select(0, mine), attention_mask.index_select(0, mine),
+                                              steps)
+                    losses = ppo_losses(new.logprobs, old_logprobs.index_select(0, mine),
+                                        advantages.index_select(0, mine), mask, values,
+                                        old_values.index_select(0, mine), returns.index_select(0, mine),
+                                        clip_coef=cfg.clip_coef, value_clip=cfg.value_clip)
+                    loss = (losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]) * token_share
+                    loss.backward()
+                    grad_norm, skipped = guarded_step(
+                        self.optimizer, self.parameters, loss + cfg.ptx_coef * ptx_loss.detach(), ctx,
+                        max_grad_norm=cfg.max_grad_norm, extra_bad=~rewards_finite)
+
+                    weight = token_share / ctx.world_size  # summed over ranks: the minibatch's token mean
+                    sums["loss/policy"] += losses["policy_loss"].detach() * weight
+                    sums["loss/value"] += losses["value_loss"].detach() * weight
+                    sums["policy/approx_kl"] += losses["approx_kl"] * weight
+                    sums["policy/clipfrac"] += losses["clipfrac"] * weight
+                    sums["policy/ratio"] += losses["ratio_mean"] * weight
+                    sums["val/clipfrac"] += losses["value_clipfrac"] * weight
+                    sums["loss/ptx"] += ptx_loss.detach() / ctx.world_size
+                    sums["train/grad_norm"] += grad_norm / ctx.world_size
+                    sums["train/skipped"] += skipped / ctx.world_size
+                    step += 1
+
+            # 6. Metrics, all on the device; the KL controller adapts to this batch's KL.
+            totals = ctx.all_reduce_sum(torch.stack(list(sums.values())))
+            metrics = {key: total / (step if key != "train/skipped" else 1)
+                       for key, total in zip(sums, totals.unbind())}
+            kl_per_sequence = kl.sum(dim=1).mean()
+            valid = response_mask
+            metrics.update({
+                "objective/scores": scores.mean(),
+                "objective/kl": kl_per_sequence,
+                "objective/kl_coef": self.kl_controller.value.clone(),
+                "objective/rlhf_reward": (scores - self.kl_controller.value * kl.sum(dim=1)).mean(),
+                "policy/entropy": _masked_mean(entropy, valid),
+                "val/explained_variance": 1.0 - _masked_var(returns - old_values, valid) / _masked_var(returns, valid),
+                "val/mean": _masked_mean(old_values, valid),
+                "episode/length": valid.sum(dim=1).float().mean(),
+                "episode/eos_fraction": has_eos.float().mean(),
+                "train/nonfinite_rewards": (~rewards_finite).float(),
+                "train/response_tokens": valid.sum().float(),
+            })
+            self.kl_controller.update(kl_per_sequence, n_steps=batch)
+            return metrics
+        finally:
+            set_value_checks(checks)
+
+    # ---------------------------------------------------------------------------------------- training
+    def _state(self) -> dict:
+        return {"step": self.iteration_index, "ptx_position": self.ptx_position,
+                "kl_controller": self.kl_controller.state_dict(), "bad_steps": self.bad_iterations.state_dict(),
+                "seed": self.config.seed}
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"sample": self.sample_generator, "shuffle": self.shuffle_generator}
+
+    def _save(self) -> None:
+        self.checkpoints.save(models={"policy": self.policy_module, "value": self.value_module},
+                              optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self._state(),
+                              generators=self._generators(), optimizer_model=self.trained)
+
+    def _resume(self) -> None:
+        path = self.checkpoints.latest() if self.config.resume else None
+        if path is None:
+            return
+        state, _ = self.checkpoints.load(path, models={"policy": self.policy_module, "value": self.value_module},
+                                         optimizer=self.optimizer, scheduler=self.scheduler,
+                                         generators=self._generators(), optimizer_model=self.trained)
+        self.iteration_index = state["step"]
+        self.ptx_position = state["ptx_position"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.bad_iterations.load_state_dict(state.get("bad_steps", {}))
+
+    def train(self) -> dict[str, float]:
+        """Runs (or resumes) PPO for `total_iterations`; returns the last logged metrics."""
+        config = self.config
+        self._resume()
+        resumed = self.iteration_index if config.resume and self.iteration_index > 0 else None
+        log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
+        bar = ProgressBar(self.total_iterations, initial=self.iteration_index, desc="ppo",
+                          keys=("objective/scores", "objective/kl", "policy/approx_kl", "loss/value"),
+                          enabled=self.ctx.is_main)
+        last: dict[str, float] = {}
+        try:
+            while self.iteration_index < self.total_iterations:
+                started = time.perf_counter()
+                prompts = self.prompt_batch(self.iteration_index)
+                pretrain = self.pretrain_batches()
+                metrics = self.iteration(prompts["prompt_ids"], prompts["prompt_mask"], pretrain)
+                values = read_metrics(metrics)  # the one host read of the iteration
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                self.iteration_index += 1
+                seconds = time.perf_counter() - started
+                values.update({"train/lr": lr, "time/seconds": seconds,
+                               "time/tokens_per_second": values["train/response_tokens"] / max(seconds, 1e-9)})
+                bad = values["train/nonfinite_rewards"] > 0 or values["train/skipped"] > 0
+                self.bad_iterations.update(bad, self.iteration_index,
+                                           f"{values['train/skipped']:.0f} optimizer steps skipped")
+                if self.iteration_index % config.log_every == 0:
+                    log.log(self.iteration_index, values)
+                bar.update(values)
+                last = values
+                if config.save_every and self.iteration_index % config.save_every == 0:
+                    self._save()
+            self._save()
+            export_pretrained(self.policy, Path(config.output_dir) / "final", self.ctx, tokenizer=self.tokenizer,
+                              skeleton=self._skeleton, prefix="policy.", state_source=self.policy_module)
+        finally:
+            bar.close()
+            log.close()
+        return last
+
+
+__all__ = ["AdaptiveKLController", "FixedKLController", "PPOConfig", "PPOTrainer"]

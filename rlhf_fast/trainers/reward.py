@@ -1,0 +1,309 @@
+"""The K-wise reward model (InstructGPT §3.5, "RM").
+
+A batch element is one prompt with its K ranked completions (K varies, 2..16). Each completion is encoded
+once (`collate_rankings`), the model scores the ΣK rows in one forward pass, and the fused `ranking_loss` takes
+all C(K, 2) comparisons of a prompt as one element: no completion is re-encoded per pair. After training the
+score is shifted so that a reference set (the labelers' demonstrations) scores 0 on average
+(`RewardModel.set_normalization`), and that offset is saved with the model.
+
+Distributed: each rank takes a contiguous share of the prompts of every global batch; the loss is rescaled to
+the global mean over prompts (and accuracy to the global pair count), so N processes match one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_fast.trainers._common import (
+    BadStepCounter,
+    RunConfig,
+    batches_of,
+    epoch_order,
+    gradient_sync,
+    guarded_step,
+    make_optimizer,
+    make_scheduler,
+    rank_share,
+    trainable_parameters,
+)
+from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
+from rlhf_fast.trainers.distributed import init_distributed, seed_everything, wrap_model
+from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
+
+
+@dataclasses.dataclass
+class RewardConfig(RunConfig):
+    """Reward-model hyperparameters; defaults follow InstructGPT (1 epoch, cosine schedule, lr 9e-6)."""
+
+    learning_rate: float = 9e-6
+    batch_size: int = 64  # prompts (each with all its K completions) per optimizer step, over all processes
+    micro_batch_size: int | None = None  # prompts per forward on one process; None = all
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup: int = 0
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    margin: float | None = None  # a fixed margin every preferred completion must win by
+    eval_every: int = 0  # steps between validations; 0 = at the end of each epoch
+    eval_batch_size: int = 32  # prompts
+    normalize: bool = True  # shift scores so the reference set has mean 0 after training
+    output_dir: str = "runs/rm"
+
+    def check(self) -> None:
+        super().check()
+        for name in ("batch_size", "epochs", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def _field(item: Any, name: str):
+    return item[name] if isinstance(item, dict) else getattr(item, name)
+
+
+def _pair_counts(items: Sequence[Any]) -> tuple[int, int]:
+    """(prompts with at least one untied pair, untied pairs) of a list of rankings."""
+    prompts, pairs = 0, 0
+    for item in items:
+        ranks = list(_field(item, "ranks"))
+        untied = sum(1 for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] != ranks[j])
+        prompts += untied > 0
+        pairs += untied
+    return prompts, pairs
+
+
+def _load_reward_model(model):
+    from rlhf_fast.models import RewardModel
+
+    if isinstance(model, RewardModel):
+        return model
+    return RewardModel.from_policy(model)
+
+
+class RewardTrainer:
+    """Trains a reward model on K-wise rankings.
+
+    Args:
+        config: `RewardConfig`.
+        model: a `RewardModel`, or the SFT model to initialize one from (`PolicyModel`, transformers causal
+            LM, or a directory): its backbone is copied and a fresh scalar head added.
+        train_data / eval_data: encoded rankings (`encode_rankings(...)` items: `prompt_ids`,
+            `completion_ids`, `ranks`).
+        normalization_data: the reference set whose mean score becomes 0: SFT examples (`input_ids`) or token
+            id sequences, e.g. the encoded demonstrations.
+        tokenizer: saved with the final model; its pad id is used unless `pad_token_id` is given.
+    """
+
+    def __init__(self, config: RewardConfig, model, train_data: Sequence[Any], *,
+                 eval_data: Sequence[Any] | None = None, normalization_data: Sequence[Any] | None = None,
+                 tokenizer=None, pad_token_id: int | None = None):
+        from rlhf_fast.trainers.sft import _pad_token_id
+
+        config.check()
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        self.config = config
+        self.ctx = init_distributed(config.device)
+        seed_everything(config.seed + self.ctx.rank)
+        self.train_data = list(train_data)
+        self.eval_data = list(eval_data) if eval_data is not None else []
+        self.normalization_data = list(normalization_data) if normalization_data is not None else []
+        self.tokenizer = tokenizer
+        self.model = _load_reward_model(model).to(self.ctx.device)
+        self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.model.config)
+        self._skeleton = meta_skeleton(self.model) if config.fsdp and self.ctx.is_distributed else None
+        self.wrapped = wrap_model(self.model, self.ctx, fsdp=config.fsdp)
+        self.parameters = trainable_parameters(self.model)
+        self.optimizer = make_optimizer(
+            self.parameters, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+            betas=config.adam_betas, eps=config.adam_eps, device=self.ctx.device)
+        self.steps_per_epoch = len(self._epoch_batches(0))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup,
+                                        total_steps=self.total_steps, min_lr_ratio=config.min_lr_ratio)
+        self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
+        self.bad_steps = BadStepCounter(config.max_bad_steps)
+        self.global_step = 0
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        batches = batches_of(epoch_order(len(self.train_data), self.config.seed, epoch), self.config.batch_size,
+                             drop_last=False)
+        if batches and len(batches[-1]) < self.ctx.world_size:
+            batches.pop()
+        if not batches:
+            raise ValueError(f"{len(self.train_data)} rankings cannot give every one of the "
+                             f"{self.ctx.world_size} processes one prompt")
+        return batches
+
+    # ------------------------------------------------------------------------------------------ compute
+    def compute_loss(self, model, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, accuracy) of a micro-batch of rankings: `ranking_loss` over the model's ΣK scores."""
+        from rlhf_fast.data import collate_rankings
+        from rlhf_fast.ops.ranking import ranking_loss
+
+        batch = collate_rankings(items, self.pad_token_id)
+        device = self.ctx.device
+        scores = model(batch["input_ids"].to(device, non_blocking=True),
+                       batch["attention_mask"].to(device, non_blocking=True))
+        return ranking_loss(scores, batch["group_sizes"], batch["ranks"].to(device), margin=self.config.margin)
+
+    def _micro_batches(self, items: list) -> list[list]:
+        size = self.config.micro_batch_size or max(len(items), 1)
+        return [items[start:start + size] for start in range(0, len(items), size)]
+
+    def train_step(self, items: list, global_items: list) -> dict[str, torch.Tensor]:
+        """One optimizer step on this rank's prompts; the loss is scaled to the global mean over prompts."""
+        global_prompts, global_pairs = _pair_counts(global_items)
+        micro_batches = self._micro_batches(items)
+        loss_total = torch.zeros((), device=self.ctx.device)
+        correct_total = torch.zeros((), device=self.ctx.device)
+        for index, micro in enumerate(micro_batches):
+            prompts, pairs = _pair_counts(micro)
+            with gradient_sync(self.wrapped, enabled=index == len(micro_batches) - 1):
+                loss, accuracy = self.compute_loss(self.wrapped, micro)
+                share = prompts / max(global_prompts, 1)
+                (loss * (share * self.ctx.world_size)).backward()
+            loss_total = loss_total + loss.detach().float() * share
+            correct_total = correct_total + accuracy.detach().float() * pairs
+        totals = self.ctx.all_reduce_sum(torch.stack([loss_total, correct_total]))
+        loss = totals[0]
+        grad_norm, bad = guarded_step(self.optimizer, self.parameters, loss, self.ctx,
+                                      max_grad_norm=self.config.max_grad_norm)
+        return {"loss": loss, "accuracy": totals[1] / max(global_pairs, 1), "grad_norm": grad_norm, "skipped": bad}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and pairwise accuracy over `eval_data` (empty dict without eval data)."""
+        if not self.eval_data:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        total_prompts, total_pairs = _pair_counts(self.eval_data)
+        mine = [self.eval_data[i] for i in rank_share(list(range(len(self.eval_data))), self.ctx)]
+        totals = torch.zeros(2, device=self.ctx.device)
+        for start in range(0, len(mine), self.config.eval_batch_size):
+            chunk = mine[start:start + self.config.eval_batch_size]
+            prompts, pairs = _pair_counts(chunk)
+            loss, accuracy = self.compute_loss(self.model, chunk)
+            totals += torch.stack([loss.float() * prompts, accuracy.float() * pairs])
+        self.ctx.all_reduce_sum(totals)
+        self.model.train(was_training)
+        loss_sum, correct = totals.tolist()
+        return {"eval/loss": loss_sum / max(total_prompts, 1), "eval/accuracy": correct / max(total_pairs, 1)}
+
+    @torch.no_grad()
+    def normalize(self, reference: Sequence[Any] | None = None, batch_size: int = 64) -> float:
+        """Sets the model's offset so that `reference` (default: `normalization_data`) scores mean 0; returns
+        the offset. Items are SFT examples (`input_ids`) or token id sequences."""
+        reference = list(reference) if reference is not None else self.normalization_data
+        if not reference:
+            raise ValueError("normalize needs a reference set: pass normalization_data= or reference=")
+        was_training = self.model.training
+        self.model.eval()
+        self.model.set_normalization(0.0)
+        mine = [reference[i] for i in rank_share(list(range(len(reference))), self.ctx)]
+        totals = torch.zeros(2, device=self.ctx.device, dtype=torch.float64)
+        for start in range(0, len(mine), batch_size):
+            rows = [list(getattr(item, "input_ids", item) if not isinstance(item, dict) else item["input_ids"])
+                    for item in mine[start:start + batch_size]]
+            length = max(len(row) for row in rows)
+            input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+            for index, row in enumerate(rows):
+                input_ids[index, :len(row)] = torch.as_tensor(row)
+                attention_mask[index, :len(row)] = True
+            scores = self.model(input_ids.to(self.ctx.device), attention_mask.to(self.ctx.device))
+            totals += torch.stack([scores.double().sum(), torch.tensor(float(len(rows)), device=self.ctx.device,
+                                                                       dtype=torch.float64)])
+        self.ctx.all_reduce_sum(totals)
+        self.model.train(was_training)
+        score_sum, count = totals.tolist()
+        bias = -score_sum / count
+        self.model.set_normalization(bias)
+        return bias
+
+    # ---------------------------------------------------------------------------------------- training
+    def _save(self, epoch: int, step_in_epoch: int) -> None:
+        state = {"step": self.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                 "bad_steps": self.bad_steps.state_dict(), "seed": self.config.seed,
+                 "normalization_bias": self.model.normalization_bias}
+        self.checkpoints.save(models={"reward_model": self.model}, optimizer=self.optimizer,
+                              scheduler=self.scheduler, trainer_state=state, optimizer_model=self.model)
+
+    def _resume(self) -> tuple[int, int]:
+        path = self.checkpoints.latest() if self.config.resume else None
+        if path is None:
+            return 0, 0
+        state, _ = self.checkpoints.load(path, models={"reward_model": self.model}, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, optimizer_model=self.model)
+        self.global_step = state["step"]
+        self.bad_steps.load_state_dict(state.get("bad_steps", {}))
+        self.model.set_normalization(state.get("normalization_bias", 0.0))
+        return state["epoch"], state["step_in_epoch"]
+
+    def train(self) -> dict[str, float]:
+        """Runs (or resumes) training, then normalizes the scores; returns the last logged metrics."""
+        config = self.config
+        start_epoch, start_step = self._resume()
+        resumed = self.global_step if config.resume and self.global_step > 0 else None
+        log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
+        bar = ProgressBar(self.total_steps, initial=self.global_step, desc="rm",
+                          keys=("train/loss", "train/accuracy", "eval/accuracy"), enabled=self.ctx.is_main)
+        self.model.train()
+        last: dict[str, float] = {}
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                batches = self._epoch_batches(epoch)
+                for step_in_epoch in range(start_step if epoch == start_epoch else 0, len(batches)):
+                    if self.global_step >= self.total_steps:
+                        break
+                    started = time.perf_counter()
+                    global_items = [self.train_data[i] for i in batches[step_in_epoch]]
+                    mine = [self.train_data[i] for i in rank_share(batches[step_in_epoch], self.ctx)]
+                    metrics = self.train_step(mine, global_items)
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.scheduler.step()
+                    self.global_step += 1
+                    values = read_metrics(metrics)
+                    self.bad_steps.update(values["skipped"] > 0, self.global_step)
+                    epoch_done = step_in_epoch == len(batches) - 1
+                    logged = {"train/loss": values["loss"], "train/accuracy": values["accuracy"], "train/lr": lr,
+                              "train/grad_norm": values["grad_norm"], "train/skipped": values["skipped"],
+                              "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
+                              "time/seconds": time.perf_counter() - started}
+                    if self.eval_data and ((config.eval_every and self.global_step % config.eval_every == 0)
+                                           or (not config.eval_every and epoch_done)
+                                           or self.global_step == self.total_steps):
+                        logged.update(self.evaluate())
+                    if self.global_step % config.log_every == 0 or "eval/accuracy" in logged:
+                        log.log(self.global_step, logged)
+                    bar.update(logged)
+                    last = logged
+                    if config.save_every and self.global_step % config.save_every == 0:
+                        next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch + 1)
+                        self._save(next_epoch, next_step)
+            if config.normalize and self.normalization_data:
+                bias = self.normalize()
+                log.log(self.global_step, {"normalization/bias": bias})
+                last["normalization/bias"] = bias
+            self._save(config.epochs, 0)
+            export_pretrained(self.model, Path(config.output_dir) / "final", self.ctx, tokenizer=self.tokenizer,
+                              skeleton=self._skeleton)
+        finally:
+            bar.close()
+            log.close()
+        return last
+
+
+__all__ = ["RewardConfig", "RewardTrainer"]
