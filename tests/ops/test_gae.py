@@ -33,7 +33,11 @@ def tolerance(dtype: torch.dtype) -> dict:
 def random_inputs(batch, steps, dtype, generator, device="cpu", **mask_options):
     rewards = torch.randn(batch, steps, generator=generator, dtype=torch.float64).to(dtype)
     values = torch.randn(batch, steps, generator=generator, dtype=torch.float64).to(dtype)
-    mask = ragged_mask(batch, steps, generator, **mask_options) if batch * steps else torch.zeros(batch, steps, dtype=torch.bool)
+    mask = (
+        ragged_mask(batch, steps, generator, **mask_options)
+        if batch * steps
+        else torch.zeros(batch, steps, dtype=torch.bool)
+    )
     return rewards.to(device), values.to(device), mask.to(device)
 
 
@@ -95,7 +99,9 @@ def test_reference_matches_scalar_loop(batch, steps, gamma, lam, whiten, seed):
     generator = torch.Generator().manual_seed(seed)
     rewards, values, mask = random_inputs(batch, steps, torch.float64, generator)
     advantages, returns = gae_reference(rewards, values, mask, gamma, lam, whiten)
-    want_advantages, want_returns = scalar_gae(rewards.tolist(), values.tolist(), mask.tolist(), gamma, lam, whiten)
+    want_advantages, want_returns = scalar_gae(
+        rewards.tolist(), values.tolist(), mask.tolist(), gamma, lam, whiten
+    )
     torch.testing.assert_close(advantages, want_advantages, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(returns, want_returns, atol=1e-9, rtol=1e-9)
 
@@ -105,8 +111,10 @@ def test_reference_hole_is_skipped_not_reset():
     generator = fresh_generator()
     rewards, values, _ = random_inputs(1, 3, torch.float64, generator)
     holed = gae_reference(rewards, values, torch.tensor([[True, False, True]]), 0.9, 0.8)
-    packed = gae_reference(rewards[:, [0, 2]], values[:, [0, 2]], torch.ones(1, 2, dtype=torch.bool), 0.9, 0.8)
-    for got, want in zip(holed, packed):
+    packed = gae_reference(
+        rewards[:, [0, 2]], values[:, [0, 2]], torch.ones(1, 2, dtype=torch.bool), 0.9, 0.8
+    )
+    for got, want in zip(holed, packed, strict=True):
         torch.testing.assert_close(got[:, [0, 2]], want)
         assert got[0, 1] == 0
 
@@ -169,7 +177,9 @@ def test_cpu_backend_mask_patterns(backend, case, whiten):
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize(
+    "mask_dtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64], ids=str
+)
 def test_cpu_backend_integer_masks(backend, mask_dtype):
     generator = fresh_generator()
     rewards, values, mask = random_inputs(4, 21, torch.float32, generator)
@@ -220,7 +230,9 @@ def test_triton_chunked_rows_carry_state():
     rewards, values, mask = random_inputs(3, 45, torch.float32, generator)
     for whiten in (False, True):
         advantages, returns = gae_triton(rewards, values, mask, 0.97, 0.9, whiten, block_size=8)
-        want_advantages, want_returns = gae_reference(rewards.double(), values.double(), mask, 0.97, 0.9, whiten)
+        want_advantages, want_returns = gae_reference(
+            rewards.double(), values.double(), mask, 0.97, 0.9, whiten
+        )
         torch.testing.assert_close(advantages.double(), want_advantages, **tolerance(torch.float32))
         torch.testing.assert_close(returns.double(), want_returns, **tolerance(torch.float32))
 
@@ -241,7 +253,7 @@ def test_default_cpu_backend_is_the_compiled_one(monkeypatch):
     with use_backend("cpp"):
         forced = gae(rewards, values, mask, whiten=True)
     default = gae(rewards, values, mask, whiten=True)
-    for got, want in zip(default, forced):
+    for got, want in zip(default, forced, strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
@@ -271,8 +283,19 @@ def _good():
         (lambda r, v, m: dict(lam=-1.0), "lam"),
     ],
     ids=[
-        "values_shape", "mask_shape", "float_mask", "list_mask", "rewards_1d", "rewards_3d", "int_rewards",
-        "int_values", "gamma_high", "gamma_negative", "gamma_nan", "lam_high", "lam_negative",
+        "values_shape",
+        "mask_shape",
+        "float_mask",
+        "list_mask",
+        "rewards_1d",
+        "rewards_3d",
+        "int_rewards",
+        "int_values",
+        "gamma_high",
+        "gamma_negative",
+        "gamma_nan",
+        "lam_high",
+        "lam_negative",
     ],
 )
 def test_bad_input_names_the_argument(change, name):
@@ -344,8 +367,11 @@ def test_cuda_backend_mask_patterns(backend, case, whiten):
 def test_cuda_backend_integer_masks(backend, mask_dtype):
     rewards, values, mask = random_inputs(9, 70, torch.float32, fresh_generator(), device="cuda")
     fill = 1 if mask_dtype in (torch.bool, torch.uint8) else -3
-    integer_mask = torch.where(mask, torch.tensor(fill, dtype=mask_dtype, device="cuda"),
-                               torch.tensor(0, dtype=mask_dtype, device="cuda"))
+    integer_mask = torch.where(
+        mask,
+        torch.tensor(fill, dtype=mask_dtype, device="cuda"),
+        torch.tensor(0, dtype=mask_dtype, device="cuda"),
+    )
     check_against_reference(backend, rewards, values, integer_mask, whiten=True)
 
 
@@ -390,7 +416,9 @@ def test_cuda_kernel_replays_in_a_cuda_graph():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             advantages, returns = gae(rewards, values, mask, whiten=True)
-    fresh_rewards, fresh_values, fresh_mask = random_inputs(64, 512, torch.float32, fresh_generator(), device="cuda")
+    fresh_rewards, fresh_values, fresh_mask = random_inputs(
+        64, 512, torch.float32, fresh_generator(), device="cuda"
+    )
     rewards.copy_(fresh_rewards)
     values.copy_(fresh_values)
     mask.copy_(fresh_mask)

@@ -24,8 +24,18 @@ MAX_BLOCK = 1024
 
 
 @triton.jit
-def _then_earlier(has_later, value_later, p_later, q_later, k_later, has_earlier, value_earlier, p_earlier,
-                  q_earlier, k_earlier):
+def _then_earlier(
+    has_later,
+    value_later,
+    p_later,
+    q_later,
+    k_later,
+    has_earlier,
+    value_earlier,
+    p_earlier,
+    q_earlier,
+    k_earlier,
+):
     # `later` covers later time steps and is applied first; `earlier` covers the tokens before them.
     earlier_valid = has_earlier != 0
     both = (has_later != 0) & earlier_valid
@@ -33,8 +43,11 @@ def _then_earlier(has_later, value_later, p_later, q_later, k_later, has_earlier
     value = tl.where(earlier_valid, value_earlier, value_later)
     p = tl.where(both, q_earlier * p_later, tl.where(earlier_valid, p_earlier, p_later))
     q = tl.where(both, q_earlier * q_later, tl.where(earlier_valid, q_earlier, q_later))
-    k = tl.where(both, p_earlier * value_later + q_earlier * k_later + k_earlier,
-                 tl.where(earlier_valid, k_earlier, k_later))
+    k = tl.where(
+        both,
+        p_earlier * value_later + q_earlier * k_later + k_earlier,
+        tl.where(earlier_valid, k_earlier, k_later),
+    )
     return has, value, p, q, k
 
 
@@ -45,13 +58,26 @@ def _last_lane(x, is_last):
 
 @triton.jit
 def _gae_rows_kernel(
-    rewards_ptr, values_ptr, mask_ptr, advantages_ptr, returns_ptr, partials_ptr,
+    rewards_ptr,
+    values_ptr,
+    mask_ptr,
+    advantages_ptr,
+    returns_ptr,
+    partials_ptr,
     steps,
-    stride_rewards_row, stride_rewards_step,
-    stride_values_row, stride_values_step,
-    stride_mask_row, stride_mask_step,
-    gamma_hi, gamma_lo, decay_hi, decay_lo,
-    ACC: tl.constexpr, WHITEN: tl.constexpr, BLOCK: tl.constexpr,
+    stride_rewards_row,
+    stride_rewards_step,
+    stride_values_row,
+    stride_values_step,
+    stride_mask_row,
+    stride_mask_step,
+    gamma_hi,
+    gamma_lo,
+    decay_hi,
+    decay_lo,
+    ACC: tl.constexpr,
+    WHITEN: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     # Triton passes Python floats as float32; hi + lo halves keep γ and γλ exact enough for float64 rows.
@@ -73,8 +99,12 @@ def _gae_rows_kernel(
         inside = j < steps
         t = (steps - 1 - j).to(tl.int64)
         valid = tl.load(mask_ptr + row * stride_mask_row + t * stride_mask_step, mask=inside, other=0) != 0
-        reward = tl.load(rewards_ptr + row * stride_rewards_row + t * stride_rewards_step, mask=valid, other=0).to(ACC)
-        value = tl.load(values_ptr + row * stride_values_row + t * stride_values_step, mask=valid, other=0).to(ACC)
+        reward = tl.load(
+            rewards_ptr + row * stride_rewards_row + t * stride_rewards_step, mask=valid, other=0
+        ).to(ACC)
+        value = tl.load(
+            values_ptr + row * stride_values_row + t * stride_values_step, mask=valid, other=0
+        ).to(ACC)
         has = valid.to(tl.int32)
         p = tl.where(valid, gamma, 0.0).to(ACC)
         q = tl.where(valid, decay, 1.0).to(ACC)
@@ -91,8 +121,11 @@ def _gae_rows_kernel(
             total_sq += tl.sum(wide * wide, axis=0)
         # The last lane's inclusive composite is the whole chunk's map: carry the state through it.
         chunk_has = _last_lane(has_s, is_last) != 0
-        carried_advantage = (_last_lane(p_s, is_last) * next_value + _last_lane(q_s, is_last) * next_advantage
-                             + _last_lane(k_s, is_last))
+        carried_advantage = (
+            _last_lane(p_s, is_last) * next_value
+            + _last_lane(q_s, is_last) * next_advantage
+            + _last_lane(k_s, is_last)
+        )
         next_advantage = tl.where(chunk_has, carried_advantage, next_advantage)
         next_value = tl.where(chunk_has, _last_lane(value_s, is_last), next_value)
         start += BLOCK
@@ -104,9 +137,12 @@ def _gae_rows_kernel(
 
 @triton.jit
 def _whiten_kernel(
-    advantages_ptr, mask_ptr, totals_ptr,
+    advantages_ptr,
+    mask_ptr,
+    totals_ptr,
     steps,
-    stride_mask_row, stride_mask_step,
+    stride_mask_row,
+    stride_mask_step,
     eps,
     BLOCK: tl.constexpr,
 ):
@@ -160,22 +196,38 @@ def gae_triton(
     gamma_hi, gamma_lo = _split(gamma)
     decay_hi, decay_lo = _split(gamma * lam)
     _gae_rows_kernel[(batch,)](
-        rewards, values, mask, advantages, returns, partials,
+        rewards,
+        values,
+        mask,
+        advantages,
+        returns,
+        partials,
         steps,
-        rewards.stride(0), rewards.stride(1),
-        values.stride(0), values.stride(1),
-        mask.stride(0), mask.stride(1),
-        gamma_hi, gamma_lo, decay_hi, decay_lo,
-        ACC=acc, WHITEN=whiten, BLOCK=block,
+        rewards.stride(0),
+        rewards.stride(1),
+        values.stride(0),
+        values.stride(1),
+        mask.stride(0),
+        mask.stride(1),
+        gamma_hi,
+        gamma_lo,
+        decay_hi,
+        decay_lo,
+        ACC=acc,
+        WHITEN=whiten,
+        BLOCK=block,
         num_warps=4 if block <= 512 else 8,
     )
     if whiten:
         totals = partials.sum(dim=0)
         whiten_block = min(triton.next_power_of_2(steps), MAX_BLOCK)
         _whiten_kernel[(batch, triton.cdiv(steps, whiten_block))](
-            advantages, mask, totals,
+            advantages,
+            mask,
+            totals,
             steps,
-            mask.stride(0), mask.stride(1),
+            mask.stride(0),
+            mask.stride(1),
             WHITEN_EPS,
             BLOCK=whiten_block,
             num_warps=4,
