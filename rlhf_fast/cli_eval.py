@@ -1,0 +1,310 @@
+"""`rlhf-fast eval`: generate responses to a prompt file, and score them with a reward model.
+
+Responses come from `rlhf_fast.rollout.sample` (greedy unless --temperature > 0). With --reward, every
+response is scored the way PPO scores a rollout: the prompt's tokens, the response's tokens and, when the
+response ended, the eos token, read by the reward model at the last token. With --baseline as well, the
+win rate of the policy against the baseline is the mean over prompts of 1 (higher reward), 1/2 (tie) or 0,
+with its standard error over prompts. The miniature world's labeler-judged evaluation is part of
+`rlhf-fast demo`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+from rlhf_fast.cli_common import (
+    CLIError,
+    Dataset,
+    check_file,
+    check_model_dir,
+    encode_dataset,
+    load_tokenizer,
+    load_weights,
+    model_max_positions,
+    note,
+    output_lines,
+    read_dataset,
+    same_vocabulary,
+    say,
+)
+
+__all__ = ["run_eval", "Generation"]
+
+
+@dataclasses.dataclass
+class Generation:
+    """One model's responses, in prompt order."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # response tokens, without the final eos
+    finished: list[bool]  # the response ended with eos (rather than at max_new_tokens)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+             top_p: float, batch_size: int, seed: int, device) -> Generation:
+    """Batched generation with `rlhf_fast.rollout.sample`; prompts are left padded, batched by length."""
+    import torch
+
+    from rlhf_fast.rollout import sample
+
+    eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+    greedy = temperature == 0
+    generator = None if greedy else torch.Generator(device=device).manual_seed(seed)
+    order = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]))
+    texts, token_ids, finished = [""] * len(order), [[] for _ in order], [False] * len(order)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(prompt_ids[index]) for index in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, index in enumerate(batch):
+            prompt = prompt_ids[index]
+            ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = True
+        output = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature=temperature,
+                        top_p=top_p, eos_token_id=eos, pad_token_id=pad, generator=generator)
+        responses, response_mask = output.response_ids.cpu(), output.response_mask.cpu()
+        for row, index in enumerate(batch):
+            tokens = responses[row][response_mask[row]].tolist()
+            ended = bool(tokens) and tokens[-1] == eos
+            if ended:
+                tokens = tokens[:-1]
+            token_ids[index], finished[index] = tokens, ended
+            texts[index] = tokenizer.decode(tokens, skip_special_tokens=True,
+                                            clean_up_tokenization_spaces=False).strip()
+    return Generation(texts, token_ids, finished)
+
+
+def reward_rows(prompt_ids: list[list[int]], generation: Generation, tokenizer, reward_tokenizer,
+                prompt_texts: list[str], limit: int | None) -> list[list[int]]:
+    """The token rows the reward model scores: prompt + response (+ eos when the response ended).
+
+    With the policy's own vocabulary the exact token ids are used; otherwise the texts are tokenized with
+    the reward model's tokenizer, as the data layer does (separately, no special tokens). Rows longer than the
+    reward model's positions keep their last `limit` tokens.
+    """
+    from rlhf_fast.data.encode import tokenize_texts
+
+    rows = []
+    if reward_tokenizer is tokenizer or same_vocabulary(reward_tokenizer, tokenizer):
+        pairs = zip(prompt_ids, generation.token_ids)
+    else:
+        pairs = zip(tokenize_texts(reward_tokenizer, prompt_texts),
+                    tokenize_texts(reward_tokenizer, generation.texts))
+    eos = int(reward_tokenizer.eos_token_id)
+    for (prompt, response), ended in zip(pairs, generation.finished):
+        row = list(prompt) + list(response) + ([eos] if ended else [])
+        rows.append(row[-limit:] if limit is not None and len(row) > limit else row)
+    return rows
+
+
+def score(reward_model, rows: list[list[int]], pad_id: int, batch_size: int, device) -> list[float]:
+    """Reward-model scores (normalization offset included) of right-padded token rows."""
+    import torch
+
+    scores: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(row) for row in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for index, row in enumerate(chunk):
+                ids[index, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+                mask[index, :len(row)] = True
+            scores.extend(reward_model(ids.to(device), mask.to(device)).float().cpu().tolist())
+    return scores
+
+
+def _estimate(values: list[float]) -> dict[str, float]:
+    from rlhf_fast.eval.metrics import mean_and_standard_error
+
+    mean, standard_error = mean_and_standard_error(values)
+    return {"mean": mean, "se": standard_error}
+
+
+def _fmt(estimate: dict[str, float]) -> str:
+    se = estimate["se"]
+    return f"{estimate['mean']:.4g} ± {se:.2g} (SE)" if not math.isnan(se) else f"{estimate['mean']:.4g} (one prompt: no SE)"
+
+
+def _check_generation_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _prompt_limit(flag: str, model_dir: str, requested: int | None, max_new_tokens: int) -> int:
+    positions = model_max_positions(flag, model_dir)
+    if requested is None:
+        if positions is None:
+            raise CLIError(f"{flag} {model_dir}: its config does not say how many positions it covers; "
+                           "pass --max-length")
+        requested = positions - max_new_tokens
+        if requested < 1:
+            raise CLIError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {positions} "
+                           f"positions of {flag} {model_dir}")
+    elif positions is not None and requested + max_new_tokens > positions:
+        raise CLIError(f"--max-length {requested} + --max-new-tokens {max_new_tokens} is more than the "
+                       f"{positions} positions of {flag} {model_dir}")
+    return requested
+
+
+def run_eval(args) -> int:
+    import torch
+
+    policy_dir = check_model_dir("--policy", args.policy)
+    baseline_dir = check_model_dir("--baseline", args.baseline) if args.baseline is not None else None
+    reward_dir = check_model_dir("--reward", args.reward, reward=True) if args.reward is not None else None
+    check_file("--prompts", args.prompts)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    _check_generation_args(args)
+    device = _device(args.device)
+    truncation = args.truncation or "error"
+
+    # Validate the prompts (for every tokenizer involved) before any weights are loaded.
+    tokenizer = load_tokenizer("--policy", policy_dir)
+    limit = _prompt_limit("--policy", policy_dir, args.max_length, args.max_new_tokens)
+    prompts = read_dataset("--prompts", "prompts", args.prompts, tokenizer, args.on_bad_record or "error")
+    if prompts.loaded.num_skipped:
+        note(f"--prompts {prompts.read_summary()}")
+    encode_dataset(prompts, tokenizer, limit, truncation)
+    kept_prompts = _kept_records(prompts)
+    prompt_texts = [record.prompt for record in kept_prompts]
+    baseline_tokenizer = baseline_ids = None
+    if baseline_dir is not None:
+        baseline_tokenizer = load_tokenizer("--baseline", baseline_dir)
+        if same_vocabulary(baseline_tokenizer, tokenizer):
+            baseline_ids = [item.input_ids for item in prompts.encoded.items]
+        else:
+            baseline_limit = _prompt_limit("--baseline", baseline_dir, args.max_length, args.max_new_tokens)
+            baseline_prompts = Dataset("--prompts", "prompts", prompts.path, prompts.loaded)
+            baseline_prompts.loaded = dataclasses.replace(prompts.loaded, records=kept_prompts)
+            # Every prompt the policy answers must reach the baseline too: nothing may be skipped here.
+            baseline_policy = "truncate_prompt" if truncation == "skip" else truncation
+            encode_dataset(baseline_prompts, baseline_tokenizer, baseline_limit, baseline_policy)
+            baseline_ids = [item.input_ids for item in baseline_prompts.encoded.items]
+    reward_tokenizer = reward_limit = None
+    if reward_dir is not None:
+        try:
+            reward_tokenizer = load_tokenizer("--reward", reward_dir)
+        except CLIError:
+            note(f"--reward {reward_dir}: no tokenizer saved there; using the policy's")
+            reward_tokenizer = tokenizer
+        reward_limit = model_max_positions("--reward", reward_dir)
+    fitted = prompts.fit_summary()
+    if fitted:
+        note(f"--prompts {fitted}")
+
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed, "decoding": "greedy" if args.temperature == 0 else "sampling",
+                "max_prompt_length": limit}
+    policy_ids = [item.input_ids for item in prompts.encoded.items]
+    generations: dict[str, Generation] = {}
+    scores: dict[str, list[float]] = {}
+    models = [("policy", policy_dir, tokenizer, policy_ids)]
+    if baseline_dir is not None:
+        models.append(("baseline", baseline_dir, baseline_tokenizer, baseline_ids))
+    from rlhf_fast.models import PolicyModel, RewardModel
+
+    for name, directory, model_tokenizer, ids in models:
+        model = load_weights(f"--{name}", directory, PolicyModel.from_pretrained).to(device).eval()
+        generations[name] = generate(model, model_tokenizer, ids, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                                     seed=args.seed, device=device)
+        del model
+    if reward_dir is not None:
+        reward_model = load_weights("--reward", reward_dir, RewardModel.from_pretrained).to(device).eval()
+        for name, _, model_tokenizer, ids in models:
+            rows = reward_rows(ids, generations[name], model_tokenizer, reward_tokenizer, prompt_texts,
+                               reward_limit)
+            scores[name] = score(reward_model, rows, int(reward_tokenizer.pad_token_id), args.batch_size, device)
+        del reward_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    results = _results(args, policy_dir, baseline_dir, reward_dir, settings, generations, scores)
+    _write(out, prompt_texts, generations, scores)
+    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    _print_summary(out, results, generations)
+    return 0
+
+
+def _kept_records(prompts: Dataset) -> list:
+    """The prompt records that survived encoding (the "skip" policy may drop some), in order."""
+    kept = {item.source for item in prompts.encoded.items}
+    return [record for record in prompts.loaded.records if record.source in kept]
+
+
+def _results(args, policy_dir, baseline_dir, reward_dir, settings, generations, scores) -> dict:
+    metrics: dict[str, object] = {}
+    for name, generation in generations.items():
+        lengths = [len(ids) + int(ended) for ids, ended in zip(generation.token_ids, generation.finished)]
+        metrics[f"{name}/response_tokens"] = _estimate(lengths)
+        metrics[f"{name}/eos_fraction"] = sum(generation.finished) / len(generation.finished)
+        if name in scores:
+            metrics[f"{name}/reward"] = _estimate(scores[name])
+    if "baseline" in scores:
+        wins = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(scores["policy"], scores["baseline"])]
+        metrics["win_rate"] = _estimate(wins)
+    return {"policy": policy_dir, "baseline": baseline_dir, "reward": reward_dir, "prompts": args.prompts,
+            "num_prompts": len(generations["policy"].texts), "generation": settings, "metrics": metrics}
+
+
+def _write(out: Path, prompt_texts, generations, scores) -> None:
+    from rlhf_fast.data import write_jsonl
+
+    rows = []
+    for index, prompt in enumerate(prompt_texts):
+        row: dict[str, object] = {"prompt": prompt}
+        for name, generation in generations.items():
+            prefix = "" if name == "policy" else f"{name}_"
+            row[f"{prefix}response"] = generation.texts[index]
+            row[f"{prefix}finished"] = generation.finished[index]
+            if name in scores:
+                row[f"{prefix}reward"] = scores[name][index]
+        rows.append(row)
+    os.makedirs(out, exist_ok=True)
+    write_jsonl(out / "responses.jsonl", rows)
+
+
+def _print_summary(out: Path, results: dict, generations: dict[str, Generation]) -> None:
+    metrics, settings = results["metrics"], results["generation"]
+    lines = [f"eval done: {results['num_prompts']} prompts, {settings['decoding']}, up to "
+             f"{settings['max_new_tokens']} new tokens"]
+    for name in generations:
+        line = (f"  {name:<8} mean length {metrics[f'{name}/response_tokens']['mean']:.1f} tokens, "
+                f"{metrics[f'{name}/eos_fraction']:.0%} ended with eos")
+        if f"{name}/reward" in metrics:
+            line += f", mean reward {_fmt(metrics[f'{name}/reward'])}"
+        lines.append(line)
+    if "win_rate" in metrics:
+        lines.append(f"  win rate of the policy against the baseline under the reward model: "
+                     f"{_fmt(metrics['win_rate'])}; ties count 1/2")
+    elif results["reward"] is None:
+        lines.append("  no --reward given: responses only (add --reward DIR for mean reward and win rate)")
+    lines.append(f"  outputs in {out}:")
+    lines += output_lines([("responses", str(out / "responses.jsonl"), "one JSON object per prompt"),
+                           ("summary", str(out / "eval.json"), "the metrics above, with standard errors")])
+    say(*lines)

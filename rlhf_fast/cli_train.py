@@ -1,0 +1,395 @@
+"""`rlhf-fast sft | rm | ppo`: validate every data file, then load the weights and train.
+
+Order of work, so that a mistake costs seconds rather than a model load: paths and config first, then the
+tokenizer (no weights), then every data file read, validated and fitted to the length limit, and only then
+the model weights and the trainer. `--dry-run` stops after the data, printing its statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhf_fast.cli_common import (
+    CLIError,
+    Dataset,
+    DataOptions,
+    PPODataOptions,
+    check_file,
+    check_model_dir,
+    check_output_dir,
+    describe_dataset,
+    encode_dataset,
+    format_metrics,
+    has_checkpoint,
+    load_run_config,
+    load_tokenizer,
+    load_weights,
+    model_max_positions,
+    note,
+    output_lines,
+    read_dataset,
+    run_config_class,
+    same_vocabulary,
+    say,
+)
+
+__all__ = ["run_sft", "run_rm", "run_ppo"]
+
+
+@dataclasses.dataclass
+class Job:
+    """A validated training command, ready to load weights."""
+
+    command: str  # "sft" | "rm" | "ppo"
+    config: Any  # the trainer config with its `data` section
+    out: Path
+    datasets: list[Dataset]
+    plan: Callable[[], int]  # the number of steps (PPO: iterations) to run, once the data is encoded
+    step_name: str = "steps"
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _out_dir(args) -> Path:
+    if args.dry_run:
+        return Path(args.out)
+    return check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+
+
+def _resume_config(args) -> Path | None:
+    return Path(args.out) / "config.yaml" if args.resume else None
+
+
+def _length_limit(requested: int | None, positions: int | None, model_flag: str, what: str) -> int:
+    """`requested` (data.max_length), checked against the model's positions; the model's limit by default."""
+    if requested is None:
+        if positions is None:
+            raise CLIError(
+                f"{model_flag}: the model's config does not say how many positions it covers; pass --max-length"
+            )
+        return positions
+    if positions is not None and requested > positions:
+        raise CLIError(
+            f"--max-length {requested}: longer than the {positions} positions the model covers ({what})"
+        )
+    return requested
+
+
+def _read_all(specs: Sequence[tuple[str, str, str | None]], tokenizer, on_bad_record: str) -> list[Dataset]:
+    """Reads each (flag, kind, path) given; prints the skipped-record counts at the start."""
+    datasets = []
+    for flag, kind, path in specs:
+        if path is None:
+            continue
+        dataset = read_dataset(flag, kind, path, tokenizer, on_bad_record)
+        if dataset.loaded.num_skipped:
+            note(f"{flag} {dataset.read_summary()}")
+        datasets.append(dataset)
+    return datasets
+
+
+def _epoch_steps(num_items: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    total = epochs * math.ceil(num_items / batch_size)
+    return min(total, max_steps) if max_steps is not None else total
+
+
+def _prepare(job: Job, args, tokenizer, truncation: str, limits: dict[str, int]) -> int | None:
+    """Fits every file to its limit and plans the run; with --dry-run, prints the statistics first and
+    returns the exit status."""
+    if not args.dry_run:
+        _encode_all(job, tokenizer, truncation, limits)
+        job.plan()  # fails now, not after the weights are loaded, if the data cannot fill a batch
+        return None
+    return _dry_run(job, tokenizer, truncation, limits)
+
+
+def _dry_run(job: Job, tokenizer, truncation: str, limits: dict[str, int]) -> int:
+    """Prints each file's statistics, then fits the data to the limits exactly as training would."""
+    from rlhf_fast.config import config_to_dict
+
+    for dataset in job.datasets:
+        say(describe_dataset(dataset, tokenizer, limits[dataset.flag], truncation), "")
+    for dataset in job.datasets:  # raises the DataError a real run would
+        encode_dataset(dataset, tokenizer, limits[dataset.flag], truncation)
+    steps = job.plan()
+    fitted = [line for line in (d.fit_summary() for d in job.datasets) if line]
+    lines = [f"dry run: the data is valid; {job.command} would run {steps} {job.step_name}"]
+    lines += [f"  {line}" for line in fitted]
+    lines += [f"  {line}" for line in job.notes]
+    data = config_to_dict(job.config)["data"]
+    lines.append("  length limits: " + ", ".join(f"{flag} {limit} tokens" for flag, limit in limits.items()
+                                                 if any(d.flag == flag for d in job.datasets)))
+    lines.append("  data options: " + ", ".join(f"{key}={value}" for key, value in data.items()))
+    lines.append("  no weights were loaded; run without --dry-run to train")
+    say(*lines)
+    return 0
+
+
+def _encode_all(job: Job, tokenizer, truncation: str, limits: dict[str, int]) -> None:
+    for dataset in job.datasets:
+        encode_dataset(dataset, tokenizer, limits[dataset.flag], truncation)
+        fitted = dataset.fit_summary()
+        if fitted:
+            note(f"{dataset.flag} {fitted}")
+
+
+def _start(job: Job, resume: bool) -> None:
+    from rlhf_fast.config import dump_config
+
+    if resume and not has_checkpoint(job.out):
+        note(f"--resume: no checkpoint in {job.out / 'checkpoints'}; starting from the beginning")
+    dump_config(job.config, job.out / "config.yaml")
+
+
+def _build(make: Callable[[], Any]):
+    """The trainer; its argument checks (ValueError) are user errors about the config or data."""
+    try:
+        return make()
+    except ValueError as error:
+        raise CLIError(f"config: {error}") from None
+
+
+def _train(job: Job, trainer, steps_done: Callable[[Any], int]) -> tuple[dict[str, float], int, float]:
+    from rlhf_fast.trainers._common import NonFiniteError
+
+    before = steps_done(trainer)
+    started = time.perf_counter()
+    try:
+        metrics = trainer.train()
+    except NonFiniteError as error:
+        raise TrainingAborted(str(error)) from None
+    return metrics, before, time.perf_counter() - started
+
+
+class TrainingAborted(Exception):
+    """Training stopped on its own safety check (e.g. too many non-finite steps): exit status 1."""
+
+
+def _summary(job: Job, metrics: dict[str, float], steps: int, resumed_from: int, seconds: float,
+             outputs: list[tuple[str, str, str]]) -> None:
+    ran = steps - resumed_from
+    head = f"{job.command} done: {steps} {job.step_name}"
+    if resumed_from:
+        head += f" ({ran} after resuming at {resumed_from})"
+    lines = [f"{head} in {seconds:.1f} s"]
+    key = [name for name in KEY_METRICS[job.command] if name in metrics]
+    if metrics.get("train/skipped"):
+        key.append("train/skipped")
+    shown = format_metrics({name: metrics[name] for name in key} if key else metrics)
+    lines.append("  final metrics: " + (", ".join(shown) if shown else "(no new step ran)"))
+    for dataset in job.datasets:
+        lines.append(f"  data {dataset.flag} {dataset.read_summary()}")
+        fitted = dataset.fit_summary()
+        if fitted:
+            lines.append(f"       {fitted}")
+    lines += [f"  {line}" for line in job.notes]
+    lines.append(f"  outputs in {job.out}:")
+    lines += output_lines(outputs)
+    say(*lines)
+
+
+# The metrics the summary shows (all of them are in metrics.jsonl).
+KEY_METRICS = {
+    "sft": ("train/loss", "eval/loss", "train/lr"),
+    "rm": ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "normalization/bias"),
+    "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value", "loss/ptx",
+            "policy/approx_kl", "policy/clipfrac", "policy/entropy", "episode/length", "episode/eos_fraction"),
+}
+
+
+def _common_outputs(out: Path) -> list[tuple[str, str, str]]:
+    return [
+        ("metrics", str(out / "metrics.jsonl"), "one JSON object per logged step"),
+        ("config", str(out / "config.yaml"), "the resolved config; reuse it with --config"),
+        ("checkpoint", str(out / "checkpoints" / "last"), "--resume continues from it"),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------- sft
+
+
+def run_sft(args) -> int:
+    from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
+
+    model_dir = check_model_dir("--model", args.model)
+    check_file("--data", args.data)
+    if args.eval_data is not None:
+        check_file("--eval-data", args.eval_data)
+    out = _out_dir(args)
+    config = load_run_config(run_config_class(SFTConfig, DataOptions), args, resume_config=_resume_config(args))
+    tokenizer = load_tokenizer("--model", model_dir)
+    limit = _length_limit(config.data.max_length, model_max_positions("--model", model_dir), "--model",
+                          "prompt + response + eos")
+    datasets = _read_all([("--data", "demonstrations", args.data),
+                          ("--eval-data", "demonstrations", args.eval_data)], tokenizer, config.data.on_bad_record)
+    limits = {dataset.flag: limit for dataset in datasets}
+    job = Job("sft", config, out, datasets,
+              plan=lambda: _epoch_steps(len(datasets[0].encoded), config.batch_size, config.epochs,
+                                        config.max_steps))
+    status = _prepare(job, args, tokenizer, config.data.truncation, limits)
+    if status is not None:
+        return status
+
+    _start(job, args.resume)
+    from rlhf_fast.models import PolicyModel
+
+    policy = load_weights("--model", model_dir, PolicyModel.from_pretrained)
+    eval_data = datasets[1].items if len(datasets) > 1 else None
+    trainer = _build(lambda: SFTTrainer(config, policy, datasets[0].items, eval_data=eval_data,
+                                        tokenizer=tokenizer))
+    metrics, before, seconds = _train(job, trainer, lambda t: t.global_step)
+    outputs = [("model", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --model of `rlhf-fast rm`")]
+    _summary(job, metrics, trainer.global_step, before, seconds, outputs + _common_outputs(out))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ rm
+
+
+def run_rm(args) -> int:
+    from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
+
+    model_dir = check_model_dir("--model", args.model)
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data), ("--reference", args.reference)):
+        if path is not None:
+            check_file(flag, path)
+    out = _out_dir(args)
+    config = load_run_config(run_config_class(RewardConfig, DataOptions), args,
+                             resume_config=_resume_config(args))
+    tokenizer = load_tokenizer("--model", model_dir)
+    limit = _length_limit(config.data.max_length, model_max_positions("--model", model_dir), "--model",
+                          "prompt + completion + eos")
+    datasets = _read_all([("--data", "rankings", args.data), ("--eval-data", "rankings", args.eval_data),
+                          ("--reference", "demonstrations", args.reference)], tokenizer,
+                         config.data.on_bad_record)
+    by_flag = {dataset.flag: dataset for dataset in datasets}
+    limits = {dataset.flag: limit for dataset in datasets}
+    train = by_flag["--data"]
+    job = Job("rm", config, out, datasets,
+              plan=lambda: _epoch_steps(len(train.encoded), config.batch_size, config.epochs, config.max_steps))
+    if args.reference is None:
+        job.notes.append("reward normalization: off (no --reference demonstrations)")
+    elif not config.normalize:
+        job.notes.append("reward normalization: off (normalize is false in the config)")
+    status = _prepare(job, args, tokenizer, config.data.truncation, limits)
+    if status is not None:
+        return status
+
+    _start(job, args.resume)
+    from rlhf_fast.models import RewardModel
+
+    # A reward model directory continues training as is; a causal LM (the SFT model) gets a fresh head.
+    is_reward_model = (Path(model_dir) / RewardModel.head_file).is_file()
+    loader = RewardModel.from_pretrained if is_reward_model else RewardModel.from_policy
+    model = load_weights("--model", model_dir, loader)
+    eval_data = by_flag["--eval-data"].items if "--eval-data" in by_flag else None
+    reference = by_flag["--reference"].items if "--reference" in by_flag else None
+    trainer = _build(lambda: RewardTrainer(config, model, train.items, eval_data=eval_data,
+                                           normalization_data=reference, tokenizer=tokenizer))
+    metrics, before, seconds = _train(job, trainer, lambda t: t.global_step)
+    if reference is not None and config.normalize:
+        job.notes = [f"reward normalization: the --reference set scores mean 0 (offset "
+                     f"{trainer.model.normalization_bias:.4g}, saved with the model)"]
+    outputs = [("model", str(out / "final"),
+                "RewardModel.from_pretrained (backbone: AutoModel); --reward of `rlhf-fast ppo`")]
+    _summary(job, metrics, trainer.global_step, before, seconds, outputs + _common_outputs(out))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- ppo
+
+
+def _reward_tokenizer_matches(reward_dir: str, tokenizer) -> None:
+    """PPO scores the policy's token ids with the reward model directly: their vocabularies must agree."""
+    from transformers import AutoTokenizer
+
+    try:
+        reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    except Exception:
+        note(f"--reward {reward_dir}: no tokenizer saved there; assuming it shares the policy's vocabulary")
+        return
+    if not same_vocabulary(reward_tokenizer, tokenizer):
+        raise CLIError(
+            f"--reward {reward_dir}: its tokenizer's vocabulary differs from the policy's; PPO scores the "
+            "policy's tokens with the reward model, so both must come from the same tokenizer"
+        )
+
+
+def run_ppo(args) -> int:
+    from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
+
+    policy_dir = check_model_dir("--policy", args.policy)
+    reward_dir = check_model_dir("--reward", args.reward, reward=True)
+    check_file("--prompts", args.prompts)
+    if args.pretrain is not None:
+        check_file("--pretrain", args.pretrain)
+    out = _out_dir(args)
+    config = load_run_config(run_config_class(PPOConfig, PPODataOptions), args,
+                             resume_config=_resume_config(args))
+    tokenizer = load_tokenizer("--policy", policy_dir)
+    _reward_tokenizer_matches(reward_dir, tokenizer)
+
+    positions = model_max_positions("--policy", policy_dir)
+    reward_positions = model_max_positions("--reward", reward_dir)
+    # Prompt limit: --max-length, or PPOConfig.max_prompt_length, or what max_new_tokens leaves of the model.
+    requested = [value for value in (config.data.max_length, config.max_prompt_length) if value is not None]
+    if requested:
+        prompt_limit = min(requested)
+    elif positions is None:
+        raise CLIError("--policy: the model's config does not say how many positions it covers; pass --max-length")
+    else:
+        prompt_limit = positions - config.max_new_tokens
+        if prompt_limit < 1:
+            raise CLIError(f"config: max_new_tokens {config.max_new_tokens} leaves no room for a prompt in the "
+                           f"policy's {positions} positions")
+    sequence = prompt_limit + config.max_new_tokens
+    for flag, limit in (("--policy", positions), ("--reward", reward_positions)):
+        if limit is not None and sequence > limit:
+            raise CLIError(f"prompt limit {prompt_limit} + max_new_tokens {config.max_new_tokens} = {sequence} "
+                           f"tokens: more than the {limit} positions of the {flag} model; lower --max-length "
+                           "or max_new_tokens")
+    block_size = config.data.pretrain_block_size or min(sequence, positions or sequence)
+    if positions is not None and block_size > positions:
+        raise CLIError(f"config: data.pretrain_block_size {block_size} is longer than the policy's {positions} "
+                       "positions")
+
+    datasets = _read_all([("--prompts", "prompts", args.prompts), ("--pretrain", "pretrain", args.pretrain)],
+                         tokenizer, config.data.on_bad_record)
+    by_flag = {dataset.flag: dataset for dataset in datasets}
+    limits = {"--prompts": prompt_limit, "--pretrain": block_size}
+    prompts = by_flag["--prompts"]
+
+    def plan() -> int:
+        if len(prompts.encoded) < config.batch_size:
+            raise CLIError(f"--prompts {prompts.path}: {len(prompts.encoded)} prompts are fewer than one batch "
+                           f"(batch_size {config.batch_size}); lower it, e.g. --set batch_size="
+                           f"{len(prompts.encoded)}")
+        return config.max_iterations or config.epochs * (len(prompts.encoded) // config.batch_size)
+
+    job = Job("ppo", config, out, datasets, plan=plan, step_name="iterations")
+    job.notes.append(f"prompts up to {prompt_limit} tokens, responses up to {config.max_new_tokens} tokens")
+    if "--pretrain" in by_flag:
+        job.notes.append(f"PPO-ptx: pretraining blocks of {block_size} tokens, ptx_coef {config.ptx_coef}")
+    status = _prepare(job, args, tokenizer, config.data.truncation, limits)
+    if status is not None:
+        return status
+
+    _start(job, args.resume)
+    from rlhf_fast.models import PolicyModel, RewardModel
+
+    policy = load_weights("--policy", policy_dir, PolicyModel.from_pretrained)
+    reward_model = load_weights("--reward", reward_dir, RewardModel.from_pretrained)
+    pretrain = by_flag["--pretrain"].items if "--pretrain" in by_flag else None
+    trainer = _build(lambda: PPOTrainer(config, policy, reward_model, prompts.items, pretrain_data=pretrain,
+                                        tokenizer=tokenizer))
+    metrics, before, seconds = _train(job, trainer, lambda t: t.iteration_index)
+    outputs = [("policy", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --policy of `rlhf-fast eval`")]
+    _summary(job, metrics, trainer.iteration_index, before, seconds, outputs + _common_outputs(out))
+    return 0
