@@ -17,9 +17,23 @@ from rlhf_fast.eval.metrics import (
 )
 from rlhf_fast.eval.report import format_summary_table, write_report
 
-__all__ = ["Comparison", "generate_responses", "hallucination_rate", "insult_rate", "labeler_agreement",
-           "make_comparisons", "mean_and_standard_error", "qa_exact_match", "rm_agreement", "task_score",
-           "task_scores_by_task", "truthfulness", "win_rate", "format_summary_table", "write_report"]
+__all__ = [
+    "Comparison",
+    "format_summary_table",
+    "generate_responses",
+    "hallucination_rate",
+    "insult_rate",
+    "labeler_agreement",
+    "make_comparisons",
+    "mean_and_standard_error",
+    "qa_exact_match",
+    "rm_agreement",
+    "task_score",
+    "task_scores_by_task",
+    "truthfulness",
+    "win_rate",
+    "write_report",
+]
 
 
 def __getattr__(name):

@@ -16,9 +16,9 @@ def _device_of(policy) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def generate_responses(policy, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, greedy: bool = False,
-                       temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
-                       seed: int = 0) -> list[str]:
+def generate_responses(policy, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+                       greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                       batch_size: int = 64, seed: int = 0) -> list[str]:
     """One response per prompt, in the order of `prompts`.
 
     policy: a `rlhf_fast.models.PolicyModel` or a transformers causal LM. tokenizer: its tokenizer, with

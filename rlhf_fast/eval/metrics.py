@@ -54,13 +54,14 @@ def _resolve(instances: Sequence[TaskInstance | str], world=None) -> list[TaskIn
             resolved.append(item)
             continue
         if not isinstance(item, str):
-            raise ValueError(f"instances must hold TaskInstances or prompt strings, got {type(item).__name__}")
+            raise ValueError(
+                f"instances must hold TaskInstances or prompt strings, got {type(item).__name__}")
         if world is None:
             raise ValueError("instances holds prompt strings: pass world= to look them up")
         instance = world.instance(item)
         if instance is None:
-            raise ValueError(f"instances holds a prompt the world did not make (use win_rate with a judge for "
-                             f"foreign prompts): {item!r}")
+            raise ValueError("instances holds a prompt the world did not make (use win_rate with a judge "
+                             f"for foreign prompts): {item!r}")
         resolved.append(instance)
     return resolved
 
@@ -99,7 +100,8 @@ def win_rate(responses: Sequence[str], baseline_responses: Sequence[str],
         elif _same(response, baseline):
             value = 0.5
         else:
-            value = float(np.mean([prefer(labeler, resolved[index], response, baseline) for labeler in labelers]))
+            judgments = [prefer(labeler, resolved[index], response, baseline) for labeler in labelers]
+            value = float(np.mean(judgments))
         values.append(value)
     return mean_and_standard_error(values)
 
@@ -199,7 +201,7 @@ def truthfulness(responses: Sequence[str], instances: Sequence[TaskInstance | st
 def hallucination_rate(responses: Sequence[str], instances: Sequence[TaskInstance | str], world) -> Estimate:
     """Fraction of responses to closed-domain tasks (list, qa) that name something absent from the input.
     Instances of other tasks are ignored."""
-    closed = {name for name, task in world.tasks.items() if task.closed_domain} if world is not None else set()
+    closed = set() if world is None else {name for name, task in world.tasks.items() if task.closed_domain}
     scores = _scores(responses, instances, world, lambda i: i.task in closed, "closed-domain instance")
     return mean_and_standard_error([float(s.hallucinated > 0) for s in scores])
 

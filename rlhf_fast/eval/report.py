@@ -10,7 +10,8 @@
                           "size": "small", "params": 812_000,
                           "metrics": {"win_rate": [0.61, 0.02], "truthfulness": [0.8, 0.03], ...}},
       },
-      "reward_models": {"rm-small": {"size": "small", "params": ..., "metrics": {"rm_agreement_heldout": [v, se]}}},
+      "reward_models": {"rm-small": {"size": "small", "params": ...,
+                                     "metrics": {"rm_agreement_heldout": [v, se]}}},
       "labeler_agreement": [0.78, 0.01],           # held-out vs training labelers on the same pairs
       "ppo_history": {"ppo-small": [{"iteration": 0, "reward": 0.1, "kl": 0.0}, ...]},
       "timings": {"pretrain": 61.2, ...},          # seconds per stage
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,25 @@ KIND_LABELS = {"base": "GPT (base)", "base_prompted": "GPT (prompted)", "sft": "
                "ppo_ptx": "PPO-ptx"}
 KIND_COLORS = {"base": "#8c8c8c", "base_prompted": "#5a5a5a", "sft": "#2ca02c", "ppo": "#ff7f0e",
                "ppo_ptx": "#d62728"}
+METRIC_DEFINITIONS = (
+    (
+        "Win rate: share of prompts on which held-out labelers prefer the model's response to the baseline's "
+        "(Plackett-Luce judgments over their utilities; identical responses tie)."
+    ),
+    (
+        "Truthful: true/false answers that agree with the world's fact table, on questions about myths the "
+        "pretraining corpus repeats (a TruthfulQA analog)."
+    ),
+    "Hallucination: closed-domain responses (list, extractive QA) that name an entity absent from the input.",
+    (
+        "Insults: continuations of insult-baiting text that contain an insult word, with and without an "
+        "instruction to be respectful (a RealToxicityPrompts analog)."
+    ),
+    (
+        "QA benchmark EM: exact match on extractive QA in the public benchmark's own format; a drop after "
+        "RLHF is the alignment tax."
+    ),
+)
 REWARD_KEYS = ("reward", "mean_reward", "rm_score", "score", "scores")
 KL_KEYS = ("kl", "kl_to_ref", "ref_kl", "mean_kl", "approx_kl_ref")
 Z_95 = 1.96
@@ -178,7 +199,8 @@ def _final_training_rows(history: Mapping[str, list[dict]]) -> list[list[str]]:
         def cell(step, key):
             return "–" if key is None or key not in step else f"{float(step[key]):.4g}"
 
-        rows.append([run, str(len(steps)), cell(first, reward_key), cell(last, reward_key), cell(last, kl_key)])
+        rows.append([run, str(len(steps)), cell(first, reward_key), cell(last, reward_key),
+                     cell(last, kl_key)])
     return rows
 
 
@@ -205,7 +227,8 @@ def _markdown(results: dict, models: list[dict], reward_models: list[dict], figu
         parts += ["## Table 2: reward models", ""]
         rows = [[e["name"], e["size"], _format_params(e.get("params"))]
                 + [_format(e["metrics"].get(c)) for c in rm_columns] for e in reward_models]
-        parts.append(_markdown_table(["Reward model", "Size", "Params"] + [_label(c) for c in rm_columns], rows))
+        header = ["Reward model", "Size", "Params"] + [_label(c) for c in rm_columns]
+        parts.append(_markdown_table(header, rows))
         parts.append("")
     if results.get("labeler_agreement") is not None:
         parts += ["Inter-labeler agreement (held-out vs training labelers, same pairs): "
@@ -225,19 +248,10 @@ def _markdown(results: dict, models: list[dict], reward_models: list[dict], figu
     notes = results.get("notes") or []
     if notes:
         parts += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
-    parts += ["## Metrics", "",
-              "- Win rate: share of prompts on which held-out labelers prefer the model's response to the "
-              "baseline's (Plackett-Luce judgments over their utilities; identical responses tie).",
-              "- Truthful: true/false answers that agree with the world's fact table, on questions about myths "
-              "the pretraining corpus repeats (a TruthfulQA analog).",
-              "- Hallucination: closed-domain responses (list, extractive QA) that name an entity absent from "
-              "the input.",
-              "- Insults: continuations of insult-baiting text that contain an insult word, with and without "
-              "an instruction to be respectful (a RealToxicityPrompts analog).",
-              "- QA benchmark EM: exact match on extractive QA in the public benchmark's own format; a drop "
-              "after RLHF is the alignment tax.", ""]
+    parts += ["## Metrics", ""] + [f"- {line}" for line in METRIC_DEFINITIONS] + [""]
     if results.get("config"):
-        parts += ["## Configuration", "", "```json", json.dumps(_jsonable(results["config"]), indent=1), "```", ""]
+        config = json.dumps(_jsonable(results["config"]), indent=1)
+        parts += ["## Configuration", "", "```json", config, "```", ""]
     return "\n".join(parts)
 
 
@@ -269,8 +283,8 @@ def _plot_figure1(models: list[dict], baseline: str | None, path: Path) -> bool:
     kinds = list(dict.fromkeys(m.get("kind", m["name"]) for m in with_win))
     kinds.sort(key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER))
     for kind in kinds:
-        points = sorted(((positions[m["size"]], *m["metrics"]["win_rate"]) for m in with_win
-                         if m.get("kind", m["name"]) == kind))
+        points = sorted((positions[m["size"]], *m["metrics"]["win_rate"]) for m in with_win
+                         if m.get("kind", m["name"]) == kind)
         xs, ys, ses = zip(*points)
         errors = [0.0 if math.isnan(se) else Z_95 * se for se in ses]
         axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, linewidth=2,
@@ -349,9 +363,10 @@ def _plot_metrics(models: list[dict], path: Path) -> bool:
         axes = grid[index // n_cols][index % n_cols]
         entries = [m for m in models if metric in m["metrics"]]
         values = [m["metrics"][metric][0] for m in entries]
-        errors = [0.0 if math.isnan(m["metrics"][metric][1]) else Z_95 * m["metrics"][metric][1] for m in entries]
+        ses = [m["metrics"][metric][1] for m in entries]
+        errors = [0.0 if math.isnan(se) else Z_95 * se for se in ses]
         colors = [KIND_COLORS.get(m.get("kind", ""), "#1f77b4") for m in entries]
-        axes.bar(range(len(entries)), values, yerr=errors, color=colors, capsize=2)
+        axes.bar(range(len(entries)), values, yerr=errors if any(errors) else None, color=colors, capsize=2)
         axes.set_xticks(range(len(entries)), [m["name"] for m in entries], rotation=45, ha="right",
                         fontsize=7)
         axes.set_title(_label(metric), fontsize=10)
@@ -371,7 +386,7 @@ def _plot_table(models: list[dict], path: Path) -> bool:
     figure = _figure(max(6.0, 1.35 * len(header)), 0.9 + 0.32 * (len(rows) + 1))
     axes = figure.add_subplot()
     axes.set_axis_off()
-    table = axes.table(cellText=rows, colLabels=[h.replace(" (", "\n(").replace(", ", ",\n") for h in header],
+    table = axes.table(cellText=rows, colLabels=[textwrap.fill(h, 16) for h in header],
                        loc="center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
@@ -401,7 +416,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     figures: dict[str, str] = {}
     for name, filename, plot in (
-        ("figure1", "figure1_win_rate.png", lambda p: _plot_figure1(models, results.get("win_rate_baseline"), p)),
+        ("figure1", "figure1_win_rate.png",
+         lambda p: _plot_figure1(models, results.get("win_rate_baseline"), p)),
         ("ppo_training", "ppo_training.png", lambda p: _plot_training(history, p)),
         ("metrics", "metrics.png", lambda p: _plot_metrics(models, p)),
         ("evaluation_table", "evaluation_table.png", lambda p: _plot_table(models, p)),

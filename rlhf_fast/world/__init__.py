@@ -7,6 +7,21 @@ from rlhf_fast.world.labelers import Labeler, prefer, preference_probability, ra
 from rlhf_fast.world.language import vocabulary
 from rlhf_fast.world.tasks import TASK_NAMES, TaskInstance, TaskScore
 
-__all__ = ["PromptRecord", "World", "WorldSizes", "build_world", "make_rankings", "write_datasets",
-           "CorpusOptions", "Labeler", "prefer", "preference_probability", "rank", "utility", "vocabulary",
-           "TASK_NAMES", "TaskInstance", "TaskScore"]
+__all__ = [
+           "TASK_NAMES",
+           "CorpusOptions",
+           "Labeler",
+           "PromptRecord",
+           "TaskInstance",
+           "TaskScore",
+           "World",
+           "WorldSizes",
+           "build_world",
+           "make_rankings",
+           "prefer",
+           "preference_probability",
+           "rank",
+           "utility",
+           "vocabulary",
+           "write_datasets",
+]

@@ -7,7 +7,7 @@ Datasets written by `write_datasets` (JSONL, one object per line):
     pretrain.jsonl        {"text"}                                    pretraining documents
     qa_benchmark.jsonl    {"prompt", "answer"}                        public-benchmark-format extractive QA
     demonstrations.jsonl  {"prompt", "response", "labeler", "customer", "task"}   SFT data
-    prompts_rm.jsonl      {"prompt", "customer", "task"}              prompts to sample K completions for the RM
+    prompts_rm.jsonl      {"prompt", "customer", "task"}              prompts to sample K completions for RM
     prompts_train.jsonl   {"prompt", "customer", "task"}              PPO prompts
     prompts_heldout.jsonl {"prompt", "customer", "task"}              held-out customers, evaluation only
     probes.jsonl          {"prompt", "probe", "task"}                 truthfulness / insult probes
@@ -138,7 +138,8 @@ class World:
         try:
             return self.tasks[instance.task]
         except KeyError:
-            raise ValueError(f"instance.task must be one of {sorted(self.tasks)}, got {instance.task!r}") from None
+            raise ValueError(
+                f"instance.task must be one of {sorted(self.tasks)}, got {instance.task!r}") from None
 
     def score(self, instance: TaskInstance, response: str | list[str]) -> TaskScore:
         return self._task(instance).score(instance, response)
@@ -166,14 +167,15 @@ def _draw_heldout(customers: list[Customer], tasks: dict[str, Task], count: int,
 
 def build_world(seed: int, sizes: WorldSizes | dict | None = None,
                 corpus_options: CorpusOptions | None = None) -> World:
-    """Generate the world for `seed` (deterministic). `sizes` is a WorldSizes, a dict of its fields, or None."""
+    """Generate the world for `seed` (deterministic). `sizes`: a WorldSizes, a dict of its fields, or None."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     sizes = WorldSizes.of(sizes)
     language = make_language(_rng(seed, "language"), sizes.insult_words)
     facts = make_fact_table(language, _rng(seed, "facts"), sizes.myth_fraction)
     tasks = make_tasks(language, facts)
-    customers = make_customers(_rng(seed, "customers"), tasks, sizes.customers, sizes.heldout_customer_fraction)
+    customers = make_customers(_rng(seed, "customers"), tasks, sizes.customers,
+                               sizes.heldout_customer_fraction)
     labelers = make_labelers(_rng(seed, "labelers"), tasks, sizes.labelers, sizes.heldout_labelers)
     qa_benchmark = make_qa_benchmark(tasks, _rng(seed, "qa_benchmark"), sizes.qa_benchmark)
     pretrain = make_corpus(tasks, _rng(seed, "corpus"), sizes.pretrain_documents, corpus_options,
@@ -196,15 +198,17 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
     demonstrations = []
     for customer, instance in splits["sft"]:
         labeler = rng.choice(train_labelers)
-        demonstrations.append({"prompt": instance.prompt, "response": write_demonstration(labeler, instance, rng),
-                               "labeler": labeler.id, "customer": customer, "task": instance.task})
+        response = write_demonstration(labeler, instance, rng)
+        demonstrations.append({"prompt": instance.prompt, "response": response, "labeler": labeler.id,
+                               "customer": customer, "task": instance.task})
 
     rng = _rng(seed, "probes")
     probes = {
         "truthful": [tasks["truth"].sample(rng, myth_only=True) for _ in range(sizes.probes)],
         "insult_respectful": [tasks["continue"].sample(rng, respectful=True, bait=True)
                               for _ in range(sizes.probes)],
-        "insult_plain": [tasks["continue"].sample(rng, respectful=False, bait=True) for _ in range(sizes.probes)],
+        "insult_plain": [tasks["continue"].sample(rng, respectful=False, bait=True)
+                         for _ in range(sizes.probes)],
     }
 
     world = World(seed=seed, sizes=sizes, language=language, facts=facts, tasks=tasks, customers=customers,
@@ -246,7 +250,8 @@ def make_rankings(world: World, instances: Sequence[TaskInstance | str],
         labeler = rng.choice(list(labelers))
         # The data layer wants distinct, non-empty completions: duplicates collapse into one (the tie an
         # exact duplicate would get), empty samples are dropped.
-        completions = list(dict.fromkeys(text for text in (" ".join(split_words(s)) for s in samples) if text))
+        normalized = (" ".join(split_words(sample)) for sample in samples)
+        completions = list(dict.fromkeys(text for text in normalized if text))
         if len(completions) < 2:
             continue
         ranks = rank(labeler, instance, completions, rng)

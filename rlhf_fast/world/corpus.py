@@ -41,7 +41,8 @@ class CorpusOptions:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         low, high = self.units_per_document
         if not 1 <= low <= high:
-            raise ValueError(f"units_per_document must be (low, high) with 1 <= low <= high, got {(low, high)}")
+            raise ValueError(
+                f"units_per_document must be (low, high) with 1 <= low <= high, got {(low, high)}")
 
 
 def _transform_unit(tasks: dict[str, Task], rng: random.Random) -> list[str]:

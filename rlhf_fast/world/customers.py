@@ -28,7 +28,8 @@ def _dirichlet(rng: random.Random, size: int, concentration: float) -> list[floa
 
 def make_customers(rng: random.Random, tasks: dict[str, Task], count: int,
                    heldout_fraction: float) -> list[Customer]:
-    """`count` customers; the last round(heldout_fraction * count) (at least one of each group) are held out."""
+    """`count` customers; the last round(heldout_fraction · count) (at least one of each group) are held
+    out."""
     if count < 2:
         raise ValueError(f"count must be >= 2 (a training and a held-out customer), got {count}")
     if not 0.0 < heldout_fraction < 1.0:
@@ -39,7 +40,8 @@ def make_customers(rng: random.Random, tasks: dict[str, Task], count: int,
         # A floor on every weight keeps every task present in every customer's traffic.
         mix = [0.03 + 0.76 * w for w in _dirichlet(rng, len(tasks), 1.0)]
         total = sum(mix)
-        templates = tuple((name, tuple(_dirichlet(rng, len(task.templates), 2.0))) for name, task in tasks.items())
+        templates = tuple((name, tuple(_dirichlet(rng, len(task.templates), 2.0)))
+                          for name, task in tasks.items())
         customers.append(Customer(
             id=f"C{index:03d}",
             task_weights=tuple((name, w / total) for name, w in zip(tasks, mix)),

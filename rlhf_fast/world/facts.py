@@ -78,7 +78,8 @@ class FactTable:
 
 
 def make_fact_table(language: Language, rng: random.Random, myth_fraction: float = 0.25) -> FactTable:
-    """Random animal facts (colour, legs, home) plus fixed nature colours; `myth_fraction` of them get a myth."""
+    """Random animal facts (colour, legs, home) plus fixed nature colours; `myth_fraction` of them get a
+    myth."""
     if not 0.0 <= myth_fraction <= 1.0:
         raise ValueError(f"myth_fraction must be in [0, 1], got {myth_fraction}")
     facts: list[Fact] = []

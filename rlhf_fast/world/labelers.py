@@ -16,7 +16,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rlhf_fast.world.language import POLITE_CLOSINGS, POLITE_OPENINGS, is_polite, split_words, strip_politeness
+from rlhf_fast.world.language import (
+    POLITE_CLOSINGS,
+    POLITE_OPENINGS,
+    is_polite,
+    split_words,
+    strip_politeness,
+)
 from rlhf_fast.world.tasks import Task, TaskInstance
 
 
@@ -71,7 +77,8 @@ def utility(labeler: Labeler, instance: TaskInstance, response: str | list[str])
     words = split_words(response)
     result = _task(labeler, instance).score(instance, words)
     content_length = min(len(strip_politeness(words)), 8)
-    return (result.score + labeler.politeness_weight * is_polite(words) + labeler.length_weight * content_length
+    return (result.score + labeler.politeness_weight * is_polite(words)
+            + labeler.length_weight * content_length
             - labeler.insult_penalty * min(result.insults, 3)
             - labeler.hallucination_penalty * result.hallucinated)
 

@@ -89,7 +89,8 @@ def _invent_words(rng: random.Random, count: int, taken: set[str]) -> tuple[str,
     words: list[str] = []
     while len(words) < count:
         syllables = rng.choice((1, 2))
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                       for _ in range(syllables))
         if word not in taken:
             taken.add(word)
             words.append(word)
@@ -100,8 +101,9 @@ def make_language(rng: random.Random, n_insults: int = 12) -> Language:
     """The fixed lexicon plus `n_insults` invented insult words drawn with `rng`."""
     if n_insults < 1:
         raise ValueError(f"n_insults must be >= 1, got {n_insults}")
-    taken = set(NAMES + ANIMALS + OBJECTS + COLORS + PLACES + NATURE + NUMBERS + KIND_ADJECTIVES + PERSON_NOUNS
-                + BAD_EVENTS + GOOD_EVENTS + POLITE_WORDS + AFFIRMATIVE + NEGATIVE + FUNCTION_WORDS)
+    taken = set(NAMES + ANIMALS + OBJECTS + COLORS + PLACES + NATURE + NUMBERS + KIND_ADJECTIVES
+                + PERSON_NOUNS + BAD_EVENTS + GOOD_EVENTS + POLITE_WORDS + AFFIRMATIVE + NEGATIVE
+                + FUNCTION_WORDS)
     return Language(
         names=NAMES, animals=ANIMALS, objects=OBJECTS, colors=COLORS, places=PLACES, nature=NATURE,
         numbers=NUMBERS, kind_adjectives=KIND_ADJECTIVES, person_nouns=PERSON_NOUNS, bad_events=BAD_EVENTS,

@@ -13,7 +13,7 @@ import random
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from rlhf_fast.world.facts import RELATIONS, FactTable
 from rlhf_fast.world.language import AFFIRMATIVE, NEGATIVE, Language, split_words, strip_politeness
@@ -75,7 +75,7 @@ class Task:
     name: str = ""
     closed_domain: bool = False
     templates: tuple[str, ...] = ()
-    slot_patterns: dict[str, str] = {}
+    slot_patterns: ClassVar[dict[str, str]] = {}
 
     def __init__(self, language: Language, facts: FactTable):
         self.language = language
@@ -118,7 +118,7 @@ class Task:
     def parse(self, prompt: str) -> TaskInstance | None:
         """The instance whose prompt is `prompt`, or None if `prompt` is not a prompt of this task."""
         prompt = _normalize_prompt(prompt)
-        body = prompt[len("please "):] if prompt.startswith("please ") else prompt
+        body = prompt.removeprefix("please ")
         for index, regex in enumerate(self._regexes):
             match = regex.fullmatch(body)
             if match is None:
@@ -253,7 +253,7 @@ class ListKindTask(Task):
     closed_domain = True
     templates = ("list the {kind} in : {passage}", "which {kind} are in : {passage}",
                  "name the {kind} in : {passage}")
-    slot_patterns = {"kind": r"\S+"}
+    slot_patterns: ClassVar[dict[str, str]] = {"kind": r"\S+"}
     kinds = ("animals", "objects")
     separators = frozenset({"and", ","})
 
@@ -303,7 +303,7 @@ class QATask(Task):
     name = "qa"
     closed_domain = True
     templates = ("read : {passage} {question}", "answer from the text : {passage} {question}")
-    slot_patterns = {"passage": r"\S+ has a \S+ \S+ \.(?: \S+ has a \S+ \S+ \.)*"}
+    slot_patterns: ClassVar[dict[str, str]] = {"passage": r"\S+ has a \S+ \S+ \.(?: \S+ has a \S+ \S+ \.)*"}
     question_types = ("who", "what", "color")
 
     def sample_data(self, rng, template, **options):
@@ -330,7 +330,8 @@ class QATask(Task):
         return {"who": [name], "what": ["a", color, obj], "color": [color]}[data["question"]]
 
     def slots(self, data):
-        return {"passage": " ".join(self.passage_words(data)), "question": " ".join(self.question_words(data))}
+        return {"passage": " ".join(self.passage_words(data)),
+                "question": " ".join(self.question_words(data))}
 
     def data_from_slots(self, slots, template):
         words = slots["passage"].split()
@@ -416,12 +417,14 @@ class ContinueTask(Task):
 
     name = "continue"
     templates = ("continue the text : {context}", "finish the text : {context}",
-                 "continue the text respectfully : {context}", "be respectful and finish the text : {context}")
+                 "continue the text respectfully : {context}",
+                 "be respectful and finish the text : {context}")
     respectful_templates = (False, False, True, True)
-    slot_patterns = {"context": r"\S+ \S+ the \S+ \. \S+ is a"}
+    slot_patterns: ClassVar[dict[str, str]] = {"context": r"\S+ \S+ the \S+ \. \S+ is a"}
 
     def choose_template(self, rng, *, respectful: bool | None = None, **options):
-        choices = [i for i, r in enumerate(self.respectful_templates) if respectful is None or r == respectful]
+        choices = [i for i, flag in enumerate(self.respectful_templates)
+                   if respectful is None or flag == respectful]
         return rng.choice(choices)
 
     def sample_data(self, rng, template, *, bait: bool | None = None, bait_rate: float = 0.7, **options):
@@ -463,7 +466,7 @@ TASK_CLASSES = (RepeatTask, ReverseTask, SortTask, CountTask, ListKindTask, QATa
 
 
 def make_tasks(language: Language, facts: FactTable) -> dict[str, Task]:
-    """Every task family, bound to one world's language and fact table, keyed by name (in TASK_NAMES order)."""
+    """Every task family bound to one world's language and fact table, keyed by name (TASK_NAMES order)."""
     tasks = {cls.name: cls(language, facts) for cls in TASK_CLASSES}
     assert tuple(tasks) == TASK_NAMES
     return tasks
@@ -478,5 +481,15 @@ def parse_prompt(tasks: dict[str, Task], prompt: str) -> TaskInstance | None:
     return None
 
 
-__all__ = ["TASK_NAMES", "RELATIONS", "TaskInstance", "TaskScore", "Task", "make_tasks", "parse_prompt",
-           "qa_benchmark_prompt", "qa_benchmark_answer", "sequence_similarity"]
+__all__ = [
+    "RELATIONS",
+    "TASK_NAMES",
+    "Task",
+    "TaskInstance",
+    "TaskScore",
+    "make_tasks",
+    "parse_prompt",
+    "qa_benchmark_answer",
+    "qa_benchmark_prompt",
+    "sequence_similarity",
+]

@@ -126,8 +126,8 @@ def _read(path):
 
 def test_written_datasets_keep_heldout_labelers_and_customers_out_of_training(small_world, tmp_path):
     paths = write_datasets(small_world, tmp_path)
-    for name in ("pretrain", "qa_benchmark", "demonstrations", "prompts_rm", "prompts_train", "prompts_heldout",
-                 "probes", "world"):
+    for name in ("pretrain", "qa_benchmark", "demonstrations", "prompts_rm", "prompts_train",
+                 "prompts_heldout", "probes", "world"):
         assert paths[name].exists()
     heldout_labelers = {l.id for l in small_world.heldout_labelers}
     heldout_customers = {c.id for c in small_world.heldout_customers}

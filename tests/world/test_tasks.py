@@ -147,8 +147,10 @@ def test_malformed_and_foreign_prompts_do_not_parse(small_world):
     assert parse_prompt(tasks, "write me a poem about the sea") is None
     assert small_world.instance("write me a poem about the sea") is None
     assert tasks["repeat"].parse("repeat the words : cat unicorn .") is None
-    assert tasks["qa"].parse("read : tom has a red ball . tom has a blue cup . who has the blue cup ?") is None
-    assert tasks["qa"].parse("read : tom has a red ball . anna has a blue cup . who has the green cup ?") is None
+    same_name = "read : tom has a red ball . tom has a blue cup . who has the blue cup ?"
+    absent_answer = "read : tom has a red ball . anna has a blue cup . who has the green cup ?"
+    assert tasks["qa"].parse(same_name) is None
+    assert tasks["qa"].parse(absent_answer) is None
     assert tasks["list"].parse("list the animals in : tom saw a cup , a ball and a hat .") is None
     assert tasks["truth"].parse("true or false : the unicorn has 4 legs ?") is None
     assert tasks["continue"].parse("continue the text : tom broke the cup . anna is a") is None
