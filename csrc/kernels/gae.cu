@@ -119,8 +119,12 @@ struct Layout {
   int64_t batch, steps;
 };
 
+// Two blocks per SM in float32 (264 co-resident blocks on an H100/H200) keep B=256 at one row per block.
+template <typename acc_t>
+constexpr int kMinBlocksPerSm = sizeof(acc_t) == 4 ? 2 : 1;
+
 template <typename input_t, typename acc_t, bool kWhiten>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<acc_t>)
     gae_kernel(const input_t* __restrict__ rewards, const input_t* __restrict__ values,
                const unsigned char* __restrict__ mask, Layout layout, acc_t gamma, acc_t decay,
                acc_t* __restrict__ advantages, acc_t* __restrict__ returns, double* __restrict__ partials) {
@@ -154,11 +158,18 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kItems; ++i) {
         const int64_t j = first + i;
         const int64_t t = steps - 1 - j;
-        valid[i] = j < steps && load_valid(mask, row * layout.mask_row + t * layout.mask_col, layout.mask_itemsize);
+        valid[i] = false;
         reward[i] = value[i] = acc_t(0);
-        if (valid[i]) {
+        if (j < steps) {
+          // Rewards and values are read whatever the mask says, so all three loads are in flight at once.
+          valid[i] = load_valid(mask, row * layout.mask_row + t * layout.mask_col, layout.mask_itemsize);
           reward[i] = widen(rewards[row * layout.rewards_row + t * layout.rewards_col]);
           value[i] = widen(values[row * layout.values_row + t * layout.values_col]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        if (valid[i]) {
           own = ThenEarlier<acc_t>{}(own, Segment<acc_t>{value[i], gamma, decay, reward[i] - value[i], 1});
         }
       }

@@ -202,6 +202,22 @@ def test_cpu_backend_non_contiguous(backend, whiten):
     check_against_reference(backend, rewards, values, mask, 0.99, 0.95, whiten)
 
 
+def check_masked_garbage_is_ignored(backend, device):
+    # Padding often holds garbage (NaN/inf from a value head on pad tokens): it must not reach any output.
+    rewards, values, mask = random_inputs(5, 37, torch.float32, fresh_generator(), device=device)
+    rewards = rewards.masked_fill(~mask, float("nan"))
+    values = values.masked_fill(~mask, float("inf"))
+    check_against_reference(backend, rewards, values, mask, 0.99, 0.95, whiten=True)
+    with use_backend(backend):
+        assert all(out.isfinite().all() for out in gae(rewards, values, mask, whiten=True))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_backend_ignores_garbage_at_masked_tokens(backend):
+    check_masked_garbage_is_ignored(backend, "cpu")
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cpu_backend_mixed_input_dtypes(backend):
@@ -385,6 +401,12 @@ def test_cuda_backend_non_contiguous(backend, whiten):
     values = torch.randn(batch, 2 * steps, generator=generator).cuda()[:, ::2]
     mask = ragged_mask(steps, batch, generator).cuda().t()
     check_against_reference(backend, rewards, values, mask, 0.99, 0.95, whiten)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_backend_ignores_garbage_at_masked_tokens(backend):
+    check_masked_garbage_is_ignored(backend, "cuda")
 
 
 @pytest.mark.cuda
