@@ -191,7 +191,8 @@ def _launch_arguments(logprobs, old_logprobs, advantages, mask, values, old_valu
     tensors = (logprobs, old_logprobs, advantages, mask.view(torch.uint8), *value_tensors)
     strides = [stride for tensor in tensors for stride in tensor.stride()]
     bounds = (_float64_bits(1.0 - clip_coef), _float64_bits(1.0 + clip_coef), _float64_bits(value_clip))
-    return tensors, (logprobs.numel(), logprobs.shape[1], *strides, *bounds), has_values
+    steps = max(logprobs.shape[1], 1)  # a [B, 0] batch has no token to address; avoid dividing by 0
+    return tensors, (logprobs.numel(), steps, *strides, *bounds), has_values
 
 
 def ppo_losses_forward_triton(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
