@@ -21,6 +21,14 @@ import triton.language as tl
 from rlhf_fast.ops.gae import WHITEN_EPS
 
 MAX_BLOCK = 1024
+SHORT_ROW_BLOCK = 128
+
+
+def _block_for(steps: int, device: torch.device) -> int:
+    """Tokens per scan. On a GPU two sizes only (each is a compile); the interpreter's cost grows with it."""
+    if device.type == "cuda":
+        return SHORT_ROW_BLOCK if steps <= SHORT_ROW_BLOCK else MAX_BLOCK
+    return min(triton.next_power_of_2(steps), MAX_BLOCK)
 
 
 @triton.jit
@@ -56,7 +64,7 @@ def _last_lane(x, is_last):
     return tl.sum(tl.where(is_last, x, 0), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["steps"])  # one compiled variant for every row length
 def _gae_rows_kernel(
     rewards_ptr,
     values_ptr,
@@ -135,7 +143,7 @@ def _gae_rows_kernel(
         tl.store(partials_ptr + row * 3 + 2, total_sq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["steps"])
 def _whiten_kernel(
     advantages_ptr,
     mask_ptr,
@@ -190,7 +198,7 @@ def gae_triton(
     returns = torch.empty((batch, steps), dtype=out_dtype, device=rewards.device)
     if batch == 0 or steps == 0:
         return advantages, returns
-    block = block_size or min(triton.next_power_of_2(steps), MAX_BLOCK)
+    block = block_size or _block_for(steps, rewards.device)
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
     partials = torch.empty((batch, 3), dtype=torch.float64, device=rewards.device) if whiten else advantages
     gamma_hi, gamma_lo = _split(gamma)
@@ -220,7 +228,7 @@ def gae_triton(
     )
     if whiten:
         totals = partials.sum(dim=0)
-        whiten_block = min(triton.next_power_of_2(steps), MAX_BLOCK)
+        whiten_block = _block_for(steps, rewards.device)
         _whiten_kernel[(batch, triton.cdiv(steps, whiten_block))](
             advantages,
             mask,
