@@ -6,10 +6,10 @@ from rlhf_fast.models.tiny import SPECIAL_TOKENS, TINY_SIZES, build_word_tokeniz
 from rlhf_fast.models.value import ValueModel
 
 __all__ = [
-    "PolicyModel",
-    "RewardModel",
     "SPECIAL_TOKENS",
     "TINY_SIZES",
+    "PolicyModel",
+    "RewardModel",
     "ValueModel",
     "build_word_tokenizer",
     "last_token_index",

@@ -47,7 +47,7 @@ def check_directory(name: str, path: str | os.PathLike) -> str:
 
 def load_kwargs(dtype: torch.dtype | str | None, trust_remote_code: bool) -> dict:
     """Keyword arguments for ``from_pretrained``: safetensors only, remote code off unless asked."""
-    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
+    kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
     return kwargs

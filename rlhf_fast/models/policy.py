@@ -40,7 +40,7 @@ class PolicyModel(nn.Module):
         *,
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
-    ) -> "PolicyModel":
+    ) -> PolicyModel:
         """Loads a local Hugging Face causal LM directory (safetensors only)."""
         path = check_directory("path", path)
         return cls(AutoModelForCausalLM.from_pretrained(path, **load_kwargs(dtype, trust_remote_code)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlhf_fast.models._scalar_head import ScalarHeadModel, default_reward_head_std
@@ -28,7 +30,7 @@ class RewardModel(ScalarHeadModel):
         self._normalization_bias = 0.0
 
     @classmethod
-    def from_policy(cls, policy_model_or_path, **kwargs) -> "RewardModel":
+    def from_policy(cls, policy_model_or_path, **kwargs) -> RewardModel:
         """Backbone from an SFT causal LM (``PolicyModel``, HF causal LM, or directory), LM head dropped, fresh
         head with std 1/sqrt(d + 1) (``head_init_std`` overrides). Keyword arguments as ``from_causal_lm``."""
         return cls.from_causal_lm(policy_model_or_path, **kwargs)
@@ -47,7 +49,7 @@ class RewardModel(ScalarHeadModel):
         """Sets (replaces) the additive offset. To make a reference set score mean 0, pass
         ``-(mean of its scores computed with the offset at 0)``. Saved by ``save_pretrained``."""
         bias = float(bias)
-        if bias != bias or bias in (float("inf"), float("-inf")):
+        if not math.isfinite(bias):
             raise ValueError(f"bias must be a finite float, got {bias}")
         self._normalization_bias = bias
 

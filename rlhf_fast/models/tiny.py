@@ -14,9 +14,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 # GPT-2 shapes: layers, width, heads.
 TINY_SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(n_layer=2, n_embd=64, n_head=2),
-    "small": dict(n_layer=4, n_embd=128, n_head=4),
-    "base": dict(n_layer=6, n_embd=192, n_head=6),
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+    "small": {"n_layer": 4, "n_embd": 128, "n_head": 4},
+    "base": {"n_layer": 6, "n_embd": 192, "n_head": 6},
 }
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "[pad]", "[bos]", "[eos]", "[unk]"
@@ -94,7 +94,7 @@ def build_word_tokenizer(
         backend.post_processor = processors.TemplateProcessing(
             single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])]
         )
-    kwargs = dict(model_max_length=model_max_length) if model_max_length is not None else {}
+    kwargs = {"model_max_length": model_max_length} if model_max_length is not None else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,

@@ -17,7 +17,7 @@ class ValueModel(ScalarHeadModel):
     format_name = "rlhf_fast.value_model"
 
     @classmethod
-    def from_reward_model(cls, reward_model) -> "ValueModel":
+    def from_reward_model(cls, reward_model) -> ValueModel:
         """A copy of the reward model's backbone and head (InstructGPT initializes the value function from the
         RM). The normalization offset is not carried over: values start from the raw head."""
         from rlhf_fast.models.reward import RewardModel
@@ -27,7 +27,7 @@ class ValueModel(ScalarHeadModel):
         return cls(copy.deepcopy(reward_model.backbone), copy.deepcopy(reward_model.head))
 
     @classmethod
-    def from_policy(cls, policy_model_or_path, **kwargs) -> "ValueModel":
+    def from_policy(cls, policy_model_or_path, **kwargs) -> ValueModel:
         """Backbone from a causal LM, zero-initialized head (values start at 0). See ``from_causal_lm``."""
         return cls.from_causal_lm(policy_model_or_path, **kwargs)
 

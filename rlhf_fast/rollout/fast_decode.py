@@ -25,8 +25,22 @@ def _gpt2_supported(backbone: GPT2Model) -> bool:
     return not config.add_cross_attention and not config.reorder_and_upcast_attn
 
 
+# transformers' tanh-approximated GELUs, all the formula ``F.gelu(approximate="tanh")`` computes in one kernel
+# (transformers' own versions take several elementwise kernels).
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def _activation(name: str, module_activation) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name in _TANH_GELUS:
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    return module_activation
+
+
 def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
     blocks = list(backbone.h)
+    activation = _activation(backbone.config.activation_function, blocks[0].mlp.act)
     heads = backbone.config.num_attention_heads
     width = backbone.config.hidden_size
     head_dim = width // heads
@@ -46,7 +60,7 @@ def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
             out = F.scaled_dot_product_attention(query, layer_keys, layer_values, attn_mask=mask, scale=attn.scaling)
             hidden = torch.addmm(attn.c_proj.bias, out.reshape(batch, width), attn.c_proj.weight).add_(hidden)
             x = F.layer_norm(hidden, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-            x = mlp.act(torch.addmm(mlp.c_fc.bias, x, mlp.c_fc.weight))
+            x = activation(torch.addmm(mlp.c_fc.bias, x, mlp.c_fc.weight))
             hidden = torch.addmm(mlp.c_proj.bias, x, mlp.c_proj.weight).add_(hidden)
         return F.layer_norm(hidden, (width,), ln_f.weight, ln_f.bias, ln_f.eps)
 

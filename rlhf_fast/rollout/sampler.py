@@ -72,11 +72,12 @@ def sample(
     ``pad_token_id``. generator: the source of sampling noise (on the prompts' device); seeded, the output is
     deterministic. use_cuda_graph: capture the decode step as a CUDA graph (default: on for CUDA tensors).
 
-    The model runs in eval mode (dropout off) and is put back in its previous mode afterwards.
+    The model runs in eval mode (dropout off) and is put back in its previous mode afterwards. A DDP-wrapped policy
+    is unwrapped; an FSDP-sharded one must be unsharded by the caller (the decode step reads the weights directly).
     """
     hf_model, weight, bias = _resolve_policy(policy)
     config = hf_model.config
-    batch, prompt_len = _check_prompt(prompt_ids, prompt_mask)
+    _, prompt_len = _check_prompt(prompt_ids, prompt_mask)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     total_len = prompt_len + max_new_tokens
@@ -125,12 +126,13 @@ class TokenSelector:
     """Picks the next token from fp32 logits without reading anything back to the host.
 
     Sampling uses the Gumbel-max trick: ``argmax(log p + G)`` with ``G = -log(-log U)`` i.i.d. per token picks
-    token i with probability p_i, and needs no cumulative sum or ``multinomial`` (which synchronizes). Filtered
-    tokens carry log-probability -inf and never win.
+    token i with probability p_i with elementwise ops and one argmax (no ``multinomial``, which may read back to
+    the host). Filtered tokens carry log-probability -inf and never win.
     """
 
     def __init__(self, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                or not 0 <= temperature < float("inf")):
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
@@ -311,6 +313,8 @@ class _Decoder:
 
 # ------------------------------------------------------------------------------------------------- checks
 def _resolve_policy(policy) -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor | None]:
+    if isinstance(policy, nn.parallel.DistributedDataParallel):
+        policy = policy.module
     hf_model = getattr(policy, "hf_model", policy)
     if not isinstance(hf_model, PreTrainedModel) or hf_model.get_output_embeddings() is None:
         raise ValueError(f"policy must be a PolicyModel or a transformers causal LM, got {type(policy).__name__}")

@@ -23,7 +23,7 @@ MAX_POSITIONS = 64
 def build_causal_lm(arch: str, seed: int, *, dtype: torch.dtype = torch.float32, vocab: int = VOCAB,
                     tie_word_embeddings: bool | None = None, max_positions: int = MAX_POSITIONS):
     """A 2-layer model with hidden size 32-64, dropout off, special ids PAD/BOS/EOS, in eval mode."""
-    special = dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    special = {"pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
     if arch == "gpt2":
         config = GPT2Config(n_layer=2, n_embd=48, n_head=3, vocab_size=vocab, n_positions=max_positions,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from rlhf_fast.models import PolicyModel
-from rlhf_fast.rollout import SampleOutput, TokenSelector, sample
-from rlhf_fast.rollout import fast_decode, sampler
+from rlhf_fast.rollout import SampleOutput, TokenSelector, fast_decode, sample, sampler
 from tests.helpers import fresh_generator
 from tests.models.archs import ARCHITECTURES, EOS, MAX_POSITIONS, PAD, build_causal_lm, left_padded_prompts
 
@@ -91,7 +90,7 @@ def test_row_independent_of_batch_mates_and_padding(arch, generator):
     model = build_causal_lm(arch, seed_of(generator), dtype=torch.float64)
     ids, mask = left_padded_prompts([6, 2, 4], generator)
     steps = 8
-    kwargs = dict(temperature=0.0, eos_token_id=EOS, pad_token_id=PAD, return_logprobs=True)
+    kwargs = {"temperature": 0.0, "eos_token_id": EOS, "pad_token_id": PAD, "return_logprobs": True}
     together = sample(model, ids, mask, steps, **kwargs)
     for row in range(ids.shape[0]):
         real = mask[row].bool()
@@ -263,23 +262,23 @@ def test_restores_training_mode(generator):
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-2), "top_k"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(eos_token_id="x"), "eos_token_id"),
-    (dict(pad_token_id=None), "pad_token_id"),
-    (dict(prompt_mask=torch.ones(2, 3)), "prompt_mask"),
-    (dict(prompt_mask=torch.ones(2, 4, dtype=torch.long)), "prompt_mask"),
-    (dict(prompt_ids=torch.ones(2, 3)), "prompt_ids"),
-    (dict(use_cuda_graph=True), "use_cuda_graph"),
-    (dict(policy=torch.nn.Linear(2, 2)), "policy"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"eos_token_id": "x"}, "eos_token_id"),
+    ({"pad_token_id": None}, "pad_token_id"),
+    ({"prompt_mask": torch.ones(2, 3)}, "prompt_mask"),
+    ({"prompt_mask": torch.ones(2, 4, dtype=torch.long)}, "prompt_mask"),
+    ({"prompt_ids": torch.ones(2, 3)}, "prompt_ids"),
+    ({"use_cuda_graph": True}, "use_cuda_graph"),
+    ({"policy": torch.nn.Linear(2, 2)}, "policy"),
 ])
 def test_bad_arguments(kwargs, match, generator):
-    arguments = dict(policy=build_causal_lm("gpt2", 0), prompt_ids=torch.ones(2, 3, dtype=torch.long),
-                     prompt_mask=torch.ones(2, 3, dtype=torch.long), max_new_tokens=2, eos_token_id=EOS,
-                     pad_token_id=PAD)
+    arguments = {"policy": build_causal_lm("gpt2", 0), "prompt_ids": torch.ones(2, 3, dtype=torch.long),
+                     "prompt_mask": torch.ones(2, 3, dtype=torch.long), "max_new_tokens": 2, "eos_token_id": EOS,
+                     "pad_token_id": PAD}
     arguments.update(kwargs)
     if kwargs.get("use_cuda_graph") and torch.cuda.is_available():
         pytest.skip("CUDA tensors can use graphs here")
