@@ -26,6 +26,7 @@ __all__ = ["main", "build_parser"]
 PROG = "rlhf-fast"
 USER_ERROR = 2  # bad command line, config or data
 FAILURE = 1  # the run itself stopped (a safety check, a missing component)
+TRAINING = ("sft", "rm", "ppo")
 
 
 class Unavailable(Exception):
@@ -286,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(args.command, str(error))
         return FAILURE
     except KeyboardInterrupt:
-        _error(args.command, "interrupted")
+        hint = " (rerun with --resume to continue from the last checkpoint)" if args.command in TRAINING else ""
+        _error(args.command, "interrupted" + hint)
         return 130
 
 

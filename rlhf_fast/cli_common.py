@@ -7,6 +7,7 @@ stays fast.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -34,14 +35,21 @@ class CLIError(Exception):
     """A mistake in the command line or its inputs: reported as one line on stderr, exit status 2."""
 
 
+def _is_main_process() -> bool:
+    """Under torchrun every rank runs the command; only rank 0 prints reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def say(*lines: str) -> None:
     """Prints to stdout and flushes, so the lines interleave correctly with the progress bar on stderr."""
-    for line in lines:
-        print(line, flush=True)
+    if _is_main_process():
+        for line in lines:
+            print(line, flush=True)
 
 
 def note(line: str) -> None:
-    print(f"note: {line}", file=sys.stderr, flush=True)
+    if _is_main_process():
+        print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------- paths
@@ -97,8 +105,28 @@ def check_output_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool) 
     return out
 
 
+def _latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint a resumed trainer loads (the trainers' CheckpointManager order: last, then previous)."""
+    for name in ("last", "previous"):
+        candidate = out / "checkpoints" / name
+        if (candidate / "trainer_state.json").is_file():
+            return candidate
+    return None
+
+
 def has_checkpoint(out: Path) -> bool:
-    return any((out / "checkpoints" / name).is_dir() for name in ("last", "previous"))
+    return _latest_checkpoint(out) is not None
+
+
+def checkpoint_step(out: Path) -> int:
+    """The step (PPO: iteration) of the checkpoint a resumed run continues from; 0 without one."""
+    latest = _latest_checkpoint(out)
+    if latest is None:
+        return 0
+    try:
+        return int(json.loads((latest / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 # ------------------------------------------------------------------------------------------ model metadata

@@ -22,6 +22,7 @@ from rlhf_fast.cli_common import (
     check_file,
     check_model_dir,
     check_output_dir,
+    checkpoint_step,
     describe_dataset,
     encode_dataset,
     format_metrics,
@@ -156,10 +157,11 @@ def _build(make: Callable[[], Any]):
         raise CLIError(f"config: {error}") from None
 
 
-def _train(job: Job, trainer, steps_done: Callable[[Any], int]) -> tuple[dict[str, float], int, float]:
+def _train(job: Job, trainer) -> tuple[dict[str, float], int, float]:
+    """Runs the trainer; returns (last metrics, the step it resumed at, seconds)."""
     from rlhf_fast.trainers._common import NonFiniteError
 
-    before = steps_done(trainer)
+    before = checkpoint_step(job.out) if job.config.resume else 0
     started = time.perf_counter()
     try:
         metrics = trainer.train()
@@ -244,7 +246,7 @@ def run_sft(args) -> int:
     eval_data = datasets[1].items if len(datasets) > 1 else None
     trainer = _build(lambda: SFTTrainer(config, policy, datasets[0].items, eval_data=eval_data,
                                         tokenizer=tokenizer))
-    metrics, before, seconds = _train(job, trainer, lambda t: t.global_step)
+    metrics, before, seconds = _train(job, trainer)
     outputs = [("model", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --model of `rlhf-fast rm`")]
     _summary(job, metrics, trainer.global_step, before, seconds, outputs + _common_outputs(out))
     return 0
@@ -293,7 +295,7 @@ def run_rm(args) -> int:
     reference = by_flag["--reference"].items if "--reference" in by_flag else None
     trainer = _build(lambda: RewardTrainer(config, model, train.items, eval_data=eval_data,
                                            normalization_data=reference, tokenizer=tokenizer))
-    metrics, before, seconds = _train(job, trainer, lambda t: t.global_step)
+    metrics, before, seconds = _train(job, trainer)
     if reference is not None and config.normalize:
         job.notes = [f"reward normalization: the --reference set scores mean 0 (offset "
                      f"{trainer.model.normalization_bias:.4g}, saved with the model)"]
@@ -389,7 +391,7 @@ def run_ppo(args) -> int:
     pretrain = by_flag["--pretrain"].items if "--pretrain" in by_flag else None
     trainer = _build(lambda: PPOTrainer(config, policy, reward_model, prompts.items, pretrain_data=pretrain,
                                         tokenizer=tokenizer))
-    metrics, before, seconds = _train(job, trainer, lambda t: t.iteration_index)
+    metrics, before, seconds = _train(job, trainer)
     outputs = [("policy", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --policy of `rlhf-fast eval`")]
     _summary(job, metrics, trainer.iteration_index, before, seconds, outputs + _common_outputs(out))
     return 0
