@@ -2,8 +2,10 @@
 
     rlhf-fast sft  --model gpt2-dir --data demos.jsonl --out runs/sft
     rlhf-fast rm   --model runs/sft --data rankings.jsonl --reference demos.jsonl --out runs/rm
-    rlhf-fast ppo  --policy runs/sft --reward runs/rm --prompts prompts.jsonl --pretrain text.jsonl --out runs/ppo
-    rlhf-fast eval --policy runs/ppo --baseline runs/sft --reward runs/rm --prompts heldout.jsonl --out runs/eval
+    rlhf-fast ppo  --policy runs/sft --reward runs/rm --prompts prompts.jsonl --pretrain text.jsonl \
+                   --out runs/ppo
+    rlhf-fast eval --policy runs/ppo --baseline runs/sft --reward runs/rm --prompts heldout.jsonl \
+                   --out runs/eval
 
 Bad input (a malformed record, a missing file, an unknown config key) is reported as one line on stderr naming
 the file, line and field, with exit status 2, before any weights are loaded. `--debug` shows the traceback.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from rlhf_fast.cli_common import CLIError, say
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 PROG = "rlhf-fast"
 USER_ERROR = 2  # bad command line, config or data
@@ -55,34 +57,61 @@ def _common_options() -> argparse.ArgumentParser:
 
 def _data_options(parent: argparse.ArgumentParser, *, prompts_only: bool = False) -> None:
     group = parent.add_argument_group("data")
-    limit_help = ("longest prompt, in tokens (default: the model's positions minus --max-new-tokens)"
-                  if prompts_only else
-                  "longest sequence (prompt + response + eos), in tokens; for ppo, the longest prompt "
-                  "(default: the model's limit)")
+    limit_help = (
+        "longest prompt, in tokens (default: the model's positions minus --max-new-tokens)"
+        if prompts_only
+        else "longest sequence (prompt + response + eos), in tokens; for ppo, the longest prompt "
+        "(default: the model's limit)"
+    )
     group.add_argument("--max-length", type=_positive_int, metavar="N", help=limit_help)
-    group.add_argument("--truncation", choices=("error", "skip", "truncate_prompt"),
-                       help="a record longer than --max-length: fail naming it (default), skip it, or drop "
-                            "prompt tokens from the left")
-    group.add_argument("--on-bad-record", choices=("error", "skip"),
-                       help="a malformed or invalid record: fail naming file:line and field (default), or skip "
-                            "it and report the count per reason")
+    group.add_argument(
+        "--truncation",
+        choices=("error", "skip", "truncate_prompt"),
+        help="a record longer than --max-length: fail naming it (default), skip it, or drop "
+        "prompt tokens from the left",
+    )
+    group.add_argument(
+        "--on-bad-record",
+        choices=("error", "skip"),
+        help="a malformed or invalid record: fail naming file:line and field (default), or skip "
+        "it and report the count per reason",
+    )
 
 
 def _training_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False, parents=[_common_options()])
     run = parent.add_argument_group("run")
-    run.add_argument("--out", required=True, metavar="DIR",
-                     help="output directory: final/ (Hugging Face model), metrics.jsonl, config.yaml, checkpoints/")
-    run.add_argument("--config", metavar="FILE", help="YAML file of config fields (a `data:` section included)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                     help="override one config field, e.g. --set learning_rate=1e-5 --set data.max_length=512 "
-                          "(repeatable; applied after --config)")
+    run.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory: final/ (Hugging Face model), metrics.jsonl, config.yaml, checkpoints/",
+    )
+    run.add_argument(
+        "--config", metavar="FILE", help="YAML file of config fields (a `data:` section included)"
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="override one config field, e.g. --set learning_rate=1e-5 --set data.max_length=512 "
+        "(repeatable; applied after --config)",
+    )
     run.add_argument("--seed", type=int, help="random seed (config field `seed`)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from <out>/checkpoints (with <out>/config.yaml unless --config is given)")
-    run.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
-    run.add_argument("--dry-run", action="store_true",
-                     help="validate the data and print its statistics, then exit without loading the weights")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/checkpoints (with <out>/config.yaml unless --config is given)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="start over in an --out that holds an earlier run"
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the data and print its statistics, then exit without loading the weights",
+    )
     _data_options(parent)
     return parent
 
@@ -92,43 +121,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="InstructGPT (SFT, K-wise reward model, PPO-ptx) on Hugging Face checkpoints and JSONL data.",
+        description="InstructGPT (SFT, K-wise reward model, PPO-ptx) on Hugging Face models and JSONL data.",
         epilog="Run `rlhf-fast COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     training = _training_options()
 
-    sft = commands.add_parser("sft", parents=[training], help="supervised fine-tuning on demonstrations",
-                              description="Fine-tune a causal LM on {prompt, response} demonstrations.")
+    sft = commands.add_parser(
+        "sft",
+        parents=[training],
+        help="supervised fine-tuning on demonstrations",
+        description="Fine-tune a causal LM on {prompt, response} demonstrations.",
+    )
     sft.add_argument("--model", required=True, metavar="DIR", help="Hugging Face causal LM directory")
     sft.add_argument("--data", required=True, metavar="FILE", help="demonstrations JSONL")
     sft.add_argument("--eval-data", metavar="FILE", help="held-out demonstrations JSONL (eval/loss)")
     sft.set_defaults(handler="sft")
 
-    rm = commands.add_parser("rm", parents=[training], help="train a reward model on K-wise rankings",
-                             description="Train a reward model on {prompt, completions, ranks} rankings "
-                                         "(or {prompt, chosen, rejected} pairs).")
-    rm.add_argument("--model", required=True, metavar="DIR",
-                    help="the SFT model (its backbone starts the reward model), or a reward model to continue")
+    rm = commands.add_parser(
+        "rm",
+        parents=[training],
+        help="train a reward model on K-wise rankings",
+        description="Train a reward model on {prompt, completions, ranks} rankings "
+        "(or {prompt, chosen, rejected} pairs).",
+    )
+    rm.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="the SFT model (its backbone starts the reward model), or a reward model to continue",
+    )
     rm.add_argument("--data", required=True, metavar="FILE", help="rankings JSONL")
     rm.add_argument("--eval-data", metavar="FILE", help="held-out rankings JSONL (eval/loss, eval/accuracy)")
-    rm.add_argument("--reference", metavar="FILE",
-                    help="demonstrations JSONL whose mean reward becomes 0 (reward normalization)")
+    rm.add_argument(
+        "--reference",
+        metavar="FILE",
+        help="demonstrations JSONL whose mean reward becomes 0 (reward normalization)",
+    )
     rm.set_defaults(handler="rm")
 
-    ppo = commands.add_parser("ppo", parents=[training], help="PPO (PPO-ptx with --pretrain) against a reward model",
-                              description="Optimize the policy against the reward model with PPO; with "
-                                          "--pretrain, PPO-ptx mixes in the pretraining loss.")
+    ppo = commands.add_parser(
+        "ppo",
+        parents=[training],
+        help="PPO (PPO-ptx with --pretrain) against a reward model",
+        description="Optimize the policy against the reward model with PPO; with "
+        "--pretrain, PPO-ptx mixes in the pretraining loss.",
+    )
     ppo.add_argument("--policy", required=True, metavar="DIR", help="the SFT model")
     ppo.add_argument("--reward", required=True, metavar="DIR", help="the reward model (from `rlhf-fast rm`)")
     ppo.add_argument("--prompts", required=True, metavar="FILE", help="prompts JSONL")
-    ppo.add_argument("--pretrain", metavar="FILE", help="pretraining text JSONL ({\"text\": ...}): PPO-ptx")
+    ppo.add_argument("--pretrain", metavar="FILE", help='pretraining text JSONL ({"text": ...}): PPO-ptx')
     ppo.set_defaults(handler="ppo")
 
-    evaluate = commands.add_parser("eval", parents=[_common_options()], help="generate, score, win rate",
-                                   description="Generate responses to prompts (greedy by default) and, with "
-                                               "--reward, report mean reward and the win rate against --baseline.")
+    evaluate = commands.add_parser(
+        "eval",
+        parents=[_common_options()],
+        help="generate, score, win rate",
+        description="Generate responses to prompts (greedy by default) and, with "
+        "--reward, report mean reward and the win rate against --baseline.",
+    )
     evaluate.add_argument("--policy", required=True, metavar="DIR", help="the model to evaluate")
     evaluate.add_argument("--baseline", metavar="DIR", help="a model to compare against (e.g. the SFT model)")
     evaluate.add_argument("--prompts", required=True, metavar="FILE", help="prompts JSONL")
@@ -143,17 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(evaluate, prompts_only=True)
     evaluate.set_defaults(handler="eval")
 
-    demo = commands.add_parser("demo", parents=[_common_options()], help="the whole paper in miniature",
-                               description="Run the InstructGPT pipeline on a generated miniature world: "
-                                           "pretraining, SFT, RM, PPO, PPO-ptx, evaluation report.")
+    demo = commands.add_parser(
+        "demo",
+        parents=[_common_options()],
+        help="the whole paper in miniature",
+        description="Run the InstructGPT pipeline on a generated miniature world: "
+        "pretraining, SFT, RM, PPO, PPO-ptx, evaluation report.",
+    )
     demo.add_argument("--preset", choices=("quick", "paper"), default="quick")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler="demo")
 
-    bench = commands.add_parser("bench", parents=[_common_options()], help="run the benchmarks",
-                                description="Run the pytest-benchmark suite in bench/ (cpu), or show how to run "
-                                            "the GPU check. Arguments after `--` go to pytest.")
+    bench = commands.add_parser(
+        "bench",
+        parents=[_common_options()],
+        help="run the benchmarks",
+        description="Run the pytest-benchmark suite in bench/ (cpu), or show how to run "
+        "the GPU check. Arguments after `--` go to pytest.",
+    )
     bench.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
     bench.set_defaults(handler="bench")
     return parser
@@ -167,12 +227,17 @@ def _run_demo(args) -> int:
         from rlhf_fast.pipeline import run_demo
     except ModuleNotFoundError as error:
         if error.name in ("rlhf_fast.pipeline", None):
-            raise Unavailable("the demo pipeline (rlhf_fast.pipeline) is not part of this installation") from None
+            raise Unavailable(
+                "the demo pipeline (rlhf_fast.pipeline) is not part of this installation"
+            ) from None
         raise
     except ImportError as error:  # the module is there but lacks run_demo
         raise Unavailable(f"the demo pipeline cannot be used: {error}") from None
     result = run_demo(preset=args.preset, out_dir=args.out, seed=args.seed)
-    say(f"demo done ({args.preset}); outputs in {args.out}" + (f": {result}" if isinstance(result, (str, Path)) else ""))
+    say(
+        f"demo done ({args.preset}); outputs in {args.out}"
+        + (f": {result}" if isinstance(result, (str, Path)) else "")
+    )
     return 0
 
 
@@ -185,8 +250,9 @@ def _run_bench(args, extra: Sequence[str]) -> int:
     bench = root / "bench"
     if args.suite == "gpu":
         say(
-            "The GPU suite runs as one script on a machine with a CUDA GPU (it builds the CUDA kernels, runs the",
-            "CUDA tests and every bench/gpu_*.py benchmark, and prints a table with the baselines beside ours):",
+            "The GPU suite runs as one script on a machine with a CUDA GPU (it builds the CUDA kernels, runs",
+            "the CUDA tests and every bench/gpu_*.py benchmark, and prints a table with the baselines beside",
+            "ours):",
             "",
             f"    cd {root} && bash bench/gpu_check.sh",
             "",
@@ -262,16 +328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         split = argv.index("--")
-        argv, extra = argv[:split], argv[split + 1:]
+        argv, extra = argv[:split], argv[split + 1 :]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a usage error (argparse printed it)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else USER_ERROR)
 
+    from rlhf_fast.cli_train import TrainingAborted
     from rlhf_fast.config import ConfigError
     from rlhf_fast.data.errors import DataError
-    from rlhf_fast.cli_train import TrainingAborted
 
     try:
         with _quiet_libraries(args.no_progress):
@@ -287,7 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(args.command, str(error))
         return FAILURE
     except KeyboardInterrupt:
-        hint = " (rerun with --resume to continue from the last checkpoint)" if args.command in TRAINING else ""
+        hint = (
+            " (rerun with --resume to continue from the last checkpoint)" if args.command in TRAINING else ""
+        )
         _error(args.command, "interrupted" + hint)
         return 130
 

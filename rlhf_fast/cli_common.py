@@ -18,15 +18,15 @@ from typing import Any, Literal
 __all__ = [
     "CLIError",
     "DataOptions",
-    "PPODataOptions",
     "Dataset",
+    "PPODataOptions",
     "check_file",
     "check_model_dir",
+    "format_metrics",
+    "load_run_config",
     "load_tokenizer",
     "model_max_positions",
-    "load_run_config",
     "read_dataset",
-    "format_metrics",
     "say",
 ]
 
@@ -138,7 +138,7 @@ def load_tokenizer(flag: str, model_dir: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as error:  # OSError, ValueError, ...: transformers raises many kinds for a bad directory
+    except Exception as error:  # noqa: BLE001 -- OSError, ValueError, ...: transformers raises many kinds for a bad directory
         raise CLIError(f"{flag} {model_dir}: cannot load its tokenizer ({_one_line(error)})") from None
     if tokenizer.eos_token_id is None:
         raise CLIError(
@@ -158,7 +158,7 @@ def model_max_positions(flag: str, model_dir: str) -> int | None:
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001
         raise CLIError(f"{flag} {model_dir}: cannot read config.json ({_one_line(error)})") from None
     return max_positions(config)
 
@@ -214,7 +214,9 @@ def run_config_class(trainer_config: type, data_options: type = DataOptions) -> 
     """The trainer's config dataclass plus a `data` section: what a config file for a command holds."""
     name = trainer_config.__name__.replace("Config", "") + "RunConfig"
     return dataclasses.make_dataclass(
-        name, [("data", data_options, dataclasses.field(default_factory=data_options))], bases=(trainer_config,)
+        name,
+        [("data", data_options, dataclasses.field(default_factory=data_options))],
+        bases=(trainer_config,),
     )
 
 
@@ -327,7 +329,7 @@ def _skipped_reasons(loaded) -> str:
 
 def read_dataset(flag: str, kind: str, path: str, tokenizer, on_bad_record: str) -> Dataset:
     """Reads and validates a JSONL file (DataError on a bad record unless skipping)."""
-    import rlhf_fast.data as data
+    from rlhf_fast import data
 
     reader = getattr(data, READERS[kind])
     check_file(flag, path)
@@ -337,7 +339,7 @@ def read_dataset(flag: str, kind: str, path: str, tokenizer, on_bad_record: str)
 
 def encode_dataset(dataset: Dataset, tokenizer, limit: int, truncation: str) -> Dataset:
     """Tokenizes the records and fits them to `limit` under the truncation policy (DataError if it must)."""
-    import rlhf_fast.data as data
+    from rlhf_fast import data
     from rlhf_fast.data.errors import WHOLE_RECORD, DataError
 
     records = dataset.loaded.records
@@ -351,7 +353,9 @@ def encode_dataset(dataset: Dataset, tokenizer, limit: int, truncation: str) -> 
         encoded = data.encode_pretrain(records, tokenizer, limit)
     if len(encoded) == 0:
         raise DataError(
-            dataset.path, 0, WHOLE_RECORD,
+            dataset.path,
+            0,
+            WHOLE_RECORD,
             f"no record fits in {limit} tokens (all were skipped as too long); raise --max-length",
             kind="no_records",
         )

@@ -32,7 +32,7 @@ from rlhf_fast.cli_common import (
     say,
 )
 
-__all__ = ["run_eval", "Generation"]
+__all__ = ["Generation", "run_eval"]
 
 
 @dataclasses.dataclass
@@ -54,8 +54,18 @@ def _device(name: str):
     return torch.device(name)
 
 
-def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-             top_p: float, batch_size: int, seed: int, device) -> Generation:
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+    device,
+) -> Generation:
     """Batched generation with `rlhf_fast.rollout.sample`; prompts are left padded, batched by length."""
     import torch
 
@@ -67,16 +77,25 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     order = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]))
     texts, token_ids, finished = [""] * len(order), [[] for _ in order], [False] * len(order)
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         width = max(len(prompt_ids[index]) for index in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.bool)
         for row, index in enumerate(batch):
             prompt = prompt_ids[index]
-            ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = True
-        output = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature=temperature,
-                        top_p=top_p, eos_token_id=eos, pad_token_id=pad, generator=generator)
+            ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = True
+        output = sample(
+            model,
+            ids.to(device),
+            mask.to(device),
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            generator=generator,
+        )
         responses, response_mask = output.response_ids.cpu(), output.response_mask.cpu()
         for row, index in enumerate(batch):
             tokens = responses[row][response_mask[row]].tolist()
@@ -84,13 +103,20 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
             if ended:
                 tokens = tokens[:-1]
             token_ids[index], finished[index] = tokens, ended
-            texts[index] = tokenizer.decode(tokens, skip_special_tokens=True,
-                                            clean_up_tokenization_spaces=False).strip()
+            texts[index] = tokenizer.decode(
+                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ).strip()
     return Generation(texts, token_ids, finished)
 
 
-def reward_rows(prompt_ids: list[list[int]], generation: Generation, tokenizer, reward_tokenizer,
-                prompt_texts: list[str], limit: int | None) -> list[list[int]]:
+def reward_rows(
+    prompt_ids: list[list[int]],
+    generation: Generation,
+    tokenizer,
+    reward_tokenizer,
+    prompt_texts: list[str],
+    limit: int | None,
+) -> list[list[int]]:
     """The token rows the reward model scores: prompt + response (+ eos when the response ended).
 
     With the policy's own vocabulary the exact token ids are used; otherwise the texts are tokenized with
@@ -103,8 +129,9 @@ def reward_rows(prompt_ids: list[list[int]], generation: Generation, tokenizer, 
     if reward_tokenizer is tokenizer or same_vocabulary(reward_tokenizer, tokenizer):
         pairs = zip(prompt_ids, generation.token_ids)
     else:
-        pairs = zip(tokenize_texts(reward_tokenizer, prompt_texts),
-                    tokenize_texts(reward_tokenizer, generation.texts))
+        pairs = zip(
+            tokenize_texts(reward_tokenizer, prompt_texts), tokenize_texts(reward_tokenizer, generation.texts)
+        )
     eos = int(reward_tokenizer.eos_token_id)
     for (prompt, response), ended in zip(pairs, generation.finished):
         row = list(prompt) + list(response) + ([eos] if ended else [])
@@ -119,13 +146,13 @@ def score(reward_model, rows: list[list[int]], pad_id: int, batch_size: int, dev
     scores: list[float] = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             width = max(len(row) for row in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.bool)
             for index, row in enumerate(chunk):
-                ids[index, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-                mask[index, :len(row)] = True
+                ids[index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+                mask[index, : len(row)] = True
             scores.extend(reward_model(ids.to(device), mask.to(device)).float().cpu().tolist())
     return scores
 
@@ -139,7 +166,11 @@ def _estimate(values: list[float]) -> dict[str, float]:
 
 def _fmt(estimate: dict[str, float]) -> str:
     se = estimate["se"]
-    return f"{estimate['mean']:.4g} ± {se:.2g} (SE)" if not math.isnan(se) else f"{estimate['mean']:.4g} (one prompt: no SE)"
+    return (
+        f"{estimate['mean']:.4g} ± {se:.2g} (SE)"
+        if not math.isnan(se)
+        else f"{estimate['mean']:.4g} (one prompt: no SE)"
+    )
 
 
 def _check_generation_args(args) -> None:
@@ -157,15 +188,20 @@ def _prompt_limit(flag: str, model_dir: str, requested: int | None, max_new_toke
     positions = model_max_positions(flag, model_dir)
     if requested is None:
         if positions is None:
-            raise CLIError(f"{flag} {model_dir}: its config does not say how many positions it covers; "
-                           "pass --max-length")
+            raise CLIError(
+                f"{flag} {model_dir}: its config does not say how many positions it covers; pass --max-length"
+            )
         requested = positions - max_new_tokens
         if requested < 1:
-            raise CLIError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {positions} "
-                           f"positions of {flag} {model_dir}")
+            raise CLIError(
+                f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {positions} "
+                f"positions of {flag} {model_dir}"
+            )
     elif positions is not None and requested + max_new_tokens > positions:
-        raise CLIError(f"--max-length {requested} + --max-new-tokens {max_new_tokens} is more than the "
-                       f"{positions} positions of {flag} {model_dir}")
+        raise CLIError(
+            f"--max-length {requested} + --max-new-tokens {max_new_tokens} is more than the "
+            f"{positions} positions of {flag} {model_dir}"
+        )
     return requested
 
 
@@ -217,9 +253,14 @@ def run_eval(args) -> int:
     if fitted:
         note(f"--prompts {fitted}")
 
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "seed": args.seed, "decoding": "greedy" if args.temperature == 0 else "sampling",
-                "max_prompt_length": limit}
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "decoding": "greedy" if args.temperature == 0 else "sampling",
+        "max_prompt_length": limit,
+    }
     policy_ids = [item.input_ids for item in prompts.encoded.items]
     generations: dict[str, Generation] = {}
     scores: dict[str, list[float]] = {}
@@ -230,16 +271,27 @@ def run_eval(args) -> int:
 
     for name, directory, model_tokenizer, ids in models:
         model = load_weights(f"--{name}", directory, PolicyModel.from_pretrained).to(device).eval()
-        generations[name] = generate(model, model_tokenizer, ids, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                                     seed=args.seed, device=device)
+        generations[name] = generate(
+            model,
+            model_tokenizer,
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=device,
+        )
         del model
     if reward_dir is not None:
         reward_model = load_weights("--reward", reward_dir, RewardModel.from_pretrained).to(device).eval()
         for name, _, model_tokenizer, ids in models:
-            rows = reward_rows(ids, generations[name], model_tokenizer, reward_tokenizer, prompt_texts,
-                               reward_limit)
-            scores[name] = score(reward_model, rows, int(reward_tokenizer.pad_token_id), args.batch_size, device)
+            rows = reward_rows(
+                ids, generations[name], model_tokenizer, reward_tokenizer, prompt_texts, reward_limit
+            )
+            scores[name] = score(
+                reward_model, rows, int(reward_tokenizer.pad_token_id), args.batch_size, device
+            )
         del reward_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -266,10 +318,19 @@ def _results(args, policy_dir, baseline_dir, reward_dir, settings, generations, 
         if name in scores:
             metrics[f"{name}/reward"] = _estimate(scores[name])
     if "baseline" in scores:
-        wins = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(scores["policy"], scores["baseline"])]
+        wins = [
+            1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(scores["policy"], scores["baseline"])
+        ]
         metrics["win_rate"] = _estimate(wins)
-    return {"policy": policy_dir, "baseline": baseline_dir, "reward": reward_dir, "prompts": args.prompts,
-            "num_prompts": len(generations["policy"].texts), "generation": settings, "metrics": metrics}
+    return {
+        "policy": policy_dir,
+        "baseline": baseline_dir,
+        "reward": reward_dir,
+        "prompts": args.prompts,
+        "num_prompts": len(generations["policy"].texts),
+        "generation": settings,
+        "metrics": metrics,
+    }
 
 
 def _write(out: Path, prompt_texts, generations, scores) -> None:
@@ -291,20 +352,32 @@ def _write(out: Path, prompt_texts, generations, scores) -> None:
 
 def _print_summary(out: Path, results: dict, generations: dict[str, Generation]) -> None:
     metrics, settings = results["metrics"], results["generation"]
-    lines = [f"eval done: {results['num_prompts']} prompts, {settings['decoding']}, up to "
-             f"{settings['max_new_tokens']} new tokens"]
+    lines = [
+        (
+            f"eval done: {results['num_prompts']} prompts, {settings['decoding']}, up to "
+            f"{settings['max_new_tokens']} new tokens"
+        )
+    ]
     for name in generations:
-        line = (f"  {name:<8} mean length {metrics[f'{name}/response_tokens']['mean']:.1f} tokens, "
-                f"{metrics[f'{name}/eos_fraction']:.0%} ended with eos")
+        line = (
+            f"  {name:<8} mean length {metrics[f'{name}/response_tokens']['mean']:.1f} tokens, "
+            f"{metrics[f'{name}/eos_fraction']:.0%} ended with eos"
+        )
         if f"{name}/reward" in metrics:
             line += f", mean reward {_fmt(metrics[f'{name}/reward'])}"
         lines.append(line)
     if "win_rate" in metrics:
-        lines.append(f"  win rate of the policy against the baseline under the reward model: "
-                     f"{_fmt(metrics['win_rate'])}; ties count 1/2")
+        lines.append(
+            f"  win rate of the policy against the baseline under the reward model: "
+            f"{_fmt(metrics['win_rate'])}; ties count 1/2"
+        )
     elif results["reward"] is None:
         lines.append("  no --reward given: responses only (add --reward DIR for mean reward and win rate)")
     lines.append(f"  outputs in {out}:")
-    lines += output_lines([("responses", str(out / "responses.jsonl"), "one JSON object per prompt"),
-                           ("summary", str(out / "eval.json"), "the metrics above, with standard errors")])
+    lines += output_lines(
+        [
+            ("responses", str(out / "responses.jsonl"), "one JSON object per prompt"),
+            ("summary", str(out / "eval.json"), "the metrics above, with standard errors"),
+        ]
+    )
     say(*lines)

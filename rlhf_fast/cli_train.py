@@ -16,8 +16,8 @@ from typing import Any
 
 from rlhf_fast.cli_common import (
     CLIError,
-    Dataset,
     DataOptions,
+    Dataset,
     PPODataOptions,
     check_file,
     check_model_dir,
@@ -39,7 +39,7 @@ from rlhf_fast.cli_common import (
     say,
 )
 
-__all__ = ["run_sft", "run_rm", "run_ppo"]
+__all__ = ["run_ppo", "run_rm", "run_sft"]
 
 
 @dataclasses.dataclass
@@ -73,7 +73,8 @@ def _length_limit(requested: int | None, positions: int | None, model_flag: str,
     if requested is None:
         if positions is None:
             raise CLIError(
-                f"{model_flag}: the model's config does not say how many positions it covers; pass --max-length"
+                f"{model_flag}: the model's config does not say how many positions it covers; "
+                "pass --max-length"
             )
         return positions
     if positions is not None and requested > positions:
@@ -125,8 +126,14 @@ def _dry_run(job: Job, tokenizer, truncation: str, limits: dict[str, int]) -> in
     lines += [f"  {line}" for line in fitted]
     lines += [f"  {line}" for line in job.notes]
     data = config_to_dict(job.config)["data"]
-    lines.append("  length limits: " + ", ".join(f"{flag} {limit} tokens" for flag, limit in limits.items()
-                                                 if any(d.flag == flag for d in job.datasets)))
+    lines.append(
+        "  length limits: "
+        + ", ".join(
+            f"{flag} {limit} tokens"
+            for flag, limit in limits.items()
+            if any(d.flag == flag for d in job.datasets)
+        )
+    )
     lines.append("  data options: " + ", ".join(f"{key}={value}" for key, value in data.items()))
     lines.append("  no weights were loaded; run without --dry-run to train")
     say(*lines)
@@ -174,8 +181,14 @@ class TrainingAborted(Exception):
     """Training stopped on its own safety check (e.g. too many non-finite steps): exit status 1."""
 
 
-def _summary(job: Job, metrics: dict[str, float], steps: int, resumed_from: int, seconds: float,
-             outputs: list[tuple[str, str, str]]) -> None:
+def _summary(
+    job: Job,
+    metrics: dict[str, float],
+    steps: int,
+    resumed_from: int,
+    seconds: float,
+    outputs: list[tuple[str, str, str]],
+) -> None:
     ran = steps - resumed_from
     head = f"{job.command} done: {steps} {job.step_name}"
     if resumed_from:
@@ -201,8 +214,19 @@ def _summary(job: Job, metrics: dict[str, float], steps: int, resumed_from: int,
 KEY_METRICS = {
     "sft": ("train/loss", "eval/loss", "train/lr"),
     "rm": ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "normalization/bias"),
-    "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value", "loss/ptx",
-            "policy/approx_kl", "policy/clipfrac", "policy/entropy", "episode/length", "episode/eos_fraction"),
+    "ppo": (
+        "objective/scores",
+        "objective/kl",
+        "objective/rlhf_reward",
+        "loss/policy",
+        "loss/value",
+        "loss/ptx",
+        "policy/approx_kl",
+        "policy/clipfrac",
+        "policy/entropy",
+        "episode/length",
+        "episode/eos_fraction",
+    ),
 }
 
 
@@ -225,16 +249,31 @@ def run_sft(args) -> int:
     if args.eval_data is not None:
         check_file("--eval-data", args.eval_data)
     out = _out_dir(args)
-    config = load_run_config(run_config_class(SFTConfig, DataOptions), args, resume_config=_resume_config(args))
+    config = load_run_config(
+        run_config_class(SFTConfig, DataOptions), args, resume_config=_resume_config(args)
+    )
     tokenizer = load_tokenizer("--model", model_dir)
-    limit = _length_limit(config.data.max_length, model_max_positions("--model", model_dir), "--model",
-                          "prompt + response + eos")
-    datasets = _read_all([("--data", "demonstrations", args.data),
-                          ("--eval-data", "demonstrations", args.eval_data)], tokenizer, config.data.on_bad_record)
+    limit = _length_limit(
+        config.data.max_length,
+        model_max_positions("--model", model_dir),
+        "--model",
+        "prompt + response + eos",
+    )
+    datasets = _read_all(
+        [("--data", "demonstrations", args.data), ("--eval-data", "demonstrations", args.eval_data)],
+        tokenizer,
+        config.data.on_bad_record,
+    )
     limits = {dataset.flag: limit for dataset in datasets}
-    job = Job("sft", config, out, datasets,
-              plan=lambda: _epoch_steps(len(datasets[0].encoded), config.batch_size, config.epochs,
-                                        config.max_steps))
+    job = Job(
+        "sft",
+        config,
+        out,
+        datasets,
+        plan=lambda: _epoch_steps(
+            len(datasets[0].encoded), config.batch_size, config.epochs, config.max_steps
+        ),
+    )
     status = _prepare(job, args, tokenizer, config.data.truncation, limits)
     if status is not None:
         return status
@@ -244,10 +283,13 @@ def run_sft(args) -> int:
 
     policy = load_weights("--model", model_dir, PolicyModel.from_pretrained)
     eval_data = datasets[1].items if len(datasets) > 1 else None
-    trainer = _build(lambda: SFTTrainer(config, policy, datasets[0].items, eval_data=eval_data,
-                                        tokenizer=tokenizer))
+    trainer = _build(
+        lambda: SFTTrainer(config, policy, datasets[0].items, eval_data=eval_data, tokenizer=tokenizer)
+    )
     metrics, before, seconds = _train(job, trainer)
-    outputs = [("model", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --model of `rlhf-fast rm`")]
+    outputs = [
+        ("model", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --model of `rlhf-fast rm`")
+    ]
     _summary(job, metrics, trainer.global_step, before, seconds, outputs + _common_outputs(out))
     return 0
 
@@ -259,23 +301,43 @@ def run_rm(args) -> int:
     from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
 
     model_dir = check_model_dir("--model", args.model)
-    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data), ("--reference", args.reference)):
+    for flag, path in (
+        ("--data", args.data),
+        ("--eval-data", args.eval_data),
+        ("--reference", args.reference),
+    ):
         if path is not None:
             check_file(flag, path)
     out = _out_dir(args)
-    config = load_run_config(run_config_class(RewardConfig, DataOptions), args,
-                             resume_config=_resume_config(args))
+    config = load_run_config(
+        run_config_class(RewardConfig, DataOptions), args, resume_config=_resume_config(args)
+    )
     tokenizer = load_tokenizer("--model", model_dir)
-    limit = _length_limit(config.data.max_length, model_max_positions("--model", model_dir), "--model",
-                          "prompt + completion + eos")
-    datasets = _read_all([("--data", "rankings", args.data), ("--eval-data", "rankings", args.eval_data),
-                          ("--reference", "demonstrations", args.reference)], tokenizer,
-                         config.data.on_bad_record)
+    limit = _length_limit(
+        config.data.max_length,
+        model_max_positions("--model", model_dir),
+        "--model",
+        "prompt + completion + eos",
+    )
+    datasets = _read_all(
+        [
+            ("--data", "rankings", args.data),
+            ("--eval-data", "rankings", args.eval_data),
+            ("--reference", "demonstrations", args.reference),
+        ],
+        tokenizer,
+        config.data.on_bad_record,
+    )
     by_flag = {dataset.flag: dataset for dataset in datasets}
     limits = {dataset.flag: limit for dataset in datasets}
     train = by_flag["--data"]
-    job = Job("rm", config, out, datasets,
-              plan=lambda: _epoch_steps(len(train.encoded), config.batch_size, config.epochs, config.max_steps))
+    job = Job(
+        "rm",
+        config,
+        out,
+        datasets,
+        plan=lambda: _epoch_steps(len(train.encoded), config.batch_size, config.epochs, config.max_steps),
+    )
     if args.reference is None:
         job.notes.append("reward normalization: off (no --reference demonstrations)")
     elif not config.normalize:
@@ -293,14 +355,26 @@ def run_rm(args) -> int:
     model = load_weights("--model", model_dir, loader)
     eval_data = by_flag["--eval-data"].items if "--eval-data" in by_flag else None
     reference = by_flag["--reference"].items if "--reference" in by_flag else None
-    trainer = _build(lambda: RewardTrainer(config, model, train.items, eval_data=eval_data,
-                                           normalization_data=reference, tokenizer=tokenizer))
+    trainer = _build(
+        lambda: RewardTrainer(
+            config, model, train.items, eval_data=eval_data, normalization_data=reference, tokenizer=tokenizer
+        )
+    )
     metrics, before, seconds = _train(job, trainer)
     if reference is not None and config.normalize:
-        job.notes = [f"reward normalization: the --reference set scores mean 0 (offset "
-                     f"{trainer.model.normalization_bias:.4g}, saved with the model)"]
-    outputs = [("model", str(out / "final"),
-                "RewardModel.from_pretrained (backbone: AutoModel); --reward of `rlhf-fast ppo`")]
+        job.notes = [
+            (
+                f"reward normalization: the --reference set scores mean 0 (offset "
+                f"{trainer.model.normalization_bias:.4g}, saved with the model)"
+            )
+        ]
+    outputs = [
+        (
+            "model",
+            str(out / "final"),
+            "RewardModel.from_pretrained (backbone: AutoModel); --reward of `rlhf-fast ppo`",
+        )
+    ]
     _summary(job, metrics, trainer.global_step, before, seconds, outputs + _common_outputs(out))
     return 0
 
@@ -314,7 +388,7 @@ def _reward_tokenizer_matches(reward_dir: str, tokenizer) -> None:
 
     try:
         reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
-    except Exception:
+    except Exception:  # noqa: BLE001 (any failure means: no usable tokenizer there)
         note(f"--reward {reward_dir}: no tokenizer saved there; assuming it shares the policy's vocabulary")
         return
     if not same_vocabulary(reward_tokenizer, tokenizer):
@@ -333,8 +407,9 @@ def run_ppo(args) -> int:
     if args.pretrain is not None:
         check_file("--pretrain", args.pretrain)
     out = _out_dir(args)
-    config = load_run_config(run_config_class(PPOConfig, PPODataOptions), args,
-                             resume_config=_resume_config(args))
+    config = load_run_config(
+        run_config_class(PPOConfig, PPODataOptions), args, resume_config=_resume_config(args)
+    )
     tokenizer = load_tokenizer("--policy", policy_dir)
     _reward_tokenizer_matches(reward_dir, tokenizer)
 
@@ -345,34 +420,46 @@ def run_ppo(args) -> int:
     if requested:
         prompt_limit = min(requested)
     elif positions is None:
-        raise CLIError("--policy: the model's config does not say how many positions it covers; pass --max-length")
+        raise CLIError(
+            "--policy: the model's config does not say how many positions it covers; pass --max-length"
+        )
     else:
         prompt_limit = positions - config.max_new_tokens
         if prompt_limit < 1:
-            raise CLIError(f"config: max_new_tokens {config.max_new_tokens} leaves no room for a prompt in the "
-                           f"policy's {positions} positions")
+            raise CLIError(
+                f"config: max_new_tokens {config.max_new_tokens} leaves no room for a prompt in the "
+                f"policy's {positions} positions"
+            )
     sequence = prompt_limit + config.max_new_tokens
     for flag, limit in (("--policy", positions), ("--reward", reward_positions)):
         if limit is not None and sequence > limit:
-            raise CLIError(f"prompt limit {prompt_limit} + max_new_tokens {config.max_new_tokens} = {sequence} "
-                           f"tokens: more than the {limit} positions of the {flag} model; lower --max-length "
-                           "or max_new_tokens")
+            raise CLIError(
+                f"prompt limit {prompt_limit} + max_new_tokens {config.max_new_tokens} = {sequence} "
+                f"tokens: more than the {limit} positions of the {flag} model; lower --max-length "
+                "or max_new_tokens"
+            )
     block_size = config.data.pretrain_block_size or min(sequence, positions or sequence)
     if positions is not None and block_size > positions:
-        raise CLIError(f"config: data.pretrain_block_size {block_size} is longer than the policy's {positions} "
-                       "positions")
+        raise CLIError(
+            f"config: data.pretrain_block_size {block_size} is longer than the policy's {positions} positions"
+        )
 
-    datasets = _read_all([("--prompts", "prompts", args.prompts), ("--pretrain", "pretrain", args.pretrain)],
-                         tokenizer, config.data.on_bad_record)
+    datasets = _read_all(
+        [("--prompts", "prompts", args.prompts), ("--pretrain", "pretrain", args.pretrain)],
+        tokenizer,
+        config.data.on_bad_record,
+    )
     by_flag = {dataset.flag: dataset for dataset in datasets}
     limits = {"--prompts": prompt_limit, "--pretrain": block_size}
     prompts = by_flag["--prompts"]
 
     def plan() -> int:
         if len(prompts.encoded) < config.batch_size:
-            raise CLIError(f"--prompts {prompts.path}: {len(prompts.encoded)} prompts are fewer than one batch "
-                           f"(batch_size {config.batch_size}); lower it, e.g. --set batch_size="
-                           f"{len(prompts.encoded)}")
+            raise CLIError(
+                f"--prompts {prompts.path}: {len(prompts.encoded)} prompts are fewer than one batch "
+                f"(batch_size {config.batch_size}); lower it, e.g. --set batch_size="
+                f"{len(prompts.encoded)}"
+            )
         return config.max_iterations or config.epochs * (len(prompts.encoded) // config.batch_size)
 
     job = Job("ppo", config, out, datasets, plan=plan, step_name="iterations")
@@ -389,9 +476,14 @@ def run_ppo(args) -> int:
     policy = load_weights("--policy", policy_dir, PolicyModel.from_pretrained)
     reward_model = load_weights("--reward", reward_dir, RewardModel.from_pretrained)
     pretrain = by_flag["--pretrain"].items if "--pretrain" in by_flag else None
-    trainer = _build(lambda: PPOTrainer(config, policy, reward_model, prompts.items, pretrain_data=pretrain,
-                                        tokenizer=tokenizer))
+    trainer = _build(
+        lambda: PPOTrainer(
+            config, policy, reward_model, prompts.items, pretrain_data=pretrain, tokenizer=tokenizer
+        )
+    )
     metrics, before, seconds = _train(job, trainer)
-    outputs = [("policy", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --policy of `rlhf-fast eval`")]
+    outputs = [
+        ("policy", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --policy of `rlhf-fast eval`")
+    ]
     _summary(job, metrics, trainer.iteration_index, before, seconds, outputs + _common_outputs(out))
     return 0

@@ -12,16 +12,26 @@ WORDS = [f"w{i}" for i in range(12)]
 
 
 def build_causal_lm_dir(directory: Path, seed: int = 0, tokenizer=None) -> Path:
-    """A randomly initialized 2-layer, 32-dim GPT-2 with a word tokenizer, saved as a Hugging Face directory."""
+    """A randomly initialized 2-layer, 32-dim GPT-2 with a word tokenizer, saved as a Hugging Face dir."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlhf_fast.models.tiny import build_word_tokenizer
 
     tokenizer = tokenizer or build_word_tokenizer(WORDS)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=tokenizer.pad_token_id,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=48,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
@@ -49,7 +59,9 @@ def reward_dir(tmp_path_factory, model_dir) -> Path:
     from rlhf_fast.models import RewardModel
 
     directory = tmp_path_factory.mktemp("tiny_rm")
-    RewardModel.from_policy(str(model_dir)).save_pretrained(directory, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    RewardModel.from_policy(str(model_dir)).save_pretrained(
+        directory, tokenizer=AutoTokenizer.from_pretrained(model_dir)
+    )
     return directory
 
 

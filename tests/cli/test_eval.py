@@ -1,4 +1,4 @@
-"""`rlhf-fast eval`: greedy responses match transformers' greedy decoding; rewards and win rate are consistent."""
+"""`rlhf-fast eval`: responses match transformers' greedy decoding; rewards and win rate are consistent."""
 
 from __future__ import annotations
 
@@ -15,8 +15,23 @@ from tests.cli.conftest import prompts, write_lines
 def evaluated(cli, tmp_path, model_dir, other_model_dir, reward_dir, no_progress):
     data = write_lines(tmp_path / "prompts.jsonl", prompts(5, seed=3))
     out = tmp_path / "eval"
-    code, stdout, stderr = cli("eval", "--policy", model_dir, "--baseline", other_model_dir, "--reward", reward_dir,
-                               "--prompts", data, "--out", out, "--max-new-tokens", 6, "--batch-size", 2)
+    code, stdout, stderr = cli(
+        "eval",
+        "--policy",
+        model_dir,
+        "--baseline",
+        other_model_dir,
+        "--reward",
+        reward_dir,
+        "--prompts",
+        data,
+        "--out",
+        out,
+        "--max-new-tokens",
+        6,
+        "--batch-size",
+        2,
+    )
     assert code == 0, stderr
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     summary = json.loads((out / "eval.json").read_text())
@@ -26,7 +41,7 @@ def evaluated(cli, tmp_path, model_dir, other_model_dir, reward_dir, no_progress
 def test_eval_responses_are_greedy_decodes(evaluated, model_dir, other_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data, stdout, rows, summary = evaluated
+    data, _stdout, rows, _summary = evaluated
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     expected_prompts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
     assert [row["prompt"] for row in rows] == expected_prompts
@@ -34,11 +49,17 @@ def test_eval_responses_are_greedy_decodes(evaluated, model_dir, other_model_dir
         model = AutoModelForCausalLM.from_pretrained(directory).eval()
         for row in rows:
             ids = torch.tensor([tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]])
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = generated[0, ids.shape[1]:].tolist()
+            generated = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = generated[0, ids.shape[1] :].tolist()
             if tokenizer.eos_token_id in new:
-                new = new[:new.index(tokenizer.eos_token_id)]
+                new = new[: new.index(tokenizer.eos_token_id)]
             assert row[key] == tokenizer.decode(new, skip_special_tokens=True).strip(), (directory, row)
 
 
@@ -47,20 +68,24 @@ def test_eval_rewards_and_win_rate(evaluated, reward_dir):
 
     from rlhf_fast.models import RewardModel
 
-    data, stdout, rows, summary = evaluated
+    _data, stdout, rows, summary = evaluated
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     reward_model = RewardModel.from_pretrained(reward_dir).eval()
     for row in rows:
         for prefix in ("", "baseline_"):
-            ids = (tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-                   + tokenizer(row[f"{prefix}response"], add_special_tokens=False)["input_ids"]
-                   + ([tokenizer.eos_token_id] if row[f"{prefix}finished"] else []))
+            ids = (
+                tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+                + tokenizer(row[f"{prefix}response"], add_special_tokens=False)["input_ids"]
+                + ([tokenizer.eos_token_id] if row[f"{prefix}finished"] else [])
+            )
             with torch.no_grad():
                 expected = reward_model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool)).item()
             assert row[f"{prefix}reward"] == pytest.approx(expected, abs=1e-5)
 
-    wins = [1.0 if r["reward"] > r["baseline_reward"] else 0.5 if r["reward"] == r["baseline_reward"] else 0.0
-            for r in rows]
+    wins = [
+        1.0 if r["reward"] > r["baseline_reward"] else 0.5 if r["reward"] == r["baseline_reward"] else 0.0
+        for r in rows
+    ]
     mean = sum(wins) / len(wins)
     se = math.sqrt(sum((w - mean) ** 2 for w in wins) / (len(wins) - 1) / len(wins))
     metrics = summary["metrics"]
@@ -74,8 +99,21 @@ def test_eval_rewards_and_win_rate(evaluated, reward_dir):
 def test_eval_without_reward_writes_responses_only(cli, tmp_path, model_dir, no_progress):
     data = write_lines(tmp_path / "prompts.jsonl", prompts(3))
     out = tmp_path / "eval"
-    code, stdout, stderr = cli("eval", "--policy", model_dir, "--prompts", data, "--out", out, "--max-new-tokens", 4,
-                               "--temperature", 1.0, "--seed", 5)
+    code, stdout, stderr = cli(
+        "eval",
+        "--policy",
+        model_dir,
+        "--prompts",
+        data,
+        "--out",
+        out,
+        "--max-new-tokens",
+        4,
+        "--temperature",
+        1.0,
+        "--seed",
+        5,
+    )
     assert code == 0, stderr
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(set(row) == {"prompt", "response", "finished"} for row in rows)

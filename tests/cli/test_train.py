@@ -23,9 +23,25 @@ def test_sft_end_to_end(cli, tmp_path, model_dir, data_dir):
     from rlhf_fast.trainers.sft import SFTConfig
 
     out = tmp_path / "sft"
-    code, stdout, stderr = cli("sft", "--model", model_dir, "--data", data_dir / "demos.jsonl",
-                               "--eval-data", data_dir / "demos.jsonl", "--out", out, "--seed", 3,
-                               "--set", "batch_size=2", "--set", "max_steps=3", "--set", "learning_rate=1e-3")
+    code, stdout, stderr = cli(
+        "sft",
+        "--model",
+        model_dir,
+        "--data",
+        data_dir / "demos.jsonl",
+        "--eval-data",
+        data_dir / "demos.jsonl",
+        "--out",
+        out,
+        "--seed",
+        3,
+        "--set",
+        "batch_size=2",
+        "--set",
+        "max_steps=3",
+        "--set",
+        "learning_rate=1e-3",
+    )
     assert code == 0, stderr
     assert "Traceback" not in stderr
     assert "sft:" in stderr  # the trainer's tqdm bar
@@ -41,12 +57,16 @@ def test_sft_end_to_end(cli, tmp_path, model_dir, data_dir):
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     original = AutoModelForCausalLM.from_pretrained(model_dir)
-    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values())
+    )
     assert changed, "training did not change the weights"
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()
 
     # The resolved config reloads into the trainer's config (plus the data section), with the CLI's values.
-    run_config_class = __import__("rlhf_fast.cli_common", fromlist=["run_config_class"]).run_config_class(SFTConfig)
+    run_config_class = __import__("rlhf_fast.cli_common", fromlist=["run_config_class"]).run_config_class(
+        SFTConfig
+    )
     config = load_config(run_config_class, out / "config.yaml")
     assert (config.seed, config.batch_size, config.max_steps, config.output_dir) == (3, 2, 3, str(out))
     assert config.data.truncation == "error"
@@ -57,8 +77,21 @@ def test_sft_interrupted_then_resumed(cli, tmp_path, model_dir, data_dir, no_pro
     from rlhf_fast.trainers.sft import SFTTrainer
 
     out = tmp_path / "sft"
-    common = ("sft", "--model", model_dir, "--data", data_dir / "demos.jsonl", "--out", out,
-              "--set", "batch_size=2", "--set", "save_every=1", "--set", "max_steps=3")
+    common = (
+        "sft",
+        "--model",
+        model_dir,
+        "--data",
+        data_dir / "demos.jsonl",
+        "--out",
+        out,
+        "--set",
+        "batch_size=2",
+        "--set",
+        "save_every=1",
+        "--set",
+        "max_steps=3",
+    )
     train_step = SFTTrainer.train_step
 
     def interrupted_step(self, examples):
@@ -84,10 +117,26 @@ def test_sft_interrupted_then_resumed(cli, tmp_path, model_dir, data_dir, no_pro
 def test_sft_skip_bad_records_reports_counts(cli, tmp_path, model_dir, no_progress):
     bad = ["{not json", {"prompt": "w1", "response": " "}, {"prompt": "w2"}, "[3]"]  # lines 4-7
     long_record = {"prompt": " ".join(["w3"] * 10), "response": "w4"}  # line 10: 12 tokens with the eos
-    data = write_lines(tmp_path / "demos.jsonl", demonstrations(3) + bad + demonstrations(2, 1) + [long_record])
-    code, stdout, stderr = cli("sft", "--model", model_dir, "--data", data, "--out", tmp_path / "run",
-                               "--on-bad-record", "skip", "--max-length", "10", "--truncation", "truncate_prompt",
-                               "--set", "max_steps=1")
+    data = write_lines(
+        tmp_path / "demos.jsonl", demonstrations(3) + bad + demonstrations(2, 1) + [long_record]
+    )
+    code, stdout, stderr = cli(
+        "sft",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--on-bad-record",
+        "skip",
+        "--max-length",
+        "10",
+        "--truncation",
+        "truncate_prompt",
+        "--set",
+        "max_steps=1",
+    )
     assert code == 0, stderr
     # At the start (stderr) and in the summary (stdout): the count per reason, with the first location.
     for text in (stderr, stdout):
@@ -108,9 +157,23 @@ def test_rm_end_to_end_with_reference(cli, tmp_path, model_dir, data_dir, no_pro
     from rlhf_fast.models import RewardModel
 
     out = tmp_path / "rm"
-    code, stdout, stderr = cli("rm", "--model", model_dir, "--data", data_dir / "rankings.jsonl",
-                               "--eval-data", data_dir / "rankings.jsonl", "--reference", data_dir / "demos.jsonl",
-                               "--out", out, "--set", "batch_size=2", "--set", "learning_rate=1e-3")
+    code, stdout, stderr = cli(
+        "rm",
+        "--model",
+        model_dir,
+        "--data",
+        data_dir / "rankings.jsonl",
+        "--eval-data",
+        data_dir / "rankings.jsonl",
+        "--reference",
+        data_dir / "demos.jsonl",
+        "--out",
+        out,
+        "--set",
+        "batch_size=2",
+        "--set",
+        "learning_rate=1e-3",
+    )
     assert code == 0, stderr
     assert "rm done: 3 steps" in stdout  # 6 rankings (5 + the pair), batch 2, 1 epoch
     assert "eval/accuracy" in stdout and "reward normalization" in stdout
@@ -122,8 +185,12 @@ def test_rm_end_to_end_with_reference(cli, tmp_path, model_dir, data_dir, no_pro
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(out / "final")
     reference = encode_demonstrations(read_demonstrations(data_dir / "demos.jsonl"), tokenizer, 48).examples
     with torch.no_grad():
-        scores = torch.cat([model(torch.tensor([ex.input_ids]), torch.ones(1, len(ex.input_ids), dtype=torch.bool))
-                            for ex in reference])
+        scores = torch.cat(
+            [
+                model(torch.tensor([ex.input_ids]), torch.ones(1, len(ex.input_ids), dtype=torch.bool))
+                for ex in reference
+            ]
+        )
     assert abs(scores.mean().item()) < 1e-4
     assert model.normalization_bias != 0.0
     metrics = _metrics(out / "metrics.jsonl")
@@ -135,11 +202,33 @@ def test_ppo_ptx_end_to_end(cli, tmp_path, model_dir, reward_dir, data_dir, no_p
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "ppo"
-    code, stdout, stderr = cli("ppo", "--policy", model_dir, "--reward", reward_dir, "--prompts",
-                               data_dir / "prompts.jsonl", "--pretrain", data_dir / "text.jsonl", "--out", out,
-                               "--set", "batch_size=2", "--set", "num_minibatches=1", "--set", "ppo_epochs=1",
-                               "--set", "max_new_tokens=4", "--set", "max_iterations=2",
-                               "--set", "learning_rate=1e-3", "--set", "data.pretrain_block_size=8")
+    code, stdout, stderr = cli(
+        "ppo",
+        "--policy",
+        model_dir,
+        "--reward",
+        reward_dir,
+        "--prompts",
+        data_dir / "prompts.jsonl",
+        "--pretrain",
+        data_dir / "text.jsonl",
+        "--out",
+        out,
+        "--set",
+        "batch_size=2",
+        "--set",
+        "num_minibatches=1",
+        "--set",
+        "ppo_epochs=1",
+        "--set",
+        "max_new_tokens=4",
+        "--set",
+        "max_iterations=2",
+        "--set",
+        "learning_rate=1e-3",
+        "--set",
+        "data.pretrain_block_size=8",
+    )
     assert code == 0, stderr
     assert "ppo done: 2 iterations" in stdout
     assert "objective/scores" in stdout and "loss/ptx" in stdout
@@ -149,13 +238,28 @@ def test_ppo_ptx_end_to_end(cli, tmp_path, model_dir, reward_dir, data_dir, no_p
     assert all(record["loss/ptx"] > 0 for record in metrics)
     policy = AutoModelForCausalLM.from_pretrained(out / "final")
     original = AutoModelForCausalLM.from_pretrained(model_dir)
-    assert any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), original.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), original.state_dict().values())
+    )
 
 
 def test_ppo_with_too_few_tokens_for_a_pretraining_block(cli, tmp_path, model_dir, reward_dir, no_weights):
     data = write_lines(tmp_path / "prompts.jsonl", prompts(4))
     text = write_lines(tmp_path / "text.jsonl", [{"text": "w1 w2"}])
-    code, stdout, stderr = cli("ppo", "--policy", model_dir, "--reward", reward_dir, "--prompts", data,
-                               "--pretrain", text, "--out", tmp_path / "run", "--set", "max_new_tokens=8")
+    code, _stdout, stderr = cli(
+        "ppo",
+        "--policy",
+        model_dir,
+        "--reward",
+        reward_dir,
+        "--prompts",
+        data,
+        "--pretrain",
+        text,
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "max_new_tokens=8",
+    )
     message = error_line(stderr)
     assert code == 2 and str(text) in message and "block_size" in message
