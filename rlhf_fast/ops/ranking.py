@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast import _extension
-from rlhf_fast.ops._backend import select_backend, use_backend
+from rlhf_fast.ops._backend import forced_backend, select_backend, use_backend
 from rlhf_fast.ops._checks import check_finite, check_tensor, value_checks_enabled
 
 IMPLEMENTED = ("reference", "cpp", "cuda", "triton")
@@ -234,7 +234,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(rewards, ranks, margins, prompt_weights, prompt_ends)
     ctx.margin = margin
     # The backward may run on another thread (CUDA autograd), where a `use_backend` block does not reach.
-    ctx.backend = _select(rewards.device)
+    ctx.forced_backend = forced_backend()
     ctx.mark_non_differentiable(accuracy, prompt_weights, prompt_ends)
 
 
@@ -242,7 +242,7 @@ def _backward(ctx, grad_loss, grad_accuracy, grad_weights, grad_ends):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
     rewards, ranks, margins, prompt_weights, prompt_ends = ctx.saved_tensors
-    with use_backend(ctx.backend):
+    with use_backend(ctx.forced_backend or "auto"):
         grad_rewards = _ranking_backward_op(grad_loss, rewards, ranks, margins, ctx.margin, prompt_weights, prompt_ends)
     return grad_rewards, None, None, None, None
 
@@ -287,7 +287,7 @@ def _split_margin(margin, rewards: torch.Tensor) -> tuple[torch.Tensor | None, f
 
 def _check_group_sizes(group_sizes: torch.Tensor, num_completions: int) -> None:
     sizes = group_sizes.cpu()
-    smallest, largest = int(sizes.min()), int(sizes.max())
+    smallest, largest = (int(v) for v in torch.aminmax(sizes))
     if smallest < MIN_GROUP or largest > MAX_GROUP:
         raise ValueError(
             f"group_sizes must lie in [{MIN_GROUP}, {MAX_GROUP}] (completions per prompt), "
