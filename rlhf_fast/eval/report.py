@@ -329,7 +329,7 @@ def _plot_training(history: Mapping[str, list[dict]], path: Path) -> bool:
     reward_axes, kl_axes = figure.subplots(1, 2)
     plotted = False
     for run, steps in runs.items():
-        xs = [step.get("iteration", index) for index, step in enumerate(steps)]
+        xs = [step.get("iteration", step.get("step", index)) for index, step in enumerate(steps)]
         for axes, candidates in ((reward_axes, REWARD_KEYS), (kl_axes, KL_KEYS)):
             key = _history_key(steps, candidates)
             if key is None:
