@@ -38,6 +38,9 @@ GPU_ORDER = ("triton", "chunked")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # Elements of the largest temporary the chunked backend makes per chunk (16 MiB of float32).
 CHUNK_ELEMENTS = 4 * 2**20
+# log p (or z − max) is clamped here where it matters only through p = exp(.), which is exactly 0 below it in
+# float32 and float64 alike: −inf logits then give p·log p = 0 instead of NaN, with finite products.
+LOG_ZERO = -1e4
 
 
 class TokenLogprobs(NamedTuple):
@@ -140,7 +143,7 @@ def _block_stats(
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype) * inv_temp
     shifted = _scaled(logits, inv_temp, dtype, row_max)  # z − max, ≤ 0
     if want_entropy:
-        shifted.clamp_(min=torch.finfo(dtype).min)  # −inf logits: p = 0 and p·(z − m) = 0, not NaN
+        shifted.clamp_(min=LOG_ZERO)  # −inf logits: p = 0 and p·(z − m) = 0, not NaN
     exps = torch.exp(shifted)
     sum_exp = exps.sum(-1)
     log_sum = sum_exp.log()
@@ -160,7 +163,7 @@ def _block_grad_logits(
     """dL/dlogits [n, V] in `dtype` for one block, with a, b already multiplied by 1/τ (see module docstring)."""
     log_probs = _scaled(logits, inv_temp, dtype, lse)
     if b is not None:
-        log_probs.clamp_(min=torch.finfo(dtype).min)
+        log_probs.clamp_(min=LOG_ZERO)
     probs = torch.exp(log_probs)
     if b is None:
         grad = probs.mul_(-a.unsqueeze(-1))
