@@ -65,8 +65,24 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        for alias, canonical in _tied_aliases(model).items():  # FSDP2 lists a tied weight once
+            if alias not in state and canonical in state:
+                state[alias] = state[canonical]
+        return state
     return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{second name of a shared parameter: its first name}, e.g. a tied LM head -> the input embedding."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
 
 
 def load_full_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -74,7 +90,9 @@ def load_full_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+        aliases = _tied_aliases(model)
+        state = {name: tensor for name, tensor in state.items() if name not in aliases}
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
         return
     model.load_state_dict(dict(state), strict=True)
 
@@ -161,9 +179,14 @@ def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gener
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly FSDP2-sharded DTensor) parameter."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def all_finite(modules: Mapping[str, nn.Module]) -> bool:
-    """True when every parameter of every module is finite (one host read per call)."""
-    flags = [torch.isfinite(p.detach()).all() for m in modules.values() for p in m.parameters()]
+    """True when every parameter (this rank's shard of it) is finite (one host read per call)."""
+    flags = [torch.isfinite(_shard(p.detach())).all() for m in modules.values() for p in m.parameters()]
     return bool(torch.stack(flags).all()) if flags else True
 
 

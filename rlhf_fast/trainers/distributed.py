@@ -142,6 +142,7 @@ def wrap_model(
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        broadcast_module(model, ctx)  # as DDP does: every rank starts from rank 0's weights
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -154,6 +155,15 @@ def wrap_model(
         broadcast_buffers=False,
         find_unused_parameters=find_unused_parameters,
     )
+
+
+@torch.no_grad()
+def broadcast_module(model: nn.Module, ctx: DistributedContext) -> None:
+    """Copies rank 0's parameters and buffers to every rank (before sharding, so each shard is rank 0's)."""
+    if not ctx.is_distributed:
+        return
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -189,13 +189,14 @@ class PPOTrainer:
         self.policy = _load_policy(policy).to(device)
         self.ref_policy = (_load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy))
         self.ref_policy.to(device).requires_grad_(False)
-        self.reward_model = reward_model.to(device) if isinstance(reward_model, nn.Module) else reward_model
-        if isinstance(self.reward_model, nn.Module):
-            self.reward_model.requires_grad_(False).eval()
         if value_model is None:
             value_model = (ValueModel.from_reward_model(reward_model) if isinstance(reward_model, RewardModel)
                            else ValueModel.from_policy(self.policy))
+            value_model.requires_grad_(True)  # the copy of a frozen reward model must still train
         self.value_model = value_model.to(device)
+        self.reward_model = reward_model.to(device) if isinstance(reward_model, nn.Module) else reward_model
+        if isinstance(self.reward_model, nn.Module):
+            self.reward_model.requires_grad_(False).eval()
         for model in (self.policy, self.ref_policy, self.value_model):
             model.eval()  # no dropout anywhere in PPO: the ratio and the KL need a deterministic forward
         self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.policy.config)
@@ -221,6 +222,11 @@ class PPOTrainer:
             if isinstance(self.reward_module, nn.Module):
                 wrap_model(self.reward_module, ctx, fsdp=True)
         self.trained = nn.ModuleDict({"policy": self.policy_module, "value": self.value_module})
+        if config.fsdp and ctx.is_distributed:
+            self._initialize_fsdp_roots()
+            for frozen in (self.ref_module, self.reward_module):
+                if is_fsdp(frozen):  # never backpropagated: free the root's gathered weights after forward
+                    frozen.set_reshard_after_forward(True, recurse=False)
 
         self.policy_parameters = trainable_parameters(self.policy_module)
         self.value_parameters = trainable_parameters(self.value_module)
@@ -296,17 +302,35 @@ class PPOTrainer:
         """The reward model's scores [B] float32 of the full sequences."""
         return self.reward_module(sequences, attention_mask).float()
 
+    @torch.no_grad()
+    def _initialize_fsdp_roots(self) -> None:
+        """FSDP2 sets up a sharded model at the first forward through its root; the sampler calls the policy's
+        blocks directly, so one tiny forward through each root comes first."""
+        ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long, device=self.ctx.device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        for root, call in ((self.policy_module, lambda m: m(ids, mask, ids[:, 1:])),
+                           (self.ref_module, lambda m: m(ids, mask, ids[:, 1:])),
+                           (self.value_module, lambda m: m(ids, mask, 1))):
+            call(root)
+            root.reshard()  # a root keeps its weights gathered after forward; the optimizer needs the shards
+
     @contextlib.contextmanager
     def _sampling(self):
-        """Under FSDP2 the sampler reads the policy's root parameters directly: gather them around it."""
-        if is_fsdp(self.policy_module):
-            self.policy_module.unshard()
-            try:
-                yield
-            finally:
-                self.policy_module.reshard()
-        else:
+        """Under FSDP2 the sampler reads the policy's weights directly, outside the modules' forward hooks:
+        gather every shard group around it (the whole policy is unsharded while it generates)."""
+        groups = [module for module in self.policy_module.modules() if is_fsdp(module)]
+        blocks = [module for module in groups if module is not self.policy_module]
+        for module in blocks:  # the prefill runs the blocks' forward: keep them gathered afterwards
+            module.set_reshard_after_forward(False, recurse=False)
+        for module in groups:
+            module.unshard()
+        try:
             yield
+        finally:
+            for module in blocks:
+                module.set_reshard_after_forward(True, recurse=False)
+            for module in groups:
+                module.reshard()
 
     # -------------------------------------------------------------------------------------- one iteration
     def iteration(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
