@@ -55,13 +55,13 @@ def note(line: str) -> None:
 # --------------------------------------------------------------------------------------------------- paths
 
 
-def check_file(flag: str, path: str | os.PathLike) -> str:
+def check_file(flag: str, path: str | os.PathLike, what: str = "a JSONL file") -> str:
     """`path` as a string if it is an existing, readable file; CLIError naming `flag` otherwise."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CLIError(f"{flag} {path}: no such file")
     if os.path.isdir(path):
-        raise CLIError(f"{flag} {path}: is a directory, expected a JSONL file")
+        raise CLIError(f"{flag} {path}: is a directory, expected {what}")
     if not os.access(path, os.R_OK):
         raise CLIError(f"{flag} {path}: not readable (permission denied)")
     return path
@@ -229,7 +229,7 @@ def load_run_config(config_class: type, args, *, resume_config: Path | None = No
 
     config_path = args.config
     if config_path is not None:
-        check_file("--config", config_path)
+        check_file("--config", config_path, "a YAML file")
     elif resume_config is not None and resume_config.is_file():
         config_path = str(resume_config)
         note(f"resuming with the run's own config {config_path}")
@@ -237,6 +237,10 @@ def load_run_config(config_class: type, args, *, resume_config: Path | None = No
         config = load_config(config_class, config_path, list(args.set or []))
     except ConfigError as error:
         raise CLIError(str(error)) from None
+    except UnicodeDecodeError as error:
+        raise CLIError(
+            f"--config {config_path}: not valid UTF-8 ({error.reason} at byte {error.start})"
+        ) from None
     data_changes = {
         name: value
         for name, value in (

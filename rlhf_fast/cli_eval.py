@@ -232,6 +232,9 @@ def run_eval(args) -> int:
     if baseline_dir is not None:
         baseline_tokenizer = load_tokenizer("--baseline", baseline_dir)
         if same_vocabulary(baseline_tokenizer, tokenizer):
+            _prompt_limit(
+                "--baseline", baseline_dir, limit, args.max_new_tokens
+            )  # the same prompts fit it too
             baseline_ids = [item.input_ids for item in prompts.encoded.items]
         else:
             baseline_limit = _prompt_limit("--baseline", baseline_dir, args.max_length, args.max_new_tokens)

@@ -7,6 +7,8 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
+
 from tests.cli.conftest import demonstrations, error_line, prompts, rankings, write_lines
 
 
@@ -131,6 +133,25 @@ def test_unknown_config_key_in_set_and_data_section(cli, tmp_path, model_dir, no
         "sft", "--model", model_dir, "--data", data, "--out", tmp_path / "run", "--config", config
     )
     assert code == 2 and "data.truncation" in error_line(stderr)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"epochs: [1\n", "malformed YAML"),
+        (b"epochs: 1 \xff\n", "not valid UTF-8"),
+        (b"epochs: two\n", "epochs: expected int"),
+        (b"- 1\n- 2\n", "expected a mapping"),
+    ],
+)
+def test_bad_config_file(cli, tmp_path, model_dir, no_weights, content, words):
+    data = write_lines(tmp_path / "demos.jsonl", demonstrations(2))
+    config = tmp_path / "sft.yaml"
+    config.write_bytes(content)
+    code, _stdout, stderr = cli(
+        "sft", "--model", model_dir, "--data", data, "--out", tmp_path / "run", "--config", config
+    )
+    assert code == 2 and words in error_line(stderr)
 
 
 def test_config_file_data_section_and_flag_precedence(cli, tmp_path, model_dir, no_weights):

@@ -263,3 +263,21 @@ def test_ppo_with_too_few_tokens_for_a_pretraining_block(cli, tmp_path, model_di
     )
     message = error_line(stderr)
     assert code == 2 and str(text) in message and "block_size" in message
+
+
+def test_training_that_aborts_is_one_line_exit_1(
+    cli, tmp_path, model_dir, data_dir, no_progress, monkeypatch
+):
+    """A run stopped by the trainer's own safety check (non-finite losses) is not a traceback either."""
+    from rlhf_fast.trainers._common import NonFiniteError
+    from rlhf_fast.trainers.sft import SFTTrainer
+
+    def abort(self):
+        raise NonFiniteError("aborting: 10 consecutive steps had a non-finite loss or reward")
+
+    monkeypatch.setattr(SFTTrainer, "train", abort)
+    code, _stdout, stderr = cli(
+        "sft", "--model", model_dir, "--data", data_dir / "demos.jsonl", "--out", tmp_path / "run"
+    )
+    assert code == 1
+    assert "non-finite" in error_line(stderr)
