@@ -9,10 +9,17 @@ top_k=0, top_p=1.0` for generate, whose default top_k=50 would filter). Before t
 that the two produce identical greedy tokens (on a float64 copy of the model, so rounding cannot flip a
 choice). Tokens per second = 16 x 64 / the call's time.
 
-One intra-op thread, as in bench_gae.py: the development machines have 2 shared cores.
+One intra-op thread, as in bench_gae.py: the development machines have 2 shared cores. Because pytest-benchmark
+times one contender after the other, a burst of load from other jobs can land on either; running the file as a
+script instead interleaves the contenders call by call and prints each one's best time and the ratio:
+
+    .venv/bin/python bench/bench_rollout.py [repeats]
 """
 
 from __future__ import annotations
+
+import sys
+import time
 
 import pytest
 import torch
@@ -92,3 +99,26 @@ def test_rollout_cpu(benchmark, implementation, mode, model, same_greedy_tokens)
     ids, mask = prompts(generator)
     tokens = benchmark(IMPLEMENTATIONS[implementation], model, ids, mask, mode == "greedy", generator)
     assert tokens.shape == (BATCH, NEW_TOKENS)
+
+
+def interleaved(repeats: int) -> None:
+    """Each contender's best time over `repeats` calls, alternating calls between contenders."""
+    torch.set_num_threads(1)
+    model = build_model()
+    generator = torch.Generator().manual_seed(0)
+    ids, mask = prompts(generator)
+    for mode in ("greedy", "sampled"):
+        best = dict.fromkeys(IMPLEMENTATIONS, float("inf"))
+        for _ in range(repeats):
+            for name, function in IMPLEMENTATIONS.items():
+                start = time.perf_counter()
+                function(model, ids, mask, mode == "greedy", generator)
+                best[name] = min(best[name], time.perf_counter() - start)
+        ours, theirs = best["rlhf_fast sample"], best["transformers generate"]
+        print(f"{mode}: rlhf_fast sample {ours * 1e3:.1f} ms ({BATCH * NEW_TOKENS / ours:,.0f} tokens/s), "
+              f"transformers generate {theirs * 1e3:.1f} ms ({BATCH * NEW_TOKENS / theirs:,.0f} tokens/s), "
+              f"ratio {theirs / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 20)

@@ -101,7 +101,8 @@ def sample(
         raise ValueError(f"use_cuda_graph=True needs CUDA tensors, prompt_ids is on {device}")
 
     was_training = hf_model.training
-    hf_model.eval()
+    if was_training:
+        hf_model.eval()
     try:
         decoder = _Decoder(
             backbone=hf_model.base_model, weight=weight, bias=bias, config=config,
@@ -111,7 +112,8 @@ def sample(
         decoder.prefill()
         decoder.decode(use_cuda_graph=use_cuda_graph)
     finally:
-        hf_model.train(was_training)
+        if was_training:
+            hf_model.train()
 
     sequences = torch.cat([prompt_ids, decoder.response_ids], dim=1)
     return SampleOutput(
