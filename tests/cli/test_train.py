@@ -19,6 +19,7 @@ def test_sft_end_to_end(cli, tmp_path, model_dir, data_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhf_fast.cli_common import run_config_class
     from rlhf_fast.config import load_config
     from rlhf_fast.trainers.sft import SFTConfig
 
@@ -64,10 +65,7 @@ def test_sft_end_to_end(cli, tmp_path, model_dir, data_dir):
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()
 
     # The resolved config reloads into the trainer's config (plus the data section), with the CLI's values.
-    run_config_class = __import__("rlhf_fast.cli_common", fromlist=["run_config_class"]).run_config_class(
-        SFTConfig
-    )
-    config = load_config(run_config_class, out / "config.yaml")
+    config = load_config(run_config_class(SFTConfig), out / "config.yaml")
     assert (config.seed, config.batch_size, config.max_steps, config.output_dir) == (3, 2, 3, str(out))
     assert config.data.truncation == "error"
 
@@ -151,7 +149,7 @@ def test_sft_skip_bad_records_reports_counts(cli, tmp_path, model_dir, no_progre
 
 def test_rm_end_to_end_with_reference(cli, tmp_path, model_dir, data_dir, no_progress):
     import torch
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
 
     from rlhf_fast.data import encode_demonstrations, read_demonstrations
     from rlhf_fast.models import RewardModel
@@ -182,7 +180,7 @@ def test_rm_end_to_end_with_reference(cli, tmp_path, model_dir, data_dir, no_pro
     assert backbone.config.n_embd == 32
     model = RewardModel.from_pretrained(out / "final").eval()
     # Normalization: the reference demonstrations score mean 0 (offset saved with the model).
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
     reference = encode_demonstrations(read_demonstrations(data_dir / "demos.jsonl"), tokenizer, 48).examples
     with torch.no_grad():
         scores = torch.cat(
