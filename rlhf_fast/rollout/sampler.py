@@ -201,7 +201,8 @@ class _Decoder:
         self.prompt_len, self.max_new_tokens = prompt_len, max_new_tokens
         total_len = prompt_len + max_new_tokens
         device = prompt_ids.device
-        self.compute_dtype = weight.dtype
+        # The attention mask is added to the scores, so it takes the backbone's dtype (not necessarily the head's).
+        self.compute_dtype = backbone.get_input_embeddings().weight.dtype
         self.mask_min = torch.finfo(self.compute_dtype).min
 
         self.cache = StaticCache(config=config, max_cache_len=total_len)
@@ -235,7 +236,7 @@ class _Decoder:
 
     def _emit(self, last_hidden: torch.Tensor) -> None:
         """From the hidden state [B, d] at each row's newest token: choose, record, and advance."""
-        logits = nn.functional.linear(last_hidden, self.weight, self.bias).float()
+        logits = nn.functional.linear(last_hidden.to(self.weight.dtype), self.weight, self.bias).float()
         tokens, logprobs = self.selector(logits, self.return_logprobs)
         alive = ~self.finished
         tokens = torch.where(alive, tokens, self.pad_token_id)
