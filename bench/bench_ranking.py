@@ -1,4 +1,5 @@
-"""CPU benchmark of the K-wise ranking loss, forward + backward, P=64 prompts x K=9 completions, fp32.
+"""CPU benchmark of the K-wise ranking loss, forward + backward, fp32: P=64 prompts x K=9 completions (the
+anchor's shape), and P=1024 x K=16 where the kernels rather than the per-call dispatch dominate.
 
     flock -s /tmp/rlhf_fast_build.lock .venv/bin/python -m pytest bench/bench_ranking.py --benchmark-group-by=group
 
@@ -25,10 +26,12 @@ import torch.nn.functional as F
 from rlhf_fast import _extension
 from rlhf_fast.ops import ranking_loss, ranking_loss_reference, set_value_checks, use_backend
 
-PROMPTS, GROUP = 64, 9
+SHAPES = [(64, 9), (1024, 16)]
 
 
-def pair_indices(group_sizes: list[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def pair_indices(
+    group_sizes: list[int], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) flat indices of every pair of a batch whose groups are listed best first."""
     chosen, rejected, start = [], [], 0
     for k in group_sizes:
@@ -97,11 +100,15 @@ def one_thread():
 
 @pytest.mark.benchmark(min_rounds=50, warmup=True)
 @pytest.mark.parametrize("implementation", NAMES)
-def test_ranking_loss_cpu(benchmark, implementation):
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"P={p}-K={k}" for p, k in SHAPES])
+def test_ranking_loss_cpu(benchmark, implementation, shape):
     if implementation.startswith("rlhf_fast cpp") and not _extension.has_cpp_kernels():
         pytest.skip("rlhf_fast._C is not built")
-    benchmark.group = f"ranking_loss P={PROMPTS} K={GROUP} fp32 fwd+bwd"
-    rewards, group_sizes = ranking_batch(PROMPTS, GROUP)
+    prompts, group = shape
+    if implementation == "rlhf_fast reference" and prompts > 64:
+        pytest.skip("the reference loops over prompts in Python: timed at the small shape only")
+    benchmark.group = f"ranking_loss P={prompts} K={group} fp32 fwd+bwd"
+    rewards, group_sizes = ranking_batch(prompts, group)
     function = implementations(group_sizes)[implementation]
     loss, accuracy, grad = benchmark(forward_backward, function, rewards)
     # Every contender computes the same thing on these inputs.

@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_ranking import naive_pairwise_loss, pair_indices, ranking_batch  # noqa: E402
+from bench_ranking import naive_pairwise_loss, pair_indices, ranking_batch
 
-from rlhf_fast import _extension  # noqa: E402
-from rlhf_fast.ops import ranking_loss, ranking_loss_reference, set_value_checks, use_backend  # noqa: E402
+from rlhf_fast import _extension
+from rlhf_fast.ops import ranking_loss, ranking_loss_reference, set_value_checks, use_backend
 
 SHAPES = ((64, 9), (4096, 9))
 HEADER = "| case | time (µs) | naive pairwise (µs) | speed-up | floor (µs) |\n|---|---|---|---|---|"
@@ -62,7 +62,9 @@ class _DirectOps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rewards, group_sizes):
-        loss, accuracy, weights, ends = _extension.kernels().ranking_loss_forward(rewards, group_sizes, None, None, 0.0)
+        loss, accuracy, weights, ends = _extension.kernels().ranking_loss_forward(
+            rewards, group_sizes, None, None, 0.0
+        )
         ctx.save_for_backward(rewards, weights, ends)
         ctx.mark_non_differentiable(accuracy)
         return loss, accuracy
@@ -82,7 +84,7 @@ def direct_ops_step(rewards, group_sizes):
 
 
 def check_against_reference(result, rewards, group_sizes):
-    reference = lambda r: ranking_loss_reference(r, group_sizes)  # noqa: E731
+    reference = lambda r: ranking_loss_reference(r, group_sizes)
     want_loss, want_accuracy, want_grad = step(reference, rewards.detach().double().requires_grad_(True))
     loss, accuracy, grad = result
     torch.testing.assert_close(loss.detach().double(), want_loss.detach(), atol=1e-5, rtol=1e-5)
@@ -90,57 +92,77 @@ def check_against_reference(result, rewards, group_sizes):
     torch.testing.assert_close(grad.double(), want_grad, atol=1e-6, rtol=1e-4)
 
 
+def bench_shape(prompts: int, group: int, device: str, floor_ms: float) -> None:
+    import triton.testing
+
+    def timed(function) -> float:
+        return triton.testing.do_bench(function, return_mode="median")
+
+    rewards, group_sizes = ranking_batch(prompts, group, "cuda")
+    chosen, rejected = pair_indices(group_sizes.tolist(), "cuda")
+
+    def naive(r):
+        return naive_pairwise_loss(r, chosen, rejected)
+
+    def naive_per_call(r):
+        return naive_pairwise_loss(r, *pair_indices(group_sizes.tolist(), "cuda"))
+
+    check_against_reference(step(naive, rewards), rewards, group_sizes)
+    naive_ms = timed(lambda: step(naive, rewards))
+
+    def row(name: str, ms: float) -> None:
+        print(
+            f"| ranking_loss {name}, P={prompts} K={group} ({device}) | {ms * 1e3:.1f} | {naive_ms * 1e3:.1f} | "
+            f"{naive_ms / ms:.1f}x | {floor_ms * 1e3:.1f} |"
+        )
+
+    row("naive pairwise, pairs built per call", timed(lambda: step(naive_per_call, rewards)))
+    for backend in ("cuda", "triton"):
+        function = ours(backend, group_sizes)
+        try:
+            check_against_reference(step(function, rewards), rewards, group_sizes)
+        except Exception as error:  # noqa: BLE001 - report the failure, keep the other rows
+            print(f"{backend} failed: {type(error).__name__}: {error}".splitlines()[0])
+            continue
+        row(backend, timed(lambda function=function: step(function, rewards)))
+        try:
+            replay_ms = triton.testing.do_bench_cudagraph(
+                lambda function=function: step(function, rewards), return_mode="median"
+            )
+            row(f"{backend}, CUDA-graph replay", replay_ms)
+        except Exception as error:  # noqa: BLE001 - capture unsupported: report it, keep the other rows
+            print(f"graph capture failed ({backend}): {type(error).__name__}: {error}".splitlines()[0])
+    if _extension.has_cuda_kernels():
+        check_against_reference(direct_ops_step(rewards.detach(), group_sizes), rewards, group_sizes)
+        row("C++ ops direct (no autograd)", timed(lambda: direct_ops_step(rewards.detach(), group_sizes)))
+
+        def probe(r):
+            return _DirectOps.apply(r, group_sizes)
+
+        check_against_reference(step(probe, rewards), rewards, group_sizes)
+        row("overhead probe: C++ ops under autograd.Function", timed(lambda: step(probe, rewards)))
+    previous = set_value_checks(True)
+    try:
+        checked = ours("cuda" if _extension.has_cuda_kernels() else "triton", group_sizes)
+        row("default GPU backend, value checks on", timed(lambda: step(checked, rewards)))
+    finally:
+        set_value_checks(previous)
+
+
 def run_gpu() -> None:
     import triton
     import triton.testing
 
     device = torch.cuda.get_device_name()
-    print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, median of do_bench, fp32, fwd+bwd")
+    print(
+        f"{device}, torch {torch.__version__}, triton {triton.__version__}, median of do_bench, fp32, fwd+bwd"
+    )
     set_value_checks(False)
     scratch = torch.zeros(1, device="cuda")
     floor_ms = triton.testing.do_bench(lambda: (scratch.add_(1), scratch.add_(1)), return_mode="median")
     print(HEADER)
     for prompts, group in SHAPES:
-        rewards, group_sizes = ranking_batch(prompts, group, "cuda")
-        chosen, rejected = pair_indices(group_sizes.tolist(), "cuda")
-        shape = f"P={prompts} K={group}"
-        naive = lambda r: naive_pairwise_loss(r, chosen, rejected)  # noqa: E731
-        check_against_reference(step(naive, rewards), rewards, group_sizes)
-        naive_ms = triton.testing.do_bench(lambda: step(naive, rewards), return_mode="median")
-
-        def row(name, ms):
-            print(f"| ranking_loss {name}, {shape} ({device}) | {ms * 1e3:.1f} | {naive_ms * 1e3:.1f} | "
-                  f"{naive_ms / ms:.1f}x | {floor_ms * 1e3:.1f} |")
-
-        per_call = lambda r: naive_pairwise_loss(r, *pair_indices(group_sizes.tolist(), "cuda"))  # noqa: E731
-        row("naive pairwise, pairs built per call", triton.testing.do_bench(lambda: step(per_call, rewards),
-                                                                            return_mode="median"))
-        for backend in ("cuda", "triton"):
-            function = ours(backend, group_sizes)
-            try:
-                check_against_reference(step(function, rewards), rewards, group_sizes)
-            except Exception as error:  # report and keep the other rows
-                print(f"{backend} failed: {type(error).__name__}: {error}".splitlines()[0])
-                continue
-            row(backend, triton.testing.do_bench(lambda: step(function, rewards), return_mode="median"))
-            try:
-                replay_ms = triton.testing.do_bench_cudagraph(lambda: step(function, rewards), return_mode="median")
-                row(f"{backend}, CUDA-graph replay", replay_ms)
-            except Exception as error:
-                print(f"graph capture failed ({backend}): {type(error).__name__}: {error}".splitlines()[0])
-        if _extension.has_cuda_kernels():
-            check_against_reference(direct_ops_step(rewards.detach(), group_sizes), rewards, group_sizes)
-            row("C++ ops direct (no autograd)",
-                triton.testing.do_bench(lambda: direct_ops_step(rewards.detach(), group_sizes), return_mode="median"))
-            probe = lambda r: _DirectOps.apply(r, group_sizes)  # noqa: E731
-            check_against_reference(step(probe, rewards), rewards, group_sizes)
-            row("overhead probe: C++ ops under autograd.Function",
-                triton.testing.do_bench(lambda: step(probe, rewards), return_mode="median"))
-        set_value_checks(True)
-        checked = ours("cuda" if _extension.has_cuda_kernels() else "triton", group_sizes)
-        row("default backend, value checks on", triton.testing.do_bench(lambda: step(checked, rewards),
-                                                                        return_mode="median"))
-        set_value_checks(False)
+        bench_shape(prompts, group, device, floor_ms)
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -155,7 +177,9 @@ def median_seconds(function, repeats: int) -> float:
 
 def run_cpu_fallback() -> None:
     torch.set_num_threads(1)
-    print("no CUDA device: CPU fallback, C++ kernel vs the same baseline, one thread, median wall clock, fwd+bwd")
+    print(
+        "no CUDA device: CPU fallback, C++ kernel vs the same baseline, one thread, median wall clock, fwd+bwd"
+    )
     if not _extension.has_cpp_kernels():
         print("rlhf_fast._C is not built: nothing to time")
         return
@@ -164,13 +188,16 @@ def run_cpu_fallback() -> None:
     for prompts, group in SHAPES:
         rewards, group_sizes = ranking_batch(prompts, group)
         chosen, rejected = pair_indices(group_sizes.tolist())
-        naive = lambda r: naive_pairwise_loss(r, chosen, rejected)  # noqa: E731
         function = ours("cpp", group_sizes)
         check_against_reference(step(function, rewards), rewards, group_sizes)
-        naive_s = median_seconds(lambda: step(naive, rewards), 200)
-        ours_s = median_seconds(lambda: step(function, rewards), 200)
-        print(f"| ranking_loss cpp, P={prompts} K={group} (CPU fallback) | {ours_s * 1e6:.1f} | {naive_s * 1e6:.1f} | "
-              f"{naive_s / ours_s:.1f}x | n/a |")
+        naive_s = median_seconds(
+            lambda r=rewards, c=chosen, w=rejected: step(lambda x: naive_pairwise_loss(x, c, w), r), 200
+        )
+        ours_s = median_seconds(lambda r=rewards, f=function: step(f, r), 200)
+        print(
+            f"| ranking_loss cpp, P={prompts} K={group} (CPU fallback) | {ours_s * 1e6:.1f} | {naive_s * 1e6:.1f} | "
+            f"{naive_s / ours_s:.1f}x | n/a |"
+        )
 
 
 if __name__ == "__main__":

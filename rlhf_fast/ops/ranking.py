@@ -217,7 +217,9 @@ def _ranking_backward_op(
     if backend == "triton":
         from rlhf_fast.ops.triton.ranking import ranking_backward_triton
 
-        return ranking_backward_triton(grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends)
+        return ranking_backward_triton(
+            grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends
+        )
     return _extension.kernels().ranking_loss_backward(
         grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends
     )
@@ -243,7 +245,9 @@ def _backward(ctx, grad_loss, grad_accuracy, grad_weights, grad_ends):
         return None, None, None, None, None
     rewards, ranks, margins, prompt_weights, prompt_ends = ctx.saved_tensors
     with use_backend(ctx.forced_backend or "auto"):
-        grad_rewards = _ranking_backward_op(grad_loss, rewards, ranks, margins, ctx.margin, prompt_weights, prompt_ends)
+        grad_rewards = _ranking_backward_op(
+            grad_loss, rewards, ranks, margins, ctx.margin, prompt_weights, prompt_ends
+        )
     return grad_rewards, None, None, None, None
 
 
@@ -332,7 +336,9 @@ def ranking_loss(
     if ranks is not None:
         _check_integer("ranks", ranks)
         if ranks.shape != rewards.shape:
-            raise ValueError(f"ranks has shape {tuple(ranks.shape)} but rewards has shape {tuple(rewards.shape)}")
+            raise ValueError(
+                f"ranks has shape {tuple(ranks.shape)} but rewards has shape {tuple(rewards.shape)}"
+            )
         if ranks.device != rewards.device:
             raise ValueError(f"ranks is on {ranks.device} but rewards is on {rewards.device}")
     margins, constant = _split_margin(margin, rewards)

@@ -15,7 +15,9 @@ from tests.helpers import TOLERANCES, fresh_generator
 
 
 def _device_backend_params() -> list:
-    params = [pytest.param("cpu", b, id=f"cpu-{b}") for b in available_backends(torch.device("cpu"), IMPLEMENTED)]
+    params = [
+        pytest.param("cpu", b, id=f"cpu-{b}") for b in available_backends(torch.device("cpu"), IMPLEMENTED)
+    ]
     gpu = (
         available_backends(torch.device("cuda"), IMPLEMENTED)
         if torch.cuda.is_available()
@@ -33,7 +35,9 @@ DEVICE_BACKENDS = _device_backend_params()
 # ---------------------------------------------------------------------------------------------------------
 
 
-def random_sizes(num_prompts: int, generator: torch.Generator, *, include_extremes: bool = True) -> torch.Tensor:
+def random_sizes(
+    num_prompts: int, generator: torch.Generator, *, include_extremes: bool = True
+) -> torch.Tensor:
     """[P] group sizes in [2, 16]; with include_extremes (and P ≥ 2), K = 2 and K = 16 both occur."""
     sizes = torch.randint(2, MAX_GROUP + 1, (num_prompts,), generator=generator)
     if include_extremes and num_prompts >= 2:
@@ -86,7 +90,9 @@ def to_device(device, *tensors):
     return [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
-def assert_matches_reference(device, backend, rewards, sizes, ranks=None, margin=None, *, input_dtype=torch.float64):
+def assert_matches_reference(
+    device, backend, rewards, sizes, ranks=None, margin=None, *, input_dtype=torch.float64
+):
     rewards, sizes, ranks, margin = to_device(device, rewards, sizes, ranks, margin)
     loss, accuracy, grad = run_backend(backend, rewards.to(input_dtype), sizes, ranks, margin)
     # The reference sees exactly the values the backend saw (rounded to input_dtype), in float64.
@@ -98,7 +104,9 @@ def assert_matches_reference(device, backend, rewards, sizes, ranks=None, margin
     tol = TOLERANCES[torch.float32 if input_dtype != torch.float64 else torch.float64]
     torch.testing.assert_close(loss.double(), ref_loss, **tol)
     # Both count the same pairs: the ratio differs only by its rounding to the output dtype.
-    torch.testing.assert_close(accuracy.double(), ref_accuracy, atol=0, rtol=1e-7 if out_dtype == torch.float32 else 1e-15)
+    torch.testing.assert_close(
+        accuracy.double(), ref_accuracy, atol=0, rtol=1e-7 if out_dtype == torch.float32 else 1e-15
+    )
     grad_tol = TOLERANCES[input_dtype]
     # Gradients are ~1/(pairs·prompts): scale the absolute tolerance to their size.
     scale = float(ref_grad.abs().max()) or 1.0
@@ -235,7 +243,11 @@ def test_index_dtypes(device, backend):
     sizes = random_sizes(4, generator)
     rewards = torch.randn(int(sizes.sum()), generator=generator, dtype=torch.float64)
     ranks = random_ranks(sizes, "ties", generator)
-    for sizes_dtype, ranks_dtype in [(torch.int32, torch.int32), (torch.int32, torch.int64), (torch.int16, torch.uint8)]:
+    for sizes_dtype, ranks_dtype in [
+        (torch.int32, torch.int32),
+        (torch.int32, torch.int64),
+        (torch.int16, torch.uint8),
+    ]:
         assert_matches_reference(device, backend, rewards, sizes.to(sizes_dtype), ranks.to(ranks_dtype))
 
 
@@ -258,6 +270,7 @@ def test_cpu_group_sizes_with_cuda_rewards():
     loss, accuracy, grad = run_backend("auto", rewards.cuda(), sizes)
     ref_loss, ref_accuracy, ref_grad = run_reference(rewards, sizes)
     torch.testing.assert_close(loss.cpu(), ref_loss, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(accuracy.cpu(), ref_accuracy, **TOLERANCES[torch.float64])
     torch.testing.assert_close(grad.cpu(), ref_grad, **TOLERANCES[torch.float64])
 
 
@@ -295,7 +308,9 @@ def test_opcheck(device, backend, with_extras):
         torch.library.opcheck(_ranking_forward_op, (rewards, sizes, ranks, margins, margin))
         _, _, weights, ends = _ranking_forward_op(rewards, sizes, ranks, margins, margin)
         grad_loss = torch.rand((), generator=generator).to(device)
-        torch.library.opcheck(_ranking_backward_op, (grad_loss, rewards.detach(), ranks, margins, margin, weights, ends))
+        torch.library.opcheck(
+            _ranking_backward_op, (grad_loss, rewards.detach(), ranks, margins, margin, weights, ends)
+        )
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
@@ -305,8 +320,9 @@ def test_kernels_stay_in_bounds_without_checks(device, backend):
     sizes = torch.tensor([3, 40, 5], device=device)
     with use_backend(backend):
         loss, accuracy, weights, ends = _ranking_forward_op(rewards, sizes, None, None, 0.0)
-        grad = _ranking_backward_op(torch.ones((), dtype=torch.float64, device=device), rewards, None, None, 0.0,
-                                    weights, ends)
+        grad = _ranking_backward_op(
+            torch.ones((), dtype=torch.float64, device=device), rewards, None, None, 0.0, weights, ends
+        )
     assert bool(torch.isfinite(loss)) and bool(torch.isfinite(accuracy)) and bool(torch.isfinite(grad).all())
 
 
@@ -334,8 +350,14 @@ BAD_INPUTS = {
     "ranks = K": (lambda r, s, k: (r, s, torch.where(torch.arange(9) == 4, 2, k), None), "ranks"),
     "ranks negative": (lambda r, s, k: (r, s, torch.where(torch.arange(9) == 0, -1, k), None), "ranks"),
     "float ranks": (lambda r, s, k: (r, s, k.float(), None), "ranks"),
-    "NaN rewards": (lambda r, s, k: (torch.where(torch.arange(9) == 5, float("nan"), r), s, k, None), "rewards"),
-    "inf rewards": (lambda r, s, k: (torch.where(torch.arange(9) == 5, float("inf"), r), s, k, None), "rewards"),
+    "NaN rewards": (
+        lambda r, s, k: (torch.where(torch.arange(9) == 5, float("nan"), r), s, k, None),
+        "rewards",
+    ),
+    "inf rewards": (
+        lambda r, s, k: (torch.where(torch.arange(9) == 5, float("inf"), r), s, k, None),
+        "rewards",
+    ),
     "margin shape": (lambda r, s, k: (r, s, k, torch.randn(8)), "margin"),
     "margin NaN tensor": (lambda r, s, k: (r, s, k, torch.full((9,), float("nan"))), "margin"),
     "margin NaN scalar": (lambda r, s, k: (r, s, k, float("nan")), "margin"),

@@ -19,8 +19,17 @@ K_BLOCK = MAX_GROUP
 
 @triton.jit
 def _load_group(
-    rewards_ptr, rewards_stride, ranks_ptr, margins_ptr, ends_ptr, prompt, num_completions,
-    HAS_RANKS: tl.constexpr, HAS_MARGINS: tl.constexpr, ACC_FP64: tl.constexpr, K_BLOCK: tl.constexpr,
+    rewards_ptr,
+    rewards_stride,
+    ranks_ptr,
+    margins_ptr,
+    ends_ptr,
+    prompt,
+    num_completions,
+    HAS_RANKS: tl.constexpr,
+    HAS_MARGINS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    K_BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     end = tl.load(ends_ptr + prompt)
@@ -43,16 +52,36 @@ def _load_group(
 
 @triton.jit
 def _ranking_forward_kernel(
-    rewards_ptr, rewards_stride, ranks_ptr, margins_ptr, ends_ptr,
-    term_sums_ptr, pair_counts_ptr, correct_counts_ptr,
-    num_completions, margin_hi, margin_lo,
-    HAS_RANKS: tl.constexpr, HAS_MARGINS: tl.constexpr, ACC_FP64: tl.constexpr, K_BLOCK: tl.constexpr,
+    rewards_ptr,
+    rewards_stride,
+    ranks_ptr,
+    margins_ptr,
+    ends_ptr,
+    term_sums_ptr,
+    pair_counts_ptr,
+    correct_counts_ptr,
+    num_completions,
+    margin_hi,
+    margin_lo,
+    HAS_RANKS: tl.constexpr,
+    HAS_MARGINS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    K_BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     prompt = tl.program_id(0).to(tl.int64)
-    index, valid, reward, shifted, rank = _load_group(
-        rewards_ptr, rewards_stride, ranks_ptr, margins_ptr, ends_ptr, prompt, num_completions,
-        HAS_RANKS, HAS_MARGINS, ACC_FP64, K_BLOCK,
+    _, valid, reward, shifted, rank = _load_group(
+        rewards_ptr,
+        rewards_stride,
+        ranks_ptr,
+        margins_ptr,
+        ends_ptr,
+        prompt,
+        num_completions,
+        HAS_RANKS,
+        HAS_MARGINS,
+        ACC_FP64,
+        K_BLOCK,
     )
     margin = tl.cast(margin_hi, acc_dtype) + tl.cast(margin_lo, acc_dtype)
     above = valid[:, None] & valid[None, :] & (rank[:, None] < rank[None, :])  # row i ranked above column j
@@ -68,15 +97,36 @@ def _ranking_forward_kernel(
 
 @triton.jit
 def _ranking_backward_kernel(
-    grad_loss_ptr, rewards_ptr, rewards_stride, ranks_ptr, margins_ptr, ends_ptr, weights_ptr, grad_ptr,
-    num_completions, margin_hi, margin_lo,
-    HAS_RANKS: tl.constexpr, HAS_MARGINS: tl.constexpr, ACC_FP64: tl.constexpr, K_BLOCK: tl.constexpr,
+    grad_loss_ptr,
+    rewards_ptr,
+    rewards_stride,
+    ranks_ptr,
+    margins_ptr,
+    ends_ptr,
+    weights_ptr,
+    grad_ptr,
+    num_completions,
+    margin_hi,
+    margin_lo,
+    HAS_RANKS: tl.constexpr,
+    HAS_MARGINS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    K_BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     prompt = tl.program_id(0).to(tl.int64)
-    index, valid, reward, shifted, rank = _load_group(
-        rewards_ptr, rewards_stride, ranks_ptr, margins_ptr, ends_ptr, prompt, num_completions,
-        HAS_RANKS, HAS_MARGINS, ACC_FP64, K_BLOCK,
+    index, valid, _, shifted, rank = _load_group(
+        rewards_ptr,
+        rewards_stride,
+        ranks_ptr,
+        margins_ptr,
+        ends_ptr,
+        prompt,
+        num_completions,
+        HAS_RANKS,
+        HAS_MARGINS,
+        ACC_FP64,
+        K_BLOCK,
     )
     margin = tl.cast(margin_hi, acc_dtype) + tl.cast(margin_lo, acc_dtype)
     above = valid[:, None] & valid[None, :] & (rank[:, None] < rank[None, :])
@@ -97,14 +147,18 @@ def _split_float(value: float) -> tuple[float, float]:
 
 def _common_args(rewards, ranks, margins):
     has_ranks, has_margins = ranks is not None, margins is not None
-    flags = dict(
-        HAS_RANKS=has_ranks,
-        HAS_MARGINS=has_margins,
-        ACC_FP64=rewards.dtype == torch.float64,
-        K_BLOCK=K_BLOCK,
-    )
+    flags = {
+        "HAS_RANKS": has_ranks,
+        "HAS_MARGINS": has_margins,
+        "ACC_FP64": rewards.dtype == torch.float64,
+        "K_BLOCK": K_BLOCK,
+    }
     # Absent tensors are replaced by `rewards` as a never-read placeholder pointer.
-    return (ranks.contiguous() if has_ranks else rewards), (margins.contiguous() if has_margins else rewards), flags
+    return (
+        (ranks.contiguous() if has_ranks else rewards),
+        (margins.contiguous() if has_margins else rewards),
+        flags,
+    )
 
 
 def ranking_forward_triton(
@@ -124,9 +178,18 @@ def ranking_forward_triton(
     ranks_arg, margins_arg, flags = _common_args(rewards, ranks, margins)
     margin_hi, margin_lo = _split_float(margin)
     _ranking_forward_kernel[(num_prompts,)](
-        rewards, rewards.stride(0), ranks_arg, margins_arg, ends,
-        term_sums, pair_counts, correct_counts,
-        rewards.numel(), margin_hi, margin_lo, **flags,
+        rewards,
+        rewards.stride(0),
+        ranks_arg,
+        margins_arg,
+        ends,
+        term_sums,
+        pair_counts,
+        correct_counts,
+        rewards.numel(),
+        margin_hi,
+        margin_lo,
+        **flags,
     )
     loss, accuracy, weights = prompt_stats_to_outputs(term_sums, pair_counts, correct_counts, dtype)
     return loss, accuracy, weights, ends
@@ -147,8 +210,17 @@ def ranking_backward_triton(
     ranks_arg, margins_arg, flags = _common_args(rewards, ranks, margins)
     margin_hi, margin_lo = _split_float(margin)
     _ranking_backward_kernel[(prompt_ends.shape[0],)](
-        grad_loss.reshape(()), rewards, rewards.stride(0), ranks_arg, margins_arg,
-        prompt_ends.to(torch.int64).contiguous(), prompt_weights.contiguous(), grad,
-        rewards.numel(), margin_hi, margin_lo, **flags,
+        grad_loss.reshape(()),
+        rewards,
+        rewards.stride(0),
+        ranks_arg,
+        margins_arg,
+        prompt_ends.to(torch.int64).contiguous(),
+        prompt_weights.contiguous(),
+        grad,
+        rewards.numel(),
+        margin_hi,
+        margin_lo,
+        **flags,
     )
     return grad
