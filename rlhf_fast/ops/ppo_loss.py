@@ -194,7 +194,7 @@ def _setup_context(ctx, inputs, output) -> None:
     logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip = inputs
     ctx.save_for_backward(logprobs, old_logprobs, advantages, mask, values, old_values, returns, output[-1])
     ctx.clip_coef, ctx.value_clip = clip_coef, value_clip
-    policy_loss, clipfrac, approx_kl, ratio_mean, value_loss, value_clipfrac, valid_count = output
+    _, clipfrac, approx_kl, ratio_mean, _, value_clipfrac, valid_count = output
     ctx.mark_non_differentiable(clipfrac, approx_kl, ratio_mean, value_clipfrac, valid_count)
 
 

@@ -325,6 +325,8 @@ def test_backend_non_contiguous(backend):
         contiguous, contiguous_gradients = losses_and_gradients(ppo_losses, inputs, (1.0, 1.0))
     for key in got:
         torch.testing.assert_close(got[key], contiguous[key], msg=key)
+    for got_gradient, want_gradient in zip(gradients, contiguous_gradients):
+        torch.testing.assert_close(got_gradient, want_gradient)
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
@@ -510,9 +512,9 @@ def test_forcing_an_unusable_backend_raises(monkeypatch):
 @pytest.mark.parametrize("with_values", [True, False], ids=["values", "policy_only"])
 @pytest.mark.parametrize(
     "shape",
-    # the benchmark shape; more tokens than one pass of the CUDA grid (grid-stride loop, many partials);
-    # single tokens and rows.
-    [(256, 1024), (1024, 2000), (3, 2500), (1, 1), (1, 1025), (7, 1)],
+    # the benchmark shape (more tokens than one pass of the CUDA grid: grid-stride loop, many partials); an
+    # odd larger one; single tokens and rows.
+    [(256, 1024), (513, 999), (3, 2500), (1, 1), (1, 1025), (7, 1)],
     ids=str,
 )
 def test_cuda_backend_matches_reference(backend, dtype, with_values, shape):
