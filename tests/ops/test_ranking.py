@@ -313,6 +313,27 @@ def test_opcheck(device, backend, with_extras):
         )
 
 
+def test_compiles_in_one_graph():
+    generator = fresh_generator()
+    sizes = random_sizes(4, generator)
+    num = int(sizes.sum())
+    rewards = torch.randn(num, generator=generator, dtype=torch.float64)
+    ranks = random_ranks(sizes, "ties", generator)
+    margin = torch.randn(num, generator=generator, dtype=torch.float64)
+
+    # AOTAutograd traces forward and backward through the ops' fake implementations.
+    compiled = torch.compile(
+        lambda r: ranking_loss(r, sizes, ranks, margin), backend="aot_eager", fullgraph=True
+    )
+    leaf = rewards.clone().requires_grad_(True)
+    loss, accuracy = compiled(leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    ref_loss, ref_accuracy, ref_grad = run_reference(rewards, sizes, ranks, margin)
+    torch.testing.assert_close(loss.detach(), ref_loss, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(accuracy, ref_accuracy, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(grad, ref_grad, **TOLERANCES[torch.float64])
+
+
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 def test_kernels_stay_in_bounds_without_checks(device, backend):
     # group_sizes that overrun rewards (what skipped checks could let through) must not read past the end.
