@@ -8,7 +8,7 @@ A labeler ranks the K completions of a prompt (K from 2 to 16, ragged across the
     accuracy = #(untied pairs with r_i > r_j) / #(untied pairs), over the whole batch
 
 Ties: completions with equal rank form no pair. A prompt whose completions are all tied has no pair; it is
-left out of the mean (it neither contributes 0 nor counts as a prompt). When no prompt of the batch has a
+left out of the mean (it adds no term and is not counted among the prompts). When no prompt has a
 pair, loss and accuracy are 0 (and the gradient is 0).
 
 Margins (`margin`), optional:
