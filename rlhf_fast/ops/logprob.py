@@ -36,8 +36,11 @@ from rlhf_fast.ops._checks import check_mask, check_same_device, check_tensor, v
 IMPLEMENTED = ("reference", "chunked", "triton")
 GPU_ORDER = ("triton", "chunked")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-# Elements of the largest temporary the chunked backend makes per chunk (16 MiB of float32).
-CHUNK_ELEMENTS = 4 * 2**20
+# Elements of the largest temporary the chunked backend makes per tile (1 MiB of float32): small enough that
+# its several passes over a tile run in cache.
+CHUNK_ELEMENTS = 2**18
+# Rows per tile of the chunked hidden × LM head path (the columns follow from CHUNK_ELEMENTS).
+LINEAR_TILE_ROWS = 256
 # log p (or z − max) is clamped here where it matters only through p = exp(.), which is exactly 0 below it in
 # float32 and float64 alike: −inf logits then give p·log p = 0 instead of NaN, with finite products.
 LOG_ZERO = -1e4
@@ -134,44 +137,66 @@ def _scaled(logits: torch.Tensor, inv_temp: float, dtype: torch.dtype, shift: to
     )
 
 
-def _block_stats(
-    logits: torch.Tensor, targets: torch.Tensor, inv_temp: float, dtype: torch.dtype, want_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(logp, entropy, lse) of every row of one block of logits [n, V] (any float dtype; not modified)."""
-    row_max = logits.amax(-1).to(dtype) * inv_temp
-    row_max = torch.where(torch.isneginf(row_max), 0, row_max)  # a row of −inf: subtract 0, not −inf
-    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype) * inv_temp
-    shifted = _scaled(logits, inv_temp, dtype, row_max)  # z − max, ≤ 0
-    if want_entropy:
-        shifted.clamp_(min=LOG_ZERO)  # −inf logits: p = 0 and p·(z − m) = 0, not NaN
-    exps = torch.exp(shifted)
-    sum_exp = exps.sum(-1)
-    log_sum = sum_exp.log()
-    lse = row_max + log_sum
-    entropy = None
-    if want_entropy:
-        # Σ p·(z − m) as a batch of dot products (no third [n, V] temporary).
-        mean_shifted = torch.bmm(exps.unsqueeze(1), shifted.unsqueeze(2)).reshape(-1) / sum_exp
-        entropy = log_sum - mean_shifted
-    return target_logit - lse, entropy, lse
+class _RunningRowStats:
+    """Per-row online-softmax statistics over vocabulary tiles: max m, Σ e^{z−m}, Σ e^{z−m}(z−m), z_target."""
+
+    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device, want_entropy: bool):
+        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+        self.sum_exp = torch.zeros(rows, dtype=dtype, device=device)
+        self.sum_shifted = torch.zeros(rows, dtype=dtype, device=device) if want_entropy else None
+        self.target_logit = torch.zeros(rows, dtype=dtype, device=device)
+        self.dtype = dtype
+
+    def update(self, logits: torch.Tensor, local_targets: torch.Tensor, inv_temp: float) -> None:
+        """Folds in one tile of logits [n, C] (any float dtype, not modified) whose columns start where
+        `local_targets` (targets minus the tile's first column) counts from."""
+        dtype, columns = self.dtype, logits.shape[-1]
+        tile_max = logits.amax(-1).to(dtype) * inv_temp
+        new_max = torch.maximum(self.max, tile_max)
+        safe_max = torch.where(torch.isneginf(new_max), 0, new_max)  # a row of −inf so far: subtract 0
+        inside = (local_targets >= 0) & (local_targets < columns)
+        picked = logits.gather(-1, local_targets.clamp(0, columns - 1).unsqueeze(-1)).squeeze(-1)
+        self.target_logit += torch.where(inside, picked.to(dtype) * inv_temp, 0)
+        shifted = _scaled(logits, inv_temp, dtype, safe_max)  # z − max ≤ 0, a new tensor
+        rescale = torch.exp(self.max - safe_max)
+        if self.sum_shifted is None:
+            self.sum_exp = self.sum_exp * rescale + shifted.exp_().sum(-1)
+        else:
+            shifted.clamp_(min=LOG_ZERO)  # −inf logits: p = 0 and p·(z − m) = 0, not NaN
+            exps = torch.exp(shifted)
+            # Σ p·(z − m) as a batch of dot products (no third [n, C] temporary).
+            dot = torch.bmm(exps.unsqueeze(1), shifted.unsqueeze(2)).reshape(-1)
+            shift = torch.where(torch.isneginf(self.max), 0, self.max - safe_max)
+            self.sum_shifted = rescale * (self.sum_shifted + shift * self.sum_exp) + dot
+            self.sum_exp = self.sum_exp * rescale + exps.sum(-1)
+        self.max = new_max
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(logp, entropy or None, lse) per row."""
+        log_sum = self.sum_exp.log()
+        lse = self.max + log_sum
+        entropy = None if self.sum_shifted is None else log_sum - self.sum_shifted / self.sum_exp
+        return self.target_logit - lse, entropy, lse
 
 
-def _block_grad_logits(
-    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
-    entropy: torch.Tensor | None, inv_temp: float, dtype: torch.dtype,
+def _tile_grad_logits(
+    logits: torch.Tensor, local_targets: torch.Tensor, inv_temp: float, lse: torch.Tensor, a: torch.Tensor,
+    b: torch.Tensor | None, entropy: torch.Tensor | None, dtype: torch.dtype,
 ) -> torch.Tensor:
-    """dL/dlogits [n, V] in `dtype` for one block, with a, b already multiplied by 1/τ (see module docstring)."""
+    """dL/dz for one tile of logits [n, C] (z = logits·inv_temp), in `dtype`; a and b already carry the 1/τ of
+    dz/dlogits (see the module docstring); `local_targets` counts from the tile's first column."""
+    columns = logits.shape[-1]
     log_probs = _scaled(logits, inv_temp, dtype, lse)
-    if b is not None:
-        log_probs.clamp_(min=LOG_ZERO)
-    probs = torch.exp(log_probs)
     if b is None:
-        grad = probs.mul_(-a.unsqueeze(-1))
+        grad = log_probs.exp_().mul_(-a.unsqueeze(-1))
     else:
+        log_probs.clamp_(min=LOG_ZERO)
+        probs = torch.exp(log_probs)
         # −p·(a + b·(log p + H)), reusing the log_probs buffer.
         coefficient = log_probs.add_(entropy.unsqueeze(-1)).mul_(b.unsqueeze(-1)).add_(a.unsqueeze(-1))
         grad = coefficient.mul_(probs).neg_()
-    grad.scatter_add_(-1, targets.unsqueeze(-1), a.unsqueeze(-1))
+    inside = (local_targets >= 0) & (local_targets < columns)
+    grad.scatter_add_(-1, local_targets.clamp(0, columns - 1).unsqueeze(-1), torch.where(inside, a, 0).unsqueeze(-1))
     return grad
 
 
@@ -198,6 +223,12 @@ def _kl_output(logp: torch.Tensor, ref_logprobs: torch.Tensor | None, kl_estimat
 
 def _rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _linear_tiles(rows: int, vocab: int) -> tuple[int, int]:
+    """(rows, columns) of one tile of the chunked hidden × LM head path."""
+    tile_rows = max(1, min(rows, LINEAR_TILE_ROWS))
+    return tile_rows, max(1, min(vocab, CHUNK_ELEMENTS // tile_rows))
 
 
 def _valid_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -277,8 +308,9 @@ def _forward_chunked(logits, targets, mask, ref_logprobs, temperature, kl_estima
         else:
             index = valid_rows[begin:end]
             block, block_targets = flat.index_select(0, index), flat_targets.index_select(0, index)
-        block_logp, block_entropy, block_lse = _block_stats(block, block_targets, 1.0 / temperature, dtype,
-                                                            want_entropy)
+        stats = _RunningRowStats(block.shape[0], dtype, block.device, want_entropy)
+        stats.update(block, block_targets, 1.0 / temperature)
+        block_logp, block_entropy, block_lse = stats.finish()
         logp[index], lse[index] = block_logp, block_lse
         if want_entropy:
             entropy[index] = block_entropy
@@ -305,9 +337,9 @@ def _backward_chunked(grad_logprobs, grad_entropy, grad_kl, logits, targets, mas
         end = min(begin + step, count)
         index = slice(begin, end) if valid_rows is None else valid_rows[begin:end]
         block = flat[index] if valid_rows is None else flat.index_select(0, index)
-        block_grad = _block_grad_logits(
-            block, flat_targets[index], flat_lse[index], a[index], None if b is None else b[index],
-            None if b is None else flat_entropy[index], 1.0 / temperature, dtype,
+        block_grad = _tile_grad_logits(
+            block, flat_targets[index], 1.0 / temperature, flat_lse[index], a[index],
+            None if b is None else b[index], None if b is None else flat_entropy[index], dtype,
         )
         grad_logits[index] = block_grad.to(logits.dtype)
     return grad_logits.reshape(logits.shape)
@@ -467,12 +499,20 @@ def _linear_grads_from_logit_grads(grad_logits, flat_hidden, hidden, weight, bia
     return grad_hidden, grad_weight, grad_bias
 
 
-def _linear_block_logits(block_hidden, weight_t, bias, inv_temp):
-    """z = (h @ Wᵀ + b) / τ for one block of rows, in the compute dtype (one GEMM, scaling folded in)."""
+def _linear_tile_logits(hidden_rows, weight_t, bias, begin, end, inv_temp):
+    """z = (h @ W[begin:end]ᵀ + b[begin:end]) / τ for one tile, in the compute dtype (one GEMM, τ folded in)."""
+    columns = weight_t[:, begin:end]
     if bias is None:
-        logits = torch.mm(block_hidden, weight_t)
+        logits = torch.mm(hidden_rows, columns)
         return logits.mul_(inv_temp) if inv_temp != 1.0 else logits
-    return torch.addmm(bias, block_hidden, weight_t, beta=inv_temp, alpha=inv_temp)
+    return torch.addmm(bias[begin:end], hidden_rows, columns, beta=inv_temp, alpha=inv_temp)
+
+
+def _row_blocks(valid_rows: torch.Tensor | None, count: int, step: int):
+    """(index, length) of consecutive row blocks: slices when every row is valid, index tensors otherwise."""
+    for begin in range(0, count, step):
+        end = min(begin + step, count)
+        yield (slice(begin, end) if valid_rows is None else valid_rows[begin:end]), end - begin
 
 
 def _linear_forward_chunked(hidden, weight, bias, targets, mask, ref_logprobs, temperature, kl_estimator,
@@ -490,13 +530,15 @@ def _linear_forward_chunked(hidden, weight, bias, targets, mask, ref_logprobs, t
     entropy = torch.zeros_like(logp) if want_entropy else logp.new_empty(0)
     valid_rows = _valid_rows(mask)
     count = rows if valid_rows is None else valid_rows.numel()
-    step = _rows_per_chunk(vocab)
-    for begin in range(0, count, step):
-        end = min(begin + step, count)
-        index = slice(begin, end) if valid_rows is None else valid_rows[begin:end]
-        block_hidden = flat_hidden[index] if valid_rows is None else flat_hidden.index_select(0, index)
-        z = _linear_block_logits(block_hidden.to(compute), weight_t, bias_c, inv_temp)
-        block_logp, block_entropy, block_lse = _block_stats(z, flat_targets[index], 1.0, dtype, want_entropy)
+    tile_rows, tile_cols = _linear_tiles(count, vocab)
+    for index, length in _row_blocks(valid_rows, count, tile_rows):
+        block_hidden = (flat_hidden[index] if valid_rows is None else flat_hidden.index_select(0, index)).to(compute)
+        block_targets = flat_targets[index]
+        stats = _RunningRowStats(length, dtype, hidden.device, want_entropy)
+        for begin in range(0, vocab, tile_cols):
+            z = _linear_tile_logits(block_hidden, weight_t, bias_c, begin, begin + tile_cols, inv_temp)
+            stats.update(z, block_targets - begin, 1.0)
+        block_logp, block_entropy, block_lse = stats.finish()
         logp[index], lse[index] = block_logp, block_lse
         if want_entropy:
             entropy[index] = block_entropy
@@ -526,22 +568,28 @@ def _linear_backward_chunked(grad_logprobs, grad_entropy, grad_kl, hidden, weigh
         else None
     valid_rows = _valid_rows(mask)
     count = rows if valid_rows is None else valid_rows.numel()
-    step = _rows_per_chunk(vocab)
-    for begin in range(0, count, step):
-        end = min(begin + step, count)
-        index = slice(begin, end) if valid_rows is None else valid_rows[begin:end]
+    tile_rows, tile_cols = _linear_tiles(count, vocab)
+    for index, _ in _row_blocks(valid_rows, count, tile_rows):
         block_hidden = (flat_hidden[index] if valid_rows is None else flat_hidden.index_select(0, index)).to(compute)
-        z = _linear_block_logits(block_hidden, weight_c.T, bias_c, inv_temp)
-        grad_z = _block_grad_logits(
-            z, flat_targets[index], flat_lse[index], a[index], None if b is None else b[index],
-            None if b is None else flat_entropy[index], 1.0, compute,
-        )
+        block_hidden_acc = block_hidden.to(accumulate)
+        block_targets, block_lse, block_a = flat_targets[index], flat_lse[index], a[index]
+        block_b = None if b is None else b[index]
+        block_entropy = None if b is None else flat_entropy[index]
+        block_grad_hidden = torch.zeros(block_hidden.shape, dtype=compute, device=hidden.device) \
+            if need_hidden else None
+        for begin in range(0, vocab, tile_cols):
+            end = min(begin + tile_cols, vocab)
+            z = _linear_tile_logits(block_hidden, weight_c.T, bias_c, begin, end, inv_temp)
+            grad_z = _tile_grad_logits(z, block_targets - begin, 1.0, block_lse, block_a, block_b, block_entropy,
+                                       compute)
+            if need_hidden:
+                block_grad_hidden.addmm_(grad_z, weight_c[begin:end])
+            if need_weight:
+                grad_weight[begin:end].addmm_(grad_z.T.to(accumulate), block_hidden_acc)
+                if grad_bias is not None:
+                    grad_bias[begin:end] += grad_z.sum(0)
         if need_hidden:
-            grad_hidden[index] = (grad_z @ weight_c).to(hidden.dtype)
-        if need_weight:
-            grad_weight.addmm_(grad_z.T.to(accumulate), block_hidden.to(accumulate))
-            if grad_bias is not None:
-                grad_bias += grad_z.sum(0)
+            grad_hidden[index] = block_grad_hidden.to(hidden.dtype)
     return (
         grad_hidden.reshape(hidden.shape) if need_hidden else grad_hidden,
         grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0),

@@ -387,6 +387,16 @@ def test_linear_token_logprobs_large_vocabulary_chunked(monkeypatch):
     check_linear("chunked", *case, kl_estimator="k3", temperature=0.9, generator=generator)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_token_logprobs_chunked_tiles(dtype, monkeypatch):
+    # 4-row × 16-column tiles: several row blocks (over the compacted valid rows) and vocabulary tiles.
+    monkeypatch.setattr(logprob_module, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(logprob_module, "LINEAR_TILE_ROWS", 4)
+    generator = fresh_generator()
+    case = random_linear_case((3, 5), 24, 100, dtype, generator)
+    check_linear("chunked", *case, kl_estimator="k3", temperature=0.8, generator=generator)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_linear_token_logprobs_partial_requires_grad(backend):
     # A frozen LM head (the reference model, or a policy with a tied frozen head): only hidden gets a gradient.
