@@ -84,16 +84,22 @@ def available_backends(device: torch.device, implemented: tuple[str, ...]) -> li
 
 def select_backend(op_name: str, device: torch.device, implemented: tuple[str, ...], gpu_order: tuple[str, ...]) -> str:
     """The backend that runs `op_name` on `device`; `gpu_order` lists the GPU variants fastest first."""
-    usable = available_backends(device, implemented)
-    forced = forced_backend()
+    # Called on every op invocation: the answer depends only on these keys, so it is cached.
+    return _select_cached(op_name, device.type, implemented, gpu_order, forced_backend(), triton_interpreting())
+
+
+@functools.lru_cache(maxsize=256)
+def _select_cached(op_name: str, device_type: str, implemented: tuple[str, ...], gpu_order: tuple[str, ...],
+                   forced: str | None, interpreting: bool) -> str:
+    usable = available_backends(torch.device(device_type), implemented)
     if forced is not None:
         if forced not in usable:
             raise RuntimeError(
-                f"rlhf_fast: backend {forced!r} was forced but cannot run {op_name} on {device.type} "
+                f"rlhf_fast: backend {forced!r} was forced but cannot run {op_name} on {device_type} "
                 f"(usable here: {usable})"
             )
         return forced
-    preference = ("cpp", "chunked") if device.type == "cpu" else gpu_order
+    preference = ("cpp",) if device_type == "cpu" else gpu_order
     for name in preference:
         if name in usable:
             return name

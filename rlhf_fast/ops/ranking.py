@@ -168,15 +168,8 @@ def _select(device: torch.device) -> str:
     return select_backend("ranking_loss", device, IMPLEMENTED, GPU_ORDER)
 
 
-@torch.library.custom_op("rlhf_fast::ranking_loss_forward", mutates_args=())
-def _ranking_forward_op(
-    rewards: torch.Tensor,
-    group_sizes: torch.Tensor,
-    ranks: torch.Tensor | None,
-    margins: torch.Tensor | None,
-    margin: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64); see the module docstring."""
+def _forward_impl(rewards, group_sizes, ranks, margins, margin):
+    """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64) from the selected backend."""
     backend = _select(rewards.device)
     if backend == "reference":
         return _forward_torch(rewards, group_sizes, ranks, margins, margin)
@@ -186,6 +179,18 @@ def _ranking_forward_op(
         return ranking_forward_triton(rewards, group_sizes, ranks, margins, margin)
     # cpp and cuda share one compiled op; the dispatcher picks the kernel from the device.
     return _extension.kernels().ranking_loss_forward(rewards, group_sizes, ranks, margins, margin)
+
+
+@torch.library.custom_op("rlhf_fast::ranking_loss_forward", mutates_args=())
+def _ranking_forward_op(
+    rewards: torch.Tensor,
+    group_sizes: torch.Tensor,
+    ranks: torch.Tensor | None,
+    margins: torch.Tensor | None,
+    margin: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64); see the module docstring."""
+    return _forward_impl(rewards, group_sizes, ranks, margins, margin)
 
 
 @_ranking_forward_op.register_fake
@@ -200,17 +205,8 @@ def _(rewards, group_sizes, ranks, margins, margin):
     )
 
 
-@torch.library.custom_op("rlhf_fast::ranking_loss_backward", mutates_args=())
-def _ranking_backward_op(
-    grad_loss: torch.Tensor,
-    rewards: torch.Tensor,
-    ranks: torch.Tensor | None,
-    margins: torch.Tensor | None,
-    margin: float,
-    prompt_weights: torch.Tensor,
-    prompt_ends: torch.Tensor,
-) -> torch.Tensor:
-    """d loss / d rewards, [ΣK] in the dtype of rewards, given d loss (0-dim) and the forward's stats."""
+def _backward_impl(grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends):
+    """d loss / d rewards from the selected backend."""
     backend = _select(rewards.device)
     if backend == "reference":
         return _backward_torch(grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends)
@@ -223,6 +219,20 @@ def _ranking_backward_op(
     return _extension.kernels().ranking_loss_backward(
         grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends
     )
+
+
+@torch.library.custom_op("rlhf_fast::ranking_loss_backward", mutates_args=())
+def _ranking_backward_op(
+    grad_loss: torch.Tensor,
+    rewards: torch.Tensor,
+    ranks: torch.Tensor | None,
+    margins: torch.Tensor | None,
+    margin: float,
+    prompt_weights: torch.Tensor,
+    prompt_ends: torch.Tensor,
+) -> torch.Tensor:
+    """d loss / d rewards, [ΣK] in the dtype of rewards, given d loss (0-dim) and the forward's stats."""
+    return _backward_impl(grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends)
 
 
 @_ranking_backward_op.register_fake
@@ -252,6 +262,31 @@ def _backward(ctx, grad_loss, grad_accuracy, grad_weights, grad_ends):
 
 
 _ranking_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerRankingLoss(torch.autograd.Function):
+    """The same forward and backward as the custom ops, without the custom-op wrapper.
+
+    At the anchor's size (P=64, K=9) the kernels take tens of microseconds and the Python custom-op machinery
+    (schema checks, autograd registration) about as much again; eager calls take this path, and traced code
+    (torch.compile) takes the custom ops, whose fake kernels it needs.
+    """
+
+    @staticmethod
+    def forward(ctx, rewards, group_sizes, ranks, margins, margin):
+        output = _forward_impl(rewards, group_sizes, ranks, margins, margin)
+        _setup_context(ctx, (rewards, group_sizes, ranks, margins, margin), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_accuracy, grad_weights, grad_ends):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        rewards, ranks, margins, prompt_weights, prompt_ends = ctx.saved_tensors
+        with use_backend(ctx.forced_backend or "auto"):
+            grad_rewards = _backward_impl(grad_loss, rewards, ranks, margins, ctx.margin, prompt_weights,
+                                          prompt_ends)
+        return grad_rewards, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -360,5 +395,6 @@ def ranking_loss(
     group_sizes = group_sizes.to(rewards.device, non_blocking=True)
     if margins is not None:
         margins = margins.to(_output_dtype(rewards))
-    loss, accuracy, _, _ = _ranking_forward_op(rewards, group_sizes, ranks, margins, constant)
+    op = _ranking_forward_op if torch.compiler.is_compiling() else _EagerRankingLoss.apply
+    loss, accuracy, _, _ = op(rewards, group_sizes, ranks, margins, constant)
     return loss, accuracy
