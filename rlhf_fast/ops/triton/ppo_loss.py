@@ -210,7 +210,7 @@ def ppo_losses_forward_triton(logprobs, old_logprobs, advantages, mask, values, 
                                               IS_FP64=is_fp64, BLOCK=block)
     means = [torch.empty((), dtype=acc_dtype, device=logprobs.device) for _ in range(6)]
     valid_count = torch.empty((), dtype=torch.int64, device=logprobs.device)
-    reduce_block = triton.next_power_of_2(num_partials)
+    reduce_block = max(triton.next_power_of_2(num_partials), 32)  # at least one warp's width
     # Enough threads that the 7 columns of partials stay in registers.
     _finalize_kernel[(1,)](sums, counts, num_partials, *means, valid_count, REDUCE_BLOCK=reduce_block,
                            num_warps=min(max(reduce_block // 256, 4), 16))
