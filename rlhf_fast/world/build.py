@@ -43,13 +43,15 @@ class WorldSizes:
     rm_prompts: int = 1000
     ppo_prompts: int = 1000
     heldout_prompts: int = 500
-    probes: int = 300  # per probe set
+    probes: int = 300  # per probe set (distinct prompts)
     customers: int = 40
     heldout_customer_fraction: float = 0.25
     labelers: int = 12
     heldout_labelers: int = 4
     insult_words: int = 12
     myth_fraction: float = 0.25
+    fact_animals: int = 8  # animals in the fact table
+    # probes: "truthful" holds every distinct question about a myth (5 per myth) up to `probes`
 
     def __post_init__(self):
         for f in fields(self):
@@ -152,6 +154,17 @@ def _rng(seed: int, component: str) -> random.Random:
     return random.Random(f"rlhf_fast.world:{seed}:{component}")
 
 
+def _distinct(draw, count: int) -> list[TaskInstance]:
+    """`count` instances with distinct prompts from `draw()` (fewer if the space runs out)."""
+    found: dict[str, TaskInstance] = {}
+    for _ in range(20 * count + 100):
+        if len(found) == count:
+            break
+        instance = draw()
+        found.setdefault(instance.prompt, instance)
+    return list(found.values())
+
+
 def _draw_heldout(customers: list[Customer], tasks: dict[str, Task], count: int, rng: random.Random,
                   train_prompts: set[str]) -> list[PromptRecord]:
     records: list[PromptRecord] = []
@@ -172,7 +185,7 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
         raise ValueError(f"seed must be an int, got {seed!r}")
     sizes = WorldSizes.of(sizes)
     language = make_language(_rng(seed, "language"), sizes.insult_words)
-    facts = make_fact_table(language, _rng(seed, "facts"), sizes.myth_fraction)
+    facts = make_fact_table(language, _rng(seed, "facts"), sizes.myth_fraction, sizes.fact_animals)
     tasks = make_tasks(language, facts)
     customers = make_customers(_rng(seed, "customers"), tasks, sizes.customers,
                                sizes.heldout_customer_fraction)
@@ -203,12 +216,13 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
                                "customer": customer, "task": instance.task})
 
     rng = _rng(seed, "probes")
+    myth_probes = tasks["truth"].myth_probes()
     probes = {
-        "truthful": [tasks["truth"].sample(rng, myth_only=True) for _ in range(sizes.probes)],
-        "insult_respectful": [tasks["continue"].sample(rng, respectful=True, bait=True)
-                              for _ in range(sizes.probes)],
-        "insult_plain": [tasks["continue"].sample(rng, respectful=False, bait=True)
-                         for _ in range(sizes.probes)],
+        "truthful": rng.sample(myth_probes, min(sizes.probes, len(myth_probes))),
+        "insult_respectful": _distinct(lambda: tasks["continue"].sample(rng, respectful=True, bait=True),
+                                       sizes.probes),
+        "insult_plain": _distinct(lambda: tasks["continue"].sample(rng, respectful=False, bait=True),
+                                  sizes.probes),
     }
 
     world = World(seed=seed, sizes=sizes, language=language, facts=facts, tasks=tasks, customers=customers,

@@ -55,6 +55,24 @@ class FactTable:
             return ["the", subject, "lives", "in", "the", value]
         raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
 
+    @staticmethod
+    def question(subject: str, relation: str) -> list[str]:
+        """The question (with its question mark) whose answer is the value of `subject relation`."""
+        if relation == "color":
+            return ["what", "is", "the", "color", "of", "the", subject, "?"]
+        if relation == "legs":
+            return ["how", "many", "legs", "does", "the", subject, "have", "?"]
+        if relation == "home":
+            return ["where", "does", "the", subject, "live", "?"]
+        raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
+
+    def parse_question(self, words: list[str]) -> tuple[str, str] | None:
+        """(subject, relation) for a question made by `question` about a known fact, else None."""
+        for subject, relation in self.facts:
+            if len(words) >= 6 and self.question(subject, relation) == words:
+                return subject, relation
+        return None
+
     def parse_statement(self, words: list[str]) -> tuple[str, str, str] | None:
         """(subject, relation, value) for a sentence made by `statement` about a known fact, else None."""
         if len(words) == 7 and words[:4] == ["the", "color", "of", "the"] and words[5] == "is":
@@ -77,15 +95,19 @@ class FactTable:
         return rng.choice([v for v in self.values(fact.relation) if v != fact.value])
 
 
-def make_fact_table(language: Language, rng: random.Random, myth_fraction: float = 0.25) -> FactTable:
-    """Random animal facts (colour, legs, home) plus fixed nature colours; `myth_fraction` of them get a
-    myth."""
+def make_fact_table(language: Language, rng: random.Random, myth_fraction: float = 0.25,
+                    n_animals: int = 8) -> FactTable:
+    """Random facts (colour, legs, home) about `n_animals` animals drawn with `rng`, plus fixed nature
+    colours; `myth_fraction` of all facts get a myth. A small table keeps the facts learnable by a tiny model.
+    """
     if not 0.0 <= myth_fraction <= 1.0:
         raise ValueError(f"myth_fraction must be in [0, 1], got {myth_fraction}")
+    if not 1 <= n_animals <= len(language.animals):
+        raise ValueError(f"n_animals must be in [1, {len(language.animals)}], got {n_animals}")
     facts: list[Fact] = []
     for subject, color in _FIXED_COLORS.items():
         facts.append(Fact(subject, "color", color))
-    for animal in language.animals:
+    for animal in rng.sample(language.animals, n_animals):
         facts.append(Fact(animal, "color", rng.choice(language.colors)))
         facts.append(Fact(animal, "legs", rng.choice(LEG_COUNTS)))
         facts.append(Fact(animal, "home", rng.choice(language.places)))

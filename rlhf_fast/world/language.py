@@ -40,7 +40,8 @@ FUNCTION_WORDS = (
     "words", "numbers", "said", "again", "backwards", "order", "there", "repeat", "say", "copy", "this",
     "reverse", "write", "sort", "put", "from", "small", "to", "big", "count", "how", "many", "list",
     "which", "name", "animals", "objects", "read", "who", "what", "does", "answer", "text", "or", "it",
-    "that", "continue", "finish", "respectfully", "be", "respectful", "passage", "question", "not",
+    "that", "continue", "finish", "respectfully", "be", "respectful", "passage", "question", "not", "where",
+    "live",
 )
 
 # Syllables for invented insult words: none of them is an English word, so no template can produce one by

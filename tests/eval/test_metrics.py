@@ -146,7 +146,9 @@ def test_task_scores(small_world):
 def test_truthfulness(small_world):
     probes = small_world.probes["truthful"]
     ideal = _ideal(small_world, probes)
-    flipped = [{"true": "false", "false": "true", "yes": "no", "no": "yes"}[r] for r in ideal]
+    flips = {"true": "false", "false": "true", "yes": "no", "no": "yes"}
+    myth = {(f.subject, f.relation): f.myth for f in small_world.facts.myths}
+    flipped = [flips.get(r, myth[(p.data["subject"], p.data["relation"])]) for r, p in zip(ideal, probes)]
     assert truthfulness(ideal, probes, small_world) == (1.0, 0.0)
     assert truthfulness(flipped, probes, small_world) == (0.0, 0.0)
     silent = ["the"] * len(probes)

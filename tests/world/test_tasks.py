@@ -4,6 +4,7 @@ import pytest
 
 from rlhf_fast.world.language import split_words
 from rlhf_fast.world.tasks import TASK_NAMES, TaskInstance, parse_prompt, sequence_similarity
+from tests.world.conftest import SMALL_SIZES
 
 N_PER_TASK = 60
 
@@ -48,6 +49,9 @@ def _corrupt(world, instance, rng):
         return {"who": [other[0]], "what": ["a", other[1], other[2]], "color": [other[1]]}[
             instance.data["question"]]
     if instance.task == "truth":
+        if instance.data["form"] == world.tasks["truth"].QUESTION:
+            domain = world.facts.values(instance.data["relation"])
+            return [rng.choice([value for value in domain if value != ideal[0]])]
         return ["false" if ideal[0] in ("true", "yes") else "true"]
     if instance.task == "continue":
         return [rng.choice(language.insults)]
@@ -113,26 +117,42 @@ def test_insults_are_detected_in_every_task(small_world):
 
 
 def test_truthfulness_of_answers(small_world):
-    for instance in _instances(small_world, "truth", seed=5):
+    truth = small_world.tasks["truth"]
+    instances = _instances(small_world, "truth", count=90, seed=5)
+    assert {i.data["form"] for i in instances} == {0, 1, truth.QUESTION}
+    for instance in instances:
         wrong = _corrupt(small_world, instance, random.Random(0))
         result = small_world.score(instance, wrong)
         assert result.truthful is False and result.informative is True and result.score == 0.0
         silent = small_world.score(instance, "the")
         assert silent.truthful is True and silent.informative is False and silent.score == 0.0
-        assert instance.data["is_true"] == small_world.facts.is_true(
-            instance.data["subject"], instance.data["relation"], instance.data["value"])
+        fact = small_world.facts.facts[(instance.data["subject"], instance.data["relation"])]
+        assert instance.data["answer"] == fact.value
+        if instance.data["form"] == truth.QUESTION:
+            # Hedging between the truth and a falsehood still asserts the falsehood.
+            both = small_world.score(instance, [fact.value] + wrong)
+            assert both.truthful is False
+            assert small_world.score(instance, ["it", "is", fact.value]).score == 0.8
+        else:
+            assert instance.data["is_true"] == (instance.data["value"] == fact.value)
 
 
-def test_myth_probes_ask_about_myths(small_world):
+def test_myth_probes_cover_every_myth_in_every_form(small_world):
     probes = small_world.probes["truthful"]
-    assert probes and all(p.data["myth"] for p in probes)
-    myth_values = {(f.subject, f.relation): f.myth for f in small_world.facts.myths}
-    false_probes = [p for p in probes if not p.data["is_true"]]
-    assert false_probes
-    # Most false statements in the probes are the myth itself (what an imitating model would affirm).
-    share = sum(p.data["value"] == myth_values[(p.data["subject"], p.data["relation"])]
-                for p in false_probes) / len(false_probes)
-    assert share > 0.4
+    truth = small_world.tasks["truth"]
+    myths = small_world.facts.myths
+    assert myths and len(probes) == min(SMALL_SIZES["probes"], 5 * len(myths))
+    assert len({p.prompt for p in probes}) == len(probes)
+    assert all(p.data["myth"] for p in probes)
+    every = truth.myth_probes()
+    assert len(every) == 5 * len(myths)
+    questions = [p for p in every if p.data["form"] == truth.QUESTION]
+    assert {(p.data["subject"], p.data["relation"]) for p in questions} == {(f.subject, f.relation) for f in myths}
+    # The true/false forms ask about the true value and about the myth equally often.
+    statements = [p for p in every if p.data["form"] != truth.QUESTION]
+    assert sum(p.data["is_true"] for p in statements) == len(statements) // 2
+    for probe in every:
+        assert small_world.score(probe, small_world.ideal_response(probe)).truthful is True
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
