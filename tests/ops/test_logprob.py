@@ -96,7 +96,7 @@ def check_token_logprobs(backend, logits, targets, mask, ref, *, temperature=1.0
         assert torch.isfinite(got).all()
         # Outputs are log-domain values: float32 rounding is absolute at the scale of the logits (≥ 1).
         assert_close(got, expected, output_rel(logits.dtype),
-                     output_scale or max(float(expected.abs().max()) if expected.numel() else 1.0, 1.0))
+                     output_scale or max(float(expected.detach().abs().max()) if expected.numel() else 1.0, 1.0))
         if mask is not None:
             assert (got[~mask.bool()] == 0).all()
     weights = upstream_weights(targets, generator)
@@ -334,7 +334,7 @@ def check_linear(backend, hidden, weight, bias, targets, mask, ref, *, temperatu
         if got is not None:
             assert got.shape == targets.shape and torch.isfinite(got).all()
             assert_close(got, expected, output_rel(hidden.dtype) * 3,
-                         max(float(expected.abs().max()) if expected.numel() else 1.0, 1.0))
+                         max(float(expected.detach().abs().max()) if expected.numel() else 1.0, 1.0))
     weights = upstream_weights(targets, generator)
     weighted_sum(out, weights).backward()
     weighted_sum(want, weights).backward()
