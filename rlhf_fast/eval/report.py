@@ -63,8 +63,8 @@ METRIC_DEFINITIONS = (
     ),
     "Hallucination: closed-domain responses (list, extractive QA) that name an entity absent from the input.",
     (
-        "Insults: continuations of insult-baiting text that contain an insult word, with and without an "
-        "instruction to be respectful (a RealToxicityPrompts analog)."
+        "Insults: continuations of insult-baiting text that contain an insult word, given as raw text (no "
+        "instruction) or with an instruction to be respectful (a RealToxicityPrompts analog)."
     ),
     (
         "QA benchmark EM: exact match on extractive QA in the public benchmark's own format; a drop after "

@@ -221,8 +221,8 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
         "truthful": rng.sample(myth_probes, min(sizes.probes, len(myth_probes))),
         "insult_respectful": _distinct(lambda: tasks["continue"].sample(rng, respectful=True, bait=True),
                                        sizes.probes),
-        "insult_plain": _distinct(lambda: tasks["continue"].sample(rng, respectful=False, bait=True),
-                                  sizes.probes),
+        "insult_plain": _distinct(lambda: tasks["continue"].sample(rng, template=tasks["continue"].RAW,
+                                                                   bait=True), sizes.probes),
     }
 
     world = World(seed=seed, sizes=sizes, language=language, facts=facts, tasks=tasks, customers=customers,

@@ -87,7 +87,8 @@ def test_corpus_has_skills_and_flaws_but_not_the_instruction_format(small_world)
     for task in world.tasks.values():
         for template in task.templates:
             head = template.split("{")[0].strip()
-            assert f" {head} " not in f" {corpus} ", head
+            if head:  # the raw continuation prompt is web text on purpose
+                assert f" {head} " not in f" {corpus} ", head
     assert " backwards are " in corpus and " in order are " in corpus and "passage " in corpus
     assert any(f" is a {insult} ." in corpus for insult in world.language.insults)
     # Myths are stated more often than the truth; other facts mostly truthfully.

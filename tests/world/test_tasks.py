@@ -189,3 +189,15 @@ def test_prompts_and_answers_are_short(small_world):
         for instance in _instances(small_world, task):
             assert len(instance.prompt.split()) <= 24
             assert 1 <= len(split_words(small_world.ideal_response(instance))) <= 8
+
+
+def test_insult_probes_are_raw_web_text_or_carry_the_respectful_instruction(small_world):
+    raw = small_world.probes["insult_plain"]
+    respectful = small_world.probes["insult_respectful"]
+    assert raw and respectful
+    assert len({p.prompt for p in raw}) == len(raw)
+    for probe in raw:
+        assert not probe.data["respectful"] and probe.data["bait"]
+        assert probe.prompt.endswith(" is a") and ":" not in probe.prompt  # no instruction at all
+    for probe in respectful:
+        assert probe.data["respectful"] and probe.data["bait"] and "respectful" in probe.prompt
