@@ -28,7 +28,7 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
 
 
 def batches_of(order: Sequence[int], batch_size: int, *, drop_last: bool) -> list[list[int]]:
-    batches = [list(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
+    batches = [list(order[start : start + batch_size]) for start in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
@@ -38,20 +38,34 @@ def rank_share(items: Sequence[int], ctx: DistributedContext) -> list[int]:
     """This rank's contiguous share of a global batch; shares differ in size by at most one."""
     size, extra = divmod(len(items), ctx.world_size)
     start = ctx.rank * size + min(ctx.rank, extra)
-    return list(items[start:start + size + (1 if ctx.rank < extra else 0)])
+    return list(items[start : start + size + (1 if ctx.rank < extra else 0)])
 
 
-def make_optimizer(param_groups, *, learning_rate: float, weight_decay: float, betas: tuple[float, float],
-                   eps: float, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    param_groups,
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    device: torch.device,
+) -> torch.optim.AdamW:
     """AdamW, the fused implementation where the device has one (it is also what lets a non-finite step be
     skipped on the device: the fused kernel honours `found_inf`)."""
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=tuple(betas),
-                             eps=eps, fused=fused)
+    return torch.optim.AdamW(
+        param_groups, lr=learning_rate, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused
+    )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_steps: int, total_steps: int,
-                   min_lr_ratio: float = 0.0):
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+):
     """transformers' LR schedules: "cosine" (`get_cosine_schedule_with_warmup`, or the min-LR variant when
     `min_lr_ratio` > 0), "linear" or "constant" (each with linear warmup)."""
     import transformers
@@ -60,7 +74,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_st
     if schedule == "cosine":
         if min_lr_ratio > 0:
             return transformers.get_cosine_with_min_lr_schedule_with_warmup(
-                optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio)
+                optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio
+            )
         return transformers.get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     if schedule == "linear":
         return transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
@@ -146,8 +161,14 @@ class BadStepCounter:
             return
         self.consecutive += 1
         self.total += 1
-        logger.warning("non-finite loss or reward at %s %d%s: the update was skipped (%d in a row, limit %d)",
-                       self.what, step, f" ({detail})" if detail else "", self.consecutive, self.max_bad_steps)
+        logger.warning(
+            "non-finite loss or reward at %s %d%s: the update was skipped (%d in a row, limit %d)",
+            self.what,
+            step,
+            f" ({detail})" if detail else "",
+            self.consecutive,
+            self.max_bad_steps,
+        )
         if self.consecutive >= self.max_bad_steps:
             raise NonFiniteError(
                 f"aborting: {self.consecutive} consecutive {self.what}s had a non-finite loss or reward "
@@ -180,7 +201,11 @@ def set_residual_dropout(model: nn.Module, probability: float) -> int:
             continue
         leaf = name.rsplit(".", 1)[-1]
         parent = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        if "resid" in leaf or leaf in ("hidden_dropout", "output_dropout") or (parent == "mlp" and leaf == "dropout"):
+        if (
+            "resid" in leaf
+            or leaf in ("hidden_dropout", "output_dropout")
+            or (parent == "mlp" and leaf == "dropout")
+        ):
             module.p = probability
             changed += 1
     return changed

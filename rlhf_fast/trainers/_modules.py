@@ -58,8 +58,13 @@ def _model_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def run_backbone(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def run_backbone(
+    backbone: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Final hidden states [B, L, d]. attention_mask: [B, L] (real tokens) or a prepared [B, 1, L, L] additive
     mask (then `position_ids` must be given)."""
     if attention_mask.dim() == 2:
@@ -68,8 +73,9 @@ def run_backbone(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: t
         attention_mask = causal_padding_mask(attention_mask, dtype)
     elif position_ids is None:
         raise ValueError("position_ids are required with a 4-D attention_mask")
-    output = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False)
+    output = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     return output.last_hidden_state
 
 
@@ -98,14 +104,21 @@ class PolicyLogprobs(nn.Module):
         ref_logprobs: torch.Tensor | None = None,
         return_entropy: bool = False,
     ):
-        hidden = run_backbone(self.policy.backbone, input_ids, attention_mask, position_ids,
-                              _model_dtype(self.policy))
+        hidden = run_backbone(
+            self.policy.backbone, input_ids, attention_mask, position_ids, _model_dtype(self.policy)
+        )
         steps = targets.shape[1]
         length = input_ids.shape[1]
-        predicting = hidden[:, length - 1 - steps: length - 1]
+        predicting = hidden[:, length - 1 - steps : length - 1]
         return linear_token_logprobs(
-            predicting, self.policy.lm_head_weight, targets, bias=self.policy.lm_head_bias,
-            ref_logprobs=ref_logprobs, mask=mask, temperature=temperature, return_entropy=return_entropy,
+            predicting,
+            self.policy.lm_head_weight,
+            targets,
+            bias=self.policy.lm_head_bias,
+            ref_logprobs=ref_logprobs,
+            mask=mask,
+            temperature=temperature,
+            return_entropy=return_entropy,
         )
 
 
@@ -117,10 +130,11 @@ class ValueScores(nn.Module):
         self.value_model = value_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> torch.Tensor:
-        hidden = run_backbone(self.value_model.backbone, input_ids, attention_mask, None,
-                              _model_dtype(self.value_model))
+        hidden = run_backbone(
+            self.value_model.backbone, input_ids, attention_mask, None, _model_dtype(self.value_model)
+        )
         length = input_ids.shape[1]
-        return self.value_model.score(hidden[:, length - 1 - steps: length - 1])
+        return self.value_model.score(hidden[:, length - 1 - steps : length - 1])
 
 
 class RewardScores(nn.Module):
@@ -133,8 +147,9 @@ class RewardScores(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from rlhf_fast.models import last_token_index
 
-        hidden = run_backbone(self.reward_model.backbone, input_ids, attention_mask, None,
-                              _model_dtype(self.reward_model))
+        hidden = run_backbone(
+            self.reward_model.backbone, input_ids, attention_mask, None, _model_dtype(self.reward_model)
+        )
         last = last_token_index(attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.reward_model.score(hidden[rows, last]) + self.reward_model.normalization_bias

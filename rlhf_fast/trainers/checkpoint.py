@@ -39,7 +39,9 @@ from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, unwrap_m
 logger = logging.getLogger("rlhf_fast.trainers")
 
 LAST, PREVIOUS = "last", "previous"
-ALIAS_PREFIX = "alias:"  # safetensors metadata key "alias:<name>" -> name of the tensor it shares storage with
+ALIAS_PREFIX = (
+    "alias:"  # safetensors metadata key "alias:<name>" -> name of the tensor it shares storage with
+)
 
 
 def _fsync_file(path: Path) -> None:
@@ -125,7 +127,12 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
     metadata: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.dtype,
+        )
         if tensor.numel() > 0 and key in seen:
             metadata[ALIAS_PREFIX + name] = seen[key]
             continue
@@ -143,7 +150,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         metadata = handle.metadata() or {}
     for key, target in metadata.items():
         if key.startswith(ALIAS_PREFIX):
-            state[key[len(ALIAS_PREFIX):]] = state[target]
+            state[key[len(ALIAS_PREFIX) :]] = state[target]
     return state
 
 
@@ -172,7 +179,9 @@ def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gener
         torch.cuda.set_rng_state_all(state["cuda"])
     for name, gen in (generators or {}).items():
         if name not in state["generators"]:
-            raise ValueError(f"checkpoint has no state for generator {name!r} (has {list(state['generators'])})")
+            raise ValueError(
+                f"checkpoint has no state for generator {name!r} (has {list(state['generators'])})"
+            )
         gen.set_state(state["generators"][name])
 
 
@@ -228,8 +237,10 @@ class CheckpointManager:
 
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item() < 1.0:
-            logger.warning("not writing a checkpoint at step %s: the parameters are not finite",
-                           trainer_state.get("step"))
+            logger.warning(
+                "not writing a checkpoint at step %s: the parameters are not finite",
+                trainer_state.get("step"),
+            )
             return None
 
         model_states = {name: full_model_state(model) for name, model in models.items()}
@@ -270,9 +281,9 @@ class CheckpointManager:
             trash = self.root / ".trash"
             if trash.exists():
                 shutil.rmtree(trash)
-            if (self.root / PREVIOUS).exists():
-                os.replace(self.root / PREVIOUS, trash)
-            if final.exists():
+            if final.exists():  # without `last` (a crash mid-rotation), `previous` is the newest: keep it
+                if (self.root / PREVIOUS).exists():
+                    os.replace(self.root / PREVIOUS, trash)
                 os.replace(final, self.root / PREVIOUS)
             os.replace(tmp, final)
             _fsync_dir(self.root)
@@ -306,8 +317,11 @@ class CheckpointManager:
         if saved_world == self.ctx.world_size and rng_path.is_file():
             set_rng_state(torch.load(rng_path, weights_only=False), generators)
         else:
-            logger.warning("resuming on %d processes from a checkpoint of %d: RNG streams restart from the seed",
-                           self.ctx.world_size, saved_world)
+            logger.warning(
+                "resuming on %d processes from a checkpoint of %d: RNG streams restart from the seed",
+                self.ctx.world_size,
+                saved_world,
+            )
         extra = torch.load(path / "extra.pt", weights_only=False) if (path / "extra.pt").is_file() else {}
         return trainer_state, extra
 
@@ -323,13 +337,20 @@ def meta_skeleton(model: nn.Module) -> nn.Module | None:
 
     try:
         return copy.deepcopy(model).to("meta")
-    except Exception:  # pragma: no cover - a model that cannot be deep-copied
+    except (TypeError, RuntimeError, AttributeError):  # pragma: no cover - a model that cannot be deep-copied
         return None
 
 
-def export_pretrained(model: nn.Module, directory: str | os.PathLike, ctx: DistributedContext, *,
-                      tokenizer=None, skeleton: nn.Module | None = None, prefix: str = "",
-                      state_source: nn.Module | None = None) -> None:
+def export_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    ctx: DistributedContext,
+    *,
+    tokenizer=None,
+    skeleton: nn.Module | None = None,
+    prefix: str = "",
+    state_source: nn.Module | None = None,
+) -> None:
     """Writes `model` with its own `save_pretrained(directory, tokenizer)` on rank 0 (a collective under FSDP2).
 
     Under FSDP2 the full state is gathered from `state_source` (the sharded module holding `model`, whose keys
@@ -341,7 +362,7 @@ def export_pretrained(model: nn.Module, directory: str | os.PathLike, ctx: Distr
             raise ValueError("exporting an FSDP2-sharded model needs the meta skeleton taken before sharding")
         state = full_model_state(source)
         if ctx.is_main:
-            state = {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+            state = {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
             replica = skeleton.to_empty(device="cpu")
             replica.load_state_dict(state, strict=False)
             _copy_python_attributes(model, replica)
@@ -356,5 +377,9 @@ def export_pretrained(model: nn.Module, directory: str | os.PathLike, ctx: Distr
 def _copy_python_attributes(source: nn.Module, target: nn.Module) -> None:
     """Carries plain (non-tensor) settings such as a reward model's normalization offset to the replica."""
     for name, value in vars(source).items():
-        if not name.startswith("_modules") and isinstance(value, (int, float, str, bool)) and hasattr(target, name):
+        if (
+            not name.startswith("_modules")
+            and isinstance(value, (int, float, str, bool))
+            and hasattr(target, name)
+        ):
             setattr(target, name, value)

@@ -76,7 +76,9 @@ def _resolve_device(device: str | torch.device | None, local_rank: int) -> torch
     return device
 
 
-def init_distributed(device: str | torch.device | None = "auto", timeout_s: float = 1800.0) -> DistributedContext:
+def init_distributed(
+    device: str | torch.device | None = "auto", timeout_s: float = 1800.0
+) -> DistributedContext:
     """The context of this process, initializing the default process group from torchrun's env vars.
 
     torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Without them (or with
@@ -116,9 +118,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
             return blocks
     best: list[nn.Module] = []
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            if len({type(layer) for layer in module}) == 1:
-                best = list(module)
+        same_layers = isinstance(module, nn.ModuleList) and len({type(layer) for layer in module}) == 1
+        if same_layers and len(module) > len(best):
+            best = list(module)
     return best
 
 

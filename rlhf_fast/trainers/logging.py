@@ -25,11 +25,14 @@ def read_metrics(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float
     if not tensors:
         return {name: float(value) for name, value in metrics.items()}
     device = tensors[0].device
-    stacked = torch.stack([
-        value.detach().reshape(()).to(device=device, dtype=torch.float32) if isinstance(value, torch.Tensor)
-        else torch.tensor(float(value), device=device)
-        for value in metrics.values()
-    ])
+    stacked = torch.stack(
+        [
+            value.detach().reshape(()).to(device=device, dtype=torch.float32)
+            if isinstance(value, torch.Tensor)
+            else torch.tensor(float(value), device=device)
+            for value in metrics.values()
+        ]
+    )
     return dict(zip(names, stacked.tolist()))
 
 
@@ -40,8 +43,14 @@ class MetricsLogger:
     rest, so the file reads as one run after a resume.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+    ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._writer = None
@@ -61,7 +70,7 @@ class MetricsLogger:
             self.path.write_text("".join(kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 - held for the whole run, closed by close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -95,8 +104,9 @@ class MetricsLogger:
 class ProgressBar:
     """A tqdm bar (rank 0, when tqdm is importable) showing a few key metrics."""
 
-    def __init__(self, total: int, *, initial: int = 0, desc: str = "", keys: Sequence[str] = (),
-                 enabled: bool = True):
+    def __init__(
+        self, total: int, *, initial: int = 0, desc: str = "", keys: Sequence[str] = (), enabled: bool = True
+    ):
         self.keys = keys
         self._bar = None
         if enabled and os.environ.get("RLHF_FAST_NO_PROGRESS", "0") != "1":

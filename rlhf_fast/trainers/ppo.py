@@ -75,7 +75,9 @@ class PPOConfig(RunConfig):
     top_p: float = 1.0
     top_k: int = 0
     kl_coef: float = 0.02  # β
-    target_kl: float | None = None  # set: adaptive KL controller (Ziegler et al.) towards this KL per sequence
+    target_kl: float | None = (
+        None  # set: adaptive KL controller (Ziegler et al.) towards this KL per sequence
+    )
     horizon: int = 10000  # the adaptive controller's horizon, in episodes
     gamma: float = 1.0
     gae_lambda: float = 0.95
@@ -83,7 +85,9 @@ class PPOConfig(RunConfig):
     value_clip: float = 0.2
     vf_coef: float = 0.1
     ptx_coef: float = 27.8  # γ of PPO-ptx, used when pretraining data is given
-    ptx_batch_size: int | None = None  # pretraining rows per optimizer step, all processes; None: minibatch size
+    ptx_batch_size: int | None = (
+        None  # pretraining rows per optimizer step, all processes; None: minibatch size
+    )
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
@@ -95,8 +99,9 @@ class PPOConfig(RunConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.num_minibatches:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_minibatches "
-                             f"{self.num_minibatches}")
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of num_minibatches {self.num_minibatches}"
+            )
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
             raise ValueError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
         if not self.temperature > 0:
@@ -168,9 +173,20 @@ class PPOTrainer:
         tokenizer: provides eos / pad ids unless given, and is saved with the final policy.
     """
 
-    def __init__(self, config: PPOConfig, policy, reward_model, prompts: Sequence[Any], *, ref_policy=None,
-                 value_model=None, pretrain_data: torch.Tensor | None = None, tokenizer=None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None):
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy,
+        reward_model,
+        prompts: Sequence[Any],
+        *,
+        ref_policy=None,
+        value_model=None,
+        pretrain_data: torch.Tensor | None = None,
+        tokenizer=None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ):
         from rlhf_fast.models import RewardModel, ValueModel
 
         config.check()
@@ -178,8 +194,10 @@ class PPOTrainer:
         self.ctx = ctx = init_distributed(config.device)
         seed_everything(config.seed + ctx.rank)
         if config.batch_size % (config.num_minibatches * ctx.world_size):
-            raise ValueError(f"batch_size {config.batch_size} must be a multiple of num_minibatches × processes "
-                             f"= {config.num_minibatches * ctx.world_size}")
+            raise ValueError(
+                f"batch_size {config.batch_size} must be a multiple of num_minibatches × processes "
+                f"= {config.num_minibatches * ctx.world_size}"
+            )
         self.prompts = [list(getattr(p, "input_ids", p)) for p in prompts]
         if len(self.prompts) < config.batch_size:
             raise ValueError(f"{len(self.prompts)} prompts are fewer than one batch of {config.batch_size}")
@@ -187,11 +205,14 @@ class PPOTrainer:
         device = ctx.device
 
         self.policy = _load_policy(policy).to(device)
-        self.ref_policy = (_load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy))
+        self.ref_policy = _load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy)
         self.ref_policy.to(device).requires_grad_(False)
         if value_model is None:
-            value_model = (ValueModel.from_reward_model(reward_model) if isinstance(reward_model, RewardModel)
-                           else ValueModel.from_policy(self.policy))
+            value_model = (
+                ValueModel.from_reward_model(reward_model)
+                if isinstance(reward_model, RewardModel)
+                else ValueModel.from_policy(self.policy)
+            )
             value_model.requires_grad_(True)  # the copy of a frozen reward model must still train
         self.value_model = value_model.to(device)
         self.reward_model = reward_model.to(device) if isinstance(reward_model, nn.Module) else reward_model
@@ -205,7 +226,9 @@ class PPOTrainer:
         if eos_token_id is None:
             raise ValueError("eos_token_id is unknown: pass eos_token_id= or a tokenizer that has one")
         self.eos_token_id = int(eos_token_id)
-        self.pretrain_data = None if pretrain_data is None else torch.as_tensor(pretrain_data, dtype=torch.long)
+        self.pretrain_data = (
+            None if pretrain_data is None else torch.as_tensor(pretrain_data, dtype=torch.long)
+        )
 
         # Models as the iteration calls them: trained ones wrapped for DDP / FSDP2.
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and ctx.is_distributed else None
@@ -213,7 +236,9 @@ class PPOTrainer:
         self.value_module = ValueScores(self.value_model)
         self.ref_module = PolicyLogprobs(self.ref_policy)
         # A RewardModel is scored through the mask-prepared path; anything else is called as given.
-        uses_model_forward = isinstance(reward_model, RewardModel) and type(reward_model).forward is RewardModel.forward
+        uses_model_forward = (
+            isinstance(reward_model, RewardModel) and type(reward_model).forward is RewardModel.forward
+        )
         self.reward_module = RewardScores(self.reward_model) if uses_model_forward else self.reward_model
         self.policy_train = wrap_model(self.policy_module, ctx, fsdp=config.fsdp)
         self.value_train = wrap_model(self.value_module, ctx, fsdp=config.fsdp)
@@ -232,16 +257,29 @@ class PPOTrainer:
         self.value_parameters = trainable_parameters(self.value_module)
         self.parameters = self.policy_parameters + self.value_parameters
         self.optimizer = make_optimizer(
-            [{"params": self.policy_parameters, "lr": config.learning_rate},
-             {"params": self.value_parameters, "lr": config.value_learning_rate or config.learning_rate}],
-            learning_rate=config.learning_rate, weight_decay=config.weight_decay, betas=config.adam_betas,
-            eps=config.adam_eps, device=device)
+            [
+                {"params": self.policy_parameters, "lr": config.learning_rate},
+                {"params": self.value_parameters, "lr": config.value_learning_rate or config.learning_rate},
+            ],
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            betas=config.adam_betas,
+            eps=config.adam_eps,
+            device=device,
+        )
         self.iterations_per_epoch = len(self.prompts) // config.batch_size
         self.total_iterations = config.max_iterations or config.epochs * self.iterations_per_epoch
-        self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup,
-                                        total_steps=self.total_iterations)
-        self.kl_controller = (AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon, device)
-                              if config.target_kl is not None else FixedKLController(config.kl_coef, device))
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            schedule=config.lr_schedule,
+            warmup_steps=config.warmup,
+            total_steps=self.total_iterations,
+        )
+        self.kl_controller = (
+            AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon, device)
+            if config.target_kl is not None
+            else FixedKLController(config.kl_coef, device)
+        )
         # Sampling noise differs per rank; the minibatch permutation must be the same on every rank.
         self.sample_generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + 17 + ctx.rank)
         self.shuffle_generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + 3)
@@ -257,7 +295,7 @@ class PPOTrainer:
 
         epoch, position = divmod(iteration, self.iterations_per_epoch)
         order = epoch_order(len(self.prompts), self.config.seed, epoch)
-        global_rows = order[position * self.config.batch_size:(position + 1) * self.config.batch_size]
+        global_rows = order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
         width = self.config.max_prompt_length or max(len(self.prompts[i]) for i in global_rows)
         mine = [self.prompts[i] for i in rank_share(global_rows, self.ctx)]
         if max(len(p) for p in mine) > width:
@@ -277,7 +315,9 @@ class PPOTrainer:
         steps = config.ppo_epochs * config.num_minibatches
         rows = config.ptx_batch_size or config.batch_size // config.num_minibatches
         if rows % self.ctx.world_size:
-            raise ValueError(f"ptx_batch_size {rows} must be a multiple of the {self.ctx.world_size} processes")
+            raise ValueError(
+                f"ptx_batch_size {rows} must be a multiple of the {self.ctx.world_size} processes"
+            )
         total = len(self.pretrain_data)
         indices = []
         for _ in range(steps * rows):
@@ -288,7 +328,7 @@ class PPOTrainer:
             self.ptx_position += 1
         blocks = self.pretrain_data[torch.tensor(indices)].view(steps, rows, -1)
         share = rows // self.ctx.world_size
-        mine = blocks[:, self.ctx.rank * share:(self.ctx.rank + 1) * share]
+        mine = blocks[:, self.ctx.rank * share : (self.ctx.rank + 1) * share]
         return self._to_device(mine.contiguous())
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -308,9 +348,11 @@ class PPOTrainer:
         blocks directly, so one tiny forward through each root comes first."""
         ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long, device=self.ctx.device)
         mask = torch.ones_like(ids, dtype=torch.bool)
-        for root, call in ((self.policy_module, lambda m: m(ids, mask, ids[:, 1:])),
-                           (self.ref_module, lambda m: m(ids, mask, ids[:, 1:])),
-                           (self.value_module, lambda m: m(ids, mask, 1))):
+        for root, call in (
+            (self.policy_module, lambda m: m(ids, mask, ids[:, 1:])),
+            (self.ref_module, lambda m: m(ids, mask, ids[:, 1:])),
+            (self.value_module, lambda m: m(ids, mask, 1)),
+        ):
             call(root)
             root.reshard()  # a root keeps its weights gathered after forward; the optimizer needs the shards
 
@@ -333,8 +375,9 @@ class PPOTrainer:
                 module.reshard()
 
     # -------------------------------------------------------------------------------------- one iteration
-    def iteration(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                  pretrain_blocks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def iteration(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pretrain_blocks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """One PPO iteration on this rank's prompts [B_local, P]; returns metrics as 0-dim device tensors.
 
         `pretrain_blocks` [steps, rows, L] (PPO-ptx) holds this rank's pretraining rows for each optimizer step.
@@ -344,21 +387,40 @@ class PPOTrainer:
         try:
             # 1. Rollout: sample responses with the current policy.
             with self._sampling():
-                rollout = sample(self.policy, prompt_ids, prompt_mask, cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                                 generator=self.sample_generator)
-            sequences, response_ids, response_mask = rollout.sequences, rollout.response_ids, rollout.response_mask
+                rollout = sample(
+                    self.policy,
+                    prompt_ids,
+                    prompt_mask,
+                    cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    top_k=cfg.top_k,
+                    eos_token_id=self.eos_token_id,
+                    pad_token_id=self.pad_token_id,
+                    generator=self.sample_generator,
+                )
+            sequences, response_ids, response_mask = (
+                rollout.sequences,
+                rollout.response_ids,
+                rollout.response_mask,
+            )
             attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
             steps = response_ids.shape[1]
 
             # 2. Score: reference, policy (old log-probs, entropy, k1 KL), values and reward, no gradients.
             with torch.no_grad():
-                ref_logprobs = self.ref_module(sequences, attention_mask, response_ids, mask=response_mask,
-                                               temperature=cfg.temperature).logprobs
+                ref_logprobs = self.ref_module(
+                    sequences, attention_mask, response_ids, mask=response_mask, temperature=cfg.temperature
+                ).logprobs
                 old_logprobs, entropy, kl = self.policy_module(
-                    sequences, attention_mask, response_ids, mask=response_mask, temperature=cfg.temperature,
-                    ref_logprobs=ref_logprobs, return_entropy=True)
+                    sequences,
+                    attention_mask,
+                    response_ids,
+                    mask=response_mask,
+                    temperature=cfg.temperature,
+                    ref_logprobs=ref_logprobs,
+                    return_entropy=True,
+                )
                 old_values = self.value_module(sequences, attention_mask, steps)
                 scores = self.score(sequences, attention_mask)
 
@@ -371,57 +433,119 @@ class PPOTrainer:
             rewards = (-self.kl_controller.value * kl).scatter_add(1, last[:, None], scores[:, None])
 
             # Every rank now takes the whole batch: GAE, whitening and the minibatches are global.
-            (sequences, attention_mask, response_ids, response_mask, old_logprobs, old_values, rewards, kl,
-             entropy, scores, has_eos) = (ctx.all_gather_rows(t) for t in (
-                sequences, attention_mask, response_ids, response_mask, old_logprobs, old_values, rewards, kl,
-                entropy, scores, has_eos))
+            (
+                sequences,
+                attention_mask,
+                response_ids,
+                response_mask,
+                old_logprobs,
+                old_values,
+                rewards,
+                kl,
+                entropy,
+                scores,
+                has_eos,
+            ) = (
+                ctx.all_gather_rows(t)
+                for t in (
+                    sequences,
+                    attention_mask,
+                    response_ids,
+                    response_mask,
+                    old_logprobs,
+                    old_values,
+                    rewards,
+                    kl,
+                    entropy,
+                    scores,
+                    has_eos,
+                )
+            )
             rewards_finite = torch.isfinite(rewards).all()
             if cfg.whiten_rewards:
                 rewards = _whiten(rewards, response_mask, shift_mean=False)
 
             # 4. GAE, advantages whitened over the valid tokens of the batch.
-            advantages, returns = gae(rewards, old_values, response_mask, gamma=cfg.gamma, lam=cfg.gae_lambda,
-                                      whiten=cfg.whiten_advantages)
+            advantages, returns = gae(
+                rewards,
+                old_values,
+                response_mask,
+                gamma=cfg.gamma,
+                lam=cfg.gae_lambda,
+                whiten=cfg.whiten_advantages,
+            )
 
             # 5. Minibatch epochs: one optimizer step per minibatch (policy + value + ptx).
             batch = sequences.shape[0]
             minibatch = batch // cfg.num_minibatches
             share = minibatch // ctx.world_size
-            sums = {key: torch.zeros((), device=ctx.device) for key in (
-                "loss/policy", "loss/value", "loss/ptx", "policy/approx_kl", "policy/clipfrac", "policy/ratio",
-                "val/clipfrac", "train/grad_norm", "train/skipped")}
+            sums = {
+                key: torch.zeros((), device=ctx.device)
+                for key in (
+                    "loss/policy",
+                    "loss/value",
+                    "loss/ptx",
+                    "policy/approx_kl",
+                    "policy/clipfrac",
+                    "policy/ratio",
+                    "val/clipfrac",
+                    "train/grad_norm",
+                    "train/skipped",
+                )
+            }
             step = 0
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(batch, generator=self.shuffle_generator, device=ctx.device)
                 for start in range(0, batch, minibatch):
-                    rows = order[start:start + minibatch]
-                    mine = rows[ctx.rank * share:(ctx.rank + 1) * share]
+                    rows = order[start : start + minibatch]
+                    mine = rows[ctx.rank * share : (ctx.rank + 1) * share]
                     mask = response_mask.index_select(0, mine)
                     # Masked means over this rank's tokens, rescaled to the mean over the minibatch's tokens.
-                    token_share = mask.sum() * ctx.world_size / response_mask.index_select(0, rows).sum().clamp(min=1)
+                    token_share = (
+                        mask.sum() * ctx.world_size / response_mask.index_select(0, rows).sum().clamp(min=1)
+                    )
 
                     ptx_loss = torch.zeros((), device=ctx.device)
                     if pretrain_blocks is not None:
                         blocks = pretrain_blocks[step]
                         with gradient_sync(self.policy_train, enabled=False):
-                            ptx = self.policy_train(blocks, torch.ones_like(blocks, dtype=torch.bool), blocks[:, 1:])
+                            ptx = self.policy_train(
+                                blocks, torch.ones_like(blocks, dtype=torch.bool), blocks[:, 1:]
+                            )
                             ptx_loss = -ptx.logprobs.mean()
                             (cfg.ptx_coef * ptx_loss).backward()
 
-                    new = self.policy_train(sequences.index_select(0, mine), attention_mask.index_select(0, mine),
-                                            response_ids.index_select(0, mine), mask=mask,
-                                            temperature=cfg.temperature)
-                    values = self.value_train(sequences.index_select(0, mine), attention_mask.index_select(0, mine),
-                                              steps)
-                    losses = ppo_losses(new.logprobs, old_logprobs.index_select(0, mine),
-                                        advantages.index_select(0, mine), mask, values,
-                                        old_values.index_select(0, mine), returns.index_select(0, mine),
-                                        clip_coef=cfg.clip_coef, value_clip=cfg.value_clip)
+                    new = self.policy_train(
+                        sequences.index_select(0, mine),
+                        attention_mask.index_select(0, mine),
+                        response_ids.index_select(0, mine),
+                        mask=mask,
+                        temperature=cfg.temperature,
+                    )
+                    values = self.value_train(
+                        sequences.index_select(0, mine), attention_mask.index_select(0, mine), steps
+                    )
+                    losses = ppo_losses(
+                        new.logprobs,
+                        old_logprobs.index_select(0, mine),
+                        advantages.index_select(0, mine),
+                        mask,
+                        values,
+                        old_values.index_select(0, mine),
+                        returns.index_select(0, mine),
+                        clip_coef=cfg.clip_coef,
+                        value_clip=cfg.value_clip,
+                    )
                     loss = (losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]) * token_share
                     loss.backward()
                     grad_norm, skipped = guarded_step(
-                        self.optimizer, self.parameters, loss + cfg.ptx_coef * ptx_loss.detach(), ctx,
-                        max_grad_norm=cfg.max_grad_norm, extra_bad=~rewards_finite)
+                        self.optimizer,
+                        self.parameters,
+                        loss + cfg.ptx_coef * ptx_loss.detach(),
+                        ctx,
+                        max_grad_norm=cfg.max_grad_norm,
+                        extra_bad=~rewards_finite,
+                    )
 
                     weight = token_share / ctx.world_size  # summed over ranks: the minibatch's token mean
                     sums["loss/policy"] += losses["policy_loss"].detach() * weight
@@ -437,23 +561,28 @@ class PPOTrainer:
 
             # 6. Metrics, all on the device; the KL controller adapts to this batch's KL.
             totals = ctx.all_reduce_sum(torch.stack(list(sums.values())))
-            metrics = {key: total / (step if key != "train/skipped" else 1)
-                       for key, total in zip(sums, totals.unbind())}
+            metrics = {
+                key: total / (step if key != "train/skipped" else 1)
+                for key, total in zip(sums, totals.unbind())
+            }
             kl_per_sequence = kl.sum(dim=1).mean()
             valid = response_mask
-            metrics.update({
-                "objective/scores": scores.mean(),
-                "objective/kl": kl_per_sequence,
-                "objective/kl_coef": self.kl_controller.value.clone(),
-                "objective/rlhf_reward": (scores - self.kl_controller.value * kl.sum(dim=1)).mean(),
-                "policy/entropy": _masked_mean(entropy, valid),
-                "val/explained_variance": 1.0 - _masked_var(returns - old_values, valid) / _masked_var(returns, valid),
-                "val/mean": _masked_mean(old_values, valid),
-                "episode/length": valid.sum(dim=1).float().mean(),
-                "episode/eos_fraction": has_eos.float().mean(),
-                "train/nonfinite_rewards": (~rewards_finite).float(),
-                "train/response_tokens": valid.sum().float(),
-            })
+            metrics.update(
+                {
+                    "objective/scores": scores.mean(),
+                    "objective/kl": kl_per_sequence,
+                    "objective/kl_coef": self.kl_controller.value.clone(),
+                    "objective/rlhf_reward": (scores - self.kl_controller.value * kl.sum(dim=1)).mean(),
+                    "policy/entropy": _masked_mean(entropy, valid),
+                    "val/explained_variance": 1.0
+                    - _masked_var(returns - old_values, valid) / _masked_var(returns, valid),
+                    "val/mean": _masked_mean(old_values, valid),
+                    "episode/length": valid.sum(dim=1).float().mean(),
+                    "episode/eos_fraction": has_eos.float().mean(),
+                    "train/nonfinite_rewards": (~rewards_finite).float(),
+                    "train/response_tokens": valid.sum().float(),
+                }
+            )
             self.kl_controller.update(kl_per_sequence, n_steps=batch)
             return metrics
         finally:
@@ -461,25 +590,39 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------------------- training
     def _state(self) -> dict:
-        return {"step": self.iteration_index, "ptx_position": self.ptx_position,
-                "kl_controller": self.kl_controller.state_dict(), "bad_steps": self.bad_iterations.state_dict(),
-                "seed": self.config.seed}
+        return {
+            "step": self.iteration_index,
+            "ptx_position": self.ptx_position,
+            "kl_controller": self.kl_controller.state_dict(),
+            "bad_steps": self.bad_iterations.state_dict(),
+            "seed": self.config.seed,
+        }
 
     def _generators(self) -> dict[str, torch.Generator]:
         return {"sample": self.sample_generator, "shuffle": self.shuffle_generator}
 
     def _save(self) -> None:
-        self.checkpoints.save(models={"policy": self.policy_module, "value": self.value_module},
-                              optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self._state(),
-                              generators=self._generators(), optimizer_model=self.trained)
+        self.checkpoints.save(
+            models={"policy": self.policy_module, "value": self.value_module},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=self._state(),
+            generators=self._generators(),
+            optimizer_model=self.trained,
+        )
 
     def _resume(self) -> None:
         path = self.checkpoints.latest() if self.config.resume else None
         if path is None:
             return
-        state, _ = self.checkpoints.load(path, models={"policy": self.policy_module, "value": self.value_module},
-                                         optimizer=self.optimizer, scheduler=self.scheduler,
-                                         generators=self._generators(), optimizer_model=self.trained)
+        state, _ = self.checkpoints.load(
+            path,
+            models={"policy": self.policy_module, "value": self.value_module},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            generators=self._generators(),
+            optimizer_model=self.trained,
+        )
         self.iteration_index = state["step"]
         self.ptx_position = state["ptx_position"]
         self.kl_controller.load_state_dict(state["kl_controller"])
@@ -491,9 +634,13 @@ class PPOTrainer:
         self._resume()
         resumed = self.iteration_index if config.resume and self.iteration_index > 0 else None
         log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
-        bar = ProgressBar(self.total_iterations, initial=self.iteration_index, desc="ppo",
-                          keys=("objective/scores", "objective/kl", "policy/approx_kl", "loss/value"),
-                          enabled=self.ctx.is_main)
+        bar = ProgressBar(
+            self.total_iterations,
+            initial=self.iteration_index,
+            desc="ppo",
+            keys=("objective/scores", "objective/kl", "policy/approx_kl", "loss/value"),
+            enabled=self.ctx.is_main,
+        )
         last: dict[str, float] = {}
         try:
             while self.iteration_index < self.total_iterations:
@@ -506,20 +653,35 @@ class PPOTrainer:
                 self.scheduler.step()
                 self.iteration_index += 1
                 seconds = time.perf_counter() - started
-                values.update({"train/lr": lr, "time/seconds": seconds,
-                               "time/tokens_per_second": values["train/response_tokens"] / max(seconds, 1e-9)})
+                values.update(
+                    {
+                        "train/lr": lr,
+                        "time/seconds": seconds,
+                        "time/tokens_per_second": values["train/response_tokens"] / max(seconds, 1e-9),
+                    }
+                )
                 bad = values["train/nonfinite_rewards"] > 0 or values["train/skipped"] > 0
-                self.bad_iterations.update(bad, self.iteration_index,
-                                           f"{values['train/skipped']:.0f} optimizer steps skipped")
+                self.bad_iterations.update(
+                    bad, self.iteration_index, f"{values['train/skipped']:.0f} optimizer steps skipped"
+                )
                 if self.iteration_index % config.log_every == 0:
                     log.log(self.iteration_index, values)
                 bar.update(values)
                 last = values
-                if config.save_every and self.iteration_index % config.save_every == 0:
+                # No checkpoint during a run of skipped steps: the last one before it stays the newest.
+                due = config.save_every and self.iteration_index % config.save_every == 0
+                if due and self.bad_iterations.consecutive == 0:
                     self._save()
             self._save()
-            export_pretrained(self.policy, Path(config.output_dir) / "final", self.ctx, tokenizer=self.tokenizer,
-                              skeleton=self._skeleton, prefix="policy.", state_source=self.policy_module)
+            export_pretrained(
+                self.policy,
+                Path(config.output_dir) / "final",
+                self.ctx,
+                tokenizer=self.tokenizer,
+                skeleton=self._skeleton,
+                prefix="policy.",
+                state_source=self.policy_module,
+            )
         finally:
             bar.close()
             log.close()

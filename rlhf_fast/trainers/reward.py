@@ -103,9 +103,17 @@ class RewardTrainer:
         tokenizer: saved with the final model; its pad id is used unless `pad_token_id` is given.
     """
 
-    def __init__(self, config: RewardConfig, model, train_data: Sequence[Any], *,
-                 eval_data: Sequence[Any] | None = None, normalization_data: Sequence[Any] | None = None,
-                 tokenizer=None, pad_token_id: int | None = None):
+    def __init__(
+        self,
+        config: RewardConfig,
+        model,
+        train_data: Sequence[Any],
+        *,
+        eval_data: Sequence[Any] | None = None,
+        normalization_data: Sequence[Any] | None = None,
+        tokenizer=None,
+        pad_token_id: int | None = None,
+    ):
         from rlhf_fast.trainers.sft import _pad_token_id
 
         config.check()
@@ -124,26 +132,41 @@ class RewardTrainer:
         self.wrapped = wrap_model(self.model, self.ctx, fsdp=config.fsdp)
         self.parameters = trainable_parameters(self.model)
         self.optimizer = make_optimizer(
-            self.parameters, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-            betas=config.adam_betas, eps=config.adam_eps, device=self.ctx.device)
+            self.parameters,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            betas=config.adam_betas,
+            eps=config.adam_eps,
+            device=self.ctx.device,
+        )
         self.steps_per_epoch = len(self._epoch_batches(0))
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup,
-                                        total_steps=self.total_steps, min_lr_ratio=config.min_lr_ratio)
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            schedule=config.lr_schedule,
+            warmup_steps=config.warmup,
+            total_steps=self.total_steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
         self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
         self.bad_steps = BadStepCounter(config.max_bad_steps)
         self.global_step = 0
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        batches = batches_of(epoch_order(len(self.train_data), self.config.seed, epoch), self.config.batch_size,
-                             drop_last=False)
+        batches = batches_of(
+            epoch_order(len(self.train_data), self.config.seed, epoch),
+            self.config.batch_size,
+            drop_last=False,
+        )
         if batches and len(batches[-1]) < self.ctx.world_size:
             batches.pop()
         if not batches:
-            raise ValueError(f"{len(self.train_data)} rankings cannot give every one of the "
-                             f"{self.ctx.world_size} processes one prompt")
+            raise ValueError(
+                f"{len(self.train_data)} rankings cannot give every one of the "
+                f"{self.ctx.world_size} processes one prompt"
+            )
         return batches
 
     # ------------------------------------------------------------------------------------------ compute
@@ -154,13 +177,17 @@ class RewardTrainer:
 
         batch = collate_rankings(items, self.pad_token_id)
         device = self.ctx.device
-        scores = model(batch["input_ids"].to(device, non_blocking=True),
-                       batch["attention_mask"].to(device, non_blocking=True))
-        return ranking_loss(scores, batch["group_sizes"], batch["ranks"].to(device), margin=self.config.margin)
+        scores = model(
+            batch["input_ids"].to(device, non_blocking=True),
+            batch["attention_mask"].to(device, non_blocking=True),
+        )
+        return ranking_loss(
+            scores, batch["group_sizes"], batch["ranks"].to(device), margin=self.config.margin
+        )
 
     def _micro_batches(self, items: list) -> list[list]:
         size = self.config.micro_batch_size or max(len(items), 1)
-        return [items[start:start + size] for start in range(0, len(items), size)]
+        return [items[start : start + size] for start in range(0, len(items), size)]
 
     def train_step(self, items: list, global_items: list) -> dict[str, torch.Tensor]:
         """One optimizer step on this rank's prompts; the loss is scaled to the global mean over prompts."""
@@ -178,9 +205,15 @@ class RewardTrainer:
             correct_total = correct_total + accuracy.detach().float() * pairs
         totals = self.ctx.all_reduce_sum(torch.stack([loss_total, correct_total]))
         loss = totals[0]
-        grad_norm, bad = guarded_step(self.optimizer, self.parameters, loss, self.ctx,
-                                      max_grad_norm=self.config.max_grad_norm)
-        return {"loss": loss, "accuracy": totals[1] / max(global_pairs, 1), "grad_norm": grad_norm, "skipped": bad}
+        grad_norm, bad = guarded_step(
+            self.optimizer, self.parameters, loss, self.ctx, max_grad_norm=self.config.max_grad_norm
+        )
+        return {
+            "loss": loss,
+            "accuracy": totals[1] / max(global_pairs, 1),
+            "grad_norm": grad_norm,
+            "skipped": bad,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -193,7 +226,7 @@ class RewardTrainer:
         mine = [self.eval_data[i] for i in rank_share(list(range(len(self.eval_data))), self.ctx)]
         totals = torch.zeros(2, device=self.ctx.device)
         for start in range(0, len(mine), self.config.eval_batch_size):
-            chunk = mine[start:start + self.config.eval_batch_size]
+            chunk = mine[start : start + self.config.eval_batch_size]
             prompts, pairs = _pair_counts(chunk)
             loss, accuracy = self.compute_loss(self.model, chunk)
             totals += torch.stack([loss.float() * prompts, accuracy.float() * pairs])
@@ -215,17 +248,23 @@ class RewardTrainer:
         mine = [reference[i] for i in rank_share(list(range(len(reference))), self.ctx)]
         totals = torch.zeros(2, device=self.ctx.device, dtype=torch.float64)
         for start in range(0, len(mine), batch_size):
-            rows = [list(getattr(item, "input_ids", item) if not isinstance(item, dict) else item["input_ids"])
-                    for item in mine[start:start + batch_size]]
+            rows = [
+                list(getattr(item, "input_ids", item) if not isinstance(item, dict) else item["input_ids"])
+                for item in mine[start : start + batch_size]
+            ]
             length = max(len(row) for row in rows)
             input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
             for index, row in enumerate(rows):
-                input_ids[index, :len(row)] = torch.as_tensor(row)
-                attention_mask[index, :len(row)] = True
+                input_ids[index, : len(row)] = torch.as_tensor(row)
+                attention_mask[index, : len(row)] = True
             scores = self.model(input_ids.to(self.ctx.device), attention_mask.to(self.ctx.device))
-            totals += torch.stack([scores.double().sum(), torch.tensor(float(len(rows)), device=self.ctx.device,
-                                                                       dtype=torch.float64)])
+            totals += torch.stack(
+                [
+                    scores.double().sum(),
+                    torch.tensor(float(len(rows)), device=self.ctx.device, dtype=torch.float64),
+                ]
+            )
         self.ctx.all_reduce_sum(totals)
         self.model.train(was_training)
         score_sum, count = totals.tolist()
@@ -235,18 +274,33 @@ class RewardTrainer:
 
     # ---------------------------------------------------------------------------------------- training
     def _save(self, epoch: int, step_in_epoch: int) -> None:
-        state = {"step": self.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                 "bad_steps": self.bad_steps.state_dict(), "seed": self.config.seed,
-                 "normalization_bias": self.model.normalization_bias}
-        self.checkpoints.save(models={"reward_model": self.model}, optimizer=self.optimizer,
-                              scheduler=self.scheduler, trainer_state=state, optimizer_model=self.model)
+        state = {
+            "step": self.global_step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "bad_steps": self.bad_steps.state_dict(),
+            "seed": self.config.seed,
+            "normalization_bias": self.model.normalization_bias,
+        }
+        self.checkpoints.save(
+            models={"reward_model": self.model},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=state,
+            optimizer_model=self.model,
+        )
 
     def _resume(self) -> tuple[int, int]:
         path = self.checkpoints.latest() if self.config.resume else None
         if path is None:
             return 0, 0
-        state, _ = self.checkpoints.load(path, models={"reward_model": self.model}, optimizer=self.optimizer,
-                                         scheduler=self.scheduler, optimizer_model=self.model)
+        state, _ = self.checkpoints.load(
+            path,
+            models={"reward_model": self.model},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            optimizer_model=self.model,
+        )
         self.global_step = state["step"]
         self.bad_steps.load_state_dict(state.get("bad_steps", {}))
         self.model.set_normalization(state.get("normalization_bias", 0.0))
@@ -258,8 +312,13 @@ class RewardTrainer:
         start_epoch, start_step = self._resume()
         resumed = self.global_step if config.resume and self.global_step > 0 else None
         log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
-        bar = ProgressBar(self.total_steps, initial=self.global_step, desc="rm",
-                          keys=("train/loss", "train/accuracy", "eval/accuracy"), enabled=self.ctx.is_main)
+        bar = ProgressBar(
+            self.total_steps,
+            initial=self.global_step,
+            desc="rm",
+            keys=("train/loss", "train/accuracy", "eval/accuracy"),
+            enabled=self.ctx.is_main,
+        )
         self.model.train()
         last: dict[str, float] = {}
         try:
@@ -278,19 +337,28 @@ class RewardTrainer:
                     values = read_metrics(metrics)
                     self.bad_steps.update(values["skipped"] > 0, self.global_step)
                     epoch_done = step_in_epoch == len(batches) - 1
-                    logged = {"train/loss": values["loss"], "train/accuracy": values["accuracy"], "train/lr": lr,
-                              "train/grad_norm": values["grad_norm"], "train/skipped": values["skipped"],
-                              "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
-                              "time/seconds": time.perf_counter() - started}
-                    if self.eval_data and ((config.eval_every and self.global_step % config.eval_every == 0)
-                                           or (not config.eval_every and epoch_done)
-                                           or self.global_step == self.total_steps):
+                    logged = {
+                        "train/loss": values["loss"],
+                        "train/accuracy": values["accuracy"],
+                        "train/lr": lr,
+                        "train/grad_norm": values["grad_norm"],
+                        "train/skipped": values["skipped"],
+                        "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
+                        "time/seconds": time.perf_counter() - started,
+                    }
+                    if self.eval_data and (
+                        (config.eval_every and self.global_step % config.eval_every == 0)
+                        or (not config.eval_every and epoch_done)
+                        or self.global_step == self.total_steps
+                    ):
                         logged.update(self.evaluate())
                     if self.global_step % config.log_every == 0 or "eval/accuracy" in logged:
                         log.log(self.global_step, logged)
                     bar.update(logged)
                     last = logged
-                    if config.save_every and self.global_step % config.save_every == 0:
+                    # No checkpoint during a run of skipped steps: the last one before it stays the newest.
+                    due = config.save_every and self.global_step % config.save_every == 0
+                    if due and self.bad_steps.consecutive == 0:
                         next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch + 1)
                         self._save(next_epoch, next_step)
             if config.normalize and self.normalization_data:
@@ -298,8 +366,13 @@ class RewardTrainer:
                 log.log(self.global_step, {"normalization/bias": bias})
                 last["normalization/bias"] = bias
             self._save(config.epochs, 0)
-            export_pretrained(self.model, Path(config.output_dir) / "final", self.ctx, tokenizer=self.tokenizer,
-                              skeleton=self._skeleton)
+            export_pretrained(
+                self.model,
+                Path(config.output_dir) / "final",
+                self.ctx,
+                tokenizer=self.tokenizer,
+                skeleton=self._skeleton,
+            )
         finally:
             bar.close()
             log.close()

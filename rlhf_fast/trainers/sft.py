@@ -77,8 +77,10 @@ def _load_policy(policy):
     if not isinstance(policy, PolicyModel):
         if hasattr(policy, "get_output_embeddings"):
             return PolicyModel(policy)
-        raise ValueError(f"policy must be a PolicyModel, a transformers causal LM or a directory, got "
-                         f"{type(policy).__name__}")
+        raise ValueError(
+            f"policy must be a PolicyModel, a transformers causal LM or a directory, got "
+            f"{type(policy).__name__}"
+        )
     return policy
 
 
@@ -89,7 +91,9 @@ def _pad_token_id(pad_token_id: int | None, tokenizer, config) -> int:
         value = getattr(source, "pad_token_id", None) if source is not None else None
         if value is not None:
             return int(value)
-    raise ValueError("pad_token_id is unknown: pass pad_token_id=, or a tokenizer / model config that has one")
+    raise ValueError(
+        "pad_token_id is unknown: pass pad_token_id=, or a tokenizer / model config that has one"
+    )
 
 
 class SFTTrainer:
@@ -103,8 +107,16 @@ class SFTTrainer:
         tokenizer: saved with the final model; its pad id is used unless `pad_token_id` is given.
     """
 
-    def __init__(self, config: SFTConfig, policy, train_data: Sequence[Any], *, eval_data: Sequence[Any] | None = None,
-                 tokenizer=None, pad_token_id: int | None = None):
+    def __init__(
+        self,
+        config: SFTConfig,
+        policy,
+        train_data: Sequence[Any],
+        *,
+        eval_data: Sequence[Any] | None = None,
+        tokenizer=None,
+        pad_token_id: int | None = None,
+    ):
         config.check()
         if len(train_data) == 0:
             raise ValueError("train_data is empty")
@@ -118,22 +130,34 @@ class SFTTrainer:
         self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.policy.config)
         if config.residual_dropout is not None:
             set_residual_dropout(self.policy.hf_model, config.residual_dropout)
-        self.block_size = config.block_size or max(len(example.input_ids if hasattr(example, "input_ids")
-                                                       else example["input_ids"]) for example in self.train_data)
+        self.block_size = config.block_size or max(
+            len(example.input_ids if hasattr(example, "input_ids") else example["input_ids"])
+            for example in self.train_data
+        )
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and self.ctx.is_distributed else None
 
         self.module = PolicyLogprobs(self.policy)
         self.wrapped = wrap_model(self.module, self.ctx, fsdp=config.fsdp)
         self.parameters = trainable_parameters(self.module)
         self.optimizer = make_optimizer(
-            self.parameters, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-            betas=config.adam_betas, eps=config.adam_eps, device=self.ctx.device)
+            self.parameters,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            betas=config.adam_betas,
+            eps=config.adam_eps,
+            device=self.ctx.device,
+        )
         self.steps_per_epoch = len(self._epoch_batches(0))
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup,
-                                        total_steps=self.total_steps, min_lr_ratio=config.min_lr_ratio)
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            schedule=config.lr_schedule,
+            warmup_steps=config.warmup,
+            total_steps=self.total_steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
         self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
         self.bad_steps = BadStepCounter(config.max_bad_steps)
         self.global_step = 0
@@ -142,13 +166,18 @@ class SFTTrainer:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches (example indices) of one epoch; a last batch with fewer examples than
         processes is dropped, so that every rank has work."""
-        batches = batches_of(epoch_order(len(self.train_data), self.config.seed, epoch), self.config.batch_size,
-                             drop_last=False)
+        batches = batches_of(
+            epoch_order(len(self.train_data), self.config.seed, epoch),
+            self.config.batch_size,
+            drop_last=False,
+        )
         if batches and len(batches[-1]) < self.ctx.world_size:
             batches.pop()
         if not batches:
-            raise ValueError(f"{len(self.train_data)} examples cannot give every one of the "
-                             f"{self.ctx.world_size} processes one example")
+            raise ValueError(
+                f"{len(self.train_data)} examples cannot give every one of the "
+                f"{self.ctx.world_size} processes one example"
+            )
         return batches
 
     def _micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
@@ -161,11 +190,15 @@ class SFTTrainer:
             packed = pack_sft(examples, self.block_size, self.pad_token_id)
             rows = packed["input_ids"].shape[0]
             size = self.config.micro_batch_size or rows
-            return [{key: value[start:start + size] for key, value in packed.items()}
-                    for start in range(0, rows, size)]
+            return [
+                {key: value[start : start + size] for key, value in packed.items()}
+                for start in range(0, rows, size)
+            ]
         size = self.config.micro_batch_size or len(examples)
-        return [collate_sft(examples[start:start + size], self.pad_token_id)
-                for start in range(0, len(examples), size)]
+        return [
+            collate_sft(examples[start : start + size], self.pad_token_id)
+            for start in range(0, len(examples), size)
+        ]
 
     def compute_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of response-token NLL, number of response tokens) of one micro-batch, on the device."""
@@ -199,8 +232,9 @@ class SFTTrainer:
                 (nll_sum * scale).sum().backward()
             nll_total = nll_total + nll_sum.detach()
         loss = self.ctx.all_reduce_sum(nll_total.reshape(1)).reshape(()) / global_tokens.reshape(())
-        grad_norm, bad = guarded_step(self.optimizer, self.parameters, loss, self.ctx,
-                                      max_grad_norm=self.config.max_grad_norm)
+        grad_norm, bad = guarded_step(
+            self.optimizer, self.parameters, loss, self.ctx, max_grad_norm=self.config.max_grad_norm
+        )
         return {"loss": loss, "grad_norm": grad_norm, "skipped": bad, "tokens": global_tokens.reshape(())}
 
     @torch.no_grad()
@@ -214,7 +248,7 @@ class SFTTrainer:
         totals = torch.zeros(2, device=self.ctx.device)
         size = self.config.eval_batch_size
         for start in range(0, len(mine), size):
-            for batch in self._micro_batches([self.eval_data[i] for i in mine[start:start + size]]):
+            for batch in self._micro_batches([self.eval_data[i] for i in mine[start : start + size]]):
                 nll_sum, count = self.compute_loss(self.module, batch)
                 totals += torch.stack([nll_sum.float(), count.float()])
         self.ctx.all_reduce_sum(totals)
@@ -223,17 +257,32 @@ class SFTTrainer:
         return nll / max(count, 1.0)
 
     def _save(self, epoch: int, step_in_epoch: int) -> None:
-        state = {"step": self.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                 "bad_steps": self.bad_steps.state_dict(), "seed": self.config.seed}
-        self.checkpoints.save(models={"policy": self.module}, optimizer=self.optimizer, scheduler=self.scheduler,
-                              trainer_state=state, optimizer_model=self.module)
+        state = {
+            "step": self.global_step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "bad_steps": self.bad_steps.state_dict(),
+            "seed": self.config.seed,
+        }
+        self.checkpoints.save(
+            models={"policy": self.module},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=state,
+            optimizer_model=self.module,
+        )
 
     def _resume(self) -> tuple[int, int]:
         path = self.checkpoints.latest() if self.config.resume else None
         if path is None:
             return 0, 0
-        state, _ = self.checkpoints.load(path, models={"policy": self.module}, optimizer=self.optimizer,
-                                         scheduler=self.scheduler, optimizer_model=self.module)
+        state, _ = self.checkpoints.load(
+            path,
+            models={"policy": self.module},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            optimizer_model=self.module,
+        )
         self.global_step = state["step"]
         self.bad_steps.load_state_dict(state.get("bad_steps", {}))
         return state["epoch"], state["step_in_epoch"]
@@ -244,8 +293,13 @@ class SFTTrainer:
         start_epoch, start_step = self._resume()
         resumed = self.global_step if config.resume and self.global_step > 0 else None
         log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
-        bar = ProgressBar(self.total_steps, initial=self.global_step, desc="sft", keys=("train/loss", "eval/loss"),
-                          enabled=self.ctx.is_main)
+        bar = ProgressBar(
+            self.total_steps,
+            initial=self.global_step,
+            desc="sft",
+            keys=("train/loss", "eval/loss"),
+            enabled=self.ctx.is_main,
+        )
         self.policy.train()
         last: dict[str, float] = {}
         try:
@@ -263,24 +317,40 @@ class SFTTrainer:
                     values = read_metrics(metrics)
                     self.bad_steps.update(values["skipped"] > 0, self.global_step)
                     epoch_done = step_in_epoch == len(batches) - 1
-                    logged = {"train/loss": values["loss"], "train/lr": lr, "train/grad_norm": values["grad_norm"],
-                              "train/skipped": values["skipped"], "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
-                              "time/seconds": time.perf_counter() - started}
+                    logged = {
+                        "train/loss": values["loss"],
+                        "train/lr": lr,
+                        "train/grad_norm": values["grad_norm"],
+                        "train/skipped": values["skipped"],
+                        "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
+                        "time/seconds": time.perf_counter() - started,
+                    }
                     logged["time/tokens_per_second"] = values["tokens"] / max(logged["time/seconds"], 1e-9)
-                    if self.eval_data and ((config.eval_every and self.global_step % config.eval_every == 0)
-                                           or (not config.eval_every and epoch_done)
-                                           or self.global_step == self.total_steps):
+                    if self.eval_data and (
+                        (config.eval_every and self.global_step % config.eval_every == 0)
+                        or (not config.eval_every and epoch_done)
+                        or self.global_step == self.total_steps
+                    ):
                         logged["eval/loss"] = self.evaluate()
                     if self.global_step % config.log_every == 0 or "eval/loss" in logged:
                         log.log(self.global_step, logged)
                     bar.update(logged)
                     last = logged
-                    if config.save_every and self.global_step % config.save_every == 0:
+                    # No checkpoint during a run of skipped steps: the last one before it stays the newest.
+                    due = config.save_every and self.global_step % config.save_every == 0
+                    if due and self.bad_steps.consecutive == 0:
                         next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch + 1)
                         self._save(next_epoch, next_step)
             self._save(config.epochs, 0)
-            export_pretrained(self.policy, Path(config.output_dir) / "final", self.ctx, tokenizer=self.tokenizer,
-                              skeleton=self._skeleton, prefix="policy.", state_source=self.module)
+            export_pretrained(
+                self.policy,
+                Path(config.output_dir) / "final",
+                self.ctx,
+                tokenizer=self.tokenizer,
+                skeleton=self._skeleton,
+                prefix="policy.",
+                state_source=self.module,
+            )
         finally:
             bar.close()
             log.close()

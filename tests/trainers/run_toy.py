@@ -20,10 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("RLHF_FAST_NO_PROGRESS", "1")
 
-from tests.trainers import toy  # noqa: E402
+from tests.trainers import toy
 
-STEP_METHOD = {"sft": ("train_step", "global_step"), "rm": ("train_step", "global_step"),
-               "ppo": ("iteration", "iteration_index")}
+STEP_METHOD = {
+    "sft": ("train_step", "global_step"),
+    "rm": ("train_step", "global_step"),
+    "ppo": ("iteration", "iteration_index"),
+}
 
 
 def pause_after(trainer, kind: str, step: int, marker: Path) -> None:

@@ -70,8 +70,10 @@ def rankings(n: int, seed: int = 0, k_range=(2, 5)):
 
 def prompts(n: int, seed: int = 0):
     rng = random.Random(seed)
-    records = [PromptRecord(prompt=" ".join(rng.choice(WORDS[1:]) for _ in range(rng.randint(1, 4))))
-               for _ in range(n)]
+    records = [
+        PromptRecord(prompt=" ".join(rng.choice(WORDS[1:]) for _ in range(rng.randint(1, 4))))
+        for _ in range(n)
+    ]
     return encode_prompts(records, tokenizer(), max_prompt_length=8).items
 
 
@@ -103,22 +105,52 @@ def make_trainer(kind: str, output_dir, **overrides):
     output_dir = str(output_dir)
     torch.manual_seed(1234)  # the reward model's fresh head draws from the global RNG
     if kind == "sft":
-        config = SFTConfig(learning_rate=3e-3, batch_size=8, epochs=2, warmup=1, residual_dropout=0.0,
-                           save_every=2, output_dir=output_dir)
+        config = SFTConfig(
+            learning_rate=3e-3,
+            batch_size=8,
+            epochs=2,
+            warmup=1,
+            residual_dropout=0.0,
+            save_every=2,
+            output_dir=output_dir,
+        )
         config = _override(config, overrides)
-        return SFTTrainer(config, policy(), demonstrations(32), eval_data=demonstrations(8, seed=1),
-                          tokenizer=tokenizer())
+        return SFTTrainer(
+            config, policy(), demonstrations(32), eval_data=demonstrations(8, seed=1), tokenizer=tokenizer()
+        )
     if kind == "rm":
         config = RewardConfig(learning_rate=1e-3, batch_size=8, epochs=2, save_every=2, output_dir=output_dir)
         config = _override(config, overrides)
-        return RewardTrainer(config, policy(), rankings(32), eval_data=rankings(8, seed=1),
-                             normalization_data=demonstrations(8), tokenizer=tokenizer())
+        return RewardTrainer(
+            config,
+            policy(),
+            rankings(32),
+            eval_data=rankings(8, seed=1),
+            normalization_data=demonstrations(8),
+            tokenizer=tokenizer(),
+        )
     if kind == "ppo":
-        config = PPOConfig(learning_rate=1e-3, batch_size=8, num_minibatches=2, ppo_epochs=1, max_iterations=4,
-                           warmup=0, max_new_tokens=6, ptx_coef=0.5, save_every=2, output_dir=output_dir)
+        config = PPOConfig(
+            learning_rate=1e-3,
+            batch_size=8,
+            num_minibatches=2,
+            ppo_epochs=1,
+            max_iterations=4,
+            warmup=0,
+            max_new_tokens=6,
+            ptx_coef=0.5,
+            save_every=2,
+            output_dir=output_dir,
+        )
         config = _override(config, overrides)
-        return PPOTrainer(config, policy(), counting_reward_model(), prompts(32), pretrain_data=pretrain(16),
-                          tokenizer=tokenizer())
+        return PPOTrainer(
+            config,
+            policy(),
+            counting_reward_model(),
+            prompts(32),
+            pretrain_data=pretrain(16),
+            tokenizer=tokenizer(),
+        )
     raise ValueError(f"kind must be sft, rm or ppo, got {kind!r}")
 
 
@@ -139,7 +171,9 @@ def final_tensors(kind: str, output_dir) -> dict[str, torch.Tensor]:
 
     tensors = {}
     for name in TRAINED_FILES[kind]:
-        for key, value in load_safetensors(Path(output_dir) / "checkpoints" / "last" / f"{name}.safetensors").items():
+        for key, value in load_safetensors(
+            Path(output_dir) / "checkpoints" / "last" / f"{name}.safetensors"
+        ).items():
             tensors[f"{name}/{key}"] = value
     return tensors
 

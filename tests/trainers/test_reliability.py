@@ -1,0 +1,217 @@
+"""Checkpoints are atomic and exact: a run killed with SIGKILL and resumed ends where an uninterrupted run
+ends; non-finite steps are skipped, and too many in a row abort without touching the last good checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rlhf_fast.trainers import NonFiniteError
+from rlhf_fast.trainers.checkpoint import CheckpointManager, load_safetensors
+from rlhf_fast.trainers.distributed import init_distributed
+from tests.trainers import toy
+from tests.trainers.conftest import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNNER = ROOT / "tests" / "trainers" / "run_toy.py"
+KINDS = ("sft", "rm", "ppo")
+PAUSE_AFTER = 2  # checkpoint at step 2 (save_every=2), step 3 runs, then the process is killed
+
+
+# ------------------------------------------------------------------------------------- checkpoint manager
+
+
+def _tiny_state():
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_checkpoints_rotate_atomically_and_restore(tmp_path):
+    manager = CheckpointManager(tmp_path, init_distributed("cpu"))
+    model, optimizer = _tiny_state()
+    generator = torch.Generator().manual_seed(3)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        manager.save(
+            models={"model": model},
+            optimizer=optimizer,
+            scheduler=None,
+            trainer_state={"step": step},
+            generators={"g": generator},
+        )
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["last", "previous"]
+    expected = {name: t.clone() for name, t in model.state_dict().items()}
+    draws = torch.rand(4, generator=generator)
+
+    with torch.no_grad():
+        model.weight.zero_()
+    state, _ = manager.load(
+        manager.latest(),
+        models={"model": model},
+        optimizer=optimizer,
+        scheduler=None,
+        generators={"g": generator},
+    )
+    assert state["step"] == 3
+    torch.testing.assert_close(model.state_dict(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.rand(4, generator=generator), draws, rtol=0, atol=0)
+
+    # A crash between the renames leaves `previous` (the older, complete one) and a stale temporary directory.
+    os.rename(root / "last", tmp_path / "lost")
+    (root / ".tmp-step4").mkdir()
+    assert manager.latest() == root / "previous"
+    manager.save(models={"model": model}, optimizer=optimizer, scheduler=None, trainer_state={"step": 4})
+    assert sorted(p.name for p in root.iterdir()) == ["last", "previous"]
+
+
+def test_a_nonfinite_state_is_never_written(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path, init_distributed("cpu"))
+    model, optimizer = _tiny_state()
+    manager.save(models={"model": model}, optimizer=optimizer, scheduler=None, trainer_state={"step": 1})
+    good = load_safetensors(tmp_path / "checkpoints" / "last" / "model.safetensors")
+    with torch.no_grad():
+        model.bias[0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="rlhf_fast.trainers"):
+        assert (
+            manager.save(
+                models={"model": model}, optimizer=optimizer, scheduler=None, trainer_state={"step": 2}
+            )
+            is None
+        )
+    assert "not finite" in caplog.text
+    kept = load_safetensors(tmp_path / "checkpoints" / "last" / "model.safetensors")
+    torch.testing.assert_close(kept, good, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------------- SIGKILL + resume
+
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory):
+    """Each toy run in its own process, SIGKILLed one step after its step-2 checkpoint (all three at once)."""
+    root = tmp_path_factory.mktemp("killed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_FAST_NO_PROGRESS="1")
+    processes = {
+        kind: subprocess.Popen(
+            [sys.executable, str(RUNNER), kind, str(root), "--pause-after", str(PAUSE_AFTER)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for kind in KINDS
+    }
+    deadline = time.monotonic() + 300
+    try:
+        for kind, process in processes.items():
+            marker = root / kind / "paused"
+            while not marker.exists():
+                if process.poll() is not None:
+                    raise AssertionError(f"{kind} run exited early:\n{process.stderr.read().decode()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{kind} run did not reach its pause point in time")
+                time.sleep(0.1)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            assert process.returncode == -signal.SIGKILL
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return root
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_after_sigkill_matches_an_uninterrupted_run(kind, killed_runs, tmp_path):
+    run_dir = killed_runs / kind
+    state = (run_dir / "checkpoints" / "last" / "trainer_state.json").read_text()
+    assert f'"step": {PAUSE_AFTER}' in state
+    resumed = toy.make_trainer(kind, run_dir, resume=True)
+    resumed.train()
+    uninterrupted = toy.make_trainer(kind, tmp_path)
+    uninterrupted.train()
+    difference = toy.max_difference(toy.final_tensors(kind, run_dir), toy.final_tensors(kind, tmp_path))
+    assert difference <= 1e-6, difference
+    # The metrics file reads as one run: every step once, in order.
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "time/seconds" in r]
+    assert steps == sorted(set(steps)) and steps[0] == 1
+
+
+# -------------------------------------------------------------------------------------- non-finite steps
+
+
+def _poison(trainer, kind: str, bad) -> None:
+    """Makes the loss (SFT, RM) or the reward (PPO) NaN whenever `bad(step index)` is true."""
+    if kind == "ppo":
+        original = trainer.score
+        trainer.score = lambda *a: original(*a) * (float("nan") if bad(trainer.iteration_index) else 1.0)
+        return
+    original = trainer.compute_loss
+
+    def compute_loss(*args):
+        first, second = original(*args)
+        return (first * float("nan"), second) if bad(trainer.global_step) else (first, second)
+
+    trainer.compute_loss = compute_loss
+
+
+def _snapshot(trainer) -> dict[str, torch.Tensor]:
+    """Copies of the trained parameters (SFT: `module`, RM: `model`, PPO: `trained`)."""
+    module = next(getattr(trainer, name) for name in ("module", "trained", "model") if hasattr(trainer, name))
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonfinite_steps_are_skipped_with_a_warning(kind, tmp_path, caplog):
+    trainer = toy.make_trainer(kind, tmp_path, save_every=0)
+    _poison(trainer, kind, lambda step: step == 1)  # the second step
+    step_method = "iteration" if kind == "ppo" else "train_step"
+    original = getattr(trainer, step_method)
+    around_bad = []
+
+    def record(*args, **kwargs):
+        before = _snapshot(trainer)
+        result = original(*args, **kwargs)
+        around_bad.append((before, _snapshot(trainer)))
+        return result
+
+    setattr(trainer, step_method, record)
+    with caplog.at_level(logging.WARNING, logger="rlhf_fast.trainers"):
+        trainer.train()
+    assert "non-finite" in caplog.text
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    skipped = [r["train/skipped"] for r in records if "train/skipped" in r]
+    assert skipped[1] > 0 and skipped[0] == 0 and skipped[2] == 0
+    before, after = around_bad[1]
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+    before, after = around_bad[2]
+    assert any(not torch.equal(after[name], before[name]) for name in before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_too_many_bad_steps_abort_and_keep_the_last_good_checkpoint(kind, tmp_path):
+    trainer = toy.make_trainer(kind, tmp_path, save_every=1, max_bad_steps=2)
+    _poison(trainer, kind, lambda step: step >= 2)  # steps 3, 4, ... are bad
+    with pytest.raises(NonFiniteError, match="max_bad_steps=2"):
+        trainer.train()
+    last = tmp_path / "checkpoints" / "last"
+    assert '"step": 2' in (last / "trainer_state.json").read_text()
+    for name in toy.TRAINED_FILES[kind]:
+        tensors = load_safetensors(last / f"{name}.safetensors")
+        assert all(torch.isfinite(t).all() for t in tensors.values())
