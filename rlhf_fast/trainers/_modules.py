@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_fast.ops.logprob import linear_token_logprobs
+from rlhf_fast.ops import linear_token_logprobs
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_fast.ops import gae, set_value_checks
-from rlhf_fast.ops.ppo_loss import ppo_losses
+from rlhf_fast.ops import gae, ppo_losses, set_value_checks
 from rlhf_fast.rollout import sample
 from rlhf_fast.trainers._common import (
     BadStepCounter,
@@ -74,6 +73,7 @@ class PPOConfig(RunConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    sample_cuda_graph: bool | None = None  # capture the sampler's decode step as a CUDA graph (None: on CUDA)
     kl_coef: float = 0.02  # β
     target_kl: float | None = (
         None  # set: adaptive KL controller (Ziegler et al.) towards this KL per sequence
@@ -398,6 +398,7 @@ class PPOTrainer:
                     eos_token_id=self.eos_token_id,
                     pad_token_id=self.pad_token_id,
                     generator=self.sample_generator,
+                    use_cuda_graph=cfg.sample_cuda_graph,
                 )
             sequences, response_ids, response_mask = (
                 rollout.sequences,

@@ -173,7 +173,7 @@ class RewardTrainer:
     def compute_loss(self, model, items: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, accuracy) of a micro-batch of rankings: `ranking_loss` over the model's ΣK scores."""
         from rlhf_fast.data import collate_rankings
-        from rlhf_fast.ops.ranking import ranking_loss
+        from rlhf_fast.ops import ranking_loss
 
         batch = collate_rankings(items, self.pad_token_id)
         device = self.ctx.device
