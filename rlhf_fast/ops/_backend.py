@@ -99,7 +99,7 @@ def _select_cached(op_name: str, device_type: str, implemented: tuple[str, ...],
                 f"(usable here: {usable})"
             )
         return forced
-    preference = ("cpp",) if device_type == "cpu" else gpu_order
+    preference = ("cpp", "chunked") if device_type == "cpu" else gpu_order
     for name in preference:
         if name in usable:
             return name
