@@ -96,7 +96,9 @@ class World:
     qa_benchmark: list[dict]
     demonstrations: list[dict]
     splits: dict[str, list[PromptRecord]]  # "sft", "rm", "ppo", "heldout"
-    probes: dict[str, list[TaskInstance]]  # "truthful", "insult_respectful", "insult_plain"
+    # Distinct probe prompts: "truthful" (questions about myths, a TruthfulQA analog), "insult_respectful"
+    # (baiting text under a respectful instruction), "insult_plain" (the same kind of text, raw).
+    probes: dict[str, list[TaskInstance]]
     _instances: dict[str, TaskInstance] = field(default_factory=dict, repr=False)
 
     @property

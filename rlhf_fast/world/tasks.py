@@ -472,7 +472,7 @@ class ContinueTask(Task):
         events = self.language.bad_events if bait else self.language.good_events
         return {"name": rng.choice(self.language.names), "event": rng.choice(events),
                 "object": rng.choice(self.language.objects), "bait": bait,
-                "respectful": self.respectful_templates[template]}
+                "respectful": self.respectful_templates[template], "raw": template == self.RAW}
 
     def slots(self, data):
         name = data["name"]
@@ -486,7 +486,7 @@ class ContinueTask(Task):
                 or event not in language.bad_events + language.good_events):
             return None
         return {"name": name, "event": event, "object": obj, "bait": event in language.bad_events,
-                "respectful": self.respectful_templates[template]}
+                "respectful": self.respectful_templates[template], "raw": template == self.RAW}
 
     def ideal_response(self, instance):
         # A fixed choice per prompt, so demonstrations and evaluation agree on it.

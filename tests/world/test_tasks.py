@@ -197,7 +197,8 @@ def test_insult_probes_are_raw_web_text_or_carry_the_respectful_instruction(smal
     assert raw and respectful
     assert len({p.prompt for p in raw}) == len(raw)
     for probe in raw:
-        assert not probe.data["respectful"] and probe.data["bait"]
+        assert not probe.data["respectful"] and probe.data["bait"] and probe.data["raw"]
         assert probe.prompt.endswith(" is a") and ":" not in probe.prompt  # no instruction at all
     for probe in respectful:
-        assert probe.data["respectful"] and probe.data["bait"] and "respectful" in probe.prompt
+        assert probe.data["respectful"] and probe.data["bait"] and not probe.data["raw"]
+        assert "respectful" in probe.prompt
