@@ -148,6 +148,14 @@ def _whiten(x: torch.Tensor, valid: torch.Tensor, shift_mean: bool = True) -> to
     return whitened
 
 
+def _token_ids(prompt: Any) -> list[int]:
+    """A prompt's ids: an `EncodedPrompt`, a mapping with `input_ids`, or an id sequence / 1-D tensor."""
+    if isinstance(prompt, dict):
+        prompt = prompt["input_ids"]
+    prompt = getattr(prompt, "input_ids", prompt)
+    return prompt.tolist() if isinstance(prompt, torch.Tensor) else [int(token) for token in prompt]
+
+
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, 0).sum() / valid.sum().clamp(min=1)
 
@@ -198,7 +206,9 @@ class PPOTrainer:
                 f"batch_size {config.batch_size} must be a multiple of num_minibatches × processes "
                 f"= {config.num_minibatches * ctx.world_size}"
             )
-        self.prompts = [list(getattr(p, "input_ids", p)) for p in prompts]
+        self.prompts = [_token_ids(prompt) for prompt in prompts]
+        if any(not prompt for prompt in self.prompts):
+            raise ValueError("prompts holds an empty prompt: every prompt needs at least one token")
         if len(self.prompts) < config.batch_size:
             raise ValueError(f"{len(self.prompts)} prompts are fewer than one batch of {config.batch_size}")
         self.tokenizer = tokenizer
@@ -222,7 +232,9 @@ class PPOTrainer:
             model.eval()  # no dropout anywhere in PPO: the ratio and the KL need a deterministic forward
         self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.policy.config)
         if eos_token_id is None:
-            eos_token_id = getattr(tokenizer, "eos_token_id", None) or self.policy.config.eos_token_id
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = self.policy.config.eos_token_id
         if eos_token_id is None:
             raise ValueError("eos_token_id is unknown: pass eos_token_id= or a tokenizer that has one")
         self.eos_token_id = int(eos_token_id)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_fast import PPOConfig
+from rlhf_fast import PPOConfig, PPOTrainer
 from rlhf_fast.rollout import sample
 from rlhf_fast.trainers import AdaptiveKLController
 from rlhf_fast.trainers._modules import PolicyLogprobs
@@ -136,3 +136,25 @@ def test_ptx_loss_only_with_pretraining_data(tmp_path):
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         PPOConfig(batch_size=8, **{field: value}).check()
+
+
+@pytest.mark.parametrize(
+    "settings", [{"whiten_rewards": True}, {"whiten_advantages": False}, {"gae_lambda": 1.0}]
+)
+def test_reward_and_advantage_options_run(tmp_path, settings):
+    metrics = one_iteration(toy.make_trainer("ppo", tmp_path, **settings))
+    assert all(math.isfinite(value) for value in metrics.values()), metrics
+    assert metrics["train/skipped"] == 0.0
+
+
+def test_prompts_may_be_mappings_or_id_lists(tmp_path):
+    config = PPOConfig(batch_size=8, num_minibatches=2, output_dir=str(tmp_path))
+    ids = [prompt.input_ids for prompt in toy.prompts(8)]
+    as_dicts = [{"input_ids": prompt} for prompt in ids]
+    trainer = PPOTrainer(
+        config, toy.policy(), toy.counting_reward_model(), as_dicts, tokenizer=toy.tokenizer()
+    )
+    assert trainer.prompts == ids
+    assert trainer.eos_token_id == toy.tokenizer().eos_token_id
+    with pytest.raises(ValueError, match="empty prompt"):
+        PPOTrainer(config, toy.policy(), toy.counting_reward_model(), [[]] * 8, tokenizer=toy.tokenizer())
