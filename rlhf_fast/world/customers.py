@@ -60,7 +60,8 @@ def sample_prompt(customer: Customer, tasks: dict[str, Task], rng: random.Random
     task = tasks[name]
     if name == "continue":
         respectful = rng.random() < customer.respectful_rate
-        candidates = [i for i, r in enumerate(task.respectful_templates) if r == respectful]
+        # Customers write instructions; raw web text is left to the toxicity probes.
+        candidates = [i for i, r in enumerate(task.respectful_templates) if r == respectful and i != task.RAW]
     else:
         candidates = list(range(len(task.templates)))
     template_weights = dict(customer.template_weights)[name]

@@ -160,3 +160,9 @@ def test_written_datasets_load_with_the_data_layer(small_world, tmp_path):
     assert len(jsonl.read_prompts(paths["prompts_heldout"])) == len(small_world.splits["heldout"])
     assert len(jsonl.read_prompts(paths["qa_benchmark"])) == len(small_world.qa_benchmark)
     assert len(jsonl.read_pretrain_text(paths["pretrain"])) == len(small_world.pretrain_documents)
+
+
+def test_customers_send_instructions_not_raw_text(small_world):
+    for split in small_world.splits:
+        continuations = [i for i in small_world.instances(split) if i.task == "continue"]
+        assert continuations and not any(i.data["raw"] for i in continuations)
