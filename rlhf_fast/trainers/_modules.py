@@ -25,7 +25,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, L, L] bool (query, key) -> [B, 1, L, L] additive mask: 0 where allowed, the dtype's minimum elsewhere."""
+    """[B, L, L] bool (query, key) -> [B, 1, L, L] additive mask: 0 where allowed, else the dtype's minimum."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]

@@ -100,7 +100,7 @@ def load_full_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module | None) -> dict[str, Any]:
-    """The optimizer's full state dict; `model` holds every parameter the optimizer updates (needed for FSDP2)."""
+    """The optimizer's full state dict; `model` holds every parameter it updates (needed under FSDP2)."""
     if model is not None and any(is_fsdp(m) for m in unwrap_model(model).modules()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 

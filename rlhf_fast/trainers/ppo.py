@@ -138,6 +138,48 @@ class AdaptiveKLController(FixedKLController):
         self.value.mul_(1.0 + proportional_error * (n_steps / self.horizon))
 
 
+# Update metrics averaged over the optimizer steps of an iteration: key -> `ppo_losses` output (None: other).
+UPDATE_METRICS = {
+    "loss/policy": "policy_loss",
+    "loss/value": "value_loss",
+    "policy/approx_kl": "approx_kl",
+    "policy/clipfrac": "clipfrac",
+    "policy/ratio": "ratio_mean",
+    "val/clipfrac": "value_clipfrac",
+    "loss/ptx": None,
+    "train/grad_norm": None,
+    "train/skipped": None,
+}
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout batch, every field [B, ...]."""
+
+    sequences: torch.Tensor  # [B, P+T] int64: prompt (left-padded) + response
+    attention_mask: torch.Tensor  # [B, P+T] bool
+    response_ids: torch.Tensor  # [B, T] int64
+    response_mask: torch.Tensor  # [B, T] bool, True up to and including EOS
+    logprobs: torch.Tensor  # [B, T] float32, the sampling policy's log-probs (at the sampling temperature)
+    values: torch.Tensor  # [B, T] float32, the value of the state before each response token
+    rewards: torch.Tensor  # [B, T] float32
+    kl: torch.Tensor  # [B, T] float32, k1 estimate of KL(policy || reference) per token
+    entropy: torch.Tensor  # [B, T] float32
+    scores: torch.Tensor  # [B] float32, reward-model score (after the missing-EOS penalty)
+    has_eos: torch.Tensor  # [B] bool
+
+    def gathered(self, ctx) -> Rollout:
+        """Every rank's rows, in rank order (all ranks must hold the same shapes)."""
+        return Rollout(
+            **{f.name: ctx.all_gather_rows(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        return Rollout(
+            **{f.name: getattr(self, f.name).index_select(0, index) for f in dataclasses.fields(self)}
+        )
+
+
 def _whiten(x: torch.Tensor, valid: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     from rlhf_fast.ops.gae import whiten_masked
 
@@ -399,24 +441,11 @@ class PPOTrainer:
         try:
             # 1. Rollout: sample responses with the current policy.
             with self._sampling():
-                rollout = sample(
-                    self.policy,
-                    prompt_ids,
-                    prompt_mask,
-                    cfg.max_new_tokens,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    top_k=cfg.top_k,
-                    eos_token_id=self.eos_token_id,
-                    pad_token_id=self.pad_token_id,
-                    generator=self.sample_generator,
-                    use_cuda_graph=cfg.sample_cuda_graph,
-                )
-            sequences, response_ids, response_mask = (
-                rollout.sequences,
-                rollout.response_ids,
-                rollout.response_mask,
-            )
+                out = sample(self.policy, prompt_ids, prompt_mask, cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                             generator=self.sample_generator, use_cuda_graph=cfg.sample_cuda_graph)  # fmt: skip
+            sequences, response_ids, response_mask = out.sequences, out.response_ids, out.response_mask
             attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
             steps = response_ids.shape[1]
 
@@ -425,16 +454,11 @@ class PPOTrainer:
                 ref_logprobs = self.ref_module(
                     sequences, attention_mask, response_ids, mask=response_mask, temperature=cfg.temperature
                 ).logprobs
-                old_logprobs, entropy, kl = self.policy_module(
-                    sequences,
-                    attention_mask,
-                    response_ids,
-                    mask=response_mask,
-                    temperature=cfg.temperature,
-                    ref_logprobs=ref_logprobs,
-                    return_entropy=True,
-                )
-                old_values = self.value_module(sequences, attention_mask, steps)
+                logprobs, entropy, kl = self.policy_module(
+                    sequences, attention_mask, response_ids, mask=response_mask, temperature=cfg.temperature,
+                    ref_logprobs=ref_logprobs, return_entropy=True,
+                )  # fmt: skip
+                values = self.value_module(sequences, attention_mask, steps)
                 scores = self.score(sequences, attention_mask)
 
             # 3. Rewards: −β·KL at every response token, the (penalized) RM score added at the last one.
@@ -444,162 +468,98 @@ class PPOTrainer:
             kl = torch.where(response_mask, kl, 0)
             last = (response_mask.long().sum(dim=1) - 1).clamp(min=0)
             rewards = (-self.kl_controller.value * kl).scatter_add(1, last[:, None], scores[:, None])
-
-            # Every rank now takes the whole batch: GAE, whitening and the minibatches are global.
-            (
-                sequences,
-                attention_mask,
-                response_ids,
-                response_mask,
-                old_logprobs,
-                old_values,
-                rewards,
-                kl,
-                entropy,
-                scores,
-                has_eos,
-            ) = (
-                ctx.all_gather_rows(t)
-                for t in (
-                    sequences,
-                    attention_mask,
-                    response_ids,
-                    response_mask,
-                    old_logprobs,
-                    old_values,
-                    rewards,
-                    kl,
-                    entropy,
-                    scores,
-                    has_eos,
-                )
-            )
-            rewards_finite = torch.isfinite(rewards).all()
+            # From here on every rank holds the whole batch: GAE, whitening and minibatches are global.
+            data = Rollout(sequences, attention_mask, response_ids, response_mask, logprobs, values, rewards,
+                           kl, entropy, scores, has_eos).gathered(ctx)  # fmt: skip
+            rewards_finite = torch.isfinite(data.rewards).all()
             if cfg.whiten_rewards:
-                rewards = _whiten(rewards, response_mask, shift_mean=False)
+                data.rewards = _whiten(data.rewards, data.response_mask, shift_mean=False)
 
             # 4. GAE, advantages whitened over the valid tokens of the batch.
-            advantages, returns = gae(
-                rewards,
-                old_values,
-                response_mask,
-                gamma=cfg.gamma,
-                lam=cfg.gae_lambda,
-                whiten=cfg.whiten_advantages,
-            )
+            advantages, returns = gae(data.rewards, data.values, data.response_mask, gamma=cfg.gamma,
+                                      lam=cfg.gae_lambda, whiten=cfg.whiten_advantages)  # fmt: skip
 
             # 5. Minibatch epochs: one optimizer step per minibatch (policy + value + ptx).
-            batch = sequences.shape[0]
-            minibatch = batch // cfg.num_minibatches
-            share = minibatch // ctx.world_size
-            sums = {
-                key: torch.zeros((), device=ctx.device)
-                for key in (
-                    "loss/policy",
-                    "loss/value",
-                    "loss/ptx",
-                    "policy/approx_kl",
-                    "policy/clipfrac",
-                    "policy/ratio",
-                    "val/clipfrac",
-                    "train/grad_norm",
-                    "train/skipped",
-                )
-            }
-            step = 0
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(batch, generator=self.shuffle_generator, device=ctx.device)
-                for start in range(0, batch, minibatch):
-                    rows = order[start : start + minibatch]
-                    mine = rows[ctx.rank * share : (ctx.rank + 1) * share]
-                    mask = response_mask.index_select(0, mine)
-                    # Masked means over this rank's tokens, rescaled to the mean over the minibatch's tokens.
-                    token_share = (
-                        mask.sum() * ctx.world_size / response_mask.index_select(0, rows).sum().clamp(min=1)
-                    )
+            sums = {key: torch.zeros((), device=ctx.device) for key in UPDATE_METRICS}
+            updates = 0
+            for rows, mine in self._minibatches(len(data.scores)):
+                mb = data.rows(mine)
+                # Masked means over this rank's tokens, rescaled to the mean over the minibatch's tokens.
+                minibatch_tokens = data.response_mask.index_select(0, rows).sum().clamp(min=1)
+                token_share = mb.response_mask.sum() * ctx.world_size / minibatch_tokens
 
-                    ptx_loss = torch.zeros((), device=ctx.device)
-                    if pretrain_blocks is not None:
-                        blocks = pretrain_blocks[step]
-                        with gradient_sync(self.policy_train, enabled=False):
-                            ptx = self.policy_train(
-                                blocks, torch.ones_like(blocks, dtype=torch.bool), blocks[:, 1:]
-                            )
-                            ptx_loss = -ptx.logprobs.mean()
-                            (cfg.ptx_coef * ptx_loss).backward()
+                ptx_loss = torch.zeros((), device=ctx.device)
+                if pretrain_blocks is not None:
+                    ptx_loss = self._ptx_backward(pretrain_blocks[updates])
 
-                    new = self.policy_train(
-                        sequences.index_select(0, mine),
-                        attention_mask.index_select(0, mine),
-                        response_ids.index_select(0, mine),
-                        mask=mask,
-                        temperature=cfg.temperature,
-                    )
-                    values = self.value_train(
-                        sequences.index_select(0, mine), attention_mask.index_select(0, mine), steps
-                    )
-                    losses = ppo_losses(
-                        new.logprobs,
-                        old_logprobs.index_select(0, mine),
-                        advantages.index_select(0, mine),
-                        mask,
-                        values,
-                        old_values.index_select(0, mine),
-                        returns.index_select(0, mine),
-                        clip_coef=cfg.clip_coef,
-                        value_clip=cfg.value_clip,
-                    )
-                    loss = (losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]) * token_share
-                    loss.backward()
-                    grad_norm, skipped = guarded_step(
-                        self.optimizer,
-                        self.parameters,
-                        loss + cfg.ptx_coef * ptx_loss.detach(),
-                        ctx,
-                        max_grad_norm=cfg.max_grad_norm,
-                        extra_bad=~rewards_finite,
-                    )
+                new = self.policy_train(mb.sequences, mb.attention_mask, mb.response_ids, mask=mb.response_mask,
+                                        temperature=cfg.temperature)  # fmt: skip
+                new_values = self.value_train(mb.sequences, mb.attention_mask, steps)
+                losses = ppo_losses(new.logprobs, mb.logprobs, advantages.index_select(0, mine),
+                                    mb.response_mask, new_values, mb.values, returns.index_select(0, mine),
+                                    clip_coef=cfg.clip_coef, value_clip=cfg.value_clip)  # fmt: skip
+                loss = (losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]) * token_share
+                loss.backward()
+                total = loss + cfg.ptx_coef * ptx_loss  # checked for finiteness with the gradients
+                grad_norm, skipped = guarded_step(
+                    self.optimizer, self.parameters, total, ctx, max_grad_norm=cfg.max_grad_norm,
+                    extra_bad=~rewards_finite,
+                )  # fmt: skip
 
-                    weight = token_share / ctx.world_size  # summed over ranks: the minibatch's token mean
-                    sums["loss/policy"] += losses["policy_loss"].detach() * weight
-                    sums["loss/value"] += losses["value_loss"].detach() * weight
-                    sums["policy/approx_kl"] += losses["approx_kl"] * weight
-                    sums["policy/clipfrac"] += losses["clipfrac"] * weight
-                    sums["policy/ratio"] += losses["ratio_mean"] * weight
-                    sums["val/clipfrac"] += losses["value_clipfrac"] * weight
-                    sums["loss/ptx"] += ptx_loss.detach() / ctx.world_size
-                    sums["train/grad_norm"] += grad_norm / ctx.world_size
-                    sums["train/skipped"] += skipped / ctx.world_size
-                    step += 1
+                weight = token_share / ctx.world_size  # summed over ranks: the minibatch's token mean
+                for key, name in UPDATE_METRICS.items():
+                    if name is not None:
+                        sums[key] += losses[name].detach() * weight
+                sums["loss/ptx"] += ptx_loss / ctx.world_size
+                sums["train/grad_norm"] += grad_norm / ctx.world_size
+                sums["train/skipped"] += skipped / ctx.world_size
+                updates += 1
 
-            # 6. Metrics, all on the device; the KL controller adapts to this batch's KL.
-            totals = ctx.all_reduce_sum(torch.stack(list(sums.values())))
+            # 6. Metrics, all on the device (one collective for the update metrics); the KL controller adapts.
+            totals = dict(zip(sums, ctx.all_reduce_sum(torch.stack(list(sums.values()))).unbind()))
             metrics = {
-                key: total / (step if key != "train/skipped" else 1)
-                for key, total in zip(sums, totals.unbind())
+                key: total if key == "train/skipped" else total / updates for key, total in totals.items()
             }
-            kl_per_sequence = kl.sum(dim=1).mean()
-            valid = response_mask
-            metrics.update(
-                {
-                    "objective/scores": scores.mean(),
-                    "objective/kl": kl_per_sequence,
-                    "objective/kl_coef": self.kl_controller.value.clone(),
-                    "objective/rlhf_reward": (scores - self.kl_controller.value * kl.sum(dim=1)).mean(),
-                    "policy/entropy": _masked_mean(entropy, valid),
-                    "val/explained_variance": 1.0
-                    - _masked_var(returns - old_values, valid) / _masked_var(returns, valid),
-                    "val/mean": _masked_mean(old_values, valid),
-                    "episode/length": valid.sum(dim=1).float().mean(),
-                    "episode/eos_fraction": has_eos.float().mean(),
-                    "train/nonfinite_rewards": (~rewards_finite).float(),
-                    "train/response_tokens": valid.sum().float(),
-                }
-            )
-            self.kl_controller.update(kl_per_sequence, n_steps=batch)
+            valid = data.response_mask
+            kl_per_sequence = data.kl.sum(dim=1).mean()
+            unexplained = _masked_var(returns - data.values, valid) / _masked_var(returns, valid)
+            metrics.update({
+                "objective/scores": data.scores.mean(),
+                "objective/kl": kl_per_sequence,
+                "objective/kl_coef": self.kl_controller.value.clone(),
+                "objective/rlhf_reward": (data.scores - self.kl_controller.value * data.kl.sum(dim=1)).mean(),
+                "policy/entropy": _masked_mean(data.entropy, valid),
+                "val/explained_variance": 1 - unexplained,
+                "val/mean": _masked_mean(data.values, valid),
+                "episode/length": valid.sum(dim=1).float().mean(),
+                "episode/eos_fraction": data.has_eos.float().mean(),
+                "train/nonfinite_rewards": (~rewards_finite).float(),
+                "train/response_tokens": valid.sum().float(),
+            })  # fmt: skip
+            self.kl_controller.update(kl_per_sequence, n_steps=len(data.scores))
             return metrics
         finally:
             set_value_checks(checks)
+
+    def _minibatches(self, batch: int):
+        """(rows of the minibatch, this rank's share of them) for every optimizer step of an iteration: the
+        same permutation on every rank (a device generator, so no host round trip)."""
+        minibatch = batch // self.config.num_minibatches
+        share = minibatch // self.ctx.world_size
+        for _ in range(self.config.ppo_epochs):
+            order = torch.randperm(batch, generator=self.shuffle_generator, device=self.ctx.device)
+            for start in range(0, batch, minibatch):
+                rows = order[start : start + minibatch]
+                yield rows, rows[self.ctx.rank * share : (self.ctx.rank + 1) * share]
+
+    def _ptx_backward(self, blocks: torch.Tensor) -> torch.Tensor:
+        """PPO-ptx: backpropagates ptx_coef × the pretraining NLL of `blocks` [rows, L] (gradients accumulate
+        locally and are synced with the PPO loss's backward); returns the NLL, detached."""
+        with gradient_sync(self.policy_train, enabled=False):
+            out = self.policy_train(blocks, torch.ones_like(blocks, dtype=torch.bool), blocks[:, 1:])
+            nll = -out.logprobs.mean()
+            (self.config.ptx_coef * nll).backward()
+        return nll.detach()
 
     # ---------------------------------------------------------------------------------------- training
     def _state(self) -> dict:
