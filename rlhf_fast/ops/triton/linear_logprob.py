@@ -213,29 +213,41 @@ def _grad_logits_kernel(
 # Launch configurations: autotuned on a GPU, fixed small tiles under the interpreter.
 # ----------------------------------------------------------------------------------------------------------
 
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-]
+# bf16/fp16 run on tensor cores (wgmma on Hopper). The forward tries two tile widths; the backward's heavier
+# epilogue spills at 128x256 (ptxas, sm_90a: 255 registers + 500 B spills), so it keeps 128x128 (229 registers).
+# float32 keeps full precision (input_precision="ieee", no TF32), i.e. no tensor cores: one modest tile.
+_TILE_128x128 = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)
+_TILE_128x256 = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3)
+_TILE_FLOAT32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}
 # Row-block size the forward's vocabulary split is planned for (the configs' BLOCK_M on a GPU).
 _PLANNED_BLOCK_M = 128
 
-_partial_stats_tuned = triton.autotune(_GPU_CONFIGS, key=["V", "D", "HAS_BIAS", "WANT_ENTROPY"])(
-    _partial_stats_kernel
-)
-_grad_logits_tuned = triton.autotune(
-    _GPU_CONFIGS, key=["V", "D", "HAS_BIAS", "HAS_GRAD_ENTROPY"], reset_to_zero=["GRAD_BIAS"]
-)(_grad_logits_kernel)
+
+def _zero_grad_bias(kwargs, reset_only=False):
+    # The autotuner's benchmark runs add into grad_bias repeatedly: start each from zero (None without a bias).
+    if kwargs.get("GRAD_BIAS") is not None:
+        kwargs["GRAD_BIAS"].zero_()
 
 
-def _launch(tuned, plain, grid, *args, **kwargs):
+_TUNED = {
+    (kernel.__name__, precision): triton.autotune(
+        configs, key=key, pre_hook=hook
+    )(kernel)
+    for kernel, key, hook, low_precision_configs in (
+        (_partial_stats_kernel, ["V", "D", "HAS_BIAS", "WANT_ENTROPY"], None, [_TILE_128x128, _TILE_128x256]),
+        (_grad_logits_kernel, ["V", "D", "HAS_BIAS", "HAS_GRAD_ENTROPY"], _zero_grad_bias, [_TILE_128x128]),
+    )
+    for precision, configs in (("low", low_precision_configs), ("float32", [_TILE_FLOAT32]))
+}
+
+
+def _launch(kernel, dtype: torch.dtype, grid, *args, **kwargs):
     if triton_interpreting():
-        plain[grid(_INTERPRETER_CONFIG)](*args, **kwargs, **_INTERPRETER_CONFIG, num_warps=4)
-    else:
-        tuned[grid](*args, **kwargs)
+        kernel[grid(_INTERPRETER_CONFIG)](*args, **kwargs, **_INTERPRETER_CONFIG, num_warps=4)
+        return
+    precision = "float32" if dtype == torch.float32 else "low"
+    _TUNED[(kernel.__name__, precision)][grid](*args, **kwargs)
 
 
 @functools.cache
@@ -286,7 +298,7 @@ def linear_token_logprobs_forward_triton(
     flat_targets = targets.reshape(-1).contiguous()
     mask_arg = _mask_arg(mask)
     _launch(
-        _partial_stats_tuned, _partial_stats_kernel,
+        _partial_stats_kernel, hidden.dtype,
         lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_splits),
         flat_hidden, weight, bias, flat_targets, mask_arg, partials,
         rows, flat_hidden.stride(0), flat_hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
@@ -340,7 +352,7 @@ def linear_token_logprobs_backward_triton(
         cols = min(chunk_cols, vocab - col_begin)
         grads = grads_chunk[:, :cols]
         _launch(
-            _grad_logits_tuned, _grad_logits_kernel,
+            _grad_logits_kernel, hidden.dtype,
             lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),),
             flat_hidden, weight, bias, flat_targets, mask_arg, ref, logprobs.reshape(-1), entropy_arg.reshape(-1),
             lse.reshape(-1), grad_logp, grad_ent, grad_kl_flat, grads,
