@@ -19,3 +19,14 @@ def _quiet_single_thread(monkeypatch):
 def read_jsonl(path: os.PathLike) -> list[dict]:
     with open(path) as handle:
         return [json.loads(line) for line in handle]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `slow` trainer tests (multi-process kill-and-resume) run only when asked for with `-m slow`."""
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    here = os.path.dirname(__file__)
+    for item in items:
+        if "slow" in item.keywords and str(item.fspath).startswith(here):
+            item.add_marker(skip)

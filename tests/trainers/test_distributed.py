@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,4 +90,36 @@ def test_two_processes_match_one(kind, mode, two_process_runs, one_process_runs)
         toy.final_tensors(kind, two_process_runs[mode] / kind),
         toy.final_tensors(kind, one_process_runs / kind),
     )
+    assert difference <= 1e-5, difference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_process_run_resumes_after_sigkill(kind, mode, tmp_path, one_process_runs):
+    """A torchrun job SIGKILLed one step after its step-2 checkpoint, resumed by a new torchrun job, ends
+    with the parameters of the uninterrupted one-process run."""
+    settings = [f"--set={kind}.{key}={value}" for key, value in OVERRIDES[kind].items()]
+    if mode == "fsdp":
+        settings.append(f"--set={kind}.fsdp=true")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(RUNNER), kind, str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_FAST_NO_PROGRESS="1")
+    with open(tmp_path / "killed.log", "wb") as log:
+        job = subprocess.Popen([*command, "--pause-after=2", *settings], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not (tmp_path / kind / "paused").exists():
+                assert job.poll() is None, (tmp_path / "killed.log").read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, "the job did not reach its pause point in time"
+                time.sleep(0.2)
+        finally:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    resumed = subprocess.run([*command, "--resume", *settings], cwd=ROOT, env=env, capture_output=True,
+                             timeout=600, check=False)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout.decode(errors="replace")[-3000:]
+    difference = toy.max_difference(toy.final_tensors(kind, tmp_path / kind),
+                                    toy.final_tensors(kind, one_process_runs / kind))  # fmt: skip
     assert difference <= 1e-5, difference

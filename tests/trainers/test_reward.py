@@ -54,3 +54,14 @@ def test_pair_counts_skip_ties():
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="batch_size"):
         RewardConfig(batch_size=0).check()
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path):
+    whole = toy.make_trainer("rm", tmp_path / "whole", max_steps=2, save_every=0, adam_eps=1e-6)
+    split = toy.make_trainer(
+        "rm", tmp_path / "split", max_steps=2, save_every=0, adam_eps=1e-6, micro_batch_size=3
+    )
+    whole.train()
+    split.train()
+    for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)

@@ -91,3 +91,12 @@ def test_residual_dropout_option():
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         SFTConfig(**{field: value}).check()
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path):
+    whole = toy.make_trainer("sft", tmp_path / "whole", max_steps=2, save_every=0)
+    split = toy.make_trainer("sft", tmp_path / "split", max_steps=2, save_every=0, micro_batch_size=3)
+    whole.train()
+    split.train()
+    for (name, a), b in zip(whole.policy.named_parameters(), split.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
