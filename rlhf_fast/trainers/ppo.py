@@ -221,6 +221,11 @@ class PPOTrainer:
             when the reward model is not a `RewardModel`.
         pretrain_data: [N, L] pretraining blocks (`encode_pretrain(...).blocks`): turns on PPO-ptx.
         tokenizer: provides eos / pad ids unless given, and is saved with the final policy.
+
+    Logged per iteration (metrics.jsonl, TensorBoard when importable): objective/{scores, kl (per sequence),
+    kl_coef, rlhf_reward}, policy/{approx_kl, clipfrac, entropy, ratio}, loss/{policy, value, ptx},
+    val/{explained_variance, clipfrac, mean}, episode/{length, eos_fraction}, train/{lr, grad_norm, skipped,
+    nonfinite_rewards, response_tokens}, time/{seconds, tokens_per_second (generated tokens)}.
     """
 
     def __init__(
