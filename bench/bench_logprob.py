@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_fast.ops import linear_token_logprobs, token_logprobs  # noqa: E402
+from rlhf_fast.ops import linear_token_logprobs, token_logprobs
 
 TOKENS, WIDTH, VOCAB = 4096, 256, 50257
 LOGITS_TOKENS = 1024
@@ -105,7 +105,10 @@ def peak_rss_growth_mib(case: str, implementation: str, pass_name: str) -> float
     script = os.path.abspath(__file__)
     result = subprocess.run(
         [sys.executable, script, "--peak-rss", case, implementation, pass_name],
-        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
 
@@ -116,8 +119,11 @@ def _measure_in_this_process(case: str, implementation: str, pass_name: str) -> 
     inputs = make_inputs()
     # A call on 8 tokens and 64 vocabulary entries first: lazy imports and one-time initialization (tens of
     # MB) are not the op's.
-    small = (inputs[0][:8, :64], inputs[1][:8] % 64) if case == "logits" else \
-        (inputs[0][:8], inputs[1][:64], inputs[2][:8] % 64)
+    small = (
+        (inputs[0][:8, :64], inputs[1][:8] % 64)
+        if case == "logits"
+        else (inputs[0][:8], inputs[1][:64], inputs[2][:8] % 64)
+    )
     PASSES[pass_name](implementations[implementation], small, differentiable)
     before = _reset_peak_rss()
     PASSES[pass_name](implementations[implementation], inputs, differentiable)
@@ -170,7 +176,9 @@ def test_linear_logprobs_cpu(benchmark, implementation, pass_name):
     torch.set_num_threads(1)
     benchmark.group = f"linear_token_logprobs N={TOKENS} d={WIDTH} V={VOCAB} fp32 {pass_name}"
     inputs = linear_inputs()
-    check_agreement(PASSES[pass_name](LINEAR[implementation], inputs, 2), PASSES[pass_name](naive_linear, inputs, 2))
+    check_agreement(
+        PASSES[pass_name](LINEAR[implementation], inputs, 2), PASSES[pass_name](naive_linear, inputs, 2)
+    )
     benchmark.pedantic(PASSES[pass_name], args=(LINEAR[implementation], inputs, 2), rounds=3, warmup_rounds=1)
     peak = peak_rss_growth_mib("linear", implementation, pass_name)
     _peaks[("linear", implementation, pass_name)] = peak
@@ -184,9 +192,13 @@ def test_token_logprobs_cpu(benchmark, implementation, pass_name):
     torch.set_num_threads(1)
     benchmark.group = f"token_logprobs N={LOGITS_TOKENS} V={VOCAB} fp32 {pass_name}"
     inputs = logits_inputs()
-    check_agreement(PASSES[pass_name](FROM_LOGITS[implementation], inputs, 1),
-                    PASSES[pass_name](naive_from_logits, inputs, 1))
-    benchmark.pedantic(PASSES[pass_name], args=(FROM_LOGITS[implementation], inputs, 1), rounds=5, warmup_rounds=1)
+    check_agreement(
+        PASSES[pass_name](FROM_LOGITS[implementation], inputs, 1),
+        PASSES[pass_name](naive_from_logits, inputs, 1),
+    )
+    benchmark.pedantic(
+        PASSES[pass_name], args=(FROM_LOGITS[implementation], inputs, 1), rounds=5, warmup_rounds=1
+    )
     peak = peak_rss_growth_mib("logits", implementation, pass_name)
     _peaks[("logits", implementation, pass_name)] = peak
     benchmark.extra_info["peak_rss_growth_mib"] = peak

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_fast.ops import linear_token_logprobs, token_logprobs, use_backend  # noqa: E402
+from rlhf_fast.ops import linear_token_logprobs, token_logprobs, use_backend
 
 COPY_BYTES_PER_SECOND = 4.25e12
 MATMUL_FLOPS_PER_SECOND = 696e12
@@ -64,17 +64,47 @@ class Case:
 
 CASES = {
     "logits_fwd": Case("from logits, fwd, log p + entropy + k3 KL, N=8192 V=50304", "logits", 8192, 50304),
-    "logits_fwd_152k": Case("from logits, fwd, log p + entropy + k3 KL, N=8192 V=151936", "logits", 8192, 151936),
-    "logits_fwd_bwd": Case("from logits, fwd+bwd, log p + entropy + k3 KL, N=8192 V=50304", "logits", 8192, 50304,
-                           backward=True),
-    "hidden_2k": Case("from hidden, fwd+bwd, log p, N=8192 d=2048 V=50304", "hidden", 8192, 50304, 2048,
-                      backward=True, extras=False),
-    "hidden_2k_extras": Case("from hidden, fwd+bwd, log p + entropy + k3 KL, N=8192 d=2048 V=50304", "hidden", 8192,
-                             50304, 2048, backward=True),
-    "hidden_4k": Case("from hidden, fwd+bwd, log p, N=4096 d=4096 V=128256", "hidden", 4096, 128256, 4096,
-                      backward=True, extras=False),
+    "logits_fwd_152k": Case(
+        "from logits, fwd, log p + entropy + k3 KL, N=8192 V=151936", "logits", 8192, 151936
+    ),
+    "logits_fwd_bwd": Case(
+        "from logits, fwd+bwd, log p + entropy + k3 KL, N=8192 V=50304", "logits", 8192, 50304, backward=True
+    ),
+    "hidden_2k": Case(
+        "from hidden, fwd+bwd, log p, N=8192 d=2048 V=50304",
+        "hidden",
+        8192,
+        50304,
+        2048,
+        backward=True,
+        extras=False,
+    ),
+    "hidden_2k_extras": Case(
+        "from hidden, fwd+bwd, log p + entropy + k3 KL, N=8192 d=2048 V=50304",
+        "hidden",
+        8192,
+        50304,
+        2048,
+        backward=True,
+    ),
+    "hidden_4k": Case(
+        "from hidden, fwd+bwd, log p, N=4096 d=4096 V=128256",
+        "hidden",
+        4096,
+        128256,
+        4096,
+        backward=True,
+        extras=False,
+    ),
 }
-DEFAULT_CASES = ("logits_fwd", "logits_fwd_bwd", "hidden_2k", "hidden_4k", "logits_fwd_152k", "hidden_2k_extras")
+DEFAULT_CASES = (
+    "logits_fwd",
+    "logits_fwd_bwd",
+    "hidden_2k",
+    "hidden_4k",
+    "logits_fwd_152k",
+    "hidden_2k_extras",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,10 +123,15 @@ def make_inputs(case: Case, device: str, dtype=torch.bfloat16, seed: int = 0) ->
         inputs["logits_full"] = logits.mul_(2)
         inputs["logits"] = logits[:, :-1]
     else:
-        inputs["hidden"] = torch.randn(case.tokens, case.width, generator=generator, device=device, dtype=dtype)
-        inputs["weight"] = torch.randn(case.vocab, case.width, generator=generator, device=device,
-                                       dtype=dtype).div_(case.width**0.5)
-    ref = torch.randn(case.tokens, generator=generator, device=device) - 10.0  # log-probs of a reference policy
+        inputs["hidden"] = torch.randn(
+            case.tokens, case.width, generator=generator, device=device, dtype=dtype
+        )
+        inputs["weight"] = torch.randn(
+            case.vocab, case.width, generator=generator, device=device, dtype=dtype
+        ).div_(case.width**0.5)
+    ref = (
+        torch.randn(case.tokens, generator=generator, device=device) - 10.0
+    )  # log-probs of a reference policy
     inputs["ref"] = ref
     return inputs
 
@@ -120,7 +155,9 @@ def naive(case: Case, inputs: dict):
 
 
 def ours(case: Case, inputs: dict, backend: str = "triton"):
-    extras = dict(ref_logprobs=inputs["ref"], kl_estimator="k3", return_entropy=True) if case.extras else {}
+    extras = (
+        {"ref_logprobs": inputs["ref"], "kl_estimator": "k3", "return_entropy": True} if case.extras else {}
+    )
     with use_backend(backend):
         if case.kind == "logits":
             if case.extras:
@@ -145,14 +182,18 @@ def liger_cross_entropy(case: Case, inputs: dict):
 def liger_selective(case: Case, inputs: dict):
     from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
 
-    logp = fused_selective_log_softmax(inputs["logits_full"], inputs["targets"].reshape(1, -1), temperature=1.0)
+    logp = fused_selective_log_softmax(
+        inputs["logits_full"], inputs["targets"].reshape(1, -1), temperature=1.0
+    )
     return logp.reshape(-1), logp, []
 
 
 def liger_fused_linear(case: Case, inputs: dict):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")(inputs["weight"], inputs["hidden"], inputs["targets"])
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")(
+        inputs["weight"], inputs["hidden"], inputs["targets"]
+    )
     return -loss, loss, [inputs["hidden"], inputs["weight"]]
 
 
@@ -186,8 +227,11 @@ def prepared_call(case: Case, inputs: dict, contender: Callable) -> tuple[Callab
         inputs = dict(inputs, logits=leaf)
         leaves = [leaf]
     elif case.kind == "hidden" and case.backward:
-        inputs = dict(inputs, hidden=inputs["hidden"].detach().requires_grad_(),
-                      weight=inputs["weight"].detach().requires_grad_())
+        inputs = dict(
+            inputs,
+            hidden=inputs["hidden"].detach().requires_grad_(),
+            weight=inputs["weight"].detach().requires_grad_(),
+        )
         leaves = [inputs["hidden"], inputs["weight"]]
     else:
         leaves = []
@@ -235,8 +279,10 @@ def run_gpu(case_names: list[str]) -> None:
     import triton
     import triton.testing
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          "cells: median ms of do_bench / peak extra GB")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+        "cells: median ms of do_bench / peak extra GB"
+    )
     print(HEADER, flush=True)
     for name in case_names:
         case = CASES[name]
@@ -254,12 +300,15 @@ def run_gpu(case_names: list[str]) -> None:
                 del logp
                 ms = triton.testing.do_bench(call, grad_to_none=leaves or None, return_mode="median")
                 cells[column] = f"{ms:.3f} / {peak_extra_gb(call, leaves):.2f}"
-            except Exception as error:  # noqa: BLE001 (a peer missing or failing must not stop the table)
+            # A peer missing or failing must not stop the table.
+            except Exception as error:  # noqa: BLE001
                 reason = "not installed" if isinstance(error, ImportError) else type(error).__name__
                 cells[column] = f"n/a ({reason})"
                 if not isinstance(error, ImportError):
-                    print(f"{column} on {name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}",
-                          file=sys.stderr)
+                    print(
+                        f"{column} on {name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}",
+                        file=sys.stderr,
+                    )
             torch.cuda.empty_cache()
         row = " | ".join(cells.get(column, "–") for column in COLUMNS)
         print(f"| {case.name} | {row} | {floor_ms(case):.3f} ms |", flush=True)
@@ -274,13 +323,16 @@ def run_gpu(case_names: list[str]) -> None:
 
 def run_cpu_fallback(case_names: list[str]) -> None:
     torch.set_num_threads(1)
-    print("no CUDA device: CPU fallback at reduced shapes (N/32 tokens, d/8), naive vs ours on the chunked "
-          "backend, one thread, best of 3 wall-clock ms; fp32")
+    print(
+        "no CUDA device: CPU fallback at reduced shapes (N/32 tokens, d/8), naive vs ours on the chunked "
+        "backend, one thread, best of 3 wall-clock ms; fp32"
+    )
     print("| case (fp32, CPU, reduced) | naive torch | ours (chunked) |\n|---|---|---|")
     for name in case_names:
         full = CASES[name]
-        case = Case(full.name, full.kind, full.tokens // 32, full.vocab, full.width // 8, full.backward,
-                    full.extras)
+        case = Case(
+            full.name, full.kind, full.tokens // 32, full.vocab, full.width // 8, full.backward, full.extras
+        )
         inputs = make_inputs(case, "cpu", dtype=torch.float32)
         timings = {}
         want = None
@@ -297,15 +349,19 @@ def run_cpu_fallback(case_names: list[str]) -> None:
                 call()
                 best = min(best, time.perf_counter() - start)
             timings[column] = best * 1e3
-        label = f"{case.name.split(', N=')[0]}, N={case.tokens}" + (f" d={case.width}" if case.width else "") + \
-            f" V={case.vocab}"
+        label = (
+            f"{case.name.split(', N=')[0]}, N={case.tokens}"
+            + (f" d={case.width}" if case.width else "")
+            + f" V={case.vocab}"
+        )
         print(f"| {label} | {timings['naive']:.1f} | {timings['ours']:.1f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                        help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument(
+        "--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated subset of {', '.join(CASES)}"
+    )
     names = [name for name in parser.parse_args().cases.split(",") if name]
     unknown = [name for name in names if name not in CASES]
     if unknown:

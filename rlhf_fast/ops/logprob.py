@@ -58,7 +58,9 @@ def _output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _kl_and_slope(logp: torch.Tensor, ref: torch.Tensor, kl_estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _kl_and_slope(
+    logp: torch.Tensor, ref: torch.Tensor, kl_estimator: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-token KL estimate and its derivative with respect to logp."""
     diff = logp - ref
     if kl_estimator == "k1":
@@ -118,8 +120,13 @@ def linear_token_logprobs_reference(
     if bias is not None:
         logits = logits + bias.to(dtype)
     return token_logprobs_reference(
-        logits, targets, ref_logprobs=ref_logprobs, mask=mask, temperature=temperature,
-        kl_estimator=kl_estimator, return_entropy=return_entropy,
+        logits,
+        targets,
+        ref_logprobs=ref_logprobs,
+        mask=mask,
+        temperature=temperature,
+        kl_estimator=kl_estimator,
+        return_entropy=return_entropy,
     )
 
 
@@ -132,8 +139,10 @@ def _scaled(logits: torch.Tensor, inv_temp: float, dtype: torch.dtype, shift: to
     """logits·inv_temp − shift[:, None] as a new `dtype` tensor, in one pass."""
     if shift is None:
         return logits.to(dtype, copy=True).mul_(inv_temp) if inv_temp != 1.0 else logits.to(dtype, copy=True)
-    return torch.add(-shift.unsqueeze(-1), logits, alpha=inv_temp) if inv_temp != 1.0 else torch.sub(
-        logits, shift.unsqueeze(-1)
+    return (
+        torch.add(-shift.unsqueeze(-1), logits, alpha=inv_temp)
+        if inv_temp != 1.0
+        else torch.sub(logits, shift.unsqueeze(-1))
     )
 
 
@@ -180,8 +189,14 @@ class _RunningRowStats:
 
 
 def _tile_grad_logits(
-    logits: torch.Tensor, local_targets: torch.Tensor, inv_temp: float, lse: torch.Tensor, a: torch.Tensor,
-    b: torch.Tensor | None, entropy: torch.Tensor | None, dtype: torch.dtype,
+    logits: torch.Tensor,
+    local_targets: torch.Tensor,
+    inv_temp: float,
+    lse: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """dL/dz for one tile of logits [n, C] (z = logits·inv_temp), in `dtype`; a and b already carry the 1/τ of
     dz/dlogits (see the module docstring); `local_targets` counts from the tile's first column."""
@@ -196,25 +211,36 @@ def _tile_grad_logits(
         coefficient = log_probs.add_(entropy.unsqueeze(-1)).mul_(b.unsqueeze(-1)).add_(a.unsqueeze(-1))
         grad = coefficient.mul_(probs).neg_()
     inside = (local_targets >= 0) & (local_targets < columns)
-    grad.scatter_add_(-1, local_targets.clamp(0, columns - 1).unsqueeze(-1), torch.where(inside, a, 0).unsqueeze(-1))
+    grad.scatter_add_(
+        -1, local_targets.clamp(0, columns - 1).unsqueeze(-1), torch.where(inside, a, 0).unsqueeze(-1)
+    )
     return grad
 
 
 def _row_coefficients(
-    grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, grad_kl: torch.Tensor | None,
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None, kl_estimator: str, inv_temp: float,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    kl_estimator: str,
+    inv_temp: float,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """a/τ and b/τ per row, flattened."""
     a = grad_logprobs.reshape(-1).to(dtype)
     if grad_kl is not None and ref_logprobs is not None:
-        _, slope = _kl_and_slope(logprobs.reshape(-1).to(dtype), ref_logprobs.reshape(-1).to(dtype), kl_estimator)
+        _, slope = _kl_and_slope(
+            logprobs.reshape(-1).to(dtype), ref_logprobs.reshape(-1).to(dtype), kl_estimator
+        )
         a = a + grad_kl.reshape(-1).to(dtype) * slope
     b = None if grad_entropy is None else grad_entropy.reshape(-1).to(dtype) * inv_temp
     return a * inv_temp, b
 
 
-def _kl_output(logp: torch.Tensor, ref_logprobs: torch.Tensor | None, kl_estimator: str, valid) -> torch.Tensor:
+def _kl_output(
+    logp: torch.Tensor, ref_logprobs: torch.Tensor | None, kl_estimator: str, valid
+) -> torch.Tensor:
     if ref_logprobs is None:
         return logp.new_empty(0)
     kl = _kl_and_slope(logp, ref_logprobs.reshape(-1).to(logp.dtype), kl_estimator)[0]
@@ -255,7 +281,9 @@ def _forward_reference(logits, targets, mask, ref_logprobs, temperature, kl_esti
     dtype = _output_dtype(logits.dtype)
     flat, rows = _flat_rows(logits), targets.numel()
     valid = None if mask is None else mask.reshape(-1).bool()
-    safe_targets = targets.reshape(-1).long() if valid is None else torch.where(valid, targets.reshape(-1).long(), 0)
+    safe_targets = (
+        targets.reshape(-1).long() if valid is None else torch.where(valid, targets.reshape(-1).long(), 0)
+    )
     z = flat.to(dtype) / temperature
     lse = torch.logsumexp(z, dim=-1) if rows else z.new_empty(0)
     log_probs = z - lse.unsqueeze(-1)
@@ -271,20 +299,37 @@ def _forward_reference(logits, targets, mask, ref_logprobs, temperature, kl_esti
     return tuple(outputs)
 
 
-def _backward_reference(grad_logprobs, grad_entropy, grad_kl, logits, targets, mask, ref_logprobs, logprobs,
-                        entropy, lse, temperature, kl_estimator):
+def _backward_reference(
+    grad_logprobs,
+    grad_entropy,
+    grad_kl,
+    logits,
+    targets,
+    mask,
+    ref_logprobs,
+    logprobs,
+    entropy,
+    lse,
+    temperature,
+    kl_estimator,
+):
     dtype = _output_dtype(logits.dtype)
     flat = _flat_rows(logits)
     valid = None if mask is None else mask.reshape(-1).bool()
-    safe_targets = targets.reshape(-1).long() if valid is None else torch.where(valid, targets.reshape(-1).long(), 0)
-    a, b = _row_coefficients(grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs, kl_estimator,
-                             1.0 / temperature, dtype)
+    safe_targets = (
+        targets.reshape(-1).long() if valid is None else torch.where(valid, targets.reshape(-1).long(), 0)
+    )
+    a, b = _row_coefficients(
+        grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs, kl_estimator, 1.0 / temperature, dtype
+    )
     log_probs = flat.to(dtype) / temperature - lse.reshape(-1, 1).to(dtype)
     probs = log_probs.exp()
     onehot = torch.zeros_like(probs).scatter_(-1, safe_targets.unsqueeze(-1), 1.0)
     grad = a.unsqueeze(-1) * (onehot - probs)
     if b is not None:
-        grad = grad - torch.where(probs > 0, b.unsqueeze(-1) * probs * (log_probs + entropy.reshape(-1, 1)), 0)
+        grad = grad - torch.where(
+            probs > 0, b.unsqueeze(-1) * probs * (log_probs + entropy.reshape(-1, 1)), 0
+        )
     if valid is not None:
         grad = torch.where(valid.unsqueeze(-1), grad, 0)
     return grad.to(logits.dtype).reshape(logits.shape)
@@ -318,13 +363,26 @@ def _forward_chunked(logits, targets, mask, ref_logprobs, temperature, kl_estima
     return logp, entropy, _kl_output(logp, ref_logprobs, kl_estimator, valid), lse
 
 
-def _backward_chunked(grad_logprobs, grad_entropy, grad_kl, logits, targets, mask, ref_logprobs, logprobs,
-                      entropy, lse, temperature, kl_estimator):
+def _backward_chunked(
+    grad_logprobs,
+    grad_entropy,
+    grad_kl,
+    logits,
+    targets,
+    mask,
+    ref_logprobs,
+    logprobs,
+    entropy,
+    lse,
+    temperature,
+    kl_estimator,
+):
     dtype = _output_dtype(logits.dtype)
     flat, rows, vocab = _flat_rows(logits), targets.numel(), logits.shape[-1]
     flat_targets = targets.reshape(-1).long()
-    a, b = _row_coefficients(grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs, kl_estimator,
-                             1.0 / temperature, dtype)
+    a, b = _row_coefficients(
+        grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs, kl_estimator, 1.0 / temperature, dtype
+    )
     flat_entropy = entropy.reshape(-1).to(dtype) if b is not None else None
     flat_lse = lse.reshape(-1).to(dtype)
     valid_rows = _valid_rows(mask)
@@ -338,8 +396,14 @@ def _backward_chunked(grad_logprobs, grad_entropy, grad_kl, logits, targets, mas
         index = slice(begin, end) if valid_rows is None else valid_rows[begin:end]
         block = flat[index] if valid_rows is None else flat.index_select(0, index)
         block_grad = _tile_grad_logits(
-            block, flat_targets[index], 1.0 / temperature, flat_lse[index], a[index],
-            None if b is None else b[index], None if b is None else flat_entropy[index], dtype,
+            block,
+            flat_targets[index],
+            1.0 / temperature,
+            flat_lse[index],
+            a[index],
+            None if b is None else b[index],
+            None if b is None else flat_entropy[index],
+            dtype,
         )
         grad_logits[index] = block_grad.to(logits.dtype)
     return grad_logits.reshape(logits.shape)
@@ -355,7 +419,9 @@ def _pick_backend(op_name: str, device: torch.device, dtype: torch.dtype) -> str
     if backend == "triton" and dtype == torch.float64:
         # float64 is a testing dtype: the Triton kernels compute in float32, so the default goes to plain torch.
         if forced_backend() == "triton":
-            raise RuntimeError(f"rlhf_fast: the triton backend of {op_name} takes float32/bfloat16/float16 inputs")
+            raise RuntimeError(
+                f"rlhf_fast: the triton backend of {op_name} takes float32/bfloat16/float16 inputs"
+            )
         return "chunked"
     return backend
 
@@ -373,20 +439,30 @@ def _shape_outputs(outputs, shape: torch.Size, want_entropy: bool, has_kl: bool)
 
 @torch.library.custom_op("rlhf_fast::token_logprobs_forward", mutates_args=())
 def _token_logprobs_forward(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-    temperature: float, kl_estimator: str, want_entropy: bool,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    temperature: float,
+    kl_estimator: str,
+    want_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (logprobs, entropy or [0], kl or [0], lse), each of targets' shape, float32 (float64)."""
     backend = _pick_backend("token_logprobs", logits.device, logits.dtype)
     if backend == "triton":
         from rlhf_fast.ops.triton.logprob import token_logprobs_forward_triton
 
-        outputs = token_logprobs_forward_triton(logits, targets, mask, ref_logprobs, temperature, kl_estimator,
-                                                want_entropy)
+        outputs = token_logprobs_forward_triton(
+            logits, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy
+        )
     elif backend == "chunked":
-        outputs = _forward_chunked(logits, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy)
+        outputs = _forward_chunked(
+            logits, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy
+        )
     else:
-        outputs = _forward_reference(logits, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy)
+        outputs = _forward_reference(
+            logits, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy
+        )
     return _shape_outputs(outputs, targets.shape, want_entropy, ref_logprobs is not None)
 
 
@@ -403,13 +479,34 @@ def _(logits, targets, mask, ref_logprobs, temperature, kl_estimator, want_entro
 
 @torch.library.custom_op("rlhf_fast::token_logprobs_backward", mutates_args=())
 def _token_logprobs_backward(
-    grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, grad_kl: torch.Tensor | None,
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-    logprobs: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor, temperature: float, kl_estimator: str,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    kl_estimator: str,
 ) -> torch.Tensor:
     """-> dL/dlogits, contiguous, with logits' shape and dtype."""
-    args = (grad_logprobs, grad_entropy, grad_kl, logits, targets, mask, ref_logprobs, logprobs, entropy, lse,
-            temperature, kl_estimator)
+    args = (
+        grad_logprobs,
+        grad_entropy,
+        grad_kl,
+        logits,
+        targets,
+        mask,
+        ref_logprobs,
+        logprobs,
+        entropy,
+        lse,
+        temperature,
+        kl_estimator,
+    )
     backend = _pick_backend("token_logprobs", logits.device, logits.dtype)
     if backend == "triton":
         from rlhf_fast.ops.triton.logprob import token_logprobs_backward_triton
@@ -421,8 +518,20 @@ def _token_logprobs_backward(
 
 
 @_token_logprobs_backward.register_fake
-def _(grad_logprobs, grad_entropy, grad_kl, logits, targets, mask, ref_logprobs, logprobs, entropy, lse,
-      temperature, kl_estimator):
+def _(
+    grad_logprobs,
+    grad_entropy,
+    grad_kl,
+    logits,
+    targets,
+    mask,
+    ref_logprobs,
+    logprobs,
+    entropy,
+    lse,
+    temperature,
+    kl_estimator,
+):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -441,7 +550,15 @@ def _token_autograd_backward(ctx, grad_logprobs, grad_entropy, grad_kl, _grad_ls
             _grad_or_zeros(grad_logprobs, logprobs),
             grad_entropy if ctx.want_entropy and grad_entropy is not None else None,
             grad_kl if ref_logprobs is not None and grad_kl is not None else None,
-            logits, targets, mask, ref_logprobs, logprobs, entropy, lse, ctx.temperature, ctx.kl_estimator,
+            logits,
+            targets,
+            mask,
+            ref_logprobs,
+            logprobs,
+            entropy,
+            lse,
+            ctx.temperature,
+            ctx.kl_estimator,
         )
     return grad_logits, None, None, None, None, None, None
 
@@ -465,37 +582,76 @@ def _linear_compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float32 if hidden.device.type == "cpu" else hidden.dtype
 
 
-def _linear_forward_reference(hidden, weight, bias, targets, mask, ref_logprobs, temperature, kl_estimator,
-                              want_entropy):
+def _linear_forward_reference(
+    hidden, weight, bias, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy
+):
     dtype = _output_dtype(hidden.dtype)
     logits = hidden.reshape(-1, hidden.shape[-1]).to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
-    return _forward_reference(logits, targets.reshape(-1), None if mask is None else mask.reshape(-1),
-                              None if ref_logprobs is None else ref_logprobs.reshape(-1), temperature, kl_estimator,
-                              want_entropy)
+    return _forward_reference(
+        logits,
+        targets.reshape(-1),
+        None if mask is None else mask.reshape(-1),
+        None if ref_logprobs is None else ref_logprobs.reshape(-1),
+        temperature,
+        kl_estimator,
+        want_entropy,
+    )
 
 
-def _linear_backward_reference(grad_logprobs, grad_entropy, grad_kl, hidden, weight, bias, targets, mask,
-                               ref_logprobs, logprobs, entropy, lse, temperature, kl_estimator, need_hidden,
-                               need_weight):
+def _linear_backward_reference(
+    grad_logprobs,
+    grad_entropy,
+    grad_kl,
+    hidden,
+    weight,
+    bias,
+    targets,
+    mask,
+    ref_logprobs,
+    logprobs,
+    entropy,
+    lse,
+    temperature,
+    kl_estimator,
+    need_hidden,
+    need_weight,
+):
     dtype = _output_dtype(hidden.dtype)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     logits = flat_hidden @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
     grad_logits = _backward_reference(
-        grad_logprobs.reshape(-1), grad_entropy, grad_kl, logits, targets.reshape(-1),
-        None if mask is None else mask.reshape(-1), ref_logprobs, logprobs, entropy, lse, temperature, kl_estimator,
+        grad_logprobs.reshape(-1),
+        grad_entropy,
+        grad_kl,
+        logits,
+        targets.reshape(-1),
+        None if mask is None else mask.reshape(-1),
+        ref_logprobs,
+        logprobs,
+        entropy,
+        lse,
+        temperature,
+        kl_estimator,
     )
-    return _linear_grads_from_logit_grads(grad_logits, flat_hidden, hidden, weight, bias, need_hidden, need_weight)
+    return _linear_grads_from_logit_grads(
+        grad_logits, flat_hidden, hidden, weight, bias, need_hidden, need_weight
+    )
 
 
 def _linear_grads_from_logit_grads(grad_logits, flat_hidden, hidden, weight, bias, need_hidden, need_weight):
-    grad_hidden = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype).reshape(hidden.shape) \
-        if need_hidden else hidden.new_empty(0)
+    grad_hidden = (
+        (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype).reshape(hidden.shape)
+        if need_hidden
+        else hidden.new_empty(0)
+    )
     grad_weight = (grad_logits.T @ flat_hidden).to(weight.dtype) if need_weight else weight.new_empty(0)
-    grad_bias = grad_logits.sum(0).to(bias.dtype) if (bias is not None and need_weight) else weight.new_empty(0)
+    grad_bias = (
+        grad_logits.sum(0).to(bias.dtype) if (bias is not None and need_weight) else weight.new_empty(0)
+    )
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -515,8 +671,9 @@ def _row_blocks(valid_rows: torch.Tensor | None, count: int, step: int):
         yield (slice(begin, end) if valid_rows is None else valid_rows[begin:end]), end - begin
 
 
-def _linear_forward_chunked(hidden, weight, bias, targets, mask, ref_logprobs, temperature, kl_estimator,
-                            want_entropy):
+def _linear_forward_chunked(
+    hidden, weight, bias, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy
+):
     dtype = _output_dtype(hidden.dtype)
     compute = _linear_compute_dtype(hidden)
     rows, vocab = targets.numel(), weight.shape[0]
@@ -532,7 +689,9 @@ def _linear_forward_chunked(hidden, weight, bias, targets, mask, ref_logprobs, t
     count = rows if valid_rows is None else valid_rows.numel()
     tile_rows, tile_cols = _linear_tiles(count, vocab)
     for index, length in _row_blocks(valid_rows, count, tile_rows):
-        block_hidden = (flat_hidden[index] if valid_rows is None else flat_hidden.index_select(0, index)).to(compute)
+        block_hidden = (flat_hidden[index] if valid_rows is None else flat_hidden.index_select(0, index)).to(
+            compute
+        )
         block_targets = flat_targets[index]
         stats = _RunningRowStats(length, dtype, hidden.device, want_entropy)
         for begin in range(0, vocab, tile_cols):
@@ -546,9 +705,24 @@ def _linear_forward_chunked(hidden, weight, bias, targets, mask, ref_logprobs, t
     return logp, entropy, _kl_output(logp, ref_logprobs, kl_estimator, valid), lse
 
 
-def _linear_backward_chunked(grad_logprobs, grad_entropy, grad_kl, hidden, weight, bias, targets, mask,
-                             ref_logprobs, logprobs, entropy, lse, temperature, kl_estimator, need_hidden,
-                             need_weight):
+def _linear_backward_chunked(
+    grad_logprobs,
+    grad_entropy,
+    grad_kl,
+    hidden,
+    weight,
+    bias,
+    targets,
+    mask,
+    ref_logprobs,
+    logprobs,
+    entropy,
+    lse,
+    temperature,
+    kl_estimator,
+    need_hidden,
+    need_weight,
+):
     dtype = _output_dtype(hidden.dtype)
     compute = _linear_compute_dtype(hidden)
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
@@ -558,30 +732,38 @@ def _linear_backward_chunked(grad_logprobs, grad_entropy, grad_kl, hidden, weigh
     weight_c = weight.to(compute)
     bias_c = None if bias is None else bias.to(compute)
     inv_temp = 1.0 / temperature
-    a, b = _row_coefficients(grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs, kl_estimator, inv_temp,
-                             dtype)
+    a, b = _row_coefficients(
+        grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs, kl_estimator, inv_temp, dtype
+    )
     flat_entropy = entropy.reshape(-1).to(dtype) if b is not None else None
     flat_lse = lse.reshape(-1).to(dtype)
     grad_hidden = torch.zeros_like(flat_hidden) if need_hidden else hidden.new_empty(0)
     grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=accumulate, device=weight.device) if (need_weight and bias is not None) \
+    grad_bias = (
+        torch.zeros(vocab, dtype=accumulate, device=weight.device)
+        if (need_weight and bias is not None)
         else None
+    )
     valid_rows = _valid_rows(mask)
     count = rows if valid_rows is None else valid_rows.numel()
     tile_rows, tile_cols = _linear_tiles(count, vocab)
     for index, _ in _row_blocks(valid_rows, count, tile_rows):
-        block_hidden = (flat_hidden[index] if valid_rows is None else flat_hidden.index_select(0, index)).to(compute)
+        block_hidden = (flat_hidden[index] if valid_rows is None else flat_hidden.index_select(0, index)).to(
+            compute
+        )
         block_hidden_acc = block_hidden.to(accumulate)
         block_targets, block_lse, block_a = flat_targets[index], flat_lse[index], a[index]
         block_b = None if b is None else b[index]
         block_entropy = None if b is None else flat_entropy[index]
-        block_grad_hidden = torch.zeros(block_hidden.shape, dtype=compute, device=hidden.device) \
-            if need_hidden else None
+        block_grad_hidden = (
+            torch.zeros(block_hidden.shape, dtype=compute, device=hidden.device) if need_hidden else None
+        )
         for begin in range(0, vocab, tile_cols):
             end = min(begin + tile_cols, vocab)
             z = _linear_tile_logits(block_hidden, weight_c.T, bias_c, begin, end, inv_temp)
-            grad_z = _tile_grad_logits(z, block_targets - begin, 1.0, block_lse, block_a, block_b, block_entropy,
-                                       compute)
+            grad_z = _tile_grad_logits(
+                z, block_targets - begin, 1.0, block_lse, block_a, block_b, block_entropy, compute
+            )
             if need_hidden:
                 block_grad_hidden.addmm_(grad_z, weight_c[begin:end])
             if need_weight:
@@ -604,8 +786,14 @@ def _linear_backward_chunked(grad_logprobs, grad_entropy, grad_kl, hidden, weigh
 
 @torch.library.custom_op("rlhf_fast::linear_token_logprobs_forward", mutates_args=())
 def _linear_token_logprobs_forward(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    mask: torch.Tensor | None, ref_logprobs: torch.Tensor | None, temperature: float, kl_estimator: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    temperature: float,
+    kl_estimator: str,
     want_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (logprobs, entropy or [0], kl or [0], lse), each of targets' shape, float32 (float64)."""
@@ -635,14 +823,42 @@ def _(hidden, weight, bias, targets, mask, ref_logprobs, temperature, kl_estimat
 
 @torch.library.custom_op("rlhf_fast::linear_token_logprobs_backward", mutates_args=())
 def _linear_token_logprobs_backward(
-    grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, grad_kl: torch.Tensor | None,
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    mask: torch.Tensor | None, ref_logprobs: torch.Tensor | None, logprobs: torch.Tensor, entropy: torch.Tensor,
-    lse: torch.Tensor, temperature: float, kl_estimator: str, need_hidden: bool, need_weight: bool,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    kl_estimator: str,
+    need_hidden: bool,
+    need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dL/dhidden or [0], dL/dweight or [0], dL/dbias or [0]) in the inputs' dtypes."""
-    args = (grad_logprobs, grad_entropy, grad_kl, hidden, weight, bias, targets, mask, ref_logprobs, logprobs,
-            entropy, lse, temperature, kl_estimator, need_hidden, need_weight)
+    args = (
+        grad_logprobs,
+        grad_entropy,
+        grad_kl,
+        hidden,
+        weight,
+        bias,
+        targets,
+        mask,
+        ref_logprobs,
+        logprobs,
+        entropy,
+        lse,
+        temperature,
+        kl_estimator,
+        need_hidden,
+        need_weight,
+    )
     backend = _pick_backend("linear_token_logprobs", hidden.device, hidden.dtype)
     if backend == "triton":
         from rlhf_fast.ops.triton.linear_logprob import linear_token_logprobs_backward_triton
@@ -654,8 +870,24 @@ def _linear_token_logprobs_backward(
 
 
 @_linear_token_logprobs_backward.register_fake
-def _(grad_logprobs, grad_entropy, grad_kl, hidden, weight, bias, targets, mask, ref_logprobs, logprobs, entropy,
-      lse, temperature, kl_estimator, need_hidden, need_weight):
+def _(
+    grad_logprobs,
+    grad_entropy,
+    grad_kl,
+    hidden,
+    weight,
+    bias,
+    targets,
+    mask,
+    ref_logprobs,
+    logprobs,
+    entropy,
+    lse,
+    temperature,
+    kl_estimator,
+    need_hidden,
+    need_weight,
+):
     with_bias = bias is not None and need_weight
     return (
         hidden.new_empty(hidden.shape if need_hidden else (0,)),
@@ -681,18 +913,36 @@ def _linear_autograd_backward(ctx, grad_logprobs, grad_entropy, grad_kl, _grad_l
         _grad_or_zeros(grad_logprobs, logprobs),
         grad_entropy if ctx.want_entropy and grad_entropy is not None else None,
         grad_kl if ref_logprobs is not None and grad_kl is not None else None,
-        hidden, weight, bias, targets, mask, ref_logprobs, logprobs, entropy, lse, ctx.temperature,
-        ctx.kl_estimator, need_hidden, need_weight,
+        hidden,
+        weight,
+        bias,
+        targets,
+        mask,
+        ref_logprobs,
+        logprobs,
+        entropy,
+        lse,
+        ctx.temperature,
+        ctx.kl_estimator,
+        need_hidden,
+        need_weight,
     )
     return (
         grad_hidden if ctx.needs_input_grad[0] else None,
         grad_weight if ctx.needs_input_grad[1] else None,
         grad_bias if bias is not None and ctx.needs_input_grad[2] else None,
-        None, None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
-_linear_token_logprobs_forward.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
+_linear_token_logprobs_forward.register_autograd(
+    _linear_autograd_backward, setup_context=_linear_setup_context
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -700,15 +950,27 @@ _linear_token_logprobs_forward.register_autograd(_linear_autograd_backward, setu
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_common(name: str, reference: torch.Tensor, leading: torch.Size, vocab: int, targets, ref_logprobs, mask,
-                  temperature, kl_estimator, return_entropy) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _check_common(
+    name: str,
+    reference: torch.Tensor,
+    leading: torch.Size,
+    vocab: int,
+    targets,
+    ref_logprobs,
+    mask,
+    temperature,
+    kl_estimator,
+    return_entropy,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Checks the arguments both public functions share; returns (mask as bool or None, ref_logprobs detached)."""
     check_tensor("targets", targets)
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
     if targets.shape != leading:
-        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(leading)} "
-                         f"(the leading dimensions of {name})")
+        raise ValueError(
+            f"targets has shape {tuple(targets.shape)}, expected {tuple(leading)} "
+            f"(the leading dimensions of {name})"
+        )
     if ref_logprobs is not None:
         check_tensor("ref_logprobs", ref_logprobs, floating=True)
         if ref_logprobs.shape != leading:
@@ -717,14 +979,16 @@ def _check_common(name: str, reference: torch.Tensor, leading: torch.Size, vocab
         check_mask("mask", mask, leading)
         mask = mask if mask.dtype == torch.bool else mask != 0
     check_same_device(name, reference, targets=targets, ref_logprobs=ref_logprobs, mask=mask)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        0.0 < float(temperature) < float("inf")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (0.0 < float(temperature) < float("inf"))
     ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if not isinstance(return_entropy, bool):
-        raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
+        raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")  # noqa: TRY004 (project rule)
     if value_checks_enabled() and targets.numel():
         checked = targets if mask is None else targets[mask]
         if checked.numel() and (bool((checked < 0).any()) or bool((checked >= vocab).any())):
@@ -762,10 +1026,21 @@ def token_logprobs(
         raise ValueError("logits must have a vocabulary dimension, got a 0-dim tensor")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
-    mask, ref_logprobs = _check_common("logits", logits, logits.shape[:-1], logits.shape[-1], targets,
-                                       ref_logprobs, mask, temperature, kl_estimator, return_entropy)
-    logp, entropy, kl, _ = _token_logprobs_forward(logits, targets, mask, ref_logprobs, float(temperature),
-                                                   kl_estimator, return_entropy)
+    mask, ref_logprobs = _check_common(
+        "logits",
+        logits,
+        logits.shape[:-1],
+        logits.shape[-1],
+        targets,
+        ref_logprobs,
+        mask,
+        temperature,
+        kl_estimator,
+        return_entropy,
+    )
+    logp, entropy, kl, _ = _token_logprobs_forward(
+        logits, targets, mask, ref_logprobs, float(temperature), kl_estimator, return_entropy
+    )
     return TokenLogprobs(logp, entropy if return_entropy else None, kl if ref_logprobs is not None else None)
 
 
@@ -789,12 +1064,16 @@ def linear_token_logprobs(
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, ndim=2, floating=True)
     if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)} but weight has shape {tuple(weight.shape)}: "
-                         "the last dimension of hidden must equal weight.shape[1]")
+        raise ValueError(
+            f"hidden has shape {tuple(hidden.shape)} but weight has shape {tuple(weight.shape)}: "
+            "the last dimension of hidden must equal weight.shape[1]"
+        )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension")
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}: cast one to the other")
+        raise ValueError(
+            f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}: cast one to the other"
+        )
     if bias is not None:
         check_tensor("bias", bias, ndim=1, floating=True)
         if bias.shape[0] != weight.shape[0]:
@@ -802,8 +1081,19 @@ def linear_token_logprobs(
         if bias.dtype != weight.dtype:
             raise ValueError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}")
     check_same_device("hidden", hidden, weight=weight, bias=bias)
-    mask, ref_logprobs = _check_common("hidden", hidden, hidden.shape[:-1], weight.shape[0], targets,
-                                       ref_logprobs, mask, temperature, kl_estimator, return_entropy)
-    logp, entropy, kl, _ = _linear_token_logprobs_forward(hidden, weight, bias, targets, mask, ref_logprobs,
-                                                          float(temperature), kl_estimator, return_entropy)
+    mask, ref_logprobs = _check_common(
+        "hidden",
+        hidden,
+        hidden.shape[:-1],
+        weight.shape[0],
+        targets,
+        ref_logprobs,
+        mask,
+        temperature,
+        kl_estimator,
+        return_entropy,
+    )
+    logp, entropy, kl, _ = _linear_token_logprobs_forward(
+        hidden, weight, bias, targets, mask, ref_logprobs, float(temperature), kl_estimator, return_entropy
+    )
     return TokenLogprobs(logp, entropy if return_entropy else None, kl if ref_logprobs is not None else None)

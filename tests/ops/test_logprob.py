@@ -29,7 +29,9 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, scale: float | None = None) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, rel: float, scale: float | None = None
+) -> None:
     """|actual − expected| ≤ rel·(|expected| + scale), scale defaulting to max|expected| (at least 1e-12)."""
     expected = expected.detach().double().cpu()
     actual = actual.detach().double().cpu()
@@ -76,17 +78,43 @@ def weighted_sum(out, weights):
     return total
 
 
-def check_token_logprobs(backend, logits, targets, mask, ref, *, temperature=1.0, kl_estimator="k1",
-                         entropy=True, generator=None, output_scale=None, gradient_rel=None):
+def check_token_logprobs(
+    backend,
+    logits,
+    targets,
+    mask,
+    ref,
+    *,
+    temperature=1.0,
+    kl_estimator="k1",
+    entropy=True,
+    generator=None,
+    output_scale=None,
+    gradient_rel=None,
+):
     """Forward outputs and dL/dlogits of `backend` against the float64 autograd reference."""
     generator = generator or fresh_generator()
     ours_in = logits.detach().clone().requires_grad_()
     ref_in = logits.detach().double().requires_grad_()
     with use_backend(backend):
-        out = token_logprobs(ours_in, targets, ref_logprobs=ref, mask=mask, temperature=temperature,
-                             kl_estimator=kl_estimator, return_entropy=entropy)
-    want = token_logprobs_reference(ref_in, targets, ref_logprobs=None if ref is None else ref.double(), mask=mask,
-                                    temperature=temperature, kl_estimator=kl_estimator, return_entropy=entropy)
+        out = token_logprobs(
+            ours_in,
+            targets,
+            ref_logprobs=ref,
+            mask=mask,
+            temperature=temperature,
+            kl_estimator=kl_estimator,
+            return_entropy=entropy,
+        )
+    want = token_logprobs_reference(
+        ref_in,
+        targets,
+        ref_logprobs=None if ref is None else ref.double(),
+        mask=mask,
+        temperature=temperature,
+        kl_estimator=kl_estimator,
+        return_entropy=entropy,
+    )
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     for got, expected in zip(out, want):
         assert (got is None) == (expected is None)
@@ -95,8 +123,12 @@ def check_token_logprobs(backend, logits, targets, mask, ref, *, temperature=1.0
         assert got.dtype == out_dtype and got.shape == targets.shape
         assert torch.isfinite(got).all()
         # Outputs are log-domain values: float32 rounding is absolute at the scale of the logits (≥ 1).
-        assert_close(got, expected, output_rel(logits.dtype),
-                     output_scale or max(float(expected.detach().abs().max()) if expected.numel() else 1.0, 1.0))
+        assert_close(
+            got,
+            expected,
+            output_rel(logits.dtype),
+            output_scale or max(float(expected.detach().abs().max()) if expected.numel() else 1.0, 1.0),
+        )
         if mask is not None:
             assert (got[~mask.bool()] == 0).all()
     weights = upstream_weights(targets, generator)
@@ -122,7 +154,9 @@ def test_cpu_default_is_the_chunked_backend():
     from rlhf_fast.ops._backend import select_backend
 
     for op_name in ("token_logprobs", "linear_token_logprobs"):
-        assert select_backend(op_name, torch.device("cpu"), IMPLEMENTED, logprob_module.GPU_ORDER) == "chunked"
+        assert (
+            select_backend(op_name, torch.device("cpu"), IMPLEMENTED, logprob_module.GPU_ORDER) == "chunked"
+        )
 
 
 def test_reference_entropy_matches_torch_distributions():
@@ -152,8 +186,17 @@ TOKEN_CASES = [
 def test_token_logprobs_matches_reference(backend, vocab, dtype, kl_estimator, entropy, temperature):
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((3, 5), vocab, dtype, generator)
-    check_token_logprobs(backend, logits, targets, mask, ref if kl_estimator else None, temperature=temperature,
-                         kl_estimator=kl_estimator or "k1", entropy=entropy, generator=generator)
+    check_token_logprobs(
+        backend,
+        logits,
+        targets,
+        mask,
+        ref if kl_estimator else None,
+        temperature=temperature,
+        kl_estimator=kl_estimator or "k1",
+        entropy=entropy,
+        generator=generator,
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -163,8 +206,13 @@ def test_token_logprobs_float64(backend):
             check_token_logprobs(backend, *random_case((2, 3), 11, torch.float64, fresh_generator()))
         return
     generator = fresh_generator()
-    check_token_logprobs(backend, *random_case((2, 3), 11, torch.float64, generator), kl_estimator="k3",
-                         temperature=0.9, generator=generator)
+    check_token_logprobs(
+        backend,
+        *random_case((2, 3), 11, torch.float64, generator),
+        kl_estimator="k3",
+        temperature=0.9,
+        generator=generator,
+    )
 
 
 @pytest.mark.parametrize("kl_estimator", KL_ESTIMATORS)
@@ -173,8 +221,9 @@ def test_token_logprobs_large_vocabulary_chunked(kl_estimator, monkeypatch):
     monkeypatch.setattr(logprob_module, "CHUNK_ELEMENTS", 2 * 50257)
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((1, 5), 50257, torch.float32, generator, all_masked_row=False)
-    check_token_logprobs("chunked", logits, targets, mask, ref, kl_estimator=kl_estimator, temperature=0.8,
-                         generator=generator)
+    check_token_logprobs(
+        "chunked", logits, targets, mask, ref, kl_estimator=kl_estimator, temperature=0.8, generator=generator
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -200,8 +249,9 @@ def test_token_logprobs_all_masked(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_token_logprobs_no_tokens(backend):
     logits = torch.randn(0, 5, 17, requires_grad=True)
-    out = token_logprobs(logits, torch.zeros(0, 5, dtype=torch.long), return_entropy=True,
-                         ref_logprobs=torch.zeros(0, 5))
+    out = token_logprobs(
+        logits, torch.zeros(0, 5, dtype=torch.long), return_entropy=True, ref_logprobs=torch.zeros(0, 5)
+    )
     assert out.logprobs.shape == (0, 5) and out.entropy.shape == (0, 5) and out.kl.shape == (0, 5)
     (out.logprobs.sum() + out.entropy.sum()).backward()
     assert logits.grad.shape == logits.shape
@@ -214,9 +264,18 @@ def test_token_logprobs_large_magnitude(backend, dtype):
     # (an error of ~1e4·2^-24 in z − lse becomes a relative error of that size in every p).
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((2, 3), 50, dtype, generator, scale=1e4)
-    out = check_token_logprobs(backend, logits, targets, mask, ref, kl_estimator="k2", temperature=1.5,
-                               generator=generator, output_scale=1e4,
-                               gradient_rel=max(grad_rel(dtype), 1e4 * 2.0**-24 * 8))
+    out = check_token_logprobs(
+        backend,
+        logits,
+        targets,
+        mask,
+        ref,
+        kl_estimator="k2",
+        temperature=1.5,
+        generator=generator,
+        output_scale=1e4,
+        gradient_rel=max(grad_rel(dtype), 1e4 * 2.0**-24 * 8),
+    )
     assert torch.isfinite(out.logprobs).all()
 
 
@@ -232,11 +291,14 @@ def test_token_logprobs_negative_infinite_logits(backend):
     logits = logits.masked_fill(banned, float("-inf"))
     ours = logits.clone().requires_grad_()
     with use_backend(backend):
-        out = token_logprobs(ours, targets, mask=mask, ref_logprobs=ref, kl_estimator="k3", return_entropy=True)
+        out = token_logprobs(
+            ours, targets, mask=mask, ref_logprobs=ref, kl_estimator="k3", return_entropy=True
+        )
     # Reference: the same logits with −inf replaced by a float64 value whose exp is exactly 0.
     finite = logits.double().masked_fill(banned, -1e300).requires_grad_()
-    want = token_logprobs_reference(finite, targets, mask=mask, ref_logprobs=ref.double(), kl_estimator="k3",
-                                    return_entropy=True)
+    want = token_logprobs_reference(
+        finite, targets, mask=mask, ref_logprobs=ref.double(), kl_estimator="k3", return_entropy=True
+    )
     for got, expected in zip(out, want):
         assert torch.isfinite(got).all()
         assert_close(got, expected, 3e-5, max(float(expected.detach().abs().max()), 1.0))
@@ -269,9 +331,12 @@ def test_token_logprobs_partial_outputs_get_gradients(backend):
         ours = logits.clone().requires_grad_()
         twin = logits.double().requires_grad_()
         with use_backend(backend):
-            out = token_logprobs(ours, targets, mask=mask, ref_logprobs=ref, kl_estimator="k3", return_entropy=True)
-        want = token_logprobs_reference(twin, targets, mask=mask, ref_logprobs=ref.double(), kl_estimator="k3",
-                                        return_entropy=True)
+            out = token_logprobs(
+                ours, targets, mask=mask, ref_logprobs=ref, kl_estimator="k3", return_entropy=True
+            )
+        want = token_logprobs_reference(
+            twin, targets, mask=mask, ref_logprobs=ref.double(), kl_estimator="k3", return_entropy=True
+        )
         getattr(out, pick).sum().backward()
         getattr(want, pick).sum().backward()
         assert_close(ours.grad, twin.grad, 1e-4)
@@ -287,8 +352,15 @@ def test_token_logprobs_gradcheck(backend):
 
     def outputs(x):
         with use_backend(backend):
-            out = token_logprobs(x, targets, mask=mask, ref_logprobs=ref.double(), kl_estimator="k3",
-                                 temperature=0.7, return_entropy=True)
+            out = token_logprobs(
+                x,
+                targets,
+                mask=mask,
+                ref_logprobs=ref.double(),
+                kl_estimator="k3",
+                temperature=0.7,
+                return_entropy=True,
+            )
         return out.logprobs, out.entropy, out.kl
 
     assert torch.autograd.gradcheck(outputs, (logits.requires_grad_(),))
@@ -298,8 +370,9 @@ def test_token_logprobs_chunked_uses_several_chunks(monkeypatch):
     monkeypatch.setattr(logprob_module, "CHUNK_ELEMENTS", 3 * 101)
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((4, 5), 101, torch.bfloat16, generator)
-    check_token_logprobs("chunked", logits, targets, mask, ref, kl_estimator="k3", temperature=0.8,
-                         generator=generator)
+    check_token_logprobs(
+        "chunked", logits, targets, mask, ref, kl_estimator="k3", temperature=0.8, generator=generator
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,21 +382,41 @@ def test_token_logprobs_chunked_uses_several_chunks(monkeypatch):
 
 def random_linear_case(shape, width, vocab, dtype, generator, *, bias=True, masked=True):
     hidden = torch.randn(*shape, width, generator=generator, dtype=torch.float64).to(dtype)
-    weight = (torch.randn(vocab, width, generator=generator, dtype=torch.float64) * 1.5 / width**0.5).to(dtype)
+    weight = (torch.randn(vocab, width, generator=generator, dtype=torch.float64) * 1.5 / width**0.5).to(
+        dtype
+    )
     lm_bias = torch.randn(vocab, generator=generator, dtype=torch.float64).to(dtype) if bias else None
     targets = torch.randint(0, vocab, shape, generator=generator)
     mask = ragged_mask(*shape, generator) if masked else None
     if masked:
         targets = torch.where(mask, targets, -100)
     with torch.no_grad():
-        true_logp = linear_token_logprobs_reference(hidden.double(), weight.double(), targets, mask=mask,
-                                                    bias=None if lm_bias is None else lm_bias.double()).logprobs
+        true_logp = linear_token_logprobs_reference(
+            hidden.double(),
+            weight.double(),
+            targets,
+            mask=mask,
+            bias=None if lm_bias is None else lm_bias.double(),
+        ).logprobs
     ref = (true_logp + 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)).float()
     return hidden, weight, lm_bias, targets, mask, ref
 
 
-def check_linear(backend, hidden, weight, bias, targets, mask, ref, *, temperature=1.0, kl_estimator="k1",
-                 entropy=True, generator=None, need=(True, True, True)):
+def check_linear(
+    backend,
+    hidden,
+    weight,
+    bias,
+    targets,
+    mask,
+    ref,
+    *,
+    temperature=1.0,
+    kl_estimator="k1",
+    entropy=True,
+    generator=None,
+    need=(True, True, True),
+):
     generator = generator or fresh_generator()
     ours = [hidden.clone(), weight.clone(), None if bias is None else bias.clone()]
     twins = [None if t is None else t.double() for t in ours]
@@ -332,29 +425,57 @@ def check_linear(backend, hidden, weight, bias, targets, mask, ref, *, temperatu
             tensor.requires_grad_()
             twin.requires_grad_()
     with use_backend(backend):
-        out = linear_token_logprobs(ours[0], ours[1], targets, bias=ours[2], ref_logprobs=ref, mask=mask,
-                                    temperature=temperature, kl_estimator=kl_estimator, return_entropy=entropy)
-    want = linear_token_logprobs_reference(twins[0], twins[1], targets, bias=twins[2],
-                                           ref_logprobs=None if ref is None else ref.double(), mask=mask,
-                                           temperature=temperature, kl_estimator=kl_estimator,
-                                           return_entropy=entropy)
+        out = linear_token_logprobs(
+            ours[0],
+            ours[1],
+            targets,
+            bias=ours[2],
+            ref_logprobs=ref,
+            mask=mask,
+            temperature=temperature,
+            kl_estimator=kl_estimator,
+            return_entropy=entropy,
+        )
+    want = linear_token_logprobs_reference(
+        twins[0],
+        twins[1],
+        targets,
+        bias=twins[2],
+        ref_logprobs=None if ref is None else ref.double(),
+        mask=mask,
+        temperature=temperature,
+        kl_estimator=kl_estimator,
+        return_entropy=entropy,
+    )
     for got, expected in zip(out, want):
         assert (got is None) == (expected is None)
         if got is not None:
             assert got.shape == targets.shape and torch.isfinite(got).all()
-            assert_close(got, expected, output_rel(hidden.dtype) * 3,
-                         max(float(expected.detach().abs().max()) if expected.numel() else 1.0, 1.0))
+            assert_close(
+                got,
+                expected,
+                output_rel(hidden.dtype) * 3,
+                max(float(expected.detach().abs().max()) if expected.numel() else 1.0, 1.0),
+            )
     weights = upstream_weights(targets, generator)
     weighted_sum(out, weights).backward()
     weighted_sum(want, weights).backward()
     for tensor, twin in zip(ours, twins):
         if tensor is None or not tensor.requires_grad:
             continue
-        assert tensor.grad is not None and tensor.grad.dtype == tensor.dtype and tensor.grad.shape == tensor.shape
+        assert (
+            tensor.grad is not None
+            and tensor.grad.dtype == tensor.dtype
+            and tensor.grad.shape == tensor.shape
+        )
         # Floor of 0.1 on the scale: where every expected entry is ~0 (V = 1), float32 rounding of p is not.
         scale = max(float(twin.grad.abs().max()), 0.1)
-        assert_close(tensor.grad, twin.grad, grad_rel(hidden.dtype) * (1 if hidden.dtype in LOW_PRECISION else 3),
-                     scale)
+        assert_close(
+            tensor.grad,
+            twin.grad,
+            grad_rel(hidden.dtype) * (1 if hidden.dtype in LOW_PRECISION else 3),
+            scale,
+        )
     return out
 
 
@@ -370,13 +491,26 @@ LINEAR_CASES = [
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("vocab,width,dtype,bias,kl_estimator,entropy,temperature", LINEAR_CASES)
-def test_linear_token_logprobs_matches_reference(backend, vocab, width, dtype, bias, kl_estimator, entropy,
-                                                 temperature):
+def test_linear_token_logprobs_matches_reference(
+    backend, vocab, width, dtype, bias, kl_estimator, entropy, temperature
+):
     generator = fresh_generator()
-    hidden, weight, lm_bias, targets, mask, ref = random_linear_case((3, 5), width, vocab, dtype, generator,
-                                                                     bias=bias)
-    check_linear(backend, hidden, weight, lm_bias, targets, mask, ref if kl_estimator else None,
-                 temperature=temperature, kl_estimator=kl_estimator or "k1", entropy=entropy, generator=generator)
+    hidden, weight, lm_bias, targets, mask, ref = random_linear_case(
+        (3, 5), width, vocab, dtype, generator, bias=bias
+    )
+    check_linear(
+        backend,
+        hidden,
+        weight,
+        lm_bias,
+        targets,
+        mask,
+        ref if kl_estimator else None,
+        temperature=temperature,
+        kl_estimator=kl_estimator or "k1",
+        entropy=entropy,
+        generator=generator,
+    )
 
 
 def test_linear_token_logprobs_triton_several_chunks_and_splits(monkeypatch):
@@ -423,11 +557,21 @@ def test_linear_token_logprobs_all_masked_and_single_token(backend):
     generator = fresh_generator()
     hidden, weight, bias, targets, _, ref = random_linear_case((2, 3), 16, 20, torch.float32, generator)
     mask = torch.zeros(2, 3, dtype=torch.bool)
-    out = check_linear(backend, hidden, weight, bias, torch.full((2, 3), -100), mask, ref, kl_estimator="k3",
-                       generator=generator)
+    out = check_linear(
+        backend,
+        hidden,
+        weight,
+        bias,
+        torch.full((2, 3), -100),
+        mask,
+        ref,
+        kl_estimator="k3",
+        generator=generator,
+    )
     assert (out.logprobs == 0).all() and (out.entropy == 0).all() and (out.kl == 0).all()
-    hidden, weight, bias, targets, _, ref = random_linear_case((1,), 16, 20, torch.float32, generator,
-                                                               masked=False)
+    hidden, weight, bias, targets, _, ref = random_linear_case(
+        (1,), 16, 20, torch.float32, generator, masked=False
+    )
     check_linear(backend, hidden[0], weight, bias, targets[0], None, ref[0], generator=generator)
 
 
@@ -436,16 +580,28 @@ def test_linear_token_logprobs_gradcheck(backend):
     generator = fresh_generator()
     hidden, weight, bias, targets, mask, ref = random_linear_case((2, 3), 4, 6, torch.float64, generator)
     mask[0, 0], targets[0, 0] = True, 1
-    ref = linear_token_logprobs_reference(hidden, weight, targets, bias=bias, mask=mask).logprobs.detach() + 0.1
+    ref = (
+        linear_token_logprobs_reference(hidden, weight, targets, bias=bias, mask=mask).logprobs.detach() + 0.1
+    )
 
     def outputs(h, w, b):
         with use_backend(backend):
-            out = linear_token_logprobs(h, w, targets, bias=b, mask=mask, ref_logprobs=ref.double(),
-                                        kl_estimator="k3", temperature=0.8, return_entropy=True)
+            out = linear_token_logprobs(
+                h,
+                w,
+                targets,
+                bias=b,
+                mask=mask,
+                ref_logprobs=ref.double(),
+                kl_estimator="k3",
+                temperature=0.8,
+                return_entropy=True,
+            )
         return out.logprobs, out.entropy, out.kl
 
-    assert torch.autograd.gradcheck(outputs, (hidden.requires_grad_(), weight.requires_grad_(),
-                                              bias.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        outputs, (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -463,11 +619,24 @@ def test_opcheck_token_ops(backend):
     with use_backend(backend):
         for args in (every_option, no_option) if backend == "chunked" else (every_option,):
             torch.library.opcheck(forward, args)
-            logp, entropy, kl, lse = forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+            logp, entropy, _kl, lse = forward(
+                *[a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+            )
             grads = torch.randn_like(logp)
-            backward_args = (grads, torch.randn_like(logp) if args[6] else None,
-                             torch.randn_like(logp) if args[3] is not None else None, args[0].detach(), args[1],
-                             args[2], args[3], logp, entropy, lse, args[4], args[5])
+            backward_args = (
+                grads,
+                torch.randn_like(logp) if args[6] else None,
+                torch.randn_like(logp) if args[3] is not None else None,
+                args[0].detach(),
+                args[1],
+                args[2],
+                args[3],
+                logp,
+                entropy,
+                lse,
+                args[4],
+                args[5],
+            )
             torch.library.opcheck(torch.ops.rlhf_fast.token_logprobs_backward, backward_args)
 
 
@@ -476,18 +645,46 @@ def test_opcheck_linear_ops(backend):
     generator = fresh_generator()
     hidden, weight, bias, targets, mask, ref = random_linear_case((2, 3), 16, 20, torch.float32, generator)
     forward = torch.ops.rlhf_fast.linear_token_logprobs_forward
-    every_option = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), targets, mask, ref,
-                    0.8, "k2", True)
-    no_option = (hidden.detach(), weight.detach().requires_grad_(), None, targets.clamp(min=0), None, None, 1.0,
-                 "k1", False)
+    every_option = (
+        hidden.requires_grad_(),
+        weight.requires_grad_(),
+        bias.requires_grad_(),
+        targets,
+        mask,
+        ref,
+        0.8,
+        "k2",
+        True,
+    )
+    no_option = (
+        hidden.detach(),
+        weight.detach().requires_grad_(),
+        None,
+        targets.clamp(min=0),
+        None,
+        None,
+        1.0,
+        "k1",
+        False,
+    )
     with use_backend(backend):
         for args in (every_option, no_option) if backend == "chunked" else (every_option,):
             torch.library.opcheck(forward, args)
             detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-            logp, entropy, kl, lse = forward(*detached)
-            backward_args = (torch.randn_like(logp), torch.randn_like(logp) if args[8] else None,
-                             torch.randn_like(logp) if args[5] is not None else None, *detached[:6], logp, entropy,
-                             lse, args[6], args[7], True, True)
+            logp, entropy, _kl, lse = forward(*detached)
+            backward_args = (
+                torch.randn_like(logp),
+                torch.randn_like(logp) if args[8] else None,
+                torch.randn_like(logp) if args[5] is not None else None,
+                *detached[:6],
+                logp,
+                entropy,
+                lse,
+                args[6],
+                args[7],
+                True,
+                True,
+            )
             torch.library.opcheck(torch.ops.rlhf_fast.linear_token_logprobs_backward, backward_args)
 
 
@@ -495,20 +692,20 @@ def test_bad_arguments_name_the_argument():
     logits = torch.randn(2, 3, 10)
     targets = torch.randint(0, 10, (2, 3))
     cases = [
-        (dict(targets=torch.full((2, 3), 10)), "targets"),
-        (dict(targets=torch.full((2, 3), -1)), "targets"),
-        (dict(targets=targets[:, :2]), "targets"),
-        (dict(targets=targets.float()), "targets"),
-        (dict(kl_estimator="k4", ref_logprobs=torch.zeros(2, 3)), "kl_estimator"),
-        (dict(ref_logprobs=torch.zeros(2, 2)), "ref_logprobs"),
-        (dict(mask=torch.ones(2, 2, dtype=torch.bool)), "mask"),
-        (dict(mask=torch.ones(2, 3)), "mask"),
-        (dict(temperature=0.0), "temperature"),
-        (dict(temperature=float("nan")), "temperature"),
-        (dict(return_entropy="yes"), "return_entropy"),
+        ({"targets": torch.full((2, 3), 10)}, "targets"),
+        ({"targets": torch.full((2, 3), -1)}, "targets"),
+        ({"targets": targets[:, :2]}, "targets"),
+        ({"targets": targets.float()}, "targets"),
+        ({"kl_estimator": "k4", "ref_logprobs": torch.zeros(2, 3)}, "kl_estimator"),
+        ({"ref_logprobs": torch.zeros(2, 2)}, "ref_logprobs"),
+        ({"mask": torch.ones(2, 2, dtype=torch.bool)}, "mask"),
+        ({"mask": torch.ones(2, 3)}, "mask"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"return_entropy": "yes"}, "return_entropy"),
     ]
     for overrides, name in cases:
-        kwargs = dict(targets=targets) | overrides
+        kwargs = {"targets": targets} | overrides
         call_targets = kwargs.pop("targets")
         with pytest.raises(ValueError, match=name):
             token_logprobs(logits, call_targets, **kwargs)
@@ -547,8 +744,16 @@ def test_cuda_token_logprobs(dtype):
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((4, 257), 50304, dtype, generator)
     logits, targets, mask, ref = (t.cuda() for t in (logits, targets, mask, ref))
-    check_token_logprobs("triton", logits, targets, mask, ref, kl_estimator="k3", temperature=0.7,
-                         generator=fresh_generator("cpu"))
+    check_token_logprobs(
+        "triton",
+        logits,
+        targets,
+        mask,
+        ref,
+        kl_estimator="k3",
+        temperature=0.7,
+        generator=fresh_generator("cpu"),
+    )
 
 
 @pytest.mark.cuda

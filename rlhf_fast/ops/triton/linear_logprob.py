@@ -37,8 +37,21 @@ COLUMN_QUANTUM = 256
 
 @triton.jit
 def _logit_tile(
-    H, W, BIAS, rows, cols, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
-    D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    H,
+    W,
+    BIAS,
+    rows,
+    cols,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    inv_temp,
+    D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """(h[rows] @ W[cols]ᵀ + b[cols]) / τ as a float32 [BLOCK_M, BLOCK_N] tile; rows and cols must be in range."""
@@ -54,7 +67,9 @@ def _logit_tile(
             k_in = (k0 + offs_k) < D
             h = tl.load(h_ptrs, mask=k_in[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
-        if DOT_PRECISION == "interpreter":  # Triton 3.6's interpreter multiplies bfloat16 wrongly: widen first
+        if (
+            DOT_PRECISION == "interpreter"
+        ):  # Triton 3.6's interpreter multiplies bfloat16 wrongly: widen first
             acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
@@ -67,11 +82,28 @@ def _logit_tile(
 
 @triton.jit
 def _partial_stats_kernel(
-    H, W, BIAS, TARGETS, MASK, PARTIALS,
-    N, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
-    V: tl.constexpr, D: tl.constexpr, SPLIT_COLS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WANT_ENTROPY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    H,
+    W,
+    BIAS,
+    TARGETS,
+    MASK,
+    PARTIALS,
+    N,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    inv_temp,
+    V: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT_COLS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -98,8 +130,24 @@ def _partial_stats_kernel(
     for tile in range(SPLIT_COLS // BLOCK_N):
         cols = split.to(tl.int64) * SPLIT_COLS + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_in = cols < V
-        z = _logit_tile(H, W, BIAS, safe_rows, tl.where(col_in, cols, 0), stride_hn, stride_hd, stride_wv,
-                        stride_wd, inv_temp, D, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        z = _logit_tile(
+            H,
+            W,
+            BIAS,
+            safe_rows,
+            tl.where(col_in, cols, 0),
+            stride_hn,
+            stride_hd,
+            stride_wv,
+            stride_wd,
+            inv_temp,
+            D,
+            HAS_BIAS,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            DOT_PRECISION,
+        )
         z = tl.where(col_in[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, 1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -120,9 +168,20 @@ def _partial_stats_kernel(
 
 @triton.jit
 def _combine_kernel(
-    PARTIALS, MASK, REF, LOGP, ENTROPY, KL, LSE, N, num_splits,
-    HAS_MASK: tl.constexpr, WANT_ENTROPY: tl.constexpr, KL_KIND: tl.constexpr,
-    SPLITS_POW2: tl.constexpr, BLOCK: tl.constexpr,
+    PARTIALS,
+    MASK,
+    REF,
+    LOGP,
+    ENTROPY,
+    KL,
+    LSE,
+    N,
+    num_splits,
+    HAS_MASK: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     row_in = rows < N
@@ -159,12 +218,41 @@ def _combine_kernel(
 
 @triton.jit
 def _grad_logits_kernel(
-    H, W, BIAS, TARGETS, MASK, REF, LOGP, ENTROPY, LSE, GRAD_LOGP, GRAD_ENTROPY, GRAD_KL, G, GRAD_BIAS,
-    N, col_begin, chunk_cols, stride_hn, stride_hd, stride_wv, stride_wd, stride_gn, inv_temp,
-    V: tl.constexpr, D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, KL_KIND: tl.constexpr,
-    WANT_GRAD_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    H,
+    W,
+    BIAS,
+    TARGETS,
+    MASK,
+    REF,
+    LOGP,
+    ENTROPY,
+    LSE,
+    GRAD_LOGP,
+    GRAD_ENTROPY,
+    GRAD_KL,
+    G,
+    GRAD_BIAS,
+    N,
+    col_begin,
+    chunk_cols,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_gn,
+    inv_temp,
+    V: tl.constexpr,
+    D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    WANT_GRAD_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M consecutive row blocks sweep the same weight tiles while they are in L2.
     pid = tl.program_id(0)
@@ -190,11 +278,30 @@ def _grad_logits_kernel(
         tl.store(g_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=store_mask)
         return
     safe_rows = tl.where(row_in, rows, 0)
-    a = tl.where(valid, logprob_coefficient(GRAD_LOGP, GRAD_KL, REF, LOGP, safe_rows, KL_KIND), 0.0) * inv_temp
+    a = (
+        tl.where(valid, logprob_coefficient(GRAD_LOGP, GRAD_KL, REF, LOGP, safe_rows, KL_KIND), 0.0)
+        * inv_temp
+    )
     lse = tl.load(LSE + safe_rows)
     targets = tl.load(TARGETS + rows, mask=valid, other=-1).to(tl.int64)
-    z = _logit_tile(H, W, BIAS, safe_rows, tl.where(col_in, cols, 0), stride_hn, stride_hd, stride_wv, stride_wd,
-                    inv_temp, D, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    z = _logit_tile(
+        H,
+        W,
+        BIAS,
+        safe_rows,
+        tl.where(col_in, cols, 0),
+        stride_hn,
+        stride_hd,
+        stride_wv,
+        stride_wd,
+        inv_temp,
+        D,
+        HAS_BIAS,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        DOT_PRECISION,
+    )
     log_probs = z - lse[:, None]
     probs = tl.exp(log_probs)
     grad = -a[:, None] * probs
@@ -231,9 +338,7 @@ def _zero_grad_bias(kwargs, reset_only=False):
 
 
 _TUNED = {
-    (kernel.__name__, precision): triton.autotune(
-        configs, key=key, pre_hook=hook
-    )(kernel)
+    (kernel.__name__, precision): triton.autotune(configs, key=key, pre_hook=hook)(kernel)
     for kernel, key, hook, low_precision_configs in (
         (_partial_stats_kernel, ["V", "D", "HAS_BIAS", "WANT_ENTROPY"], None, [_TILE_128x128, _TILE_128x256]),
         (_grad_logits_kernel, ["V", "D", "HAS_BIAS", "HAS_GRAD_ENTROPY"], _zero_grad_bias, [_TILE_128x128]),
@@ -278,8 +383,14 @@ def _mask_arg(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def linear_token_logprobs_forward_triton(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    mask: torch.Tensor | None, ref_logprobs: torch.Tensor | None, temperature: float, kl_estimator: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    temperature: float,
+    kl_estimator: str,
     want_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [..., d], weight [V, d], bias [V] -> (logprobs, entropy or [0], kl or [0], lse), float32 [N]."""
@@ -298,28 +409,68 @@ def linear_token_logprobs_forward_triton(
     flat_targets = targets.reshape(-1).contiguous()
     mask_arg = _mask_arg(mask)
     _launch(
-        _partial_stats_kernel, hidden.dtype,
+        _partial_stats_kernel,
+        hidden.dtype,
         lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_splits),
-        flat_hidden, weight, bias, flat_targets, mask_arg, partials,
-        rows, flat_hidden.stride(0), flat_hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
-        V=vocab, D=width, SPLIT_COLS=split_cols, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-        WANT_ENTROPY=want_entropy, DOT_PRECISION=_dot_precision(hidden.dtype),
+        flat_hidden,
+        weight,
+        bias,
+        flat_targets,
+        mask_arg,
+        partials,
+        rows,
+        flat_hidden.stride(0),
+        flat_hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        1.0 / temperature,
+        V=vocab,
+        D=width,
+        SPLIT_COLS=split_cols,
+        HAS_BIAS=bias is not None,
+        HAS_MASK=mask is not None,
+        WANT_ENTROPY=want_entropy,
+        DOT_PRECISION=_dot_precision(hidden.dtype),
     )
     block = 128 if num_splits <= 16 else 32
     ref = logp if ref_logprobs is None else ref_logprobs.reshape(-1).float().contiguous()
     _combine_kernel[(triton.cdiv(rows, block),)](
-        partials, mask_arg, ref, logp, entropy, kl, lse, rows, num_splits,
-        HAS_MASK=mask is not None, WANT_ENTROPY=want_entropy, KL_KIND=kl_kind,
-        SPLITS_POW2=triton.next_power_of_2(num_splits), BLOCK=block, num_warps=4,
+        partials,
+        mask_arg,
+        ref,
+        logp,
+        entropy,
+        kl,
+        lse,
+        rows,
+        num_splits,
+        HAS_MASK=mask is not None,
+        WANT_ENTROPY=want_entropy,
+        KL_KIND=kl_kind,
+        SPLITS_POW2=triton.next_power_of_2(num_splits),
+        BLOCK=block,
+        num_warps=4,
     )
     return logp, entropy, kl, lse
 
 
 def linear_token_logprobs_backward_triton(
-    grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, grad_kl: torch.Tensor | None,
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    mask: torch.Tensor | None, ref_logprobs: torch.Tensor | None, logprobs: torch.Tensor, entropy: torch.Tensor,
-    lse: torch.Tensor, temperature: float, kl_estimator: str, need_hidden: bool, need_weight: bool,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    kl_estimator: str,
+    need_hidden: bool,
+    need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_hidden or [0], grad_weight or [0], grad_bias or [0]) in the inputs' dtypes."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -334,15 +485,22 @@ def linear_token_logprobs_backward_triton(
         return _finish_grads(grad_hidden, hidden, grad_weight, grad_bias, weight)
 
     kl_kind = KL_CODES[kl_estimator] if (ref_logprobs is not None and grad_kl is not None) else 0
-    chunk_cols = max(COLUMN_QUANTUM, GRAD_CHUNK_BYTES // (rows * hidden.element_size()) // COLUMN_QUANTUM
-                     * COLUMN_QUANTUM)
+    chunk_cols = max(
+        COLUMN_QUANTUM, GRAD_CHUNK_BYTES // (rows * hidden.element_size()) // COLUMN_QUANTUM * COLUMN_QUANTUM
+    )
     chunk_cols = min(chunk_cols, triton.cdiv(vocab, COLUMN_QUANTUM) * COLUMN_QUANTUM)
     grads_chunk = torch.empty(rows, chunk_cols, dtype=hidden.dtype, device=hidden.device)
-    common = dict(
-        V=vocab, D=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-        HAS_GRAD_ENTROPY=grad_entropy is not None, KL_KIND=kl_kind, WANT_GRAD_BIAS=want_bias, GROUP_M=8,
-        DOT_PRECISION=_dot_precision(hidden.dtype),
-    )
+    common = {
+        "V": vocab,
+        "D": width,
+        "HAS_BIAS": bias is not None,
+        "HAS_MASK": mask is not None,
+        "HAS_GRAD_ENTROPY": grad_entropy is not None,
+        "KL_KIND": kl_kind,
+        "WANT_GRAD_BIAS": want_bias,
+        "GROUP_M": 8,
+        "DOT_PRECISION": _dot_precision(hidden.dtype),
+    }
     flat_targets, mask_arg = targets.reshape(-1).contiguous(), _mask_arg(mask)
     ref = logprobs if ref_logprobs is None else ref_logprobs.reshape(-1).float().contiguous()
     grad_logp, grad_ent = _row_vector(grad_logprobs, lse), _row_vector(grad_entropy, lse)
@@ -352,17 +510,39 @@ def linear_token_logprobs_backward_triton(
         cols = min(chunk_cols, vocab - col_begin)
         grads = grads_chunk[:, :cols]
         _launch(
-            _grad_logits_kernel, hidden.dtype,
-            lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),),
-            flat_hidden, weight, bias, flat_targets, mask_arg, ref, logprobs.reshape(-1), entropy_arg.reshape(-1),
-            lse.reshape(-1), grad_logp, grad_ent, grad_kl_flat, grads,
-            grad_bias[col_begin:col_begin + cols] if want_bias else None,
-            rows, col_begin, cols, flat_hidden.stride(0), flat_hidden.stride(1), weight.stride(0),
-            weight.stride(1), grads.stride(0), 1.0 / temperature, **common,
+            _grad_logits_kernel,
+            hidden.dtype,
+            lambda meta, cols=cols: (
+                triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),
+            ),
+            flat_hidden,
+            weight,
+            bias,
+            flat_targets,
+            mask_arg,
+            ref,
+            logprobs.reshape(-1),
+            entropy_arg.reshape(-1),
+            lse.reshape(-1),
+            grad_logp,
+            grad_ent,
+            grad_kl_flat,
+            grads,
+            grad_bias[col_begin : col_begin + cols] if want_bias else None,
+            rows,
+            col_begin,
+            cols,
+            flat_hidden.stride(0),
+            flat_hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            grads.stride(0),
+            1.0 / temperature,
+            **common,
         )
-        weight_chunk = weight[col_begin:col_begin + cols]
+        weight_chunk = weight[col_begin : col_begin + cols]
         if need_weight:
-            torch.mm(grads.T, flat_hidden, out=grad_weight[col_begin:col_begin + cols])
+            torch.mm(grads.T, flat_hidden, out=grad_weight[col_begin : col_begin + cols])
         if need_hidden:
             grad_hidden = _accumulate_matmul(grad_hidden, grads, weight_chunk)
     return _finish_grads(grad_hidden, hidden, grad_weight, grad_bias, weight)

@@ -59,13 +59,27 @@ def logprob_coefficient(grad_logp_ptr, grad_kl_ptr, ref_ptr, logp_ptr, row, KL_K
 
 @triton.jit
 def _rows_forward_kernel(
-    LOGITS, TARGETS, MASK, REF,
-    LOGP, ENTROPY, KL, LSE,
-    rows_inner, stride_outer, stride_inner, stride_v, inv_temp,
-    V: tl.constexpr, HAS_MASK: tl.constexpr, WANT_ENTROPY: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS,
+    TARGETS,
+    MASK,
+    REF,
+    LOGP,
+    ENTROPY,
+    KL,
+    LSE,
+    rows_inner,
+    stride_outer,
+    stride_inner,
+    stride_v,
+    inv_temp,
+    V: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if HAS_MASK:
+    if HAS_MASK:  # noqa: SIM102 (a compile-time flag, then a runtime test)
         if tl.load(MASK + row) == 0:  # a masked row reads nothing and writes zeros
             tl.store(LOGP + row, 0.0)
             tl.store(LSE + row, 0.0)
@@ -111,14 +125,31 @@ def _rows_forward_kernel(
 
 @triton.jit
 def _rows_backward_kernel(
-    LOGITS, TARGETS, MASK, REF, LOGP, ENTROPY, LSE,
-    GRAD_LOGP, GRAD_ENTROPY, GRAD_KL, GRAD_LOGITS,
-    rows_inner, stride_outer, stride_inner, stride_v, inv_temp,
-    V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS,
+    TARGETS,
+    MASK,
+    REF,
+    LOGP,
+    ENTROPY,
+    LSE,
+    GRAD_LOGP,
+    GRAD_ENTROPY,
+    GRAD_KL,
+    GRAD_LOGITS,
+    rows_inner,
+    stride_outer,
+    stride_inner,
+    stride_v,
+    inv_temp,
+    V: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     out = GRAD_LOGITS + row * V
-    if HAS_MASK:
+    if HAS_MASK:  # noqa: SIM102 (a compile-time flag, then a runtime test)
         if tl.load(MASK + row) == 0:  # a masked row reads nothing and gets a zero gradient
             for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
@@ -173,8 +204,13 @@ def _block_and_warps(vocab: int, element_size: int) -> tuple[int, int]:
 
 
 def token_logprobs_forward_triton(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-    temperature: float, kl_estimator: str, want_entropy: bool,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    temperature: float,
+    kl_estimator: str,
+    want_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [..., V] fp32/bf16/fp16 -> (logprobs, entropy or empty, kl or empty, lse), each fp32 [N]."""
     vocab = logits.shape[-1]
@@ -190,18 +226,42 @@ def token_logprobs_forward_triton(
     view, rows_inner, stride_outer, stride_inner, stride_v = _row_layout(logits)
     block, warps = _block_and_warps(vocab, logits.element_size())
     _rows_forward_kernel[(rows,)](
-        view, targets.reshape(-1).contiguous(), _mask_arg(mask), _ref_arg(ref_logprobs, logp),
-        logp, entropy, kl, lse,
-        rows_inner, stride_outer, stride_inner, stride_v, 1.0 / temperature,
-        V=vocab, HAS_MASK=mask is not None, WANT_ENTROPY=want_entropy, KL_KIND=kl_kind, BLOCK_V=block, num_warps=warps,
+        view,
+        targets.reshape(-1).contiguous(),
+        _mask_arg(mask),
+        _ref_arg(ref_logprobs, logp),
+        logp,
+        entropy,
+        kl,
+        lse,
+        rows_inner,
+        stride_outer,
+        stride_inner,
+        stride_v,
+        1.0 / temperature,
+        V=vocab,
+        HAS_MASK=mask is not None,
+        WANT_ENTROPY=want_entropy,
+        KL_KIND=kl_kind,
+        BLOCK_V=block,
+        num_warps=warps,
     )
     return logp, entropy, kl, lse
 
 
 def token_logprobs_backward_triton(
-    grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, grad_kl: torch.Tensor | None,
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-    logprobs: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor, temperature: float, kl_estimator: str,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    kl_estimator: str,
 ) -> torch.Tensor:
     """The gradient with respect to logits: contiguous, same shape and dtype as `logits`."""
     vocab = logits.shape[-1]
@@ -213,14 +273,28 @@ def token_logprobs_backward_triton(
     kl_kind = KL_CODES[kl_estimator] if (ref_logprobs is not None and grad_kl is not None) else 0
     block, warps = _block_and_warps(vocab, logits.element_size())
     _rows_backward_kernel[(rows,)](
-        view, targets.reshape(-1).contiguous(), _mask_arg(mask), _ref_arg(ref_logprobs, logprobs),
-        logprobs, entropy if grad_entropy is not None else lse, lse,
+        view,
+        targets.reshape(-1).contiguous(),
+        _mask_arg(mask),
+        _ref_arg(ref_logprobs, logprobs),
+        logprobs,
+        entropy if grad_entropy is not None else lse,
+        lse,
         grad_logprobs.reshape(-1).float().contiguous(),
-        _optional_row_grad(grad_entropy, lse), _optional_row_grad(grad_kl if kl_kind else None, lse),
+        _optional_row_grad(grad_entropy, lse),
+        _optional_row_grad(grad_kl if kl_kind else None, lse),
         grad_logits,
-        rows_inner, stride_outer, stride_inner, stride_v, 1.0 / temperature,
-        V=vocab, HAS_MASK=mask is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, KL_KIND=kl_kind,
-        BLOCK_V=block, num_warps=warps,
+        rows_inner,
+        stride_outer,
+        stride_inner,
+        stride_v,
+        1.0 / temperature,
+        V=vocab,
+        HAS_MASK=mask is not None,
+        HAS_GRAD_ENTROPY=grad_entropy is not None,
+        KL_KIND=kl_kind,
+        BLOCK_V=block,
+        num_warps=warps,
     )
     return grad_logits
 
