@@ -3,7 +3,8 @@
     python tests/trainers/run_toy.py KIND[,KIND...] OUTPUT_ROOT [--resume] [--pause-after N] [--set KIND.key=value ...]
 
 Each KIND (sft, rm, ppo) trains in OUTPUT_ROOT/KIND. With --pause-after N the process completes step N + 1
-(not checkpointed) after the checkpoint of step N, writes OUTPUT_ROOT/KIND/paused, and sleeps until killed.
+(not checkpointed) after the checkpoint of step N, writes its pid to OUTPUT_ROOT/KIND/paused.rank<RANK> and
+sleeps until killed (or until its parent, e.g. a killed torchrun agent, is gone).
 Under torchrun every rank runs the same trainers.
 """
 
@@ -29,16 +30,23 @@ STEP_METHOD = {
 }
 
 
-def pause_after(trainer, kind: str, step: int, marker: Path) -> None:
+def pause_after(trainer, kind: str, step: int, directory: Path) -> None:
     method_name, counter = STEP_METHOD[kind]
     original = getattr(trainer, method_name)
+    parent = os.getppid()
 
     def wrapped(*args, **kwargs):
         result = original(*args, **kwargs)
         # The counter is incremented after the step returns: counter == step means step + 1 just ran.
         if getattr(trainer, counter) == step:
-            marker.write_text("paused")
-            time.sleep(600)
+            name = f"paused.rank{os.environ.get('RANK', '0')}"
+            temporary = directory / f".{name}.tmp"  # renamed into place: a reader never sees a partial pid
+            temporary.write_text(str(os.getpid()))
+            temporary.rename(directory / name)
+            deadline = time.monotonic() + 600
+            while os.getppid() == parent and time.monotonic() < deadline:
+                time.sleep(0.1)
+            os._exit(1)
         return result
 
     setattr(trainer, method_name, wrapped)
@@ -74,7 +82,7 @@ def main() -> None:
         output_dir = Path(args.output_root) / kind
         trainer = toy.make_trainer(kind, output_dir, resume=args.resume, **overrides.get(kind, {}))
         if args.pause_after is not None:
-            pause_after(trainer, kind, args.pause_after, output_dir / "paused")
+            pause_after(trainer, kind, args.pause_after, output_dir)
         trainer.train()
 
 

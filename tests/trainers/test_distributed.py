@@ -110,10 +110,13 @@ def test_two_process_run_resumes_after_sigkill(kind, mode, tmp_path, one_process
                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + 300
-            while not (tmp_path / kind / "paused").exists():
+            markers = [tmp_path / kind / f"paused.rank{rank}" for rank in range(2)]
+            while not all(marker.exists() for marker in markers):
                 assert job.poll() is None, (tmp_path / "killed.log").read_text(errors="replace")[-3000:]
                 assert time.monotonic() < deadline, "the job did not reach its pause point in time"
                 time.sleep(0.2)
+            for marker in markers:  # the workers run in a session of their own: kill them by pid
+                os.kill(int(marker.read_text()), signal.SIGKILL)
         finally:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()

@@ -118,7 +118,7 @@ def killed_runs(tmp_path_factory):
     deadline = time.monotonic() + 300
     try:
         for kind, process in processes.items():
-            marker = root / kind / "paused"
+            marker = root / kind / "paused.rank0"
             while not marker.exists():
                 if process.poll() is not None:
                     raise AssertionError(f"{kind} run exited early:\n{process.stderr.read().decode()}")
