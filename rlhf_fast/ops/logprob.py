@@ -15,13 +15,15 @@ and dL/dlogits = dL/dz / τ. ref_logprobs gets no gradient. Tokens with mask == 
 hold anything (e.g. −100 padding), they read no logits, and their outputs and gradients are 0.
 
 `linear_token_logprobs` computes the same from hidden [.., d] and the LM head weight [V, d] (+ bias [V])
-without ever holding the [N, V] logits at once: the vocabulary (GPU) or the tokens (CPU) are tiled, per-row
-statistics are merged online, and backward recomputes each tile. Nothing vocabulary-sized per token is saved
-for backward: only the per-row lse (and the entropy, which is an output).
+without ever holding the [N, V] logits at once: the logits are made tile by tile (tokens × vocabulary), each
+tile is folded into per-row online-softmax statistics, and backward recomputes each tile. Nothing
+vocabulary-sized per token is saved for backward: only the per-row lse (and the entropy, an output).
 
-Backends: `reference` (below: the full fp32 log_softmax), `chunked` (plain torch over chunks of tokens, peak
-extra memory bounded by `CHUNK_ELEMENTS`; the CPU default), `triton` (rlhf_fast/ops/triton/logprob.py and
-linear_logprob.py; the GPU default). Outputs are float32 (float64 for float64 inputs).
+Backends: `reference` (below: the full log_softmax, for testing), `chunked` (plain torch over cache-sized
+tiles, `CHUNK_ELEMENTS` elements each; the CPU default; masked tokens are dropped before any work, a host
+sync), `triton` (rlhf_fast/ops/triton/logprob.py and linear_logprob.py; the GPU default; runs on CPU tensors
+under TRITON_INTERPRET=1). Outputs are float32 (float64 for float64 inputs, which the Triton kernels do not
+take: on a GPU they go to `chunked`).
 """
 
 from __future__ import annotations
