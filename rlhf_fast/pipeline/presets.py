@@ -7,27 +7,33 @@ smallest run that goes through every stage (tests).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoPreset:
+    """Every knob of `run_demo`. Per-size fields (`pretrain_steps`, `pretrain_learning_rate`) take one value
+    for every size or a {size: value} mapping."""
+
     name: str
     model_sizes: tuple[str, ...]  # rlhf_fast.models.tiny.TINY_SIZES, smallest first
     world: dict[str, Any]  # rlhf_fast.world.WorldSizes fields
+    corpus: dict[str, Any] = dataclasses.field(default_factory=dict)  # rlhf_fast.world.CorpusOptions fields
     max_positions: int = 96
     # pretraining: loss on every token of the generated corpus
     pretrain_block_size: int = 64
-    pretrain_steps: int = 300
+    pretrain_steps: int | Mapping[str, int] = 300
     pretrain_batch_size: int = 32
-    pretrain_learning_rate: float = 3e-3
+    pretrain_learning_rate: float | Mapping[str, float] = 3e-3
     # SFT on demonstrations
     sft_epochs: int = 4
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
     max_length: int = 64
-    # the reward model: K samples per prompt from the SFT models, ranked by simulated labelers
-    rm_size: str | None = None  # default: the largest model size
+    # the reward model: K samples per prompt from the SFT models, ranked by simulated training labelers
+    rm_size: str | None = None  # the SFT model the RM starts from; default: the largest size
+    rm_sample_sizes: tuple[str, ...] | None = None  # SFT models whose samples are ranked; default: every size
     rm_min_k: int = 4
     rm_max_k: int = 9
     rm_epochs: int = 2
@@ -43,41 +49,52 @@ class DemoPreset:
     kl_coef: float = 0.02
     ptx_coef: float = 1.0
     max_new_tokens: int = 12
-    # evaluation
+    # evaluation: held-out customers' prompts, judged by held-out labelers
     eval_prompts: int = 200
+    eval_temperature: float = 1.0  # labelers judge samples at this temperature; 0 = greedy
     eval_batch_size: int = 128
-    rm_comparisons: int = 400
+    rm_comparison_prompts: int = 200  # held-out prompts with 3 SFT samples each (3 pairs) for RM agreement
     device: str = "auto"
 
     def replace(self, **changes: Any) -> DemoPreset:
         return dataclasses.replace(self, **changes)
+
+    def per_size(self, field: str, size: str) -> Any:
+        """The value of a per-size field for `size`."""
+        value = getattr(self, field)
+        if isinstance(value, Mapping):
+            if size not in value:
+                raise ValueError(f"preset {self.name!r}: {field} has no value for size {size!r}")
+            return value[size]
+        return value
 
 
 PRESETS: dict[str, DemoPreset] = {
     "smoke": DemoPreset(
         name="smoke",
         model_sizes=("tiny",),
-        world=dict(pretrain_documents=300, qa_benchmark=40, demonstrations=96, rm_prompts=48, ppo_prompts=64,
-                   heldout_prompts=32, probes=16, customers=12, labelers=6, heldout_labelers=2),
+        world={"pretrain_documents": 300, "qa_benchmark": 40, "demonstrations": 96, "rm_prompts": 48,
+               "ppo_prompts": 64, "heldout_prompts": 32, "probes": 16, "customers": 12, "labelers": 6,
+               "heldout_labelers": 2},
         pretrain_steps=6, pretrain_batch_size=8, sft_epochs=1, sft_batch_size=16, rm_epochs=1, rm_batch_size=8,
         rm_max_k=5, ppo_iterations=2, ppo_batch_size=16, ppo_minibatches=2, ppo_epochs=1, max_new_tokens=6,
-        eval_prompts=32, eval_batch_size=32, rm_comparisons=40,
+        eval_prompts=32, eval_batch_size=32, rm_comparison_prompts=16,
     ),
     "quick": DemoPreset(
         name="quick",
         model_sizes=("tiny", "small"),
-        world=dict(pretrain_documents=6000, qa_benchmark=200, demonstrations=1500, rm_prompts=400,
-                   ppo_prompts=1200, heldout_prompts=300, probes=150),
+        world={"pretrain_documents": 6000, "qa_benchmark": 200, "demonstrations": 1500, "rm_prompts": 400,
+               "ppo_prompts": 1200, "heldout_prompts": 300, "probes": 150},
     ),
     "paper": DemoPreset(
         name="paper",
         model_sizes=("tiny", "small", "base"),
-        world=dict(pretrain_documents=60000, qa_benchmark=500, demonstrations=8000, rm_prompts=4000,
-                   ppo_prompts=8000, heldout_prompts=1000, probes=300),
+        world={"pretrain_documents": 60000, "qa_benchmark": 500, "demonstrations": 8000, "rm_prompts": 4000,
+               "ppo_prompts": 8000, "heldout_prompts": 1000, "probes": 300},
         max_positions=128,
         pretrain_steps=3000, pretrain_batch_size=64, sft_epochs=8, rm_epochs=1, rm_batch_size=32,
         ppo_iterations=200, ppo_batch_size=128, ppo_minibatches=4, ppo_epochs=4, max_new_tokens=16,
-        eval_prompts=1000, rm_comparisons=2000,
+        eval_prompts=1000, rm_comparison_prompts=1000,
     ),
 }
 
