@@ -1,5 +1,7 @@
 """Models: the policy (causal LM exposing hidden states and LM head), value and reward models, tiny GPTs."""
 
+from rlhf_fast.models._common import position_ids_from_mask
+from rlhf_fast.models.masks import causal_mask
 from rlhf_fast.models.policy import PolicyModel
 from rlhf_fast.models.reward import RewardModel, last_token_index
 from rlhf_fast.models.tiny import SPECIAL_TOKENS, TINY_SIZES, build_word_tokenizer, tiny_causal_lm
@@ -12,6 +14,8 @@ __all__ = [
     "RewardModel",
     "ValueModel",
     "build_word_tokenizer",
+    "causal_mask",
     "last_token_index",
+    "position_ids_from_mask",
     "tiny_causal_lm",
 ]

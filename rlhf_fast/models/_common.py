@@ -1,4 +1,5 @@
-"""Helpers shared by the policy, value and reward models: loading, position ids, backbone extraction."""
+"""Helpers shared by the policy, value and reward models: loading, position ids, backbone extraction, the
+backbone forward with a 2-D or prepared 4-D attention mask."""
 
 from __future__ import annotations
 
@@ -36,6 +37,39 @@ def backbone_of(causal_lm: PreTrainedModel) -> PreTrainedModel:
             f"{getattr(causal_lm, 'base_model_prefix', None)!r}); expected an AutoModelForCausalLM"
         )
     return backbone
+
+
+def backbone_hidden_states(
+    backbone: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Final hidden states [B, L, d] of a decoder stack.
+
+    attention_mask: None, [B, L] bool/int (1 = real token, any padding side; position ids default to
+    ``position_ids_from_mask``), or a prepared [B, 1, L, L] mask (additive in any floating dtype, or bool with
+    True = may attend; see ``rlhf_fast.models.causal_mask``), which transformers uses as it is, with no host
+    read; ``position_ids`` [B, L] are then required.
+    """
+    from rlhf_fast.models.masks import as_model_mask, check_position_ids
+
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.dim() == 4:
+        check_position_ids(position_ids, input_ids)
+        attention_mask = as_model_mask(attention_mask, input_ids, backbone.dtype)
+    elif attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} or a "
+            f"prepared [B, 1, L, L] mask"
+        )
+    elif position_ids is None and attention_mask is not None:
+        position_ids = position_ids_from_mask(attention_mask)
+    output = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return output.last_hidden_state
 
 
 def check_directory(name: str, path: str | os.PathLike) -> str:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from rlhf_fast.models._common import backbone_of, check_directory, load_kwargs, position_ids_from_mask
+from rlhf_fast.models._common import backbone_hidden_states, backbone_of, check_directory, load_kwargs
 
 
 class ScalarHeadModel(nn.Module):
@@ -143,19 +143,12 @@ class ScalarHeadModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, L] ids -> [B, L, d] final hidden states; position ids from the mask unless given."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}"
-            )
-        if position_ids is None and attention_mask is not None:
-            position_ids = position_ids_from_mask(attention_mask)
-        output = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
-        return output.last_hidden_state
+        """[B, L] ids -> [B, L, d] final hidden states.
+
+        attention_mask: [B, L] bool/int (position ids from it unless given) or a prepared [B, 1, L, L] mask
+        (``rlhf_fast.models.causal_mask``; additive or bool), which needs ``position_ids`` [B, L].
+        """
+        return backbone_hidden_states(self.backbone, input_ids, attention_mask, position_ids)
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [...] float32 (the head, computed in float32)."""

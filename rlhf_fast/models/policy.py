@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from rlhf_fast.models._common import backbone_of, check_directory, load_kwargs, position_ids_from_mask
+from rlhf_fast.models._common import backbone_hidden_states, backbone_of, check_directory, load_kwargs
 
 
 class PolicyModel(nn.Module):
@@ -84,22 +84,14 @@ class PolicyModel(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states, without the LM head.
 
-        input_ids: [B, L] int64. attention_mask: [B, L] bool/int (1 = real token), any padding side.
-        position_ids: [B, L] int64; by default computed from the mask (cumsum - 1, clamped), so a left-padded row
-        gets the same hidden states as the unpadded sequence. Returns [B, L, d] in the model's dtype.
+        input_ids: [B, L] int64. attention_mask: [B, L] bool/int (1 = real token), any padding side; or a prepared
+        [B, 1, L, L] mask (``causal_mask``: additive in any floating dtype, or bool with True = may attend), which
+        transformers uses as it is, without reading the padding back to the host.
+        position_ids: [B, L] int64; with a 2-D mask computed from it by default (cumsum - 1, clamped), so a
+        left-padded row gets the same hidden states as the unpadded sequence; required with a 4-D mask.
+        Returns [B, L, d] in the model's dtype.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}"
-            )
-        if position_ids is None and attention_mask is not None:
-            position_ids = position_ids_from_mask(attention_mask)
-        output = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
-        return output.last_hidden_state
+        return backbone_hidden_states(self.backbone, input_ids, attention_mask, position_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., d] -> logits [..., V] = hidden @ W.T + b, in the model's dtype."""

@@ -65,12 +65,29 @@ class RewardModel(ScalarHeadModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        *,
+        last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids: [B, L] int64; attention_mask: [B, L] bool/int, left or right padded.
-        Returns scores [B] float32 (normalization offset included)."""
+        """Scores [B] float32 (normalization offset included) of the hidden state at each row's last real token.
+
+        input_ids: [B, L] int64. attention_mask: [B, L] bool/int, left or right padded; or a prepared
+        [B, 1, L, L] mask (``rlhf_fast.models.causal_mask``; additive or bool), which keeps transformers from
+        reading the padding back to the host and needs ``position_ids`` [B, L] and ``last_index``.
+        last_index: [B] int64, the position scored in each row; by default ``last_token_index`` of the 2-D mask.
+        """
         if attention_mask is None:
             raise ValueError("attention_mask is required: the score is read at each row's last real token")
+        if last_index is None:
+            if attention_mask.dim() == 4:
+                raise ValueError(
+                    "last_index is required with a 4-D attention_mask (last_token_index of the [B, L] mask)"
+                )
+            last_index = last_token_index(attention_mask)
+        elif last_index.shape != (input_ids.shape[0],) or last_index.dtype.is_floating_point:
+            raise ValueError(
+                f"last_index must be an integer tensor of shape {(input_ids.shape[0],)}, got "
+                f"{last_index.dtype} {tuple(last_index.shape)}"
+            )
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        last = last_token_index(attention_mask)
-        last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
         return self.score(last_hidden) + self._normalization_bias

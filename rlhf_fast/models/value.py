@@ -37,5 +37,7 @@ class ValueModel(ScalarHeadModel):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids: [B, L] int64; attention_mask: [B, L] bool/int. Returns values [B, L] float32."""
+        """input_ids: [B, L] int64; attention_mask: [B, L] bool/int, or a prepared [B, 1, L, L] mask
+        (``rlhf_fast.models.causal_mask``; additive or bool) with ``position_ids`` [B, L]. Returns values [B, L]
+        float32."""
         return self.score(self.hidden_states(input_ids, attention_mask, position_ids))

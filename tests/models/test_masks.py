@@ -1,0 +1,165 @@
+"""Prepared 4-D attention masks: `causal_mask` against a plain loop, and the policy, value and reward forwards with
+a 4-D mask (additive or bool) equal to the same forwards with the 2-D mask, left and right padded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_fast.models import (
+    PolicyModel,
+    RewardModel,
+    ValueModel,
+    causal_mask,
+    last_token_index,
+    position_ids_from_mask,
+)
+from tests.helpers import fresh_generator
+from tests.models.archs import ARCHITECTURES, build_causal_lm, left_padded_prompts
+
+
+@pytest.fixture
+def generator():
+    return fresh_generator()
+
+
+def seed_of(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31, (1,), generator=generator))
+
+
+def right_padded(ids: torch.Tensor, mask: torch.Tensor):
+    """The same rows moved to the left edge (padding on the right)."""
+    order = torch.argsort(mask, dim=1, descending=True, stable=True)
+    return ids.gather(1, order), mask.gather(1, order)
+
+
+def padded_batch(padding_side: str, generator: torch.Generator):
+    """Rows of lengths 6, 1, 4 (one with a single token), padded on the given side: ids, mask [3, 6]."""
+    ids, mask = left_padded_prompts([6, 1, 4], generator)
+    return (ids, mask) if padding_side == "left" else right_padded(ids, mask)
+
+
+def reference_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L, L] bool, written as the rule reads: key j visible to query i iff j == i, or j < i and j
+    is a real token."""
+    batch, length = attention_mask.shape
+    allowed = torch.zeros(batch, length, length, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(length):
+            for j in range(length):
+                allowed[b, i, j] = j == i or (j < i and bool(attention_mask[b, j]))
+    return allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_causal_mask_matches_the_rule(dtype, generator):
+    for batch, length in [(1, 1), (4, 7), (3, 1), (2, 12)]:
+        mask = torch.rand(batch, length, generator=generator) > 0.4
+        mask[0] = False  # a row with no real token still gets a nonempty softmax row per query (the diagonal)
+        allowed = reference_causal_mask(mask)
+        for given in (mask, mask.long(), mask.int()):
+            prepared = causal_mask(given, dtype)
+            assert prepared.shape == (batch, 1, length, length) and prepared.dtype == dtype
+            assert torch.equal(prepared[:, 0] == 0, allowed)
+            assert (prepared[:, 0][~allowed] == torch.finfo(dtype).min).all()
+
+
+def test_causal_mask_bad_arguments():
+    with pytest.raises(ValueError, match="attention_mask"):
+        causal_mask(torch.ones(2, 1, 3, 3, dtype=torch.bool), torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        causal_mask(torch.ones(2, 3, dtype=torch.bool), torch.long)
+
+
+def prepared_masks(mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The 4-D forms a caller may pass: additive in the model's dtype, additive in float32, and bool."""
+    additive = causal_mask(mask, dtype)
+    return {"additive": additive, "additive_fp32": causal_mask(mask, torch.float32),
+            "bool": additive == 0}
+
+
+def hidden_of_rows_alone(policy: PolicyModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The hidden states of each row's real tokens, each row run alone without padding, concatenated in the
+    order of ``hidden[mask.bool()]``."""
+    rows = []
+    for row in range(ids.shape[0]):
+        real = mask[row].bool()
+        rows.append(policy(ids[row:row + 1, real], torch.ones_like(ids[row:row + 1, real]))[0])
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize(("arch", "attention"), [(arch, "sdpa") for arch in ARCHITECTURES] + [("llama", "eager")])
+def test_policy_4d_mask_equals_2d(arch, attention, padding_side, generator):
+    model = build_causal_lm(arch, seed_of(generator), dtype=torch.float64)
+    model.set_attn_implementation(attention)  # eager attention adds the mask to the scores; sdpa takes bool too
+    policy = PolicyModel(model)
+    ids, mask = padded_batch(padding_side, generator)
+    positions = position_ids_from_mask(mask)
+    real = mask.bool()
+    with torch.no_grad():
+        # transformers' eager attention with a 2-D mask turns fully masked float64 padding rows into NaN, which
+        # then reaches the real tokens (0 x NaN); there the reference is each row run alone.
+        expected = policy(ids, mask)[real] if attention == "sdpa" else hidden_of_rows_alone(policy, ids, mask)
+        for form, prepared in prepared_masks(mask, torch.float64).items():
+            hidden = policy(ids, prepared, positions)
+            assert hidden.shape == (*ids.shape, model.config.hidden_size), form
+            torch.testing.assert_close(hidden[real], expected, atol=1e-10, rtol=1e-10, msg=form)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_value_and_reward_4d_mask_equal_2d(arch, padding_side, generator):
+    reward_model = RewardModel.from_policy(build_causal_lm(arch, seed_of(generator), dtype=torch.float64))
+    reward_model.set_normalization(0.5)
+    value_model = ValueModel.from_reward_model(reward_model)
+    ids, mask = padded_batch(padding_side, generator)
+    positions, last = position_ids_from_mask(mask), last_token_index(mask)
+    real = mask.bool()
+    with torch.no_grad():
+        expected_scores = reward_model(ids, mask)
+        expected_values = value_model(ids, mask)
+        for form, prepared in prepared_masks(mask, torch.float64).items():
+            scores = reward_model(ids, prepared, positions, last_index=last)
+            torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=1e-6, msg=form)
+            values = value_model(ids, prepared, positions)
+            assert values.shape == ids.shape and values.dtype == torch.float32
+            torch.testing.assert_close(values[real], expected_values[real], atol=1e-6, rtol=1e-6, msg=form)
+
+
+def test_4d_mask_gradients_equal_2d(generator):
+    """Training through a prepared mask: the same gradients as through the 2-D mask."""
+    value_model = ValueModel.from_policy(build_causal_lm("qwen2", seed_of(generator)), head_init_std=0.1)
+    ids, mask = padded_batch("left", generator)
+    real = mask.bool()
+    gradients = []
+    for prepared, positions in ((mask, None), (causal_mask(mask, torch.float32), position_ids_from_mask(mask))):
+        value_model.zero_grad()
+        value_model(ids, prepared, positions)[real].sum().backward()
+        gradients.append([p.grad.clone() for p in value_model.parameters() if p.grad is not None])
+    assert len(gradients[0]) == len(gradients[1]) > 0
+    for two_d, four_d in zip(*gradients):
+        torch.testing.assert_close(four_d, two_d, atol=1e-5, rtol=1e-4)
+
+
+def test_4d_mask_bad_arguments(generator):
+    policy = PolicyModel(build_causal_lm("gpt2", seed_of(generator)))
+    reward_model = RewardModel.from_policy(policy)
+    ids, mask = padded_batch("left", generator)
+    prepared, positions = causal_mask(mask, torch.float32), position_ids_from_mask(mask)
+    with pytest.raises(ValueError, match="position_ids"):
+        policy(ids, prepared)
+    with pytest.raises(ValueError, match="position_ids"):
+        policy(ids, prepared, positions[:, 1:])
+    with pytest.raises(ValueError, match="attention_mask"):
+        policy(ids, prepared[:, :, 1:], positions)
+    with pytest.raises(ValueError, match="attention_mask"):
+        policy(ids, prepared[:2], positions)
+    with pytest.raises(ValueError, match="attention_mask"):
+        policy(ids, (prepared == 0).long(), positions)
+    with pytest.raises(ValueError, match="last_index"):
+        reward_model(ids, prepared, positions)
+    with pytest.raises(ValueError, match="last_index"):
+        reward_model(ids, prepared, positions, last_index=last_token_index(mask)[:1])
+    with pytest.raises(ValueError, match="position_ids"):
+        ValueModel.from_reward_model(reward_model)(ids, prepared)
