@@ -265,11 +265,10 @@ _ranking_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerRankingLoss(torch.autograd.Function):
-    """The same forward and backward as the custom ops, without the custom-op wrapper.
-
-    At the anchor's size (P=64, K=9) the kernels take tens of microseconds and the Python custom-op machinery
-    (schema checks, autograd registration) about as much again; eager calls take this path, and traced code
-    (torch.compile) takes the custom ops, whose fake kernels it needs.
+    """The same forward and backward as the custom ops, without the custom-op wrapper, for the backends that
+    live in Python (reference, triton). At the anchor's size (P=64, K=9) the kernels take tens of microseconds
+    and the custom-op machinery about as much again: eager calls skip it (the compiled backends skip Python
+    altogether, see `ranking_loss`), traced code (torch.compile) takes the custom ops and their fake kernels.
     """
 
     @staticmethod
@@ -395,6 +394,10 @@ def ranking_loss(
     group_sizes = group_sizes.to(rewards.device, non_blocking=True)
     if margins is not None:
         margins = margins.to(_output_dtype(rewards))
-    op = _ranking_forward_op if torch.compiler.is_compiling() else _EagerRankingLoss.apply
-    loss, accuracy, _, _ = op(rewards, group_sizes, ranks, margins, constant)
+    if torch.compiler.is_compiling():
+        return _ranking_forward_op(rewards, group_sizes, ranks, margins, constant)[:2]
+    if _select(rewards.device) in ("cpp", "cuda"):
+        # Forward, autograd and backward all in C++ (csrc/autograd/ranking.cpp): no Python per call.
+        return _extension.kernels().ranking_loss(rewards, group_sizes, ranks, margins, constant)
+    loss, accuracy, _, _ = _EagerRankingLoss.apply(rewards, group_sizes, ranks, margins, constant)
     return loss, accuracy
