@@ -63,7 +63,9 @@ def as_model_mask(
         raise ValueError(f"a 4-D {name} must be bool or floating (additive), got {attention_mask.dtype}")
     if attention_mask.dtype == dtype:
         return attention_mask
-    if torch.finfo(dtype).min > torch.finfo(attention_mask.dtype).min:  # narrower range: keep blocked keys finite
+    if (
+        torch.finfo(dtype).min > torch.finfo(attention_mask.dtype).min
+    ):  # narrower range: keep blocked keys finite
         attention_mask = attention_mask.clamp(min=torch.finfo(dtype).min)
     return attention_mask.to(dtype)
 

@@ -3,16 +3,31 @@
 Shape of one call: a prefill over the ``[B, P]`` prompts, then ``T - 1`` decode steps, each feeding one token per
 row. Everything the loop changes lives in preallocated device buffers updated in place (the token fed next, its
 position, the key mask, the write index, the finished flags, the outputs), so one decode step is a fixed sequence
-of kernels over fixed addresses: on CUDA it is captured once as a CUDA graph and replayed.
+of kernels over fixed addresses: on CUDA it is captured as a CUDA graph and replayed.
 
 The KV cache is transformers' ``StaticCache`` (transformers 5.x): each layer holds ``[B, kv_heads, P + T, d_head]``
 buffers and a device-side write counter that it advances in place, which keeps its updates graph-capturable. The
 attention mask is ours: a 4D additive mask ``[B, 1, q, P + T]`` that transformers passes through unchanged, with
 padded keys masked and each padded prompt query allowed to see itself (so no softmax row is empty).
+
+CUDA graphs are captured once and reused. Capturing synchronizes the device, so the captured decode step, its KV
+cache and its loop buffers are kept per model (at most ``MAX_GRAPHS_PER_MODEL``, least recently used dropped),
+keyed on what fixes the step's shapes and kernels: batch size, total length ``P + T``, device, dtypes, attention
+implementation and decode path, and the sampling settings. A later call with the same key resets the buffers in
+place, runs the prefill eagerly, and replays the graph, with no host synchronization anywhere. The optimizer
+updates parameters in place, which the graph sees; if a parameter or buffer tensor of the model is replaced
+(``load_state_dict(assign=True)``, ``.to()``, FSDP re-gathering into new memory), its address changes and the
+model's graphs are dropped and captured again. Sampling noise inside the graph comes from a generator owned by
+the graph (registered with ``CUDAGraph.register_generator_state``): each call copies the caller's generator state
+into it and the advanced state back (host-side seed and offset, no device work), so a seeded call returns the same
+tokens with or without the graph and leaves the caller's generator where the eager loop would.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +37,11 @@ from transformers import PreTrainedModel, StaticCache
 
 from rlhf_fast.models._common import max_positions, position_ids_from_mask
 from rlhf_fast.rollout.fast_decode import fast_decode_step
+
+# Captured decode steps kept per model; each holds a KV cache of [B, kv_heads, P + T, d_head] per layer.
+MAX_GRAPHS_PER_MODEL = 4
+# Device types whose tensors may take the graph path (the tests add "cpu" to run it under an emulated graph).
+_GRAPH_DEVICE_TYPES = ("cuda",)
 
 
 @dataclass
@@ -69,8 +89,11 @@ def sample(
     (0 = off); top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1 = off);
     applied in that order, on the temperature-scaled distribution, as transformers' ``generate`` does.
     eos_token_id: an id, several ids, or None (never stop early). A row stops at its first EOS and then emits
-    ``pad_token_id``. generator: the source of sampling noise (on the prompts' device); seeded, the output is
-    deterministic. use_cuda_graph: capture the decode step as a CUDA graph (default: on for CUDA tensors).
+    ``pad_token_id``. generator: the source of sampling noise (on the prompts' device; None: the default
+    generator); seeded, the output is deterministic, the same with and without a CUDA graph.
+    use_cuda_graph: replay the decode step as a CUDA graph (default: on for CUDA tensors). The graph is captured
+    on the first call with a new shape or setting (or by ``prepare``), which synchronizes the device once; later
+    calls make no host synchronization. CPU tensors always run the eager loop.
 
     The model runs in eval mode (dropout off) and is put back in its previous mode afterwards. A DDP-wrapped policy
     is unwrapped; an FSDP-sharded one must be unsharded by the caller (the decode step reads the weights directly).
@@ -97,31 +120,76 @@ def sample(
         raise ValueError(f"generator is on {generator.device} but prompt_ids is on {device}")
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda"
-    if use_cuda_graph and device.type != "cuda":
+    if use_cuda_graph and device.type not in _GRAPH_DEVICE_TYPES:
         raise ValueError(f"use_cuda_graph=True needs CUDA tensors, prompt_ids is on {device}")
+    use_cuda_graph = use_cuda_graph and max_new_tokens > 1 and _graph_can_sample(selector)
 
     was_training = hf_model.training
     if was_training:
         hf_model.eval()
     try:
-        decoder = _Decoder(
-            backbone=hf_model.base_model, weight=weight, bias=bias, config=config,
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, max_new_tokens=max_new_tokens,
-            selector=selector, eos_ids=eos_ids, pad_token_id=pad_token_id, return_logprobs=return_logprobs,
+        program = _DecodeProgram(
+            backbone=hf_model.base_model, weight=weight, bias=bias, config=config, selector=selector,
+            eos_ids=eos_ids, pad_token_id=pad_token_id, return_logprobs=return_logprobs,
         )
-        decoder.prefill()
-        decoder.decode(use_cuda_graph=use_cuda_graph)
+        signature = _tensor_signature(hf_model) if use_cuda_graph else None
+        if signature is not None:
+            return _sample_with_graph(program, hf_model, signature, prompt_ids, prompt_mask, max_new_tokens)
+        return _sample_eager(program, prompt_ids, prompt_mask, max_new_tokens)
     finally:
         if was_training:
             hf_model.train()
 
-    sequences = torch.cat([prompt_ids, decoder.response_ids], dim=1)
-    return SampleOutput(
-        sequences=sequences,
-        response_ids=decoder.response_ids,
-        response_mask=decoder.response_mask,
-        logprobs=decoder.logprobs if return_logprobs else None,
-    )
+
+@torch.no_grad()
+def prepare(
+    policy: nn.Module,
+    batch_size: int,
+    prompt_length: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    return_logprobs: bool = False,
+    device: torch.device | str | None = None,
+) -> bool:
+    """Captures the decode-step CUDA graph that ``sample`` uses for ``[batch_size, prompt_length]`` prompts and these
+    settings (the same keyword arguments as ``sample``), so that a timed loop starts with replays.
+
+    Capture synchronizes the device; call this before the region that must not. It runs one generation on
+    dummy prompts with its own generator: callers' generators and the global RNG state are left untouched.
+    device: where the prompts will be (default: the LM head's device). Returns True when a graph is ready, False
+    where ``sample`` uses none (CPU tensors, ``max_new_tokens == 1``, sampling on a torch without
+    ``CUDAGraph.register_generator_state``).
+    """
+    hf_model, weight, _ = _resolve_policy(policy)
+    for name, value in (("batch_size", batch_size), ("prompt_length", prompt_length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    device = weight.device if device is None else torch.device(device)
+    ids = torch.zeros((batch_size, prompt_length), dtype=torch.long, device=device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    selector = TokenSelector(temperature=temperature, top_k=top_k, top_p=top_p, generator=None)
+    if device.type not in _GRAPH_DEVICE_TYPES or max_new_tokens == 1 or not _graph_can_sample(selector):
+        return False
+    noise = torch.Generator(device=device)
+    noise.manual_seed(0)
+    sample(policy, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+           eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=noise, return_logprobs=return_logprobs,
+           use_cuda_graph=True)
+    return _tensor_signature(hf_model) is not None
+
+
+def clear_graphs(policy: nn.Module | None = None) -> None:
+    """Drops the captured decode graphs (and their KV caches) of one policy, or of every model when None."""
+    if policy is None:
+        _GRAPHS.clear()
+        return
+    hf_model, _, _ = _resolve_policy(policy)
+    _GRAPHS.pop(hf_model, None)
 
 
 class TokenSelector:
@@ -187,131 +255,293 @@ class TokenSelector:
         return tokens, logprobs
 
 
-class _Decoder:
-    """The buffers and steps of one ``sample`` call."""
+def _graph_can_sample(selector: TokenSelector) -> bool:
+    """Sampling inside a graph needs a generator registered with it (``register_generator_state``)."""
+    return selector.greedy or hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
-    def __init__(self, *, backbone, weight, bias, config, prompt_ids, prompt_mask, max_new_tokens, selector,
-                 eos_ids, pad_token_id, return_logprobs):
-        self.backbone, self.weight, self.bias = backbone, weight, bias
+
+class _DecodeBuffers:
+    """Every tensor the decode step reads or writes, at fixed addresses: the KV cache, the loop state, the outputs.
+
+    ``response_width`` columns of outputs: ``T`` for a one-off call, ``P + T`` for a cached graph (which then serves
+    any split of the same total length).
+    """
+
+    def __init__(self, *, config, batch: int, total_len: int, response_width: int, compute_dtype: torch.dtype,
+                 device: torch.device):
+        self.total_len = total_len
+        self.mask_min = torch.finfo(compute_dtype).min
+        self.cache = StaticCache(config=config, max_cache_len=total_len)
+        # Outputs.
+        self.response_ids = torch.empty((batch, response_width), dtype=torch.long, device=device)
+        self.response_mask = torch.empty((batch, response_width), dtype=torch.bool, device=device)
+        self.logprobs = torch.empty((batch, response_width), dtype=torch.float32, device=device)
+        # Loop state.
+        self.finished = torch.empty(batch, dtype=torch.bool, device=device)
+        self.next_input = torch.empty((batch, 1), dtype=torch.long, device=device)
+        self.next_position = torch.empty((batch, 1), dtype=torch.long, device=device)
+        self.step_index = torch.empty(1, dtype=torch.long, device=device)  # response column written next
+        self.cache_index = torch.empty(1, dtype=torch.long, device=device)  # cache slot fed next
+        self.decode_mask = torch.empty((batch, 1, 1, total_len), dtype=compute_dtype, device=device)  # additive
+
+    def reset(self, prompt_mask: torch.Tensor, pad_token_id: int) -> None:
+        """The state before the prefill of these prompts, written in place (device-side only)."""
+        prompt_len = prompt_mask.shape[1]
+        self.cache.reset()
+        self.response_ids.fill_(pad_token_id)
+        self.response_mask.zero_()
+        self.logprobs.zero_()
+        self.finished.zero_()
+        self.next_input.zero_()
+        self.next_position.copy_(prompt_mask.sum(-1, keepdim=True))  # first response token's position
+        self.step_index.zero_()
+        self.cache_index.fill_(prompt_len)
+        # Decode steps see the real prompt keys; prompt padding and not-yet-written slots stay masked.
+        self.decode_mask.fill_(self.mask_min)
+        self.decode_mask[:, 0, 0, :prompt_len].masked_fill_(prompt_mask, 0.0)
+
+
+class _DecodeProgram:
+    """The prefill and the decode step of one model and sampling setting, acting on ``_DecodeBuffers``."""
+
+    def __init__(self, *, backbone, weight, bias, config, selector, eos_ids, pad_token_id, return_logprobs):
+        self.backbone, self.weight, self.bias, self.config = backbone, weight, bias, config
         self.selector, self.eos_ids, self.pad_token_id = selector, eos_ids, pad_token_id
         self.return_logprobs = return_logprobs
-        self.prompt_ids = prompt_ids
-        self.prompt_mask = prompt_mask.bool()
-        batch, prompt_len = prompt_ids.shape
-        self.prompt_len, self.max_new_tokens = prompt_len, max_new_tokens
-        total_len = prompt_len + max_new_tokens
-        device = prompt_ids.device
         # The attention mask is added to the scores, so it takes the backbone's dtype (not necessarily the head's).
         self.compute_dtype = backbone.get_input_embeddings().weight.dtype
         self.mask_min = torch.finfo(self.compute_dtype).min
-
-        self.cache = StaticCache(config=config, max_cache_len=total_len)
         self.fast_step = fast_decode_step(backbone)
-        # Outputs.
-        self.response_ids = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        self.response_mask = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
-        self.logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
-        # Loop state, all updated in place.
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.next_input = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        self.next_position = self.prompt_mask.sum(-1, keepdim=True)  # first response token's position
-        self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # response column written next
-        self.cache_index = torch.full((1,), prompt_len, dtype=torch.long, device=device)  # cache slot fed next
-        # Additive key mask for decode steps: prompt padding and not-yet-written slots masked.
-        key_mask = torch.zeros((batch, total_len), dtype=self.compute_dtype, device=device)
-        key_mask[:, :prompt_len].masked_fill_(~self.prompt_mask, self.mask_min)
-        key_mask[:, prompt_len:] = self.mask_min
-        self.decode_mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
 
-    # ----------------------------------------------------------------------------------------------- steps
-    def _hidden(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def buffers(self, batch: int, total_len: int, response_width: int, device: torch.device) -> _DecodeBuffers:
+        return _DecodeBuffers(config=self.config, batch=batch, total_len=total_len, response_width=response_width,
+                              compute_dtype=self.compute_dtype, device=device)
+
+    def graph_key(self, batch: int, total_len: int, device: torch.device) -> tuple:
+        """Everything besides the model's tensors that fixes the captured kernels and their shapes."""
+        selector = self.selector
+        autocast = torch.is_autocast_enabled(device.type)
+        return (
+            batch, total_len, device, self.compute_dtype, self.weight.dtype, self.fast_step is not None,
+            getattr(self.config, "_attn_implementation", None), selector.temperature, selector.top_k,
+            selector.top_p, self.eos_ids, self.pad_token_id, self.return_logprobs,
+            autocast, torch.get_autocast_dtype(device.type) if autocast else None,
+        )
+
+    def _hidden(self, buffers, input_ids, attention_mask, position_ids) -> torch.Tensor:
         output = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
+            past_key_values=buffers.cache,
             use_cache=True,
         )
         return output.last_hidden_state
 
-    def _emit(self, last_hidden: torch.Tensor) -> None:
+    def _emit(self, buffers: _DecodeBuffers, last_hidden: torch.Tensor) -> None:
         """From the hidden state [B, d] at each row's newest token: choose, record, and advance."""
         logits = nn.functional.linear(last_hidden.to(self.weight.dtype), self.weight, self.bias).float()
         tokens, logprobs = self.selector(logits, self.return_logprobs)
-        alive = ~self.finished
+        alive = ~buffers.finished
         tokens = torch.where(alive, tokens, self.pad_token_id)
-        self.response_ids.index_copy_(1, self.step_index, tokens[:, None])
-        self.response_mask.index_copy_(1, self.step_index, alive[:, None])
+        buffers.response_ids.index_copy_(1, buffers.step_index, tokens[:, None])
+        buffers.response_mask.index_copy_(1, buffers.step_index, alive[:, None])
         if logprobs is not None:
-            self.logprobs.index_copy_(1, self.step_index, torch.where(alive, logprobs, 0.0)[:, None])
+            buffers.logprobs.index_copy_(1, buffers.step_index, torch.where(alive, logprobs, 0.0)[:, None])
         for eos in self.eos_ids:
-            self.finished |= tokens == eos
-        self.next_input.copy_(tokens[:, None])
-        self.step_index += 1
+            buffers.finished |= tokens == eos
+        buffers.next_input.copy_(tokens[:, None])
+        buffers.step_index += 1
 
-    def prefill(self) -> None:
-        prompt_len, total_len = self.prompt_len, self.prompt_len + self.max_new_tokens
-        device = self.prompt_ids.device
+    def prefill(self, buffers: _DecodeBuffers, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """The prompts through the model into the cache, and the first response token. prompt_mask: [B, P] bool."""
+        prompt_len, total_len = prompt_ids.shape[1], buffers.total_len
+        device = prompt_ids.device
         queries = torch.arange(prompt_len, device=device)[:, None]
         keys = torch.arange(total_len, device=device)[None, :]
-        key_real = torch.nn.functional.pad(self.prompt_mask, (0, self.max_new_tokens))  # [B, S]
+        key_real = torch.nn.functional.pad(prompt_mask, (0, total_len - prompt_len))  # [B, S]
         allowed = (keys <= queries) & (key_real[:, None, :] | (keys == queries))  # [B, P, S]
         mask = torch.zeros(allowed.shape, dtype=self.compute_dtype, device=device)
         mask.masked_fill_(~allowed, self.mask_min)
-        hidden = self._hidden(self.prompt_ids, mask[:, None], position_ids_from_mask(self.prompt_mask))
-        last_real = (self.prompt_mask.long() * torch.arange(prompt_len, device=device)).argmax(-1)
-        self._emit(hidden[torch.arange(hidden.shape[0], device=device), last_real])
+        hidden = self._hidden(buffers, prompt_ids, mask[:, None], position_ids_from_mask(prompt_mask))
+        last_real = (prompt_mask.long() * torch.arange(prompt_len, device=device)).argmax(-1)
+        self._emit(buffers, hidden[torch.arange(hidden.shape[0], device=device), last_real])
 
-    def step(self) -> None:
+    def step(self, buffers: _DecodeBuffers) -> None:
         """One decode step: feed ``next_input`` at slot ``cache_index``, choose the next token."""
-        self.decode_mask.index_fill_(3, self.cache_index, 0.0)
+        buffers.decode_mask.index_fill_(3, buffers.cache_index, 0.0)
         if self.fast_step is not None:
-            layers = self.cache.layers
+            layers = buffers.cache.layers
             hidden = self.fast_step(
-                self.next_input, self.next_position, self.decode_mask, self.cache_index,
+                buffers.next_input, buffers.next_position, buffers.decode_mask, buffers.cache_index,
                 [layer.keys for layer in layers], [layer.values for layer in layers],
             )
         else:
-            hidden = self._hidden(self.next_input, self.decode_mask, self.next_position)[:, -1]
-        self._emit(hidden)
-        self.next_position += 1
-        self.cache_index += 1
+            hidden = self._hidden(buffers, buffers.next_input, buffers.decode_mask, buffers.next_position)[:, -1]
+        self._emit(buffers, hidden)
+        buffers.next_position += 1
+        buffers.cache_index += 1
 
-    def decode(self, *, use_cuda_graph: bool) -> None:
-        """The ``T - 1`` decode steps after the prefill."""
-        steps = self.max_new_tokens - 1
-        generator = self.selector.generator
-        if use_cuda_graph and generator is not None and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-            use_cuda_graph = False  # this torch cannot replay a user generator inside a graph
-        if steps == 0:
-            return
-        if not use_cuda_graph:
-            self._run_eager(steps)
-            return
-        # CUDA graphs need a warm-up run before capture (lazy library initialization must not be captured): the
-        # first step runs eagerly on a side stream; the captured step then replays for the remaining ones.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        if steps == 1:
-            return
-        graph = torch.cuda.CUDAGraph()
-        if generator is not None and not self.selector.greedy:
-            graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
-            self.step()
-        self._replay(graph, steps - 1)
+    def output(self, buffers: _DecodeBuffers, prompt_ids: torch.Tensor, max_new_tokens: int,
+               copy: bool) -> SampleOutput:
+        """The first ``max_new_tokens`` output columns; copied when the buffers outlive the call."""
+        columns = slice(0, max_new_tokens)
+        response_ids = buffers.response_ids[:, columns]
+        response_mask = buffers.response_mask[:, columns]
+        logprobs = buffers.logprobs[:, columns] if self.return_logprobs else None
+        if copy:
+            response_ids, response_mask = response_ids.clone(), response_mask.clone()
+            logprobs = logprobs.clone() if logprobs is not None else None
+        return SampleOutput(
+            sequences=torch.cat([prompt_ids, response_ids], dim=1),
+            response_ids=response_ids,
+            response_mask=response_mask,
+            logprobs=logprobs,
+        )
 
-    def _run_eager(self, steps: int) -> None:
-        for _ in range(steps):
-            self.step()
 
-    @staticmethod
-    def _replay(graph, steps: int) -> None:
-        for _ in range(steps):
-            graph.replay()
+# ---------------------------------------------------------------------------------------------- the eager loop
+def _sample_eager(program: _DecodeProgram, prompt_ids, prompt_mask, max_new_tokens: int) -> SampleOutput:
+    batch, prompt_len = prompt_ids.shape
+    prompt_mask = prompt_mask.bool()
+    buffers = program.buffers(batch, prompt_len + max_new_tokens, max_new_tokens, prompt_ids.device)
+    buffers.reset(prompt_mask, program.pad_token_id)
+    program.prefill(buffers, prompt_ids, prompt_mask)
+    _run_eager(program, buffers, max_new_tokens - 1)
+    return program.output(buffers, prompt_ids, max_new_tokens, copy=False)
+
+
+def _run_eager(program: _DecodeProgram, buffers: _DecodeBuffers, steps: int) -> None:
+    for _ in range(steps):
+        program.step(buffers)
+
+
+# -------------------------------------------------------------------------------------------- the CUDA graph
+class _CapturedDecode:
+    """A decode step captured as a CUDA graph, with the buffers it reads and writes and the generator it draws
+    from. Holds no reference to the model (the model's weights are read by address)."""
+
+    def __init__(self, buffers: _DecodeBuffers, device: torch.device):
+        self.buffers = buffers
+        self.graph: torch.cuda.CUDAGraph | None = None  # captured at the first call
+        self.noise = torch.Generator(device=device)
+        self.done = torch.cuda.Event()  # recorded after each call's last use of the buffers
+
+
+class _ModelGraphs:
+    """The captured decode steps of one model, valid while its tensors stay where they were at capture."""
+
+    def __init__(self, signature: tuple):
+        self.signature = signature
+        self.entries: OrderedDict[tuple, _CapturedDecode] = OrderedDict()
+
+
+# Model -> its graphs. Weak keys: a model's graphs, caches and buffers go when the model does.
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, _ModelGraphs] = weakref.WeakKeyDictionary()
+
+
+def _tensor_signature(model: nn.Module) -> tuple | None:
+    """Address, dtype, shape and strides of every parameter and buffer: the graph reads them by address, so it
+    stays valid under in-place updates and is stale once any of them is replaced. None when a tensor has no
+    plain storage (e.g. a DTensor shard): such a model is sampled eagerly."""
+    try:
+        return tuple(
+            (tensor.data_ptr(), tensor.device, tensor.dtype, tuple(tensor.shape), tensor.stride())
+            for tensor in itertools.chain(model.parameters(), model.buffers())
+        )
+    except RuntimeError:
+        return None
+
+
+def _graph_entry(model: nn.Module, signature: tuple, key: tuple, make_buffers) -> _CapturedDecode:
+    graphs = _GRAPHS.get(model)
+    if graphs is None or graphs.signature != signature:
+        graphs = _GRAPHS[model] = _ModelGraphs(signature)  # replaced tensors: every old graph is stale
+    entry = graphs.entries.get(key)
+    if entry is None:
+        while len(graphs.entries) >= MAX_GRAPHS_PER_MODEL:
+            graphs.entries.popitem(last=False)
+        buffers = make_buffers()
+        entry = graphs.entries[key] = _CapturedDecode(buffers, buffers.decode_mask.device)
+    graphs.entries.move_to_end(key)
+    return entry
+
+
+def _forget(model: nn.Module, key: tuple) -> None:
+    graphs = _GRAPHS.get(model)
+    if graphs is not None:
+        graphs.entries.pop(key, None)
+
+
+def _sample_with_graph(program: _DecodeProgram, model: nn.Module, signature: tuple, prompt_ids, prompt_mask,
+                       max_new_tokens: int) -> SampleOutput:
+    batch, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    total_len = prompt_len + max_new_tokens
+    key = program.graph_key(batch, total_len, device)
+    entry = _graph_entry(model, signature, key, lambda: program.buffers(batch, total_len, total_len, device))
+    buffers, stream = entry.buffers, torch.cuda.current_stream(device)
+    stream.wait_event(entry.done)  # a previous call may have used the buffers on another stream
+    # The graph draws from its own registered generator, which starts where the caller's is and hands the state
+    # back afterwards: the caller's generator advances exactly as in the eager loop.
+    source = None
+    if not program.selector.greedy:
+        source = program.selector.generator or _default_generator(device)
+        entry.noise.set_state(source.get_state())
+        program.selector = TokenSelector(temperature=program.selector.temperature, top_k=program.selector.top_k,
+                                         top_p=program.selector.top_p, generator=entry.noise)
+    try:
+        prompt_mask = prompt_mask.bool()
+        buffers.reset(prompt_mask, program.pad_token_id)
+        program.prefill(buffers, prompt_ids, prompt_mask)
+        steps = max_new_tokens - 1
+        if entry.graph is None:
+            _warm_up(program, buffers, stream)
+            steps -= 1
+            entry.graph = _capture_decode_step(program, buffers, entry.noise)
+        _replay(entry.graph, steps)
+        output = program.output(buffers, prompt_ids, max_new_tokens, copy=True)
+        entry.done.record(stream)
+    except BaseException:
+        _forget(model, key)  # a half-run or half-captured entry is not reused
+        raise
+    if source is not None:
+        source.set_state(entry.noise.get_state())
+    return output
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator ``torch.rand`` uses on ``device`` when given none."""
+    if device.type != "cuda":
+        return torch.default_generator
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.default_generators[index]
+
+
+def _warm_up(program: _DecodeProgram, buffers: _DecodeBuffers, stream: torch.cuda.Stream) -> None:
+    """The first decode step, run eagerly on a side stream before capture: lazy initialization (library handles,
+    workspaces) must happen outside the graph."""
+    side = torch.cuda.Stream(stream.device)
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        program.step(buffers)
+    stream.wait_stream(side)
+
+
+def _capture_decode_step(program: _DecodeProgram, buffers: _DecodeBuffers,
+                         noise: torch.Generator) -> torch.cuda.CUDAGraph:
+    """Records one decode step (capture runs nothing; it synchronizes the device)."""
+    graph = torch.cuda.CUDAGraph()
+    if not program.selector.greedy:
+        graph.register_generator_state(noise)
+    with torch.cuda.graph(graph):
+        program.step(buffers)
+    return graph
+
+
+def _replay(graph: torch.cuda.CUDAGraph, steps: int) -> None:
+    for _ in range(steps):
+        graph.replay()
 
 
 # ------------------------------------------------------------------------------------------------- checks

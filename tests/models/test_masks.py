@@ -74,8 +74,7 @@ def test_causal_mask_bad_arguments():
 def prepared_masks(mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The 4-D forms a caller may pass: additive in the model's dtype, additive in float32, and bool."""
     additive = causal_mask(mask, dtype)
-    return {"additive": additive, "additive_fp32": causal_mask(mask, torch.float32),
-            "bool": additive == 0}
+    return {"additive": additive, "additive_fp32": causal_mask(mask, torch.float32), "bool": additive == 0}
 
 
 def hidden_of_rows_alone(policy: PolicyModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -84,15 +83,18 @@ def hidden_of_rows_alone(policy: PolicyModel, ids: torch.Tensor, mask: torch.Ten
     rows = []
     for row in range(ids.shape[0]):
         real = mask[row].bool()
-        rows.append(policy(ids[row:row + 1, real], torch.ones_like(ids[row:row + 1, real]))[0])
+        rows.append(policy(ids[row : row + 1, real], torch.ones_like(ids[row : row + 1, real]))[0])
     return torch.cat(rows)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize(("arch", "attention"), [(arch, "sdpa") for arch in ARCHITECTURES] + [("llama", "eager")])
+@pytest.mark.parametrize(
+    ("arch", "attention"), [(arch, "sdpa") for arch in ARCHITECTURES] + [("llama", "eager")]
+)
 def test_policy_4d_mask_equals_2d(arch, attention, padding_side, generator):
     model = build_causal_lm(arch, seed_of(generator), dtype=torch.float64)
-    model.set_attn_implementation(attention)  # eager attention adds the mask to the scores; sdpa takes bool too
+    # Eager attention adds the mask to the scores; sdpa also takes a bool mask as it is.
+    model.set_attn_implementation(attention)
     policy = PolicyModel(model)
     ids, mask = padded_batch(padding_side, generator)
     positions = position_ids_from_mask(mask)
@@ -133,7 +135,10 @@ def test_4d_mask_gradients_equal_2d(generator):
     ids, mask = padded_batch("left", generator)
     real = mask.bool()
     gradients = []
-    for prepared, positions in ((mask, None), (causal_mask(mask, torch.float32), position_ids_from_mask(mask))):
+    for prepared, positions in (
+        (mask, None),
+        (causal_mask(mask, torch.float32), position_ids_from_mask(mask)),
+    ):
         value_model.zero_grad()
         value_model(ids, prepared, positions)[real].sum().backward()
         gradients.append([p.grad.clone() for p in value_model.parameters() if p.grad is not None])

@@ -323,9 +323,10 @@ def test_cuda_graph_matches_eager_and_generate(arch, dtype, generator):
                          indirect=["decode_path"])
 def test_decode_loop_never_synchronizes(use_cuda_graph, arch, decode_path, generator, monkeypatch):
     """The eager loop and the graph replays run under sync-debug mode "error": any .item(), .cpu(), nonzero()
-    or blocking copy inside them raises."""
-    monkeypatch.setattr(sampler._Decoder, "_run_eager", _sync_checked(sampler._Decoder._run_eager))
-    monkeypatch.setattr(sampler._Decoder, "_replay", staticmethod(_sync_checked(sampler._Decoder._replay)))
+    or blocking copy inside them raises. (tests/rollout/test_graph_cache.py checks whole calls that replay a
+    cached graph.)"""
+    monkeypatch.setattr(sampler, "_run_eager", _sync_checked(sampler._run_eager))
+    monkeypatch.setattr(sampler, "_replay", _sync_checked(sampler._replay))
     model = build_causal_lm(arch, seed_of(generator)).cuda()
     ids, mask = (t.cuda() for t in left_padded_prompts([5, 3, 8], generator))
     out = sample(model, ids, mask, 12, temperature=0.8, top_k=10, top_p=0.9, eos_token_id=EOS, pad_token_id=PAD,
