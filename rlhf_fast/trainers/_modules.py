@@ -32,16 +32,11 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, L] bool/int real-token mask (any padding side) -> [B, 1, L, L] additive causal mask.
+    """[B, L] bool/int real-token mask (any padding side) -> [B, 1, L, L] additive causal mask
+    (`rlhf_fast.models.causal_mask`: a query sees the real keys at or before it, a padding query only itself)."""
+    from rlhf_fast.models import causal_mask
 
-    A query sees the real keys at or before it; a padding query sees only itself, so no softmax row is empty.
-    """
-    length = attention_mask.shape[-1]
-    real = attention_mask.bool()
-    causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
-    diagonal = torch.eye(length, dtype=torch.bool, device=real.device)
-    allowed = (causal[None] & real[:, None, :]) | diagonal[None]
-    return additive_mask(allowed, dtype)
+    return causal_mask(attention_mask, dtype)
 
 
 def packed_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

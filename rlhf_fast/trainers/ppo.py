@@ -73,7 +73,9 @@ class PPOConfig(RunConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    sample_cuda_graph: bool | None = None  # capture the sampler's decode step as a CUDA graph (None: on CUDA)
+    # Replay the sampler's decode step as a CUDA graph (None: on CUDA). The graph is captured (a device sync) at
+    # the first iteration with a new prompt width and reused after; set max_prompt_length for a single capture.
+    sample_cuda_graph: bool | None = None
     kl_coef: float = 0.02  # β
     target_kl: float | None = (
         None  # set: adaptive KL controller (Ziegler et al.) towards this KL per sequence

@@ -13,10 +13,16 @@ from tests.trainers import toy
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("ptx", [False, True])
-def test_ppo_iteration_makes_no_host_sync(tmp_path, ptx):
-    # The sampler captures a fresh CUDA graph per call and graph capture synchronizes the device, so this
-    # checks the iteration with the sampler's eager (also sync-free) decode loop.
-    trainer = toy.make_trainer("ppo", tmp_path, device="cuda", sample_cuda_graph=False, target_kl=1.0)
+def test_ppo_iteration_makes_no_host_sync(tmp_path, ptx, monkeypatch):
+    # The sampler's decode step is a CUDA graph (the default on CUDA), captured once per prompt width: with a fixed
+    # max_prompt_length the first iteration captures it (capture synchronizes) and the second only replays it.
+    from rlhf_fast.rollout import clear_graphs, sampler
+
+    captures = []
+    capture = sampler._capture_decode_step
+    monkeypatch.setattr(sampler, "_capture_decode_step", lambda *args: captures.append(1) or capture(*args))
+    trainer = toy.make_trainer("ppo", tmp_path, device="cuda", max_prompt_length=8, target_kl=1.0)
+    clear_graphs()
     if not ptx:
         trainer.pretrain_data = None
 
@@ -33,7 +39,9 @@ def test_ppo_iteration_makes_no_host_sync(tmp_path, ptx):
     trainer.iteration(
         **{k: v for k, v in trainer.prompt_batch(0).items()}, pretrain_blocks=trainer.pretrain_batches()
     )
-    metrics = run_iteration(1)  # warmed up: lazy initialization and autotuning are done
+    metrics = run_iteration(1)  # warmed up: lazy initialization, autotuning and graph capture are done
+    assert len(captures) == 1, "the second iteration replays the graph the first one captured"
+    clear_graphs()
     values = torch.stack(list(metrics.values())).tolist()  # the one read
     named = dict(zip(metrics, values))
     assert all(math.isfinite(v) for v in values), named
