@@ -25,6 +25,7 @@ tokens with or without the graph and leaves the caller's generator where the eag
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from collections import OrderedDict
@@ -184,12 +185,17 @@ def prepare(
 
 
 def clear_graphs(policy: nn.Module | None = None) -> None:
-    """Drops the captured decode graphs (and their KV caches) of one policy, or of every model when None."""
+    """Drops the captured decode graphs (and their KV caches) of one policy, or of every model when None.
+    Waits for their queued work first."""
     if policy is None:
+        dropped = list(_GRAPHS.values())
         _GRAPHS.clear()
-        return
-    hf_model, _, _ = _resolve_policy(policy)
-    _GRAPHS.pop(hf_model, None)
+    else:
+        hf_model, _, _ = _resolve_policy(policy)
+        dropped = [_GRAPHS.pop(hf_model)] if hf_model in _GRAPHS else []
+    for graphs in dropped:
+        for entry in graphs.entries.values():
+            _release(entry)
 
 
 class TokenSelector:
@@ -453,24 +459,36 @@ def _tensor_signature(model: nn.Module) -> tuple | None:
         return None
 
 
+def _release(entry: _CapturedDecode) -> None:
+    """Waits for the entry's queued replays before its graph and buffers are freed. Only on the way to a new
+    capture (eviction, stale tensors), an explicit ``clear_graphs``, or a failed call, all of which synchronize
+    anyway."""
+    entry.done.synchronize()
+
+
 def _graph_entry(model: nn.Module, signature: tuple, key: tuple, make_buffers) -> _CapturedDecode:
     graphs = _GRAPHS.get(model)
     if graphs is None or graphs.signature != signature:
-        graphs = _GRAPHS[model] = _ModelGraphs(signature)  # replaced tensors: every old graph is stale
+        if graphs is not None:  # replaced tensors: every graph of the model reads stale addresses
+            for stale in graphs.entries.values():
+                _release(stale)
+        graphs = _GRAPHS[model] = _ModelGraphs(signature)
     entry = graphs.entries.get(key)
     if entry is None:
         while len(graphs.entries) >= MAX_GRAPHS_PER_MODEL:
-            graphs.entries.popitem(last=False)
+            _release(graphs.entries.popitem(last=False)[1])
         buffers = make_buffers()
         entry = graphs.entries[key] = _CapturedDecode(buffers, buffers.decode_mask.device)
     graphs.entries.move_to_end(key)
     return entry
 
 
-def _forget(model: nn.Module, key: tuple) -> None:
+def _forget(model: nn.Module, key: tuple, stream) -> None:
     graphs = _GRAPHS.get(model)
-    if graphs is not None:
-        graphs.entries.pop(key, None)
+    entry = graphs.entries.pop(key, None) if graphs is not None else None
+    if entry is not None:
+        entry.done.record(stream)
+        _release(entry)
 
 
 def _sample_with_graph(program: _DecodeProgram, model: nn.Module, signature: tuple, prompt_ids, prompt_mask,
@@ -491,23 +509,28 @@ def _sample_with_graph(program: _DecodeProgram, model: nn.Module, signature: tup
         program.selector = TokenSelector(temperature=program.selector.temperature, top_k=program.selector.top_k,
                                          top_p=program.selector.top_p, generator=entry.noise)
     try:
-        prompt_mask = prompt_mask.bool()
-        buffers.reset(prompt_mask, program.pad_token_id)
-        program.prefill(buffers, prompt_ids, prompt_mask)
-        steps = max_new_tokens - 1
-        if entry.graph is None:
-            _warm_up(program, buffers, stream)
-            steps -= 1
-            entry.graph = _capture_decode_step(program, buffers, entry.noise)
-        _replay(entry.graph, steps)
-        output = program.output(buffers, prompt_ids, max_new_tokens, copy=True)
-        entry.done.record(stream)
+        with _on_device(device):  # capture and replay use the current device's streams
+            prompt_mask = prompt_mask.bool()
+            buffers.reset(prompt_mask, program.pad_token_id)
+            program.prefill(buffers, prompt_ids, prompt_mask)
+            steps = max_new_tokens - 1
+            if entry.graph is None:
+                _warm_up(program, buffers, stream)
+                steps -= 1
+                entry.graph = _capture_decode_step(program, buffers, entry.noise)
+            _replay(entry.graph, steps)
+            output = program.output(buffers, prompt_ids, max_new_tokens, copy=True)
+            entry.done.record(stream)
     except BaseException:
-        _forget(model, key)  # a half-run or half-captured entry is not reused
+        _forget(model, key, stream)  # a half-run or half-captured entry is not reused
         raise
     if source is not None:
         source.set_state(entry.noise.get_state())
     return output
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _default_generator(device: torch.device) -> torch.Generator:

@@ -44,6 +44,9 @@ class _Event:
     def record(self, stream=None):
         pass
 
+    def synchronize(self):
+        pass
+
 
 class _Stream:
     def wait_event(self, event):
