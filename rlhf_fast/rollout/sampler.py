@@ -167,7 +167,8 @@ def prepare(
     ``CUDAGraph.register_generator_state``).
     """
     hf_model, weight, _ = _resolve_policy(policy)
-    for name, value in (("batch_size", batch_size), ("prompt_length", prompt_length)):
+    for name, value in (("batch_size", batch_size), ("prompt_length", prompt_length),
+                        ("max_new_tokens", max_new_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     device = weight.device if device is None else torch.device(device)

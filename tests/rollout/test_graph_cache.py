@@ -267,6 +267,10 @@ def test_prepare_without_graphs_returns_false(generator):
         prepare(model, 0, 3, 4, eos_token_id=EOS, pad_token_id=PAD)
     with pytest.raises(ValueError, match="prompt_length"):
         prepare(model, 2, 1.5, 4, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        prepare(model, 2, 3, 0, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="top_p"):
+        prepare(model, 2, 3, 4, top_p=0.0, eos_token_id=EOS, pad_token_id=PAD)
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA
