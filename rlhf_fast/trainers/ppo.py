@@ -69,12 +69,14 @@ class PPOConfig(RunConfig):
     warmup: int = 10  # iterations of linear LR warmup
     lr_schedule: str = "constant"
     max_new_tokens: int = 64
-    max_prompt_length: int | None = None  # left-pad prompts to this width (static shapes); None: batch max
+    # Left-pad prompts to this width. None: on CUDA the longest prompt of the set (static shapes, so the sampler's
+    # CUDA graph is captured once), on a CPU the longest of each batch.
+    max_prompt_length: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     # Replay the sampler's decode step as a CUDA graph (None: on CUDA). The graph is captured (a device sync) at
-    # the first iteration with a new prompt width and reused after; set max_prompt_length for a single capture.
+    # the first iteration with a new prompt width and reused after.
     sample_cuda_graph: bool | None = None
     kl_coef: float = 0.02  # β
     target_kl: float | None = (
@@ -256,12 +258,14 @@ class PPOTrainer:
                 f"= {config.num_minibatches * ctx.world_size}"
             )
         self.prompts = [_token_ids(prompt) for prompt in prompts]
+        longest_prompt = max((len(p) for p in self.prompts), default=0)
         if any(not prompt for prompt in self.prompts):
             raise ValueError("prompts holds an empty prompt: every prompt needs at least one token")
         if len(self.prompts) < config.batch_size:
             raise ValueError(f"{len(self.prompts)} prompts are fewer than one batch of {config.batch_size}")
         self.tokenizer = tokenizer
         device = ctx.device
+        self.static_prompt_width = longest_prompt if device.type == "cuda" else None
 
         self.policy = _load_policy(policy).to(device)
         self.ref_policy = _load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy)
@@ -357,7 +361,8 @@ class PPOTrainer:
         epoch, position = divmod(iteration, self.iterations_per_epoch)
         order = epoch_order(len(self.prompts), self.config.seed, epoch)
         global_rows = order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
-        width = self.config.max_prompt_length or max(len(self.prompts[i]) for i in global_rows)
+        width = self.config.max_prompt_length or self.static_prompt_width or max(
+            len(self.prompts[i]) for i in global_rows)
         mine = [self.prompts[i] for i in rank_share(global_rows, self.ctx)]
         if max(len(p) for p in mine) > width:
             raise ValueError(f"a prompt is longer than max_prompt_length={width}")
