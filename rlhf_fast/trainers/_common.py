@@ -1,5 +1,6 @@
 """Pieces the three trainers share: optimizer and schedule, the guarded optimizer step (a non-finite step is
-skipped on the device, without reading anything back), the consecutive-bad-step counter, and the data order.
+skipped on the device, without reading anything back), the consecutive-bad-step counter, the data order, and
+(`EpochTrainer`) the epoch / step loop of the SFT and reward trainers.
 """
 
 from __future__ import annotations
@@ -7,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor
+from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
 logger = logging.getLogger("rlhf_fast.trainers")
 
@@ -235,3 +238,163 @@ class RunConfig:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+
+class EpochTrainer:
+    """The epoch / step loop the SFT and reward trainers share: data order per epoch, resume and checkpoint,
+    logging, evaluation cadence and the progress bar. A subclass sets `config`, `ctx`, `train_data`,
+    `eval_data`, `optimizer`, `scheduler`, `checkpoints`, `bad_steps`, `total_steps`, `global_step` and the
+    class attributes below, and provides the hooks (`_train_batch`, `_step_metrics`, `_eval_metrics`,
+    `_finish`)."""
+
+    _progress_desc: str = "train"
+    _progress_keys: tuple[str, ...] = ("train/loss",)
+    _eval_log_key: str = "eval/loss"  # a step whose metrics hold this key is always logged
+    _items_name: str = "examples"  # in the error for an epoch too small for the processes
+    _item_name: str = "example"
+    _checkpoint_name: str = "model"  # the model's key in the checkpoint
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def _trained_model(self) -> nn.Module:
+        """The model switched to training mode for the run."""
+        raise NotImplementedError
+
+    def _checkpointed_model(self) -> nn.Module:
+        """The module saved in (and restored from) the checkpoint, also the optimizer's model."""
+        raise NotImplementedError
+
+    def _train_batch(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        """One optimizer step on a global batch (indices into `train_data`); device-tensor metrics."""
+        raise NotImplementedError
+
+    def _step_metrics(self, values: dict[str, float], common: dict[str, float]) -> dict[str, float]:
+        """The logged metrics of a step: the trainer's own values around the `common` ones."""
+        raise NotImplementedError
+
+    def _eval_metrics(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def _finish(self, log, last: dict[str, float]) -> None:
+        """After the last step: the final checkpoint and the exported model."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ batches
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches (item indices) of one epoch; a last batch with fewer items than processes is
+        dropped, so that every rank has work."""
+        batches = batches_of(
+            epoch_order(len(self.train_data), self.config.seed, epoch),
+            self.config.batch_size,
+            drop_last=False,
+        )
+        if batches and len(batches[-1]) < self.ctx.world_size:
+            batches.pop()
+        if not batches:
+            raise ValueError(
+                f"{len(self.train_data)} {self._items_name} cannot give every one of the "
+                f"{self.ctx.world_size} processes one {self._item_name}"
+            )
+        return batches
+
+    # ------------------------------------------------------------------------------- save and resume
+    def _save(self, epoch: int, step_in_epoch: int) -> None:
+        state = {
+            "step": self.global_step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "bad_steps": self.bad_steps.state_dict(),
+            "seed": self.config.seed,
+            **self._extra_state(),
+        }
+        model = self._checkpointed_model()
+        self.checkpoints.save(
+            models={self._checkpoint_name: model},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=state,
+            optimizer_model=model,
+        )
+
+    def _resume(self) -> tuple[int, int]:
+        path = self.checkpoints.latest() if self.config.resume else None
+        if path is None:
+            return 0, 0
+        model = self._checkpointed_model()
+        state, _ = self.checkpoints.load(
+            path,
+            models={self._checkpoint_name: model},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            optimizer_model=model,
+        )
+        self.global_step = state["step"]
+        self.bad_steps.load_state_dict(state.get("bad_steps", {}))
+        self._load_extra_state(state)
+        return state["epoch"], state["step_in_epoch"]
+
+    # ---------------------------------------------------------------------------------------- training
+    def train(self) -> dict[str, float]:
+        """Runs (or resumes) training; returns the last logged metrics."""
+        config = self.config
+        start_epoch, start_step = self._resume()
+        resumed = self.global_step if config.resume and self.global_step > 0 else None
+        log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
+        bar = ProgressBar(
+            self.total_steps,
+            initial=self.global_step,
+            desc=self._progress_desc,
+            keys=self._progress_keys,
+            enabled=self.ctx.is_main,
+        )
+        self._trained_model().train()
+        last: dict[str, float] = {}
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                batches = self._epoch_batches(epoch)
+                for step_in_epoch in range(start_step if epoch == start_epoch else 0, len(batches)):
+                    if self.global_step >= self.total_steps:
+                        break
+                    started = time.perf_counter()
+                    metrics = self._train_batch(batches[step_in_epoch])
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.scheduler.step()
+                    self.global_step += 1
+                    values = read_metrics(metrics)
+                    self.bad_steps.update(values["skipped"] > 0, self.global_step)
+                    epoch_done = step_in_epoch == len(batches) - 1
+                    logged = self._step_metrics(
+                        values,
+                        {
+                            "train/lr": lr,
+                            "train/grad_norm": values["grad_norm"],
+                            "train/skipped": values["skipped"],
+                            "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
+                            "time/seconds": time.perf_counter() - started,
+                        },
+                    )
+                    if self.eval_data and (
+                        (config.eval_every and self.global_step % config.eval_every == 0)
+                        or (not config.eval_every and epoch_done)
+                        or self.global_step == self.total_steps
+                    ):
+                        logged.update(self._eval_metrics())
+                    if self.global_step % config.log_every == 0 or self._eval_log_key in logged:
+                        log.log(self.global_step, logged)
+                    bar.update(logged)
+                    last = logged
+                    # No checkpoint during a run of skipped steps: the last one before it stays the newest.
+                    due = config.save_every and self.global_step % config.save_every == 0
+                    if due and self.bad_steps.consecutive == 0:
+                        next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch + 1)
+                        self._save(next_epoch, next_step)
+            self._finish(log, last)
+        finally:
+            bar.close()
+            log.close()
+        return last

@@ -13,7 +13,6 @@ the global mean over prompts (and accuracy to the global pair count), so N proce
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ import torch
 
 from rlhf_fast.trainers._common import (
     BadStepCounter,
+    EpochTrainer,
     RunConfig,
-    batches_of,
-    epoch_order,
     gradient_sync,
     guarded_step,
     make_optimizer,
@@ -34,7 +32,6 @@ from rlhf_fast.trainers._common import (
 )
 from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything, wrap_model
-from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
 
 @dataclasses.dataclass
@@ -89,7 +86,7 @@ def _load_reward_model(model):
     return RewardModel.from_policy(model)
 
 
-class RewardTrainer:
+class RewardTrainer(EpochTrainer):
     """Trains a reward model on K-wise rankings.
 
     Args:
@@ -102,6 +99,12 @@ class RewardTrainer:
             id sequences, e.g. the encoded demonstrations.
         tokenizer: saved with the final model; its pad id is used unless `pad_token_id` is given.
     """
+
+    _progress_desc = "rm"
+    _progress_keys = ("train/loss", "train/accuracy", "eval/accuracy")
+    _eval_log_key = "eval/accuracy"
+    _items_name, _item_name = "rankings", "prompt"
+    _checkpoint_name = "reward_model"
 
     def __init__(
         self,
@@ -153,21 +156,6 @@ class RewardTrainer:
         self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
         self.bad_steps = BadStepCounter(config.max_bad_steps)
         self.global_step = 0
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        batches = batches_of(
-            epoch_order(len(self.train_data), self.config.seed, epoch),
-            self.config.batch_size,
-            drop_last=False,
-        )
-        if batches and len(batches[-1]) < self.ctx.world_size:
-            batches.pop()
-        if not batches:
-            raise ValueError(
-                f"{len(self.train_data)} rankings cannot give every one of the "
-                f"{self.ctx.world_size} processes one prompt"
-            )
-        return batches
 
     # ------------------------------------------------------------------------------------------ compute
     def compute_loss(self, model, items: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,110 +261,47 @@ class RewardTrainer:
         return bias
 
     # ---------------------------------------------------------------------------------------- training
-    def _save(self, epoch: int, step_in_epoch: int) -> None:
-        state = {
-            "step": self.global_step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "bad_steps": self.bad_steps.state_dict(),
-            "seed": self.config.seed,
-            "normalization_bias": self.model.normalization_bias,
-        }
-        self.checkpoints.save(
-            models={"reward_model": self.model},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            trainer_state=state,
-            optimizer_model=self.model,
-        )
+    def _train_batch(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        global_items = [self.train_data[i] for i in batch]
+        mine = [self.train_data[i] for i in rank_share(batch, self.ctx)]
+        return self.train_step(mine, global_items)
 
-    def _resume(self) -> tuple[int, int]:
-        path = self.checkpoints.latest() if self.config.resume else None
-        if path is None:
-            return 0, 0
-        state, _ = self.checkpoints.load(
-            path,
-            models={"reward_model": self.model},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            optimizer_model=self.model,
-        )
-        self.global_step = state["step"]
-        self.bad_steps.load_state_dict(state.get("bad_steps", {}))
+    def _step_metrics(self, values: dict[str, float], common: dict[str, float]) -> dict[str, float]:
+        return {"train/loss": values["loss"], "train/accuracy": values["accuracy"], **common}
+
+    def _eval_metrics(self) -> dict[str, float]:
+        return self.evaluate()
+
+    def _trained_model(self):
+        return self.model
+
+    def _checkpointed_model(self):
+        return self.model
+
+    def _extra_state(self) -> dict:
+        return {"normalization_bias": self.model.normalization_bias}
+
+    def _load_extra_state(self, state: dict) -> None:
         self.model.set_normalization(state.get("normalization_bias", 0.0))
-        return state["epoch"], state["step_in_epoch"]
+
+    def _finish(self, log, last: dict[str, float]) -> None:
+        """Normalizes the scores (when asked), then saves the final checkpoint and model."""
+        if self.config.normalize and self.normalization_data:
+            bias = self.normalize()
+            log.log(self.global_step, {"normalization/bias": bias})
+            last["normalization/bias"] = bias
+        self._save(self.config.epochs, 0)
+        export_pretrained(
+            self.model,
+            Path(self.config.output_dir) / "final",
+            self.ctx,
+            tokenizer=self.tokenizer,
+            skeleton=self._skeleton,
+        )
 
     def train(self) -> dict[str, float]:
         """Runs (or resumes) training, then normalizes the scores; returns the last logged metrics."""
-        config = self.config
-        start_epoch, start_step = self._resume()
-        resumed = self.global_step if config.resume and self.global_step > 0 else None
-        log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
-        bar = ProgressBar(
-            self.total_steps,
-            initial=self.global_step,
-            desc="rm",
-            keys=("train/loss", "train/accuracy", "eval/accuracy"),
-            enabled=self.ctx.is_main,
-        )
-        self.model.train()
-        last: dict[str, float] = {}
-        try:
-            for epoch in range(start_epoch, config.epochs):
-                batches = self._epoch_batches(epoch)
-                for step_in_epoch in range(start_step if epoch == start_epoch else 0, len(batches)):
-                    if self.global_step >= self.total_steps:
-                        break
-                    started = time.perf_counter()
-                    global_items = [self.train_data[i] for i in batches[step_in_epoch]]
-                    mine = [self.train_data[i] for i in rank_share(batches[step_in_epoch], self.ctx)]
-                    metrics = self.train_step(mine, global_items)
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.scheduler.step()
-                    self.global_step += 1
-                    values = read_metrics(metrics)
-                    self.bad_steps.update(values["skipped"] > 0, self.global_step)
-                    epoch_done = step_in_epoch == len(batches) - 1
-                    logged = {
-                        "train/loss": values["loss"],
-                        "train/accuracy": values["accuracy"],
-                        "train/lr": lr,
-                        "train/grad_norm": values["grad_norm"],
-                        "train/skipped": values["skipped"],
-                        "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
-                        "time/seconds": time.perf_counter() - started,
-                    }
-                    if self.eval_data and (
-                        (config.eval_every and self.global_step % config.eval_every == 0)
-                        or (not config.eval_every and epoch_done)
-                        or self.global_step == self.total_steps
-                    ):
-                        logged.update(self.evaluate())
-                    if self.global_step % config.log_every == 0 or "eval/accuracy" in logged:
-                        log.log(self.global_step, logged)
-                    bar.update(logged)
-                    last = logged
-                    # No checkpoint during a run of skipped steps: the last one before it stays the newest.
-                    due = config.save_every and self.global_step % config.save_every == 0
-                    if due and self.bad_steps.consecutive == 0:
-                        next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch + 1)
-                        self._save(next_epoch, next_step)
-            if config.normalize and self.normalization_data:
-                bias = self.normalize()
-                log.log(self.global_step, {"normalization/bias": bias})
-                last["normalization/bias"] = bias
-            self._save(config.epochs, 0)
-            export_pretrained(
-                self.model,
-                Path(config.output_dir) / "final",
-                self.ctx,
-                tokenizer=self.tokenizer,
-                skeleton=self._skeleton,
-            )
-        finally:
-            bar.close()
-            log.close()
-        return last
+        return super().train()
 
 
 __all__ = ["RewardConfig", "RewardTrainer"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ import torch
 
 from rlhf_fast.trainers._common import (
     BadStepCounter,
+    EpochTrainer,
     RunConfig,
-    batches_of,
-    epoch_order,
     gradient_sync,
     guarded_step,
     make_optimizer,
@@ -36,7 +34,6 @@ from rlhf_fast.trainers._common import (
 from rlhf_fast.trainers._modules import PolicyLogprobs, packed_causal_mask
 from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything, wrap_model
-from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
 
 @dataclasses.dataclass
@@ -96,7 +93,7 @@ def _pad_token_id(pad_token_id: int | None, tokenizer, config) -> int:
     )
 
 
-class SFTTrainer:
+class SFTTrainer(EpochTrainer):
     """Fine-tunes a causal LM on demonstrations.
 
     Args:
@@ -106,6 +103,12 @@ class SFTTrainer:
         eval_data: the same, for `eval/loss`.
         tokenizer: saved with the final model; its pad id is used unless `pad_token_id` is given.
     """
+
+    _progress_desc = "sft"
+    _progress_keys = ("train/loss", "eval/loss")
+    _eval_log_key = "eval/loss"
+    _items_name, _item_name = "examples", "example"
+    _checkpoint_name = "policy"
 
     def __init__(
         self,
@@ -163,23 +166,6 @@ class SFTTrainer:
         self.global_step = 0
 
     # ------------------------------------------------------------------------------------------ batches
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The global batches (example indices) of one epoch; a last batch with fewer examples than
-        processes is dropped, so that every rank has work."""
-        batches = batches_of(
-            epoch_order(len(self.train_data), self.config.seed, epoch),
-            self.config.batch_size,
-            drop_last=False,
-        )
-        if batches and len(batches[-1]) < self.ctx.world_size:
-            batches.pop()
-        if not batches:
-            raise ValueError(
-                f"{len(self.train_data)} examples cannot give every one of the "
-                f"{self.ctx.world_size} processes one example"
-            )
-        return batches
-
     def _micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
         """Collated (or packed) micro-batches of this rank's examples, on the CPU."""
         from rlhf_fast.data import collate_sft, pack_sft
@@ -256,105 +242,34 @@ class SFTTrainer:
         nll, count = totals.tolist()
         return nll / max(count, 1.0)
 
-    def _save(self, epoch: int, step_in_epoch: int) -> None:
-        state = {
-            "step": self.global_step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "bad_steps": self.bad_steps.state_dict(),
-            "seed": self.config.seed,
-        }
-        self.checkpoints.save(
-            models={"policy": self.module},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            trainer_state=state,
-            optimizer_model=self.module,
-        )
+    def _train_batch(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        return self.train_step([self.train_data[i] for i in rank_share(batch, self.ctx)])
 
-    def _resume(self) -> tuple[int, int]:
-        path = self.checkpoints.latest() if self.config.resume else None
-        if path is None:
-            return 0, 0
-        state, _ = self.checkpoints.load(
-            path,
-            models={"policy": self.module},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            optimizer_model=self.module,
-        )
-        self.global_step = state["step"]
-        self.bad_steps.load_state_dict(state.get("bad_steps", {}))
-        return state["epoch"], state["step_in_epoch"]
+    def _step_metrics(self, values: dict[str, float], common: dict[str, float]) -> dict[str, float]:
+        logged = {"train/loss": values["loss"], **common}
+        logged["time/tokens_per_second"] = values["tokens"] / max(logged["time/seconds"], 1e-9)
+        return logged
 
-    def train(self) -> dict[str, float]:
-        """Runs (or resumes) training; returns the last logged metrics."""
-        config = self.config
-        start_epoch, start_step = self._resume()
-        resumed = self.global_step if config.resume and self.global_step > 0 else None
-        log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
-        bar = ProgressBar(
-            self.total_steps,
-            initial=self.global_step,
-            desc="sft",
-            keys=("train/loss", "eval/loss"),
-            enabled=self.ctx.is_main,
+    def _eval_metrics(self) -> dict[str, float]:
+        return {"eval/loss": self.evaluate()}
+
+    def _trained_model(self):
+        return self.policy
+
+    def _checkpointed_model(self):
+        return self.module
+
+    def _finish(self, log, last: dict[str, float]) -> None:
+        self._save(self.config.epochs, 0)
+        export_pretrained(
+            self.policy,
+            Path(self.config.output_dir) / "final",
+            self.ctx,
+            tokenizer=self.tokenizer,
+            skeleton=self._skeleton,
+            prefix="policy.",
+            state_source=self.module,
         )
-        self.policy.train()
-        last: dict[str, float] = {}
-        try:
-            for epoch in range(start_epoch, config.epochs):
-                batches = self._epoch_batches(epoch)
-                for step_in_epoch in range(start_step if epoch == start_epoch else 0, len(batches)):
-                    if self.global_step >= self.total_steps:
-                        break
-                    started = time.perf_counter()
-                    examples = [self.train_data[i] for i in rank_share(batches[step_in_epoch], self.ctx)]
-                    metrics = self.train_step(examples)
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.scheduler.step()
-                    self.global_step += 1
-                    values = read_metrics(metrics)
-                    self.bad_steps.update(values["skipped"] > 0, self.global_step)
-                    epoch_done = step_in_epoch == len(batches) - 1
-                    logged = {
-                        "train/loss": values["loss"],
-                        "train/lr": lr,
-                        "train/grad_norm": values["grad_norm"],
-                        "train/skipped": values["skipped"],
-                        "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
-                        "time/seconds": time.perf_counter() - started,
-                    }
-                    logged["time/tokens_per_second"] = values["tokens"] / max(logged["time/seconds"], 1e-9)
-                    if self.eval_data and (
-                        (config.eval_every and self.global_step % config.eval_every == 0)
-                        or (not config.eval_every and epoch_done)
-                        or self.global_step == self.total_steps
-                    ):
-                        logged["eval/loss"] = self.evaluate()
-                    if self.global_step % config.log_every == 0 or "eval/loss" in logged:
-                        log.log(self.global_step, logged)
-                    bar.update(logged)
-                    last = logged
-                    # No checkpoint during a run of skipped steps: the last one before it stays the newest.
-                    due = config.save_every and self.global_step % config.save_every == 0
-                    if due and self.bad_steps.consecutive == 0:
-                        next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch + 1)
-                        self._save(next_epoch, next_step)
-            self._save(config.epochs, 0)
-            export_pretrained(
-                self.policy,
-                Path(config.output_dir) / "final",
-                self.ctx,
-                tokenizer=self.tokenizer,
-                skeleton=self._skeleton,
-                prefix="policy.",
-                state_source=self.module,
-            )
-        finally:
-            bar.close()
-            log.close()
-        return last
 
 
 __all__ = ["SFTConfig", "SFTTrainer"]
