@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _gpu_common import COPY_BYTES_PER_SECOND, graph_replay_ms, median_seconds
 from bench_gae import GAMMA, LAM, openrlhf_gae, right_padded_batch, trl_gae_whitened  # noqa: E402
 
 from rlhf_fast.ops import gae, use_backend  # noqa: E402
 
 BATCH, STEPS = 256, 1024
-COPY_BYTES_PER_SECOND = 4.25e12
 HEADER = "| case | ours (µs) | baseline (ms) | ratio | floor (µs) |\n|---|---|---|---|---|"
 
 
@@ -62,16 +60,6 @@ def case_name(backend: str, whiten: bool, device: str) -> str:
     return f"gae {backend}, B={BATCH} T={STEPS} fp32, {masks} ({device})"
 
 
-def graph_replay_ms(function) -> float | None:
-    import triton.testing
-
-    try:
-        return triton.testing.do_bench_cudagraph(function, rep=100, return_mode="median")
-    except Exception as error:  # noqa: BLE001 (capture unsupported for this launch: report it, keep the other rows)
-        print(f"graph capture failed: {type(error).__name__}: {error}".splitlines()[0])
-        return None
-
-
 def run_gpu() -> None:
     import triton
     import triton.testing
@@ -99,16 +87,6 @@ def run_gpu() -> None:
                 f"| {case_name('cuda, CUDA-graph replay', whiten, device)} | {replay_ms * 1e3:.1f} | "
                 f"{baseline_ms:.1f} | {baseline_ms / replay_ms:.0f}x | {floor:.2f} |"
             )
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_cpu_fallback() -> None:

@@ -25,14 +25,13 @@ so the script can be checked anywhere.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _gpu_common import median_seconds
 from bench_ranking import naive_pairwise_loss, pair_indices, ranking_batch
 
 from rlhf_fast import _extension
@@ -163,16 +162,6 @@ def run_gpu() -> None:
     print(HEADER)
     for prompts, group in SHAPES:
         bench_shape(prompts, group, device, floor_ms)
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_cpu_fallback() -> None:
