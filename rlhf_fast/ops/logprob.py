@@ -439,6 +439,18 @@ def _shape_outputs(outputs, shape: torch.Size, want_entropy: bool, has_kl: bool)
     )
 
 
+def _fake_forward_outputs(like, targets, ref_logprobs, want_entropy) -> tuple[torch.Tensor, ...]:
+    """The forward ops' outputs as the fake kernels give them: (logprobs, entropy or [0], kl or [0], lse) on
+    `like`'s device, in the output dtype of `like`'s dtype."""
+    dtype = _output_dtype(like.dtype)
+    return (
+        like.new_empty(targets.shape, dtype=dtype),
+        like.new_empty(targets.shape if want_entropy else (0,), dtype=dtype),
+        like.new_empty(targets.shape if ref_logprobs is not None else (0,), dtype=dtype),
+        like.new_empty(targets.shape, dtype=dtype),
+    )
+
+
 @torch.library.custom_op("rlhf_fast::token_logprobs_forward", mutates_args=())
 def _token_logprobs_forward(
     logits: torch.Tensor,
@@ -470,13 +482,7 @@ def _token_logprobs_forward(
 
 @_token_logprobs_forward.register_fake
 def _(logits, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy):
-    dtype = _output_dtype(logits.dtype)
-    return (
-        logits.new_empty(targets.shape, dtype=dtype),
-        logits.new_empty(targets.shape if want_entropy else (0,), dtype=dtype),
-        logits.new_empty(targets.shape if ref_logprobs is not None else (0,), dtype=dtype),
-        logits.new_empty(targets.shape, dtype=dtype),
-    )
+    return _fake_forward_outputs(logits, targets, ref_logprobs, want_entropy)
 
 
 @torch.library.custom_op("rlhf_fast::token_logprobs_backward", mutates_args=())
@@ -549,9 +555,7 @@ def _token_autograd_backward(ctx, grad_logprobs, grad_entropy, grad_kl, _grad_ls
     grad_logits = None
     if ctx.needs_input_grad[0]:
         grad_logits = _token_logprobs_backward(
-            _grad_or_zeros(grad_logprobs, logprobs),
-            grad_entropy if ctx.want_entropy and grad_entropy is not None else None,
-            grad_kl if ref_logprobs is not None and grad_kl is not None else None,
+            *_output_grads(ctx, grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs),
             logits,
             targets,
             mask,
@@ -567,6 +571,16 @@ def _token_autograd_backward(ctx, grad_logprobs, grad_entropy, grad_kl, _grad_ls
 
 def _grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad
+
+
+def _output_grads(ctx, grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs):
+    """The gradients the backward ops take: d logprobs (zeros when none came), d entropy and d kl (None when
+    the output was not asked for or got no gradient)."""
+    return (
+        _grad_or_zeros(grad_logprobs, logprobs),
+        grad_entropy if ctx.want_entropy and grad_entropy is not None else None,
+        grad_kl if ref_logprobs is not None and grad_kl is not None else None,
+    )
 
 
 _token_logprobs_forward.register_autograd(_token_autograd_backward, setup_context=_token_setup_context)
@@ -814,13 +828,7 @@ def _linear_token_logprobs_forward(
 
 @_linear_token_logprobs_forward.register_fake
 def _(hidden, weight, bias, targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy):
-    dtype = _output_dtype(hidden.dtype)
-    return (
-        hidden.new_empty(targets.shape, dtype=dtype),
-        hidden.new_empty(targets.shape if want_entropy else (0,), dtype=dtype),
-        hidden.new_empty(targets.shape if ref_logprobs is not None else (0,), dtype=dtype),
-        hidden.new_empty(targets.shape, dtype=dtype),
-    )
+    return _fake_forward_outputs(hidden, targets, ref_logprobs, want_entropy)
 
 
 @torch.library.custom_op("rlhf_fast::linear_token_logprobs_backward", mutates_args=())
@@ -912,9 +920,7 @@ def _linear_autograd_backward(ctx, grad_logprobs, grad_entropy, grad_kl, _grad_l
     if not (need_hidden or need_weight):
         return (None,) * 9
     grad_hidden, grad_weight, grad_bias = _linear_token_logprobs_backward(
-        _grad_or_zeros(grad_logprobs, logprobs),
-        grad_entropy if ctx.want_entropy and grad_entropy is not None else None,
-        grad_kl if ref_logprobs is not None and grad_kl is not None else None,
+        *_output_grads(ctx, grad_logprobs, grad_entropy, grad_kl, logprobs, ref_logprobs),
         hidden,
         weight,
         bias,
