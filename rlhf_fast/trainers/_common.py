@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor
+from rlhf_fast.trainers.checkpoint import CheckpointManager
+from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor, wrap_model
 from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
 logger = logging.getLogger("rlhf_fast.trainers")
@@ -243,9 +244,8 @@ class RunConfig:
 class EpochTrainer:
     """The epoch / step loop the SFT and reward trainers share: data order per epoch, resume and checkpoint,
     logging, evaluation cadence and the progress bar. A subclass sets `config`, `ctx`, `train_data`,
-    `eval_data`, `optimizer`, `scheduler`, `checkpoints`, `bad_steps`, `total_steps`, `global_step` and the
-    class attributes below, and provides the hooks (`_train_batch`, `_step_metrics`, `_eval_metrics`,
-    `_finish`)."""
+    `eval_data` and the class attributes below, calls `_set_up_training` with the module it trains, and
+    provides the hooks (`_train_batch`, `_step_metrics`, `_eval_metrics`, `_finish`, ...)."""
 
     _progress_desc: str = "train"
     _progress_keys: tuple[str, ...] = ("train/loss",)
@@ -283,6 +283,36 @@ class EpochTrainer:
     def _finish(self, log, last: dict[str, float]) -> None:
         """After the last step: the final checkpoint and the exported model."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _set_up_training(self, module: nn.Module) -> None:
+        """Wraps `module` for the processes (DDP / FSDP) and builds what trains it: optimizer, LR schedule
+        over `total_steps`, checkpoint manager and bad-step counter. Needs `config`, `ctx` and `train_data`."""
+        config = self.config
+        self.wrapped = wrap_model(module, self.ctx, fsdp=config.fsdp)
+        self.parameters = trainable_parameters(module)
+        self.optimizer = make_optimizer(
+            self.parameters,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            betas=config.adam_betas,
+            eps=config.adam_eps,
+            device=self.ctx.device,
+        )
+        self.steps_per_epoch = len(self._epoch_batches(0))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            schedule=config.lr_schedule,
+            warmup_steps=config.warmup,
+            total_steps=self.total_steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
+        self.bad_steps = BadStepCounter(config.max_bad_steps)
+        self.global_step = 0
 
     # ------------------------------------------------------------------------------------------ batches
     def _epoch_batches(self, epoch: int) -> list[list[int]]:

@@ -20,18 +20,14 @@ from typing import Any
 import torch
 
 from rlhf_fast.trainers._common import (
-    BadStepCounter,
     EpochTrainer,
     RunConfig,
     gradient_sync,
     guarded_step,
-    make_optimizer,
-    make_scheduler,
     rank_share,
-    trainable_parameters,
 )
-from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
-from rlhf_fast.trainers.distributed import init_distributed, seed_everything, wrap_model
+from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
+from rlhf_fast.trainers.distributed import init_distributed, seed_everything
 
 
 @dataclasses.dataclass
@@ -132,30 +128,7 @@ class RewardTrainer(EpochTrainer):
         self.model = _load_reward_model(model).to(self.ctx.device)
         self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.model.config)
         self._skeleton = meta_skeleton(self.model) if config.fsdp and self.ctx.is_distributed else None
-        self.wrapped = wrap_model(self.model, self.ctx, fsdp=config.fsdp)
-        self.parameters = trainable_parameters(self.model)
-        self.optimizer = make_optimizer(
-            self.parameters,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            betas=config.adam_betas,
-            eps=config.adam_eps,
-            device=self.ctx.device,
-        )
-        self.steps_per_epoch = len(self._epoch_batches(0))
-        self.total_steps = config.epochs * self.steps_per_epoch
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
-        self.scheduler = make_scheduler(
-            self.optimizer,
-            schedule=config.lr_schedule,
-            warmup_steps=config.warmup,
-            total_steps=self.total_steps,
-            min_lr_ratio=config.min_lr_ratio,
-        )
-        self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
-        self.bad_steps = BadStepCounter(config.max_bad_steps)
-        self.global_step = 0
+        self._set_up_training(self.model)
 
     # ------------------------------------------------------------------------------------------ compute
     def compute_loss(self, model, items: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,20 +20,16 @@ from typing import Any
 import torch
 
 from rlhf_fast.trainers._common import (
-    BadStepCounter,
     EpochTrainer,
     RunConfig,
     gradient_sync,
     guarded_step,
-    make_optimizer,
-    make_scheduler,
     rank_share,
     set_residual_dropout,
-    trainable_parameters,
 )
 from rlhf_fast.trainers._modules import PolicyLogprobs, packed_causal_mask
-from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
-from rlhf_fast.trainers.distributed import init_distributed, seed_everything, wrap_model
+from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
+from rlhf_fast.trainers.distributed import init_distributed, seed_everything
 
 
 @dataclasses.dataclass
@@ -140,30 +136,7 @@ class SFTTrainer(EpochTrainer):
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and self.ctx.is_distributed else None
 
         self.module = PolicyLogprobs(self.policy)
-        self.wrapped = wrap_model(self.module, self.ctx, fsdp=config.fsdp)
-        self.parameters = trainable_parameters(self.module)
-        self.optimizer = make_optimizer(
-            self.parameters,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            betas=config.adam_betas,
-            eps=config.adam_eps,
-            device=self.ctx.device,
-        )
-        self.steps_per_epoch = len(self._epoch_batches(0))
-        self.total_steps = config.epochs * self.steps_per_epoch
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
-        self.scheduler = make_scheduler(
-            self.optimizer,
-            schedule=config.lr_schedule,
-            warmup_steps=config.warmup,
-            total_steps=self.total_steps,
-            min_lr_ratio=config.min_lr_ratio,
-        )
-        self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
-        self.bad_steps = BadStepCounter(config.max_bad_steps)
-        self.global_step = 0
+        self._set_up_training(self.module)
 
     # ------------------------------------------------------------------------------------------ batches
     def _micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
