@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 # GPT-2 shapes: layers, width, heads.
 TINY_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+    "mini": {"n_layer": 4, "n_embd": 64, "n_head": 2},  # tiny's width, twice its depth
     "small": {"n_layer": 4, "n_embd": 128, "n_head": 4},
     "base": {"n_layer": 6, "n_embd": 192, "n_head": 6},
 }
