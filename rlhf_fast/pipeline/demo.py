@@ -17,6 +17,7 @@ whose settings changed, or that did not finish, runs again from scratch, and so 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import shutil
@@ -84,32 +85,51 @@ def _fields(preset: DemoPreset, *names: str) -> dict[str, Any]:
     return {name: getattr(preset, name) for name in names}
 
 
-def _stage_keys(preset: DemoPreset, seed: int) -> dict[str, Any]:
-    """The settings each stage's output depends on, its inputs' settings included."""
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _world_code_digest() -> str:
+    """The world's source: its scorers and labelers decide the rankings and every evaluation."""
+    import rlhf_fast.world
+
+    package = Path(rlhf_fast.world.__file__).parent
+    return _digest(b"".join(path.read_bytes() for path in sorted(package.glob("*.py"))))
+
+
+def _stage_keys(preset: DemoPreset, seed: int, paths: dict[str, Path], vocabulary: list[str]) -> dict[str, Any]:
+    """What each stage's output depends on: its settings, the digests of the data files it reads, and the keys
+    of the stages whose models it uses. Pretraining and SFT depend on their data files only, so a change of
+    world settings that leaves the corpus and the demonstrations alone keeps them."""
     sizes = preset.model_sizes
-    world = {"version": PIPELINE_VERSION, "seed": seed, "world": preset.world, "corpus": preset.corpus}
+    files = {name: _digest(Path(path).read_bytes()) for name, path in paths.items()}
+    world = {"version": PIPELINE_VERSION, "seed": seed, "world": preset.world, "corpus": preset.corpus,
+             "code": _world_code_digest()}
     keys: dict[str, Any] = {"world": world}
     for size in sizes:
         keys[f"base-{size}"] = {
-            "world": world, "size": size, "device": preset.device,
+            "version": PIPELINE_VERSION, "seed": seed, "corpus": files["pretrain"],
+            "vocabulary": _digest(" ".join(vocabulary).encode()), "size": size, "device": preset.device,
             **_fields(preset, "max_positions", "pretrain_block_size", "pretrain_batch_size"),
             "steps": preset.per_size("pretrain_steps", size),
             "learning_rate": preset.per_size("pretrain_learning_rate", size)}
-        keys[f"sft-{size}"] = {"base": keys[f"base-{size}"],
+        keys[f"sft-{size}"] = {"base": keys[f"base-{size}"], "demonstrations": files["demonstrations"],
                                **_fields(preset, "sft_epochs", "sft_batch_size", "sft_learning_rate", "max_length")}
     keys["rm"] = {
         "policy": keys[f"sft-{_rm_size(preset)}"],
         "samples_from": [keys[f"sft-{size}"] for size in _rm_sample_sizes(preset)],
+        "prompts": files["prompts_rm"], "world": world,
         **_fields(preset, "rm_min_k", "rm_max_k", "rm_epochs", "rm_batch_size", "rm_learning_rate",
                   "rm_sample_temperature", "max_new_tokens", "eval_batch_size")}
     for size in sizes:
         for kind in ("ppo", "ppo_ptx"):
             keys[f"{kind}-{size}"] = {
-                "policy": keys[f"sft-{size}"], "rm": keys["rm"], "ptx": kind == "ppo_ptx",
+                "policy": keys[f"sft-{size}"], "rm": keys["rm"], "prompts": files["prompts_train"],
                 **_fields(preset, "ppo_iterations", "ppo_batch_size", "ppo_minibatches", "ppo_epochs",
                           "ppo_learning_rate", "kl_coef", "max_new_tokens", "max_positions")}
             if kind == "ppo_ptx":
-                keys[f"{kind}-{size}"].update(_fields(preset, "ptx_coef", "pretrain_block_size"))
+                keys[f"{kind}-{size}"].update({"pretrain": files["pretrain"],
+                                               **_fields(preset, "ptx_coef", "pretrain_block_size")})
     return keys
 
 
@@ -119,6 +139,19 @@ def _rm_size(preset: DemoPreset) -> str:
 
 def _rm_sample_sizes(preset: DemoPreset) -> tuple[str, ...]:
     return tuple(preset.rm_sample_sizes or preset.model_sizes)
+
+
+def _use_fused_gelu(model) -> None:
+    """GPT-2's "gelu_new" is the tanh-approximated GELU written as six elementwise ops; "gelu_pytorch_tanh" is
+    the same function in one kernel (about a fifth of a CPU training step here). The saved config names it, so
+    every later stage loads the fused one too."""
+    from transformers.activations import ACT2FN
+
+    if model.config.activation_function != "gelu_new":
+        return
+    model.config.activation_function = "gelu_pytorch_tanh"
+    for block in model.transformer.h:
+        block.mlp.act = ACT2FN["gelu_pytorch_tanh"]
 
 
 def _parameter_count(directory: Path) -> int:
@@ -194,7 +227,6 @@ def run_demo(preset: str | DemoPreset = "quick", out_dir: str | Path = "runs/dem
     stage = _Stages(console, fresh)
     started, cpu_started = time.perf_counter(), time.process_time()
     sizes = preset.model_sizes
-    keys = _stage_keys(preset, seed)
 
     # ---- the world and its datasets, written as the user-facing JSONL formats
     def make_world():
@@ -211,6 +243,7 @@ def run_demo(preset: str | DemoPreset = "quick", out_dir: str | Path = "runs/dem
                                            preset.max_length)
     ppo_prompts = encode_prompts(read_prompts(paths["prompts_train"]).records, tokenizer,
                                  preset.max_positions - preset.max_new_tokens)
+    keys = _stage_keys(preset, seed, paths, world.vocabulary())
     console(f"  vocabulary {len(tokenizer)} words; {len(pretrain)} pretraining blocks of {preset.pretrain_block_size} "
             f"tokens; {len(demonstrations)} demonstrations; {len(ppo_prompts)} PPO prompts")
 
@@ -232,6 +265,7 @@ def run_demo(preset: str | DemoPreset = "quick", out_dir: str | Path = "runs/dem
             model = tiny_causal_lm(size, vocab_size=len(tokenizer), max_positions=preset.max_positions, seed=seed,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                    bos_token_id=tokenizer.bos_token_id)
+            _use_fused_gelu(model)
             SFTTrainer(config, model, pretrain_examples, tokenizer=tokenizer).train()
 
         stage.run("pretrain", f"pretraining the {size} base model ({steps} steps)", out / name, keys[name],
@@ -395,7 +429,8 @@ def evaluate_models(world, tokenizer, model_dirs: dict[str, Path], sizes: tuple[
     responses: dict[str, dict[str, list[str]]] = {}
     for name, directory in model_dirs.items():
         key = None if keys is None else json.loads(json.dumps(
-            {"model": keys[name], "eval": eval_settings, "seed": seed}, sort_keys=True, default=str))
+            {"model": keys[name], "world": keys["world"], "eval": eval_settings, "seed": seed}, sort_keys=True,
+            default=str))
         cache = None if cache_dir is None or key is None else cache_dir / f"{name}.json"
         if cache is not None and not fresh and cache.exists():
             cached = json.loads(cache.read_text())
