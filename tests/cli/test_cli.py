@@ -225,7 +225,7 @@ def test_demo_without_the_pipeline(cli, monkeypatch):
 
 
 def test_bench_cpu_runs_pytest_on_the_suite(cli, monkeypatch):
-    import rlhf_fast.cli as cli_module
+    import rlhf_fast.cli.app as cli_module
 
     calls = []
     monkeypatch.setattr(cli_module.subprocess, "call", lambda command, cwd: calls.append((command, cwd)) or 0)

@@ -19,7 +19,7 @@ def test_sft_end_to_end(cli, tmp_path, model_dir, data_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_fast.cli_common import run_config_class
+    from rlhf_fast.cli.common import run_config_class
     from rlhf_fast.config import load_config
     from rlhf_fast.trainers.sft import SFTConfig
 

@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from rlhf_fast.cli_common import (
+from rlhf_fast.cli.common import (
     CLIError,
     Dataset,
     check_file,

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from rlhf_fast.cli_common import CLIError, say
+from rlhf_fast.cli.common import CLIError, say
 
 __all__ = ["build_parser", "main"]
 
@@ -246,7 +246,7 @@ def _bench_files(root: Path) -> list[str]:
 
 
 def _run_bench(args, extra: Sequence[str]) -> int:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     bench = root / "bench"
     if args.suite == "gpu":
         say(
@@ -277,10 +277,10 @@ def _dispatch(args, extra: Sequence[str]) -> int:
     if args.handler == "demo":
         return _run_demo(args)
     if args.handler == "eval":
-        from rlhf_fast.cli_eval import run_eval
+        from rlhf_fast.cli.eval import run_eval
 
         return run_eval(args)
-    from rlhf_fast import cli_train
+    from rlhf_fast.cli import train as cli_train
 
     return {"sft": cli_train.run_sft, "rm": cli_train.run_rm, "ppo": cli_train.run_ppo}[args.handler](args)
 
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, or a usage error (argparse printed it)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else USER_ERROR)
 
-    from rlhf_fast.cli_train import TrainingAborted
+    from rlhf_fast.cli.train import TrainingAborted
     from rlhf_fast.config import ConfigError
     from rlhf_fast.data.errors import DataError
 

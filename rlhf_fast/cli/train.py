@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_fast.cli_common import (
+from rlhf_fast.cli.common import (
     CLIError,
     DataOptions,
     Dataset,
