@@ -18,8 +18,12 @@ Phase names used by the trainers:
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Protocol
+
+import torch
 
 
 class PhaseRecorder(Protocol):
@@ -58,4 +62,51 @@ def recording(recorder: PhaseRecorder) -> Iterator[PhaseRecorder]:
         _recorder = None
 
 
-__all__ = ["PhaseRecorder", "phase", "recording"]
+class PhaseTimer:
+    """Wall time per phase, summed over the calls since the last `reset()`.
+
+    `synchronize` waits for the device at each phase edge, so queued GPU work is charged to the phase that
+    queued it (a profiling run accepts those syncs; a training run installs no recorder). `trace=True` also
+    opens a `torch.profiler.record_function` range per phase, so phases show in a profiler trace.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, *, synchronize: bool = True, trace: bool = False):
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._sync = torch.cuda.synchronize if synchronize and device.type == "cuda" else None
+        self._trace = trace
+        self._open: list[tuple[str, float, contextlib.AbstractContextManager | None]] = []
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def begin(self, name: str) -> None:
+        if self._sync is not None:
+            self._sync()
+        scope = None
+        if self._trace:
+            scope = torch.profiler.record_function(name)
+            scope.__enter__()
+        self._open.append((name, time.perf_counter(), scope))
+
+    def end(self, name: str) -> None:
+        if self._sync is not None:
+            self._sync()
+        opened, started, scope = self._open.pop()
+        if opened != name:
+            raise RuntimeError(f"phase {name!r} ended while {opened!r} was open")
+        self.seconds[name] += time.perf_counter() - started
+        self.calls[name] += 1
+        if scope is not None:
+            scope.__exit__(None, None, None)
+
+    def top_level(self) -> dict[str, float]:
+        """Seconds of the phases that are not nested in another (names without a '/' or whose parent was
+        never opened), so they add up to at most the wall time of the code they cover."""
+        return {name: t for name, t in self.seconds.items() if name.split("/")[0] not in self.seconds
+                or "/" not in name}
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+__all__ = ["PhaseRecorder", "PhaseTimer", "phase", "recording"]

@@ -31,3 +31,24 @@ def test_phases_reach_the_installed_recorder_nested_and_on_error():
 def test_one_recorder_at_a_time():
     with recording(_Log()), pytest.raises(RuntimeError, match="already installed"), recording(_Log()):
         pass
+
+
+def test_phase_timer_sums_nested_phases_and_reports_the_top_level():
+    import time
+
+    from rlhf_fast.trainers.phases import PhaseTimer
+
+    timer = PhaseTimer()
+    with recording(timer):
+        for _ in range(2):
+            with phase("score"):
+                with phase("score/policy"):
+                    time.sleep(0.01)
+            with phase("update"):
+                pass
+    assert timer.calls == {"score": 2, "score/policy": 2, "update": 2}
+    assert timer.seconds["score"] >= timer.seconds["score/policy"] >= 0.02
+    assert set(timer.top_level()) == {"score", "update"}
+    with pytest.raises(RuntimeError, match="ended while"):
+        timer.begin("a")
+        timer.end("b")
