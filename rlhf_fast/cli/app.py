@@ -1,4 +1,4 @@
-"""The `rlhf-fast` command line: `sft | rm | ppo | eval | demo | bench`.
+"""The `rlhf-fast` command line: `sft | rm | ppo | eval | demo | bench | profile`.
 
     rlhf-fast sft  --model gpt2-dir --data demos.jsonl --out runs/sft
     rlhf-fast rm   --model runs/sft --data rankings.jsonl --reference demos.jsonl --out runs/rm
@@ -6,6 +6,9 @@
                    --out runs/ppo
     rlhf-fast eval --policy runs/ppo --baseline runs/sft --reward runs/rm --prompts heldout.jsonl \
                    --out runs/eval
+    rlhf-fast bench [--suite cpu|gpu] [--ops gae,ranking,ppo_loss,logprob] [--json FILE]
+    rlhf-fast profile ppo --policy runs/sft --reward runs/rm --prompts prompts.jsonl [--iterations N] \
+                   [--trace FILE] [--json FILE]
 
 Bad input (a malformed record, a missing file, an unknown config key) is reported as one line on stderr naming
 the file, line and field, with exit status 2, before any weights are loaded. `--debug` shows the traceback.
@@ -78,15 +81,10 @@ def _data_options(parent: argparse.ArgumentParser, *, prompts_only: bool = False
     )
 
 
-def _training_options() -> argparse.ArgumentParser:
+def _config_options() -> argparse.ArgumentParser:
+    """--config, --set, --seed and the data options: what fixes a training run's config and data."""
     parent = argparse.ArgumentParser(add_help=False, parents=[_common_options()])
-    run = parent.add_argument_group("run")
-    run.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="output directory: final/ (Hugging Face model), metrics.jsonl, config.yaml, checkpoints/",
-    )
+    run = parent.add_argument_group("config")
     run.add_argument(
         "--config", metavar="FILE", help="YAML file of config fields (a `data:` section included)"
     )
@@ -99,6 +97,19 @@ def _training_options() -> argparse.ArgumentParser:
         "(repeatable; applied after --config)",
     )
     run.add_argument("--seed", type=int, help="random seed (config field `seed`)")
+    _data_options(parent)
+    return parent
+
+
+def _training_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False, parents=[_config_options()])
+    run = parent.add_argument_group("run")
+    run.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory: final/ (Hugging Face model), metrics.jsonl, config.yaml, checkpoints/",
+    )
     run.add_argument(
         "--resume",
         action="store_true",
@@ -112,8 +123,87 @@ def _training_options() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the data and print its statistics, then exit without loading the weights",
     )
-    _data_options(parent)
     return parent
+
+
+def _sft_inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face causal LM directory")
+    parser.add_argument("--data", required=True, metavar="FILE", help="demonstrations JSONL")
+    parser.add_argument("--eval-data", metavar="FILE", help="held-out demonstrations JSONL (eval/loss)")
+
+
+def _rm_inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="the SFT model (its backbone starts the reward model), or a reward model to continue",
+    )
+    parser.add_argument("--data", required=True, metavar="FILE", help="rankings JSONL")
+    parser.add_argument(
+        "--eval-data", metavar="FILE", help="held-out rankings JSONL (eval/loss, eval/accuracy)"
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="FILE",
+        help="demonstrations JSONL whose mean reward becomes 0 (reward normalization)",
+    )
+
+
+def _ppo_inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", required=True, metavar="DIR", help="the SFT model")
+    parser.add_argument(
+        "--reward", required=True, metavar="DIR", help="the reward model (from `rlhf-fast rm`)"
+    )
+    parser.add_argument("--prompts", required=True, metavar="FILE", help="prompts JSONL")
+    parser.add_argument("--pretrain", metavar="FILE", help='pretraining text JSONL ({"text": ...}): PPO-ptx')
+
+
+TRAINING_INPUTS = {"sft": _sft_inputs, "rm": _rm_inputs, "ppo": _ppo_inputs}
+
+
+def _profile_parser(commands) -> None:
+    profile = commands.add_parser(
+        "profile",
+        help="where the time of a training step goes",
+        description="Run a few steps of `sft`, `rm` or `ppo` with the same models, data and config as the "
+        "training command, and report wall time per phase, tokens per second, peak memory, host syncs "
+        "(CUDA) and the rollout/training log-prob mismatch (PPO). Nothing is written to --out.",
+    )
+    targets = profile.add_subparsers(dest="target", metavar="COMMAND", required=True)
+    for name in TRAINING:
+        target = targets.add_parser(
+            name,
+            parents=[_config_options()],
+            help=f"profile `rlhf-fast {name}`",
+            description=f"Profile `rlhf-fast {name}`: its model and data arguments, --config and --set.",
+        )
+        TRAINING_INPUTS[name](target)
+        group = target.add_argument_group("profile")
+        group.add_argument(
+            "--iterations",
+            type=_positive_int,
+            default=3,
+            metavar="N",
+            help="measured steps (PPO: iterations), after the warm-up (default 3)",
+        )
+        group.add_argument(
+            "--warmup",
+            type=int,
+            default=1,
+            metavar="N",
+            help="unmeasured steps first: lazy initialization, CUDA-graph capture (default 1)",
+        )
+        group.add_argument(
+            "--trace", metavar="FILE", help="write a torch.profiler trace of one step (Chrome/Perfetto JSON)"
+        )
+        group.add_argument("--json", metavar="FILE", help="also write the profile as JSON")
+        group.add_argument(
+            "--out",
+            metavar="DIR",
+            help="accepted so a training command line can be reused; nothing is written there",
+        )
+    profile.set_defaults(handler="profile")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="supervised fine-tuning on demonstrations",
         description="Fine-tune a causal LM on {prompt, response} demonstrations.",
     )
-    sft.add_argument("--model", required=True, metavar="DIR", help="Hugging Face causal LM directory")
-    sft.add_argument("--data", required=True, metavar="FILE", help="demonstrations JSONL")
-    sft.add_argument("--eval-data", metavar="FILE", help="held-out demonstrations JSONL (eval/loss)")
+    _sft_inputs(sft)
     sft.set_defaults(handler="sft")
 
     rm = commands.add_parser(
@@ -146,19 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a reward model on {prompt, completions, ranks} rankings "
         "(or {prompt, chosen, rejected} pairs).",
     )
-    rm.add_argument(
-        "--model",
-        required=True,
-        metavar="DIR",
-        help="the SFT model (its backbone starts the reward model), or a reward model to continue",
-    )
-    rm.add_argument("--data", required=True, metavar="FILE", help="rankings JSONL")
-    rm.add_argument("--eval-data", metavar="FILE", help="held-out rankings JSONL (eval/loss, eval/accuracy)")
-    rm.add_argument(
-        "--reference",
-        metavar="FILE",
-        help="demonstrations JSONL whose mean reward becomes 0 (reward normalization)",
-    )
+    _rm_inputs(rm)
     rm.set_defaults(handler="rm")
 
     ppo = commands.add_parser(
@@ -168,10 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Optimize the policy against the reward model with PPO; with "
         "--pretrain, PPO-ptx mixes in the pretraining loss.",
     )
-    ppo.add_argument("--policy", required=True, metavar="DIR", help="the SFT model")
-    ppo.add_argument("--reward", required=True, metavar="DIR", help="the reward model (from `rlhf-fast rm`)")
-    ppo.add_argument("--prompts", required=True, metavar="FILE", help="prompts JSONL")
-    ppo.add_argument("--pretrain", metavar="FILE", help='pretraining text JSONL ({"text": ...}): PPO-ptx')
+    _ppo_inputs(ppo)
     ppo.set_defaults(handler="ppo")
 
     evaluate = commands.add_parser(
@@ -210,12 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         parents=[_common_options()],
-        help="run the benchmarks",
-        description="Run the pytest-benchmark suite in bench/ (cpu), or show how to run "
-        "the GPU check. Arguments after `--` go to pytest.",
+        help="run the op benchmarks",
+        description="Time each op against its baseline (naive torch; Liger-Kernel and Cut Cross-Entropy "
+        "where importable), measured in the same run, interleaved; on a GPU with the floor beside it. "
+        "Arguments after `--` run the repository's pytest-benchmark suite (bench/) instead, from a source "
+        "checkout.",
     )
-    bench.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
+    bench.add_argument("--suite", choices=("cpu", "gpu"), default="cpu", help="cpu (default) or gpu (CUDA)")
+    bench.add_argument("--ops", metavar="OPS", help="comma-separated subset of gae,ranking,ppo_loss,logprob")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--rounds", type=_positive_int, metavar="N", help="interleaved rounds per case")
+    bench.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads")
     bench.set_defaults(handler="bench")
+    _profile_parser(commands)
     return parser
 
 
@@ -241,32 +321,54 @@ def _run_demo(args) -> int:
     return 0
 
 
-def _bench_files(root: Path) -> list[str]:
-    return sorted(str(path) for path in (root / "bench").glob("bench_*.py"))
-
-
-def _run_bench(args, extra: Sequence[str]) -> int:
+def _source_root() -> Path | None:
+    """The source checkout this package runs from (one holding bench/bench_*.py), or None (a wheel)."""
     root = Path(__file__).resolve().parents[2]
-    bench = root / "bench"
-    if args.suite == "gpu":
-        say(
-            "The GPU suite runs as one script on a machine with a CUDA GPU (it builds the CUDA kernels, runs",
-            "the CUDA tests and every bench/gpu_*.py benchmark, and prints a table with the baselines beside",
-            "ours):",
-            "",
-            f"    cd {root} && bash bench/gpu_check.sh",
-            "",
-            "Results go to $OUT (default /tmp/rlhf_fast_gpu_check); record them in bench/RESULTS.md.",
+    return root if any((root / "bench").glob("bench_*.py")) else None
+
+
+def _run_pytest_suite(extra: Sequence[str]) -> int:
+    """The repository's pytest-benchmark suite, with the arguments given after `--`."""
+    root = _source_root()
+    if root is None:
+        raise CLIError(
+            "arguments after `--` run the pytest-benchmark suite of a source checkout (bench/bench_*.py), "
+            "and this installation has none; run without them for the packaged benchmarks"
         )
-        if not (bench / "gpu_check.sh").is_file():
-            say(f"(bench/gpu_check.sh is not in {root}: use a source checkout of rlhf_fast)")
-        return 0
-    files = _bench_files(root)
-    if not files:
-        raise CLIError(f"no benchmarks found (bench/bench_*.py under {root}); run from a source checkout")
+    files = sorted(str(path) for path in (root / "bench").glob("bench_*.py"))
     command = [sys.executable, "-m", "pytest", *files, "--benchmark-group-by=group", *extra]
     say("running: " + " ".join(command))
     return subprocess.call(command, cwd=root)
+
+
+def _run_bench(args, extra: Sequence[str]) -> int:
+    if extra:
+        return _run_pytest_suite(extra)
+    import torch
+
+    from rlhf_fast.bench.runner import BenchError, parse_ops, run, write_json
+
+    if args.suite == "gpu" and not torch.cuda.is_available():
+        root = _source_root()
+        say(
+            "The GPU suite needs a CUDA device, and torch sees none here. On a machine with one:",
+            "",
+            "    rlhf-fast bench --suite gpu",
+            "",
+            "From a source checkout, the whole GPU check (build the CUDA kernels, run the CUDA tests and every",
+            "GPU benchmark) is one script; results go to $OUT (default /tmp/rlhf_fast_gpu_check):",
+            "",
+            f"    cd {root or '<checkout>'} && bash bench/gpu_check.sh",
+        )
+        return 0
+    try:
+        report = run(parse_ops(args.ops), args.suite, rounds=args.rounds, threads=args.threads, echo=say)
+    except BenchError as error:
+        raise CLIError(str(error)) from None
+    if args.json:
+        write_json(report, args.json)
+        say(f"results written to {args.json}")
+    return 0
 
 
 def _dispatch(args, extra: Sequence[str]) -> int:
@@ -274,6 +376,10 @@ def _dispatch(args, extra: Sequence[str]) -> int:
         raise CLIError(f"arguments after `--` are only for `bench`: {' '.join(extra)}")
     if args.handler == "bench":
         return _run_bench(args, extra)
+    if args.handler == "profile":
+        from rlhf_fast.cli.profile import run_profile
+
+        return run_profile(args)
     if args.handler == "demo":
         return _run_demo(args)
     if args.handler == "eval":

@@ -42,6 +42,10 @@ from rlhf_fast.cli.common import (
 __all__ = ["run_ppo", "run_rm", "run_sft"]
 
 
+# Runs a built trainer instead of training it (`rlhf-fast profile`): (job, trainer) -> exit status.
+Execute = Callable[["Job", Any], int]
+
+
 @dataclasses.dataclass
 class Job:
     """A validated training command, ready to load weights."""
@@ -241,7 +245,7 @@ def _common_outputs(out: Path) -> list[tuple[str, str, str]]:
 # ----------------------------------------------------------------------------------------------------- sft
 
 
-def run_sft(args) -> int:
+def run_sft(args, execute: Execute | None = None) -> int:
     from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 
     model_dir = check_model_dir("--model", args.model)
@@ -286,6 +290,8 @@ def run_sft(args) -> int:
     trainer = _build(
         lambda: SFTTrainer(config, policy, datasets[0].items, eval_data=eval_data, tokenizer=tokenizer)
     )
+    if execute is not None:
+        return execute(job, trainer)
     metrics, before, seconds = _train(job, trainer)
     outputs = [
         ("model", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --model of `rlhf-fast rm`")
@@ -297,7 +303,7 @@ def run_sft(args) -> int:
 # ------------------------------------------------------------------------------------------------------ rm
 
 
-def run_rm(args) -> int:
+def run_rm(args, execute: Execute | None = None) -> int:
     from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
 
     model_dir = check_model_dir("--model", args.model)
@@ -360,6 +366,8 @@ def run_rm(args) -> int:
             config, model, train.items, eval_data=eval_data, normalization_data=reference, tokenizer=tokenizer
         )
     )
+    if execute is not None:
+        return execute(job, trainer)
     metrics, before, seconds = _train(job, trainer)
     if reference is not None and config.normalize:
         job.notes = [
@@ -398,7 +406,7 @@ def _reward_tokenizer_matches(reward_dir: str, tokenizer) -> None:
         )
 
 
-def run_ppo(args) -> int:
+def run_ppo(args, execute: Execute | None = None) -> int:
     from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
     policy_dir = check_model_dir("--policy", args.policy)
@@ -481,6 +489,8 @@ def run_ppo(args) -> int:
             config, policy, reward_model, prompts.items, pretrain_data=pretrain, tokenizer=tokenizer
         )
     )
+    if execute is not None:
+        return execute(job, trainer)
     metrics, before, seconds = _train(job, trainer)
     outputs = [
         ("policy", str(out / "final"), "AutoModelForCausalLM.from_pretrained; --policy of `rlhf-fast eval`")

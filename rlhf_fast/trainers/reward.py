@@ -28,6 +28,7 @@ from rlhf_fast.trainers._common import (
 )
 from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything
+from rlhf_fast.trainers.phases import phase
 
 
 @dataclasses.dataclass
@@ -136,15 +137,17 @@ class RewardTrainer(EpochTrainer):
         from rlhf_fast.data import collate_rankings
         from rlhf_fast.ops import ranking_loss
 
-        batch = collate_rankings(items, self.pad_token_id)
+        with phase("data"):
+            batch = collate_rankings(items, self.pad_token_id)
         device = self.ctx.device
-        scores = model(
-            batch["input_ids"].to(device, non_blocking=True),
-            batch["attention_mask"].to(device, non_blocking=True),
-        )
-        return ranking_loss(
-            scores, batch["group_sizes"], batch["ranks"].to(device), margin=self.config.margin
-        )
+        with phase("forward"):
+            scores = model(
+                batch["input_ids"].to(device, non_blocking=True),
+                batch["attention_mask"].to(device, non_blocking=True),
+            )
+            return ranking_loss(
+                scores, batch["group_sizes"], batch["ranks"].to(device), margin=self.config.margin
+            )
 
     def _micro_batches(self, items: list) -> list[list]:
         size = self.config.micro_batch_size or max(len(items), 1)
@@ -161,14 +164,16 @@ class RewardTrainer(EpochTrainer):
             with gradient_sync(self.wrapped, enabled=index == len(micro_batches) - 1):
                 loss, accuracy = self.compute_loss(self.wrapped, micro)
                 share = prompts / max(global_prompts, 1)
-                (loss * (share * self.ctx.world_size)).backward()
+                with phase("backward"):
+                    (loss * (share * self.ctx.world_size)).backward()
             loss_total = loss_total + loss.detach().float() * share
             correct_total = correct_total + accuracy.detach().float() * pairs
-        totals = self.ctx.all_reduce_sum(torch.stack([loss_total, correct_total]))
-        loss = totals[0]
-        grad_norm, bad = guarded_step(
-            self.optimizer, self.parameters, loss, self.ctx, max_grad_norm=self.config.max_grad_norm
-        )
+        with phase("optimizer"):
+            totals = self.ctx.all_reduce_sum(torch.stack([loss_total, correct_total]))
+            loss = totals[0]
+            grad_norm, bad = guarded_step(
+                self.optimizer, self.parameters, loss, self.ctx, max_grad_norm=self.config.max_grad_norm
+            )
         return {
             "loss": loss,
             "accuracy": totals[1] / max(global_pairs, 1),

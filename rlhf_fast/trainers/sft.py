@@ -30,6 +30,7 @@ from rlhf_fast.trainers._common import (
 from rlhf_fast.trainers._modules import PolicyLogprobs, packed_causal_mask
 from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything
+from rlhf_fast.trainers.phases import phase
 
 
 @dataclasses.dataclass
@@ -179,21 +180,27 @@ class SFTTrainer(EpochTrainer):
     # ---------------------------------------------------------------------------------------- training
     def train_step(self, examples: list) -> dict[str, torch.Tensor]:
         """One optimizer step on this rank's share of a global batch; returns device-tensor metrics."""
-        micro_batches = self._micro_batches(examples)
-        local_tokens = sum(int(batch["loss_mask"][:, 1:].sum()) for batch in micro_batches)
-        global_tokens = self.ctx.all_reduce_sum(torch.tensor([float(local_tokens)], device=self.ctx.device))
+        with phase("data"):
+            micro_batches = self._micro_batches(examples)
+            local_tokens = sum(int(batch["loss_mask"][:, 1:].sum()) for batch in micro_batches)
+            global_tokens = self.ctx.all_reduce_sum(
+                torch.tensor([float(local_tokens)], device=self.ctx.device)
+            )
         scale = self.ctx.world_size / global_tokens.clamp(min=1.0)
         nll_total = torch.zeros((), device=self.ctx.device)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with gradient_sync(self.wrapped, enabled=last):
-                nll_sum, _ = self.compute_loss(self.wrapped, batch)
-                (nll_sum * scale).sum().backward()
+                with phase("forward"):
+                    nll_sum, _ = self.compute_loss(self.wrapped, batch)
+                with phase("backward"):
+                    (nll_sum * scale).sum().backward()
             nll_total = nll_total + nll_sum.detach()
-        loss = self.ctx.all_reduce_sum(nll_total.reshape(1)).reshape(()) / global_tokens.reshape(())
-        grad_norm, bad = guarded_step(
-            self.optimizer, self.parameters, loss, self.ctx, max_grad_norm=self.config.max_grad_norm
-        )
+        with phase("optimizer"):
+            loss = self.ctx.all_reduce_sum(nll_total.reshape(1)).reshape(()) / global_tokens.reshape(())
+            grad_norm, bad = guarded_step(
+                self.optimizer, self.parameters, loss, self.ctx, max_grad_norm=self.config.max_grad_norm
+            )
         return {"loss": loss, "grad_norm": grad_norm, "skipped": bad, "tokens": global_tokens.reshape(())}
 
     @torch.no_grad()
