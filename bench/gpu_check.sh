@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU call: build the extension with CUDA kernels, run the CUDA tests, run every GPU
-# benchmark (bench/gpu_*.py) and print a short table last. Runs on the GPU machine's own python3 (torch 2.11
+# benchmark (the packaged op benchmarks, then bench/gpu_*.py) and print a short table last. Runs on the GPU machine's own python3 (torch 2.11
 # cu130, triton 3.6), offline. Peer wheels (liger-kernel, cut-cross-entropy, trl) travel in .whl/ (made by
 # scripts/fetch_gpu_wheels.sh here) and are installed to /tmp/site.
 #   device run:  bash bench/gpu_check.sh        (carry: [".whl"])
@@ -35,6 +35,13 @@ tests_status=${PIPESTATUS[0]}
 
 echo "== GPU benchmarks"
 : > "$OUT/table.md"
+# The op benchmarks ship in the package (rlhf_fast/bench/, what `rlhf-fast bench --suite gpu` runs); the
+# rollout benchmark is a script of the repository.
+for op in gae ranking ppo_loss logprob; do
+  echo "-- rlhf_fast.bench --ops $op"
+  timeout 150 "$PY" -m rlhf_fast.bench --suite gpu --ops "$op" --json "$OUT/bench_$op.json" 2>&1 \
+    | tee "$OUT/bench_$op.log" | grep '^|' >> "$OUT/table.md"
+done
 for script in bench/gpu_*.py; do
   echo "-- $script"
   timeout 150 "$PY" "$script" 2>&1 | tee "$OUT/$(basename "$script" .py).log" | grep '^|' >> "$OUT/table.md"

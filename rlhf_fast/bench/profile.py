@@ -40,7 +40,15 @@ from rlhf_fast.trainers.logging import read_metrics
 from rlhf_fast.trainers.phases import PhaseTimer, recording
 
 PHASES = {
-    "ppo": ("rollout", "score/reference", "score/policy", "score/value", "score/reward", "rewards_gae", "update"),
+    "ppo": (
+        "rollout",
+        "score/reference",
+        "score/policy",
+        "score/value",
+        "score/reward",
+        "rewards_gae",
+        "update",
+    ),
     "sft": ("data", "forward", "backward", "optimizer"),
     "rm": ("data", "forward", "backward", "optimizer"),
 }
@@ -222,7 +230,9 @@ def profile_trainer(
         torch.cuda.reset_peak_memory_stats(device)
         memory_kind = "CUDA max allocated"
     else:
-        memory_kind = "process VmHWM" + ("" if reset_peak_rss() else " (since start: the kernel refused a reset)")
+        memory_kind = "process VmHWM" + (
+            "" if reset_peak_rss() else " (since start: the kernel refused a reset)"
+        )
     timer = PhaseTimer(device)
     seconds, tokens, metrics = _timed_steps(step, device, iterations, timer)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else process_peak_rss_bytes()
@@ -273,10 +283,14 @@ def format_report(report: ProfileReport) -> list[str]:
     mean = report.mean_step_seconds
     times = sorted(report.step_seconds)
     lines = [
-        f"profile {report.command} on {report.device} [{report.device_type}]: {report.iterations} measured "
-        f"{step_name}s after {report.warmup} warm-up",
-        f"  {step_name} time: mean {mean * 1e3:.1f} ms, min {times[0] * 1e3:.1f} ms, "
-        f"median {statistics.median(times) * 1e3:.1f} ms",
+        (
+            f"profile {report.command} on {report.device} [{report.device_type}]: {report.iterations} "
+            f"measured {step_name}s after {report.warmup} warm-up"
+        ),
+        (
+            f"  {step_name} time: mean {mean * 1e3:.1f} ms, min {times[0] * 1e3:.1f} ms, "
+            f"median {statistics.median(times) * 1e3:.1f} ms"
+        ),
         f"  phases (mean per {step_name}; they add up to the {step_name} time):",
     ]
     for name, seconds in report.phase_seconds.items():
@@ -292,9 +306,13 @@ def format_report(report: ProfileReport) -> list[str]:
         f"{report.token_kind} per {step_name})"
     )
     if report.peak_memory_bytes is not None:
-        lines.append(f"  peak memory: {report.peak_memory_bytes / 2**20:,.1f} MiB ({report.peak_memory_kind})")
+        lines.append(
+            f"  peak memory: {report.peak_memory_bytes / 2**20:,.1f} MiB ({report.peak_memory_kind})"
+        )
     if report.host_syncs_per_step is not None:
-        lines.append(f"  host syncs: {report.host_syncs_per_step:g} per {step_name} (torch.cuda sync debug mode)")
+        lines.append(
+            f"  host syncs: {report.host_syncs_per_step:g} per {step_name} (torch.cuda sync debug mode)"
+        )
     if report.logprob_mismatch is not None:
         values = ", ".join(f"{key} {value:.3g}" for key, value in report.logprob_mismatch.items())
         lines.append(f"  rollout/training log-prob mismatch: {values} ({report.logprob_mismatch_source})")

@@ -97,9 +97,13 @@ def run_case(case: Case, device: torch.device, *, rounds: int | None = None) -> 
         runnable.append(contender)
         if contender.graph and device.type == "cuda":
             try:
-                runnable.append(Contender(f"{contender.name}, CUDA-graph replay", graph_replay(contender.call, device)))
+                runnable.append(
+                    Contender(f"{contender.name}, CUDA-graph replay", graph_replay(contender.call, device))
+                )
             except Exception as error:  # noqa: BLE001 (capture unsupported for this call)
-                case.skipped[f"{contender.name}, CUDA-graph replay"] = f"capture failed: {type(error).__name__}"
+                case.skipped[f"{contender.name}, CUDA-graph replay"] = (
+                    f"capture failed: {type(error).__name__}"
+                )
         synchronize(device)
     timings = interleaved({c.name: c.call for c in runnable}, device, rounds=rounds or case.rounds)
     baseline = next((c.name for c in runnable if c.role == "baseline"), None)

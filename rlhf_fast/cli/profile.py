@@ -36,7 +36,9 @@ def run_profile(args) -> int:
 
     def execute(job, trainer) -> int:
         reports.append(
-            profile_trainer(trainer, args.target, iterations=args.iterations, warmup=args.warmup, trace=args.trace)
+            profile_trainer(
+                trainer, args.target, iterations=args.iterations, warmup=args.warmup, trace=args.trace
+            )
         )
         return 0
 

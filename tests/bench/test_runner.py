@@ -81,7 +81,9 @@ def test_every_cpu_case_checks_its_contenders(module):
     """Each contender agrees with the reference, and the check rejects a wrong answer (the first case of
     each op: the others differ in shape only)."""
     for case in [next(iter(module.cases(CPU)))]:
-        assert any(c.role == "baseline" for c in case.contenders) and any(c.role == "ours" for c in case.contenders)
+        assert any(c.role == "baseline" for c in case.contenders) and any(
+            c.role == "ours" for c in case.contenders
+        )
         outputs = {}
         for contender in case.contenders:
             if contender.name.startswith("rlhf_fast cpp"):
@@ -112,11 +114,11 @@ def test_logprob_contenders_agree_on_a_small_shape():
         logprob_bench.Shape("hidden fwd", "hidden", 37, 101, 16, extras=False),
     ):
         inputs = logprob_bench.make_inputs(shape, "cpu", torch.float32)
-        want = logprob_bench.prepared_call(shape, inputs, logprob_bench.naive)()
+        naive = logprob_bench.prepared_call(shape, inputs, logprob_bench.naive)
         ours = logprob_bench.prepared_call(
             shape, inputs, lambda s, i: logprob_bench.ours(s, i, backend="chunked")
         )()
-        check = logprob_bench.checker(want, low_precision=False)
+        check = logprob_bench.checker(naive, low_precision=False)
         check(ours)
         with pytest.raises(AssertionError):
             check(ours + 0.1)
