@@ -27,6 +27,8 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture
 def op_case(request):
+    """(case, contender), checked; with one intra-op thread while the test runs: the development machines have
+    2 shared cores, where a second OpenMP thread that gets descheduled turns a 0.1 ms call into a 30 ms one."""
     index, name = request.param
     case = next(itertools.islice(request.module.OP_CASES.cases(CPU), index, None))
     contender = next(c for c in case.contenders if c.name == name)
@@ -35,17 +37,12 @@ def op_case(request):
 
         if not _extension.has_cpp_kernels():
             pytest.skip("rlhf_fast._C is not built")
-    output = contender.call()
-    if case.check is not None and contender.checked:
-        case.check(output)  # every contender computes the same thing on these inputs
-    return case, contender
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the development machines have 2 shared cores, where a second OpenMP thread that
-    gets descheduled turns a 0.1 ms call into a 30 ms one."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        output = contender.call()
+        if case.check is not None and contender.checked:
+            case.check(output)  # every contender computes the same thing on these inputs
+        yield case, contender
+    finally:
+        torch.set_num_threads(previous)
