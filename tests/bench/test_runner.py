@@ -143,3 +143,31 @@ def test_gpu_suite_without_cuda_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BenchError, match="CUDA device"):
         run(["gae"], "gpu")
+
+
+def test_gpu_table_has_memory_and_floor_columns():
+    result = {
+        "case": "c",
+        "baseline": "naive",
+        "floor_s": 2e-6,
+        "rows": [
+            {
+                "contender": "ours",
+                "min_s": 1e-5,
+                "median_s": 2e-5,
+                "speedup_vs_baseline": 5.0,
+                "peak_extra_bytes": 0,
+            },
+            {
+                "contender": "naive",
+                "min_s": 9e-5,
+                "median_s": 1e-4,
+                "speedup_vs_baseline": 1.0,
+                "peak_extra_bytes": 3 * 10**9,
+            },
+        ],
+    }
+    lines = format_table([result], torch.device("cuda"))
+    assert "peak extra memory" in lines[0] and "floor (H200)" in lines[0]
+    assert lines[2] == "| c | ours | 10 µs | 20 µs | 5.00x | 0.00 GB | 2 µs |"
+    assert lines[3].endswith("| 3.00 GB | 2 µs |")
