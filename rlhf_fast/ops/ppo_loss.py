@@ -29,11 +29,10 @@ import functools
 
 import torch
 
-from rlhf_fast import _extension
-from rlhf_fast.ops._backend import select_backend
+from rlhf_fast.ops._backend import compiled, lazy, pick
 from rlhf_fast.ops._checks import check_mask, check_same_device, check_same_shape, check_tensor
+from rlhf_fast.ops._contract import output_dtype
 
-IMPLEMENTED = ("reference", "cpp", "cuda", "triton")
 # Not yet measured on Hopper: the CUDA kernel goes first because its forward is one launch, Triton's two.
 GPU_ORDER = ("cuda", "triton")
 
@@ -41,10 +40,6 @@ POLICY_KEYS = ("policy_loss", "clipfrac", "approx_kl", "ratio_mean")
 VALUE_KEYS = ("value_loss", "value_clipfrac")
 # The custom forward op returns these 0-dim tensors in this order; valid_count (int64) is saved for backward.
 FORWARD_OUTPUTS = POLICY_KEYS + VALUE_KEYS + ("valid_count",)
-
-
-def _output_dtype(logprobs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logprobs.dtype == torch.float64 else torch.float32
 
 
 def ppo_losses_reference(
@@ -59,7 +54,7 @@ def ppo_losses_reference(
     value_clip: float = 0.2,
 ) -> dict[str, torch.Tensor]:
     """Plain-torch PPO losses, differentiable by autograd: the ground truth. Same contract as `ppo_losses`."""
-    dtype = _output_dtype(logprobs)
+    dtype = output_dtype(logprobs.dtype)
     valid = mask.bool()
     count = valid.sum().clamp(min=1)
 
@@ -97,7 +92,7 @@ def _forward_reference(logprobs, old_logprobs, advantages, mask, values, old_val
                        value_clip) -> tuple[torch.Tensor, ...]:
     losses = ppo_losses_reference(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
                                   clip_coef, value_clip)
-    zero = logprobs.new_zeros((), dtype=_output_dtype(logprobs))
+    zero = logprobs.new_zeros((), dtype=output_dtype(logprobs.dtype))
     outputs = [losses.get(key, zero).clone() for key in POLICY_KEYS + VALUE_KEYS]
     return (*outputs, mask.bool().sum())
 
@@ -105,7 +100,7 @@ def _forward_reference(logprobs, old_logprobs, advantages, mask, values, old_val
 def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values,
                         old_values, returns, valid_count, clip_coef, value_clip) -> tuple[torch.Tensor, ...]:
     """The closed-form gradients of policy_loss and value_loss (tests check them against autograd)."""
-    dtype = _output_dtype(logprobs)
+    dtype = output_dtype(logprobs.dtype)
     valid = mask.bool()
     inverse_count = 1.0 / valid_count.clamp(min=1).to(dtype)
     ratio = torch.exp(torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), 0))
@@ -124,6 +119,22 @@ def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, old_logprob
     return grad_logprobs, grad_values.to(values.dtype).contiguous()
 
 
+# {backend: forward kernel}, {backend: backward kernel}; both take the custom ops' arguments in order.
+_FORWARD = {
+    "reference": _forward_reference,
+    "cpp": compiled("ppo_losses_forward"),
+    "cuda": compiled("ppo_losses_forward"),
+    "triton": lazy("rlhf_fast.ops.triton.ppo_loss", "ppo_losses_forward_triton"),
+}
+_BACKWARD = {
+    "reference": _backward_reference,
+    "cpp": compiled("ppo_losses_backward"),
+    "cuda": compiled("ppo_losses_backward"),
+    "triton": lazy("rlhf_fast.ops.triton.ppo_loss", "ppo_losses_backward_triton"),
+}
+IMPLEMENTED = tuple(_FORWARD)
+
+
 @torch.library.custom_op("rlhf_fast::ppo_losses_forward", mutates_args=())
 def _ppo_losses_forward_op(
     logprobs: torch.Tensor,
@@ -138,20 +149,12 @@ def _ppo_losses_forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FORWARD_OUTPUTS as 0-dim tensors; the value terms are 0 when `values` is None."""
     args = (logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip)
-    backend = select_backend("ppo_losses", logprobs.device, IMPLEMENTED, GPU_ORDER)
-    if backend == "reference":
-        return _forward_reference(*args)
-    if backend == "triton":
-        from rlhf_fast.ops.triton.ppo_loss import ppo_losses_forward_triton
-
-        return ppo_losses_forward_triton(*args)
-    # cpp and cuda share one compiled op; the dispatcher picks the kernel from the device.
-    return _extension.kernels().ppo_losses_forward(*args)
+    return pick("ppo_losses", logprobs.device, _FORWARD, GPU_ORDER)(*args)
 
 
 @_ppo_losses_forward_op.register_fake
-def _(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip):
-    scalar = functools.partial(logprobs.new_empty, (), dtype=_output_dtype(logprobs))
+def _(logprobs, *_):
+    scalar = functools.partial(logprobs.new_empty, (), dtype=output_dtype(logprobs.dtype))
     return (*(scalar() for _ in POLICY_KEYS + VALUE_KEYS), logprobs.new_empty((), dtype=torch.int64))
 
 
@@ -173,19 +176,11 @@ def _ppo_losses_backward_op(
     """(grad_logprobs [B, T], grad_values [B, T]) in the inputs' dtypes; grad_values is empty without values."""
     args = (grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values, old_values,
             returns, valid_count, clip_coef, value_clip)
-    backend = select_backend("ppo_losses", logprobs.device, IMPLEMENTED, GPU_ORDER)
-    if backend == "reference":
-        return _backward_reference(*args)
-    if backend == "triton":
-        from rlhf_fast.ops.triton.ppo_loss import ppo_losses_backward_triton
-
-        return ppo_losses_backward_triton(*args)
-    return _extension.kernels().ppo_losses_backward(*args)
+    return pick("ppo_losses", logprobs.device, _BACKWARD, GPU_ORDER)(*args)
 
 
 @_ppo_losses_backward_op.register_fake
-def _(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values, old_values, returns,
-      valid_count, clip_coef, value_clip):
+def _(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values, *_):
     grad_values = logprobs.new_empty(0) if values is None else logprobs.new_empty(logprobs.shape)
     return logprobs.new_empty(logprobs.shape), grad_values
 
@@ -201,7 +196,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_policy_loss, grad_clipfrac, grad_approx_kl, grad_ratio_mean, grad_value_loss,
               grad_value_clipfrac, grad_valid_count):
     logprobs, old_logprobs, advantages, mask, values, old_values, returns, valid_count = ctx.saved_tensors
-    zero = logprobs.new_zeros((), dtype=_output_dtype(logprobs))
+    zero = logprobs.new_zeros((), dtype=output_dtype(logprobs.dtype))
     grad_logprobs, grad_values = _ppo_losses_backward_op(
         zero if grad_policy_loss is None else grad_policy_loss,
         zero if grad_value_loss is None else grad_value_loss,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.ops.ranking import MAX_GROUP, prompt_stats_to_outputs
+from rlhf_fast.ops._contract import MAX_GROUP, output_dtype, ranking_outputs_from_prompt_stats
 
 K_BLOCK = MAX_GROUP
 
@@ -169,7 +169,7 @@ def ranking_forward_triton(
     margin: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64), as the rlhf_fast::ranking_loss_forward op."""
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    dtype = output_dtype(rewards.dtype)
     num_prompts = group_sizes.shape[0]
     ends = torch.cumsum(group_sizes, 0, dtype=torch.int64)
     term_sums = torch.empty(num_prompts, dtype=dtype, device=rewards.device)
@@ -191,7 +191,7 @@ def ranking_forward_triton(
         margin_lo,
         **flags,
     )
-    loss, accuracy, weights = prompt_stats_to_outputs(term_sums, pair_counts, correct_counts, dtype)
+    loss, accuracy, weights = ranking_outputs_from_prompt_stats(term_sums, pair_counts, correct_counts, dtype)
     return loss, accuracy, weights, ends
 
 
