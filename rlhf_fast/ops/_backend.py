@@ -137,3 +137,9 @@ def compiled(name: str) -> Callable:
 
     call.__qualname__ = f"rlhf_fast_C.{name}"
     return call
+
+
+def kernel_table(reference: Callable, compiled_name: str, triton_module: str, triton_name: str) -> dict:
+    """The usual table of an op direction: plain torch, the extension's kernel for both cpp and cuda, Triton."""
+    kernel = compiled(compiled_name)
+    return {"reference": reference, "cpp": kernel, "cuda": kernel, "triton": lazy(triton_module, triton_name)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast.ops._backend import compiled, lazy, pick
+from rlhf_fast.ops._backend import kernel_table, pick
 from rlhf_fast.ops._checks import check_mask, check_same_device, check_same_shape, check_tensor
 from rlhf_fast.ops._contract import WHITEN_EPS, output_dtype
 
@@ -66,12 +66,7 @@ def _gae_reference_backend(rewards, values, mask, gamma, lam, whiten, whiten_eps
 
 
 # {backend: (rewards, values, mask, gamma, lam, whiten, whiten_eps) -> (advantages, returns)}
-_KERNELS = {
-    "reference": _gae_reference_backend,
-    "cpp": compiled("gae_forward"),
-    "cuda": compiled("gae_forward"),
-    "triton": lazy("rlhf_fast.ops.triton.gae", "gae_triton"),
-}
+_KERNELS = kernel_table(_gae_reference_backend, "gae_forward", "rlhf_fast.ops.triton.gae", "gae_triton")
 IMPLEMENTED = tuple(_KERNELS)
 
 

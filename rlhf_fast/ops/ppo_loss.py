@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from rlhf_fast.ops._backend import compiled, lazy, pick
+from rlhf_fast.ops._backend import kernel_table, pick
 from rlhf_fast.ops._checks import check_mask, check_same_device, check_same_shape, check_tensor
 from rlhf_fast.ops._contract import output_dtype
 
@@ -119,19 +119,10 @@ def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, old_logprob
     return grad_logprobs, grad_values.to(values.dtype).contiguous()
 
 
-# {backend: forward kernel}, {backend: backward kernel}; both take the custom ops' arguments in order.
-_FORWARD = {
-    "reference": _forward_reference,
-    "cpp": compiled("ppo_losses_forward"),
-    "cuda": compiled("ppo_losses_forward"),
-    "triton": lazy("rlhf_fast.ops.triton.ppo_loss", "ppo_losses_forward_triton"),
-}
-_BACKWARD = {
-    "reference": _backward_reference,
-    "cpp": compiled("ppo_losses_backward"),
-    "cuda": compiled("ppo_losses_backward"),
-    "triton": lazy("rlhf_fast.ops.triton.ppo_loss", "ppo_losses_backward_triton"),
-}
+# {backend: kernel} per direction; each takes the custom op's arguments in order.
+_TRITON = "rlhf_fast.ops.triton.ppo_loss"
+_FORWARD = kernel_table(_forward_reference, "ppo_losses_forward", _TRITON, "ppo_losses_forward_triton")
+_BACKWARD = kernel_table(_backward_reference, "ppo_losses_backward", _TRITON, "ppo_losses_backward_triton")
 IMPLEMENTED = tuple(_FORWARD)
 
 

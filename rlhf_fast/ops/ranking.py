@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast import _extension
-from rlhf_fast.ops._backend import compiled, forced_backend, lazy, pick, select_backend, use_backend
+from rlhf_fast.ops._backend import forced_backend, kernel_table, pick, select_backend, use_backend
 from rlhf_fast.ops._checks import check_finite, check_tensor, value_checks_enabled
 from rlhf_fast.ops._contract import MAX_GROUP, MIN_GROUP, output_dtype, ranking_outputs_from_prompt_stats
 
@@ -150,19 +150,10 @@ def _backward_torch(grad_loss, rewards, ranks, margins, margin, prompt_weights, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-# {backend: forward kernel}, {backend: backward kernel}; both take the custom ops' arguments in order.
-_FORWARD = {
-    "reference": _forward_torch,
-    "cpp": compiled("ranking_loss_forward"),
-    "cuda": compiled("ranking_loss_forward"),
-    "triton": lazy("rlhf_fast.ops.triton.ranking", "ranking_forward_triton"),
-}
-_BACKWARD = {
-    "reference": _backward_torch,
-    "cpp": compiled("ranking_loss_backward"),
-    "cuda": compiled("ranking_loss_backward"),
-    "triton": lazy("rlhf_fast.ops.triton.ranking", "ranking_backward_triton"),
-}
+# {backend: kernel} per direction; each takes the custom op's arguments in order.
+_TRITON = "rlhf_fast.ops.triton.ranking"
+_FORWARD = kernel_table(_forward_torch, "ranking_loss_forward", _TRITON, "ranking_forward_triton")
+_BACKWARD = kernel_table(_backward_torch, "ranking_loss_backward", _TRITON, "ranking_backward_triton")
 IMPLEMENTED = tuple(_FORWARD)
 
 

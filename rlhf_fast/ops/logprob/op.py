@@ -1,9 +1,10 @@
 """The custom ops of both log-prob functions, their fake kernels and autograd, and the backend table.
 
 Four ops: `token_logprobs_{forward,backward}` (from logits) and `linear_token_logprobs_{forward,backward}`
-(from hidden × LM head). Their schemas are flat, as torch.library requires; each op body builds the
-`LogprobSpec` (and `LogprobGrads`) bundles once and hands them to the backend, and the forward schemas end in
-the spec's fields in order, so the fake kernels and autograd take them as one slice.
+(from hidden × LM head). Their schemas are flat, as torch.library requires, and written once (`SCHEMAS`)
+from the bundles' fields; each op body builds the `LogprobSpec` (and `LogprobGrads`) bundles and hands them
+to the backend; the forward schemas end in the spec's fields in order, so the fake kernels and autograd take
+them as one slice.
 """
 
 from __future__ import annotations
@@ -54,22 +55,38 @@ def backend_for(op_name: str, like: torch.Tensor) -> LogprobBackend:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The schemas, written once from the bundles' fields; the Python functions below take them in this order.
+# ----------------------------------------------------------------------------------------------------------
+
+_SPEC = "Tensor targets, Tensor? mask, Tensor? ref_logprobs, float temperature, str kl_estimator, bool want_entropy"
+_FORWARD_OUTPUTS = "(Tensor logprobs, Tensor entropy, Tensor kl, Tensor lse)"
+_GRADS = "Tensor grad_logprobs, Tensor? grad_entropy, Tensor? grad_kl"
+_SAVED = "Tensor targets, Tensor? mask, Tensor? ref_logprobs, Tensor logprobs, Tensor entropy, Tensor lse"
+_LINEAR = "Tensor hidden, Tensor weight, Tensor? bias"
+SCHEMAS = {
+    "token_logprobs_forward": f"(Tensor logits, {_SPEC}) -> {_FORWARD_OUTPUTS}",
+    "token_logprobs_backward": f"({_GRADS}, Tensor logits, {_SAVED}, float temperature, str kl_estimator) -> Tensor",
+    "linear_token_logprobs_forward": f"({_LINEAR}, {_SPEC}) -> {_FORWARD_OUTPUTS}",
+    "linear_token_logprobs_backward": (
+        f"({_GRADS}, {_LINEAR}, {_SAVED}, float temperature, str kl_estimator, bool need_hidden, bool need_weight)"
+        " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
+    ),
+}
+
+
+def _custom_op(name: str):
+    return torch.library.custom_op(f"rlhf_fast::{name}", mutates_args=(), schema=SCHEMAS[name])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # From logits.
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("rlhf_fast::token_logprobs_forward", mutates_args=())
-def token_logprobs_forward(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    temperature: float,
-    kl_estimator: str,
-    want_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@_custom_op("token_logprobs_forward")
+def token_logprobs_forward(logits, *spec_fields):
     """-> (logprobs, entropy or [0], kl or [0], lse), each of targets' shape, float32 (float64)."""
-    spec = LogprobSpec(targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy)
+    spec = LogprobSpec(*spec_fields)
     return shape_outputs(backend_for("token_logprobs", logits).forward(logits, spec), spec)
 
 
@@ -78,24 +95,10 @@ def _(logits, *spec_fields):
     return empty_outputs(logits, LogprobSpec(*spec_fields))
 
 
-@torch.library.custom_op("rlhf_fast::token_logprobs_backward", mutates_args=())
-def token_logprobs_backward(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    grad_kl: torch.Tensor | None,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    lse: torch.Tensor,
-    temperature: float,
-    kl_estimator: str,
-) -> torch.Tensor:
+@_custom_op("token_logprobs_backward")
+def token_logprobs_backward(grad_logprobs, grad_entropy, grad_kl, logits, *saved_and_options):
     """-> dL/dlogits, contiguous, with logits' shape and dtype."""
-    spec = LogprobSpec(targets, mask, ref_logprobs, temperature, kl_estimator, grad_entropy is not None)
-    grads = LogprobGrads(grad_logprobs, grad_entropy, grad_kl, logprobs, entropy, lse)
+    spec, grads = _backward_bundles(grad_logprobs, grad_entropy, grad_kl, *saved_and_options)
     return backend_for("token_logprobs", logits).backward(logits, spec, grads)
 
 
@@ -104,25 +107,22 @@ def _(grad_logprobs, grad_entropy, grad_kl, logits, *_):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+def _backward_bundles(grad_logprobs, grad_entropy, grad_kl, *saved_and_options) -> tuple[LogprobSpec, LogprobGrads]:
+    """The bundles from a backward op's arguments but its leading tensors (`_SAVED`, temperature, estimator)."""
+    targets, mask, ref_logprobs, logprobs, entropy, lse, temperature, kl_estimator = saved_and_options
+    spec = LogprobSpec(targets, mask, ref_logprobs, temperature, kl_estimator, grad_entropy is not None)
+    return spec, LogprobGrads(grad_logprobs, grad_entropy, grad_kl, logprobs, entropy, lse)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # From hidden states × LM head.
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("rlhf_fast::linear_token_logprobs_forward", mutates_args=())
-def linear_token_logprobs_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    temperature: float,
-    kl_estimator: str,
-    want_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@_custom_op("linear_token_logprobs_forward")
+def linear_token_logprobs_forward(hidden, weight, bias, *spec_fields):
     """-> (logprobs, entropy or [0], kl or [0], lse), each of targets' shape, float32 (float64)."""
-    spec = LogprobSpec(targets, mask, ref_logprobs, temperature, kl_estimator, want_entropy)
+    spec = LogprobSpec(*spec_fields)
     outputs = backend_for("linear_token_logprobs", hidden).linear_forward(hidden, weight, bias, spec)
     return shape_outputs(outputs, spec)
 
@@ -132,28 +132,11 @@ def _(hidden, weight, bias, *spec_fields):
     return empty_outputs(hidden, LogprobSpec(*spec_fields))
 
 
-@torch.library.custom_op("rlhf_fast::linear_token_logprobs_backward", mutates_args=())
-def linear_token_logprobs_backward(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    grad_kl: torch.Tensor | None,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    lse: torch.Tensor,
-    temperature: float,
-    kl_estimator: str,
-    need_hidden: bool,
-    need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@_custom_op("linear_token_logprobs_backward")
+def linear_token_logprobs_backward(grad_logprobs, grad_entropy, grad_kl, hidden, weight, bias, *rest):
     """-> (dL/dhidden or [0], dL/dweight or [0], dL/dbias or [0]) in the inputs' dtypes."""
-    spec = LogprobSpec(targets, mask, ref_logprobs, temperature, kl_estimator, grad_entropy is not None)
-    grads = LogprobGrads(grad_logprobs, grad_entropy, grad_kl, logprobs, entropy, lse)
+    *saved_and_options, need_hidden, need_weight = rest
+    spec, grads = _backward_bundles(grad_logprobs, grad_entropy, grad_kl, *saved_and_options)
     backend = backend_for("linear_token_logprobs", hidden)
     return backend.linear_backward(hidden, weight, bias, spec, grads, need_hidden, need_weight)
 
