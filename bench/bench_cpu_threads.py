@@ -49,9 +49,12 @@ def _cases(ops) -> dict[str, callable]:
     sizes = torch.full((prompts,), k, dtype=torch.int64)
 
     def ppo_step():
-        *_, count = ops.ppo_losses_forward(logprobs, old_logprobs, rewards, mask, values, values, returns, 0.2, 0.2)
-        ops.ppo_losses_backward(one, one, logprobs, old_logprobs, rewards, mask, values, values, returns, count,
-                                0.2, 0.2)
+        *_, count = ops.ppo_losses_forward(
+            logprobs, old_logprobs, rewards, mask, values, values, returns, 0.2, 0.2
+        )
+        ops.ppo_losses_backward(
+            one, one, logprobs, old_logprobs, rewards, mask, values, values, returns, count, 0.2, 0.2
+        )
 
     def ranking_step():
         _, _, weights, ends = ops.ranking_loss_forward(scores, sizes, None, None, 0.0)
@@ -59,8 +62,9 @@ def _cases(ops) -> dict[str, callable]:
 
     return {
         f"gae {batch}x{steps}": lambda: ops.gae_forward(rewards, values, mask, 1.0, 0.95, False, *whiten_eps),
-        f"gae {batch}x{steps} whitened": lambda: ops.gae_forward(rewards, values, mask, 1.0, 0.95, True,
-                                                                 *whiten_eps),
+        f"gae {batch}x{steps} whitened": lambda: ops.gae_forward(
+            rewards, values, mask, 1.0, 0.95, True, *whiten_eps
+        ),
         f"ppo_losses fwd+bwd {batch}x{steps}": ppo_step,
         f"ranking fwd+bwd P={prompts} K={k}": ranking_step,
     }
@@ -81,10 +85,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--busy", type=lambda text: [int(n) for n in text.split(",")], default=[0, 1, 2],
-                        help="numbers of busy-loop processes to run beside the kernel (default 0,1,2)")
+    parser.add_argument(
+        "--busy",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[0, 1, 2],
+        help="numbers of busy-loop processes to run beside the kernel (default 0,1,2)",
+    )
     parser.add_argument("--cases", default="", help="comma-separated substrings of the case names to run")
-    parser.add_argument("--library", help="time this build of the extension (.so) instead of the installed one")
+    parser.add_argument(
+        "--library", help="time this build of the extension (.so) instead of the installed one"
+    )
     args = parser.parse_args()
     if args.library:
         torch.ops.load_library(args.library)
@@ -107,14 +117,18 @@ def main() -> None:
                     time.sleep(0.2)
                 try:
                     samples[label].append(statistics.median(_time_us(function, threads, args.repeats)))
-                    samples[label + " min"] = [*samples.get(label + " min", []),
-                                               min(_time_us(function, threads, 20))]
+                    samples[label + " min"] = [
+                        *samples.get(label + " min", []),
+                        min(_time_us(function, threads, 20)),
+                    ]
                 finally:
                     for worker in workers:
                         worker.kill()
                         worker.join()
-        cells = [f"{label} {statistics.median(samples[label]):8.1f}/{min(samples[label + ' min']):.1f}"
-                 for label, _, _ in settings]
+        cells = [
+            f"{label} {statistics.median(samples[label]):8.1f}/{min(samples[label + ' min']):.1f}"
+            for label, _, _ in settings
+        ]
         base = statistics.median(samples[settings[0][0]])
         worst = max(statistics.median(samples[label]) for label, threads, _ in settings if threads == 2)
         print(f"{name:30s} " + " | ".join(cells) + f" | worst 2T / 1T idle {worst / base:6.1f}x")

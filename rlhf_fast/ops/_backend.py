@@ -89,15 +89,25 @@ def available_backends(device: torch.device, implemented: tuple[str, ...]) -> li
     return usable
 
 
-def select_backend(op_name: str, device: torch.device, implemented: tuple[str, ...], gpu_order: tuple[str, ...]) -> str:
+def select_backend(
+    op_name: str, device: torch.device, implemented: tuple[str, ...], gpu_order: tuple[str, ...]
+) -> str:
     """The backend that runs `op_name` on `device`; `gpu_order` lists the GPU variants fastest first."""
     # Called on every op invocation: the answer depends only on these keys, so it is cached.
-    return _select_cached(op_name, device.type, implemented, gpu_order, forced_backend(), triton_interpreting())
+    return _select_cached(
+        op_name, device.type, implemented, gpu_order, forced_backend(), triton_interpreting()
+    )
 
 
 @functools.lru_cache(maxsize=256)
-def _select_cached(op_name: str, device_type: str, implemented: tuple[str, ...], gpu_order: tuple[str, ...],
-                   forced: str | None, interpreting: bool) -> str:
+def _select_cached(
+    op_name: str,
+    device_type: str,
+    implemented: tuple[str, ...],
+    gpu_order: tuple[str, ...],
+    forced: str | None,
+    interpreting: bool,
+) -> str:
     usable = available_backends(torch.device(device_type), implemented)
     if forced is not None:
         if forced not in usable:
@@ -113,8 +123,9 @@ def _select_cached(op_name: str, device_type: str, implemented: tuple[str, ...],
     return "reference"
 
 
-def pick(op_name: str, device: torch.device, table: Mapping[str, Implementation], gpu_order: tuple[str, ...]
-         ) -> Implementation:
+def pick(
+    op_name: str, device: torch.device, table: Mapping[str, Implementation], gpu_order: tuple[str, ...]
+) -> Implementation:
     """The entry of `table` (keyed by backend name) that runs `op_name` on `device`."""
     return table[select_backend(op_name, device, tuple(table), gpu_order)]
 

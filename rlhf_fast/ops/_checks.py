@@ -43,7 +43,9 @@ def check_mask(name: str, mask, shape: torch.Size) -> torch.Tensor:
     if mask.shape != shape:
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise ValueError(f"{name} must be a bool or integer 0/1 tensor, got dtype {mask.dtype} (use {name}.bool())")
+        raise ValueError(
+            f"{name} must be a bool or integer 0/1 tensor, got dtype {mask.dtype} (use {name}.bool())"
+        )
     return mask
 
 

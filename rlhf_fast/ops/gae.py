@@ -23,6 +23,7 @@ from rlhf_fast.ops._contract import WHITEN_EPS, output_dtype
 
 GPU_ORDER = ("cuda", "triton")
 
+
 def whiten_masked(x: torch.Tensor, valid: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
     """(x − mean) / sqrt(unbiased var + eps) over the valid entries; invalid entries become 0."""
     count = valid.sum()
@@ -74,7 +75,9 @@ IMPLEMENTED = tuple(_KERNELS)
 def _gae_op(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, whiten: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return pick("gae", rewards.device, _KERNELS, GPU_ORDER)(rewards, values, mask, gamma, lam, whiten, WHITEN_EPS)
+    return pick("gae", rewards.device, _KERNELS, GPU_ORDER)(
+        rewards, values, mask, gamma, lam, whiten, WHITEN_EPS
+    )
 
 
 @_gae_op.register_fake

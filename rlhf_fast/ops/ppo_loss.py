@@ -88,17 +88,31 @@ def ppo_losses_reference(
     return losses
 
 
-def _forward_reference(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef,
-                       value_clip) -> tuple[torch.Tensor, ...]:
-    losses = ppo_losses_reference(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
-                                  clip_coef, value_clip)
+def _forward_reference(
+    logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip
+) -> tuple[torch.Tensor, ...]:
+    losses = ppo_losses_reference(
+        logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip
+    )
     zero = logprobs.new_zeros((), dtype=output_dtype(logprobs.dtype))
     outputs = [losses.get(key, zero).clone() for key in POLICY_KEYS + VALUE_KEYS]
     return (*outputs, mask.bool().sum())
 
 
-def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values,
-                        old_values, returns, valid_count, clip_coef, value_clip) -> tuple[torch.Tensor, ...]:
+def _backward_reference(
+    grad_policy_loss,
+    grad_value_loss,
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    values,
+    old_values,
+    returns,
+    valid_count,
+    clip_coef,
+    value_clip,
+) -> tuple[torch.Tensor, ...]:
     """The closed-form gradients of policy_loss and value_loss (tests check them against autograd)."""
     dtype = output_dtype(logprobs.dtype)
     valid = mask.bool()
@@ -107,7 +121,9 @@ def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, old_logprob
     unclipped = -advantages.to(dtype) * ratio
     clipped = -advantages.to(dtype) * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
     # d(−A·ratio)/d logprob = −A·ratio while the unclipped term is the max; the clipped term is flat.
-    grad_logprobs = torch.where(valid & (unclipped >= clipped), unclipped, 0) * (grad_policy_loss * inverse_count)
+    grad_logprobs = torch.where(valid & (unclipped >= clipped), unclipped, 0) * (
+        grad_policy_loss * inverse_count
+    )
     grad_logprobs = grad_logprobs.to(logprobs.dtype).contiguous()  # the kernels' layout, whatever the inputs'
     if values is None:
         return grad_logprobs, logprobs.new_empty(0)
@@ -165,8 +181,20 @@ def _ppo_losses_backward_op(
     value_clip: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_logprobs [B, T], grad_values [B, T]) in the inputs' dtypes; grad_values is empty without values."""
-    args = (grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values, old_values,
-            returns, valid_count, clip_coef, value_clip)
+    args = (
+        grad_policy_loss,
+        grad_value_loss,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        values,
+        old_values,
+        returns,
+        valid_count,
+        clip_coef,
+        value_clip,
+    )
     return pick("ppo_losses", logprobs.device, _BACKWARD, GPU_ORDER)(*args)
 
 
@@ -184,17 +212,43 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(clipfrac, approx_kl, ratio_mean, value_clipfrac, valid_count)
 
 
-def _backward(ctx, grad_policy_loss, grad_clipfrac, grad_approx_kl, grad_ratio_mean, grad_value_loss,
-              grad_value_clipfrac, grad_valid_count):
+def _backward(
+    ctx,
+    grad_policy_loss,
+    grad_clipfrac,
+    grad_approx_kl,
+    grad_ratio_mean,
+    grad_value_loss,
+    grad_value_clipfrac,
+    grad_valid_count,
+):
     logprobs, old_logprobs, advantages, mask, values, old_values, returns, valid_count = ctx.saved_tensors
     zero = logprobs.new_zeros((), dtype=output_dtype(logprobs.dtype))
     grad_logprobs, grad_values = _ppo_losses_backward_op(
         zero if grad_policy_loss is None else grad_policy_loss,
         zero if grad_value_loss is None else grad_value_loss,
-        logprobs, old_logprobs, advantages, mask, values, old_values, returns, valid_count,
-        ctx.clip_coef, ctx.value_clip,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        values,
+        old_values,
+        returns,
+        valid_count,
+        ctx.clip_coef,
+        ctx.value_clip,
     )
-    return grad_logprobs, None, None, None, (grad_values if values is not None else None), None, None, None, None
+    return (
+        grad_logprobs,
+        None,
+        None,
+        None,
+        (grad_values if values is not None else None),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _ppo_losses_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -224,10 +278,15 @@ def ppo_losses(
     given = [name for name, tensor in value_args.items() if tensor is not None]
     if given and len(given) < len(value_args):
         missing = [name for name in value_args if name not in given]
-        raise ValueError(f"{', '.join(missing)} must be given with {', '.join(given)}: "
-                         "the value loss needs values, old_values and returns together")
-    floats = {"old_logprobs": old_logprobs, "advantages": advantages,
-              **{name: tensor for name, tensor in value_args.items() if tensor is not None}}
+        raise ValueError(
+            f"{', '.join(missing)} must be given with {', '.join(given)}: "
+            "the value loss needs values, old_values and returns together"
+        )
+    floats = {
+        "old_logprobs": old_logprobs,
+        "advantages": advantages,
+        **{name: tensor for name, tensor in value_args.items() if tensor is not None},
+    }
     for name, tensor in floats.items():
         check_tensor(name, tensor, floating=True)
     check_same_shape("logprobs", logprobs, **floats)
@@ -242,7 +301,16 @@ def ppo_losses(
     logprobs, old_logprobs, advantages = (t.to(dtype) for t in (logprobs, old_logprobs, advantages))
     if values is not None:
         values, old_values, returns = (t.to(dtype) for t in (values, old_values, returns))
-    outputs = _ppo_losses_forward_op(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
-                                     float(clip_coef), float(value_clip))
+    outputs = _ppo_losses_forward_op(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        values,
+        old_values,
+        returns,
+        float(clip_coef),
+        float(value_clip),
+    )
     keys = POLICY_KEYS + (VALUE_KEYS if values is not None else ())
     return dict(zip(keys, outputs))

@@ -166,7 +166,9 @@ def _ranking_forward_op(
     margin: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64); see the module docstring."""
-    return pick("ranking_loss", rewards.device, _FORWARD, GPU_ORDER)(rewards, group_sizes, ranks, margins, margin)
+    return pick("ranking_loss", rewards.device, _FORWARD, GPU_ORDER)(
+        rewards, group_sizes, ranks, margins, margin
+    )
 
 
 @_ranking_forward_op.register_fake

@@ -37,7 +37,12 @@ import torch
 from rlhf_fast.ops._checks import check_mask, check_same_device, check_tensor, value_checks_enabled
 from rlhf_fast.ops._contract import KL_ESTIMATORS
 from rlhf_fast.ops.logprob.chunked import CHUNK_ELEMENTS, LINEAR_TILE_ROWS
-from rlhf_fast.ops.logprob.op import GPU_ORDER, IMPLEMENTED, linear_token_logprobs_forward, token_logprobs_forward
+from rlhf_fast.ops.logprob.op import (
+    GPU_ORDER,
+    IMPLEMENTED,
+    linear_token_logprobs_forward,
+    token_logprobs_forward,
+)
 from rlhf_fast.ops.logprob.reference import linear_token_logprobs_reference, token_logprobs_reference
 from rlhf_fast.ops.logprob.spec import TokenLogprobs
 

@@ -90,7 +90,9 @@ def _tile_grad_logits(logits, local_targets, inv_temp, lse, a, b, entropy, dtype
         coefficient = log_probs.add_(entropy.unsqueeze(-1)).mul_(b.unsqueeze(-1)).add_(a.unsqueeze(-1))
         grad = coefficient.mul_(probs).neg_()
     inside = (local_targets >= 0) & (local_targets < columns)
-    grad.scatter_add_(-1, local_targets.clamp(0, columns - 1).unsqueeze(-1), torch.where(inside, a, 0).unsqueeze(-1))
+    grad.scatter_add_(
+        -1, local_targets.clamp(0, columns - 1).unsqueeze(-1), torch.where(inside, a, 0).unsqueeze(-1)
+    )
     return grad
 
 
@@ -224,8 +226,9 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return outputs.finish()
 
 
-def linear_backward(hidden, weight, bias, spec: LogprobSpec, grads: LogprobGrads, need_hidden: bool,
-                    need_weight: bool):
+def linear_backward(
+    hidden, weight, bias, spec: LogprobSpec, grads: LogprobGrads, need_hidden: bool, need_weight: bool
+):
     dtype, compute = output_dtype(hidden.dtype), _compute_dtype(hidden)
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
     vocab = weight.shape[0]
@@ -247,11 +250,15 @@ def linear_backward(hidden, weight, bias, spec: LogprobSpec, grads: LogprobGrads
         block_targets, block_lse, block_a = flat_targets[index], flat_lse[index], a[index]
         block_b = None if b is None else b[index]
         block_entropy = None if b is None else flat_entropy[index]
-        block_grad_hidden = torch.zeros(block_hidden.shape, dtype=compute, device=hidden.device) if need_hidden else None
+        block_grad_hidden = (
+            torch.zeros(block_hidden.shape, dtype=compute, device=hidden.device) if need_hidden else None
+        )
         for begin in range(0, vocab, tile_cols):
             end = min(begin + tile_cols, vocab)
             z = _tile_logits(block_hidden, weight_c.T, bias_c, begin, end, spec.inv_temp)
-            grad_z = _tile_grad_logits(z, block_targets - begin, 1.0, block_lse, block_a, block_b, block_entropy, compute)
+            grad_z = _tile_grad_logits(
+                z, block_targets - begin, 1.0, block_lse, block_a, block_b, block_entropy, compute
+            )
             if need_hidden:
                 block_grad_hidden.addmm_(grad_z, weight_c[begin:end])
             if need_weight:

@@ -9,14 +9,14 @@ them as one slice.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from rlhf_fast.ops._backend import forced_backend, lazy, select_backend
 from rlhf_fast.ops.logprob import chunked, reference
 from rlhf_fast.ops.logprob.spec import LogprobGrads, LogprobSpec, empty_outputs, shape_outputs
-
 
 
 class LogprobBackend(NamedTuple):
@@ -34,11 +34,16 @@ def _triton(module: str, prefix: str) -> tuple[Callable, Callable]:
 
 
 BACKENDS = {
-    "reference": LogprobBackend(reference.forward, reference.backward, reference.linear_forward,
-                                reference.linear_backward),
-    "chunked": LogprobBackend(chunked.forward, chunked.backward, chunked.linear_forward, chunked.linear_backward),
-    "triton": LogprobBackend(*_triton("rlhf_fast.ops.triton.logprob", "token_logprobs"),
-                             *_triton("rlhf_fast.ops.triton.linear_logprob", "linear_token_logprobs")),
+    "reference": LogprobBackend(
+        reference.forward, reference.backward, reference.linear_forward, reference.linear_backward
+    ),
+    "chunked": LogprobBackend(
+        chunked.forward, chunked.backward, chunked.linear_forward, chunked.linear_backward
+    ),
+    "triton": LogprobBackend(
+        *_triton("rlhf_fast.ops.triton.logprob", "token_logprobs"),
+        *_triton("rlhf_fast.ops.triton.linear_logprob", "linear_token_logprobs"),
+    ),
 }
 IMPLEMENTED = tuple(BACKENDS)
 GPU_ORDER = ("triton", "chunked")
@@ -49,7 +54,9 @@ def backend_for(op_name: str, like: torch.Tensor) -> LogprobBackend:
     if name == "triton" and like.dtype == torch.float64:
         # float64 is a testing dtype: the Triton kernels compute in float32, so the default goes to plain torch.
         if forced_backend() == "triton":
-            raise RuntimeError(f"rlhf_fast: the triton backend of {op_name} takes float32/bfloat16/float16 inputs")
+            raise RuntimeError(
+                f"rlhf_fast: the triton backend of {op_name} takes float32/bfloat16/float16 inputs"
+            )
         name = "chunked"
     return BACKENDS[name]
 
@@ -107,7 +114,9 @@ def _(grad_logprobs, grad_entropy, grad_kl, logits, *_):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _backward_bundles(grad_logprobs, grad_entropy, grad_kl, *saved_and_options) -> tuple[LogprobSpec, LogprobGrads]:
+def _backward_bundles(
+    grad_logprobs, grad_entropy, grad_kl, *saved_and_options
+) -> tuple[LogprobSpec, LogprobGrads]:
     """The bundles from a backward op's arguments but its leading tensors (`_SAVED`, temperature, estimator)."""
     targets, mask, ref_logprobs, logprobs, entropy, lse, temperature, kl_estimator = saved_and_options
     spec = LogprobSpec(targets, mask, ref_logprobs, temperature, kl_estimator, grad_entropy is not None)
@@ -160,7 +169,9 @@ def _(grad_logprobs, grad_entropy, grad_kl, hidden, weight, bias, *rest):
 def _setup_context(ctx, inputs, output, leading: int) -> None:
     spec = LogprobSpec(*inputs[leading:])
     logprobs, entropy, _, lse = output
-    ctx.save_for_backward(*inputs[:leading], spec.targets, spec.mask, spec.ref_logprobs, logprobs, entropy, lse)
+    ctx.save_for_backward(
+        *inputs[:leading], spec.targets, spec.mask, spec.ref_logprobs, logprobs, entropy, lse
+    )
     ctx.options = (spec.temperature, spec.kl_estimator, spec.want_entropy)
 
 
@@ -173,7 +184,16 @@ def _backward_args(ctx, grad_logprobs, grad_entropy, grad_kl) -> tuple[tuple, tu
         grad_entropy if want_entropy else None,
         grad_kl if ref_logprobs is not None else None,
     )
-    return (*grads, *leading), (targets, mask, ref_logprobs, logprobs, entropy, lse, temperature, kl_estimator)
+    return (*grads, *leading), (
+        targets,
+        mask,
+        ref_logprobs,
+        logprobs,
+        entropy,
+        lse,
+        temperature,
+        kl_estimator,
+    )
 
 
 def _token_backward(ctx, grad_logprobs, grad_entropy, grad_kl, _grad_lse):

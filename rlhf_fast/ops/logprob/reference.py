@@ -93,12 +93,16 @@ def forward(logits: torch.Tensor, spec: LogprobSpec):
 def backward(logits: torch.Tensor, spec: LogprobSpec, grads: LogprobGrads) -> torch.Tensor:
     dtype = output_dtype(logits.dtype)
     a, b = grads.row_coefficients(spec, dtype)
-    log_probs = logits.reshape(-1, logits.shape[-1]).to(dtype) / spec.temperature - grads.lse.reshape(-1, 1).to(dtype)
+    log_probs = logits.reshape(-1, logits.shape[-1]).to(dtype) / spec.temperature - grads.lse.reshape(
+        -1, 1
+    ).to(dtype)
     probs = log_probs.exp()
     onehot = torch.zeros_like(probs).scatter_(-1, _safe_targets(spec).unsqueeze(-1), 1.0)
     grad = a.unsqueeze(-1) * (onehot - probs)
     if b is not None:
-        grad = grad - torch.where(probs > 0, b.unsqueeze(-1) * probs * (log_probs + grads.entropy.reshape(-1, 1)), 0)
+        grad = grad - torch.where(
+            probs > 0, b.unsqueeze(-1) * probs * (log_probs + grads.entropy.reshape(-1, 1)), 0
+        )
     valid = spec.flat_valid()
     if valid is not None:
         grad = torch.where(valid.unsqueeze(-1), grad, 0)
@@ -116,8 +120,9 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return forward(_linear_logits(hidden, weight, bias)[1], spec.flattened())
 
 
-def linear_backward(hidden, weight, bias, spec: LogprobSpec, grads: LogprobGrads, need_hidden: bool,
-                    need_weight: bool):
+def linear_backward(
+    hidden, weight, bias, spec: LogprobSpec, grads: LogprobGrads, need_hidden: bool, need_weight: bool
+):
     flat_hidden, logits = _linear_logits(hidden, weight, bias)
     grad_logits = backward(logits, spec.flattened(), grads)
     grad_hidden = (

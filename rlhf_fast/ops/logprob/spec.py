@@ -76,19 +76,25 @@ class LogprobGrads:
     entropy: torch.Tensor
     lse: torch.Tensor
 
-    def row_coefficients(self, spec: LogprobSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def row_coefficients(
+        self, spec: LogprobSpec, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """a/τ and b/τ per row, flattened (see the package docstring for a and b)."""
         a = self.grad_logprobs.reshape(-1).to(dtype)
         if self.grad_kl is not None and spec.ref_logprobs is not None:
             _, slope = kl_and_slope(
-                self.logprobs.reshape(-1).to(dtype), spec.ref_logprobs.reshape(-1).to(dtype), spec.kl_estimator
+                self.logprobs.reshape(-1).to(dtype),
+                spec.ref_logprobs.reshape(-1).to(dtype),
+                spec.kl_estimator,
             )
             a = a + self.grad_kl.reshape(-1).to(dtype) * slope
         b = None if self.grad_entropy is None else self.grad_entropy.reshape(-1).to(dtype) * spec.inv_temp
         return a * spec.inv_temp, b
 
 
-def kl_and_slope(logp: torch.Tensor, ref: torch.Tensor, kl_estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_and_slope(
+    logp: torch.Tensor, ref: torch.Tensor, kl_estimator: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-token KL estimate and its derivative with respect to logp."""
     diff = logp - ref
     if kl_estimator == "k1":

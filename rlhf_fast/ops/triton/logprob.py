@@ -248,7 +248,9 @@ def token_logprobs_forward_triton(
     return logp, entropy, kl, lse
 
 
-def token_logprobs_backward_triton(logits: torch.Tensor, spec: LogprobSpec, grads: LogprobGrads) -> torch.Tensor:
+def token_logprobs_backward_triton(
+    logits: torch.Tensor, spec: LogprobSpec, grads: LogprobGrads
+) -> torch.Tensor:
     """The gradient with respect to logits: contiguous, same shape and dtype as `logits`."""
     targets, mask, ref_logprobs = spec.targets, spec.mask, spec.ref_logprobs
     temperature, kl_estimator = spec.temperature, spec.kl_estimator

@@ -118,7 +118,19 @@ def ranking_forward_triton(
     term_sums = torch.empty(num_prompts, dtype=dtype, device=rewards.device)
     pair_counts = torch.empty(num_prompts, dtype=torch.int32, device=rewards.device)
     correct_counts = torch.empty(num_prompts, dtype=torch.int32, device=rewards.device)
-    _launch(rewards, ranks, margins, ends, margin, None, None, term_sums, pair_counts, correct_counts, backward=False)
+    _launch(
+        rewards,
+        ranks,
+        margins,
+        ends,
+        margin,
+        None,
+        None,
+        term_sums,
+        pair_counts,
+        correct_counts,
+        backward=False,
+    )
     loss, accuracy, weights = ranking_outputs_from_prompt_stats(term_sums, pair_counts, correct_counts, dtype)
     return loss, accuracy, weights, ends
 
