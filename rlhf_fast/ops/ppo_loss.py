@@ -99,21 +99,9 @@ def _forward_reference(
     return (*outputs, mask.bool().sum())
 
 
-def _backward_reference(
-    grad_policy_loss,
-    grad_value_loss,
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    values,
-    old_values,
-    returns,
-    valid_count,
-    clip_coef,
-    value_clip,
-) -> tuple[torch.Tensor, ...]:
+def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, *rest) -> tuple[torch.Tensor, ...]:
     """The closed-form gradients of policy_loss and value_loss (tests check them against autograd)."""
+    old_logprobs, advantages, mask, values, old_values, returns, valid_count, clip_coef, value_clip = rest
     dtype = output_dtype(logprobs.dtype)
     valid = mask.bool()
     inverse_count = 1.0 / valid_count.clamp(min=1).to(dtype)
@@ -142,21 +130,22 @@ _BACKWARD = kernel_table(_backward_reference, "ppo_losses_backward", _TRITON, "p
 IMPLEMENTED = tuple(_FORWARD)
 
 
-@torch.library.custom_op("rlhf_fast::ppo_losses_forward", mutates_args=())
-def _ppo_losses_forward_op(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    values: torch.Tensor | None,
-    old_values: torch.Tensor | None,
-    returns: torch.Tensor | None,
-    clip_coef: float,
-    value_clip: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# The schemas: the inputs, then (backward) the count the forward saved, then the clip ranges.
+_INPUTS = (
+    "Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+    "Tensor? values, Tensor? old_values, Tensor? returns"
+)
+_FORWARD_SCHEMA = f"({_INPUTS}, float clip_coef, float value_clip) -> ({', '.join(['Tensor'] * 7)})"
+_BACKWARD_SCHEMA = (
+    f"(Tensor grad_policy_loss, Tensor grad_value_loss, {_INPUTS}, Tensor valid_count, "
+    "float clip_coef, float value_clip) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("rlhf_fast::ppo_losses_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
+def _ppo_losses_forward_op(logprobs, *rest):
     """FORWARD_OUTPUTS as 0-dim tensors; the value terms are 0 when `values` is None."""
-    args = (logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip)
-    return pick("ppo_losses", logprobs.device, _FORWARD, GPU_ORDER)(*args)
+    return pick("ppo_losses", logprobs.device, _FORWARD, GPU_ORDER)(logprobs, *rest)
 
 
 @_ppo_losses_forward_op.register_fake
@@ -165,37 +154,11 @@ def _(logprobs, *_):
     return (*(scalar() for _ in POLICY_KEYS + VALUE_KEYS), logprobs.new_empty((), dtype=torch.int64))
 
 
-@torch.library.custom_op("rlhf_fast::ppo_losses_backward", mutates_args=())
-def _ppo_losses_backward_op(
-    grad_policy_loss: torch.Tensor,
-    grad_value_loss: torch.Tensor,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    values: torch.Tensor | None,
-    old_values: torch.Tensor | None,
-    returns: torch.Tensor | None,
-    valid_count: torch.Tensor,
-    clip_coef: float,
-    value_clip: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("rlhf_fast::ppo_losses_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _ppo_losses_backward_op(grad_policy_loss, grad_value_loss, logprobs, *rest):
     """(grad_logprobs [B, T], grad_values [B, T]) in the inputs' dtypes; grad_values is empty without values."""
-    args = (
-        grad_policy_loss,
-        grad_value_loss,
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        values,
-        old_values,
-        returns,
-        valid_count,
-        clip_coef,
-        value_clip,
-    )
-    return pick("ppo_losses", logprobs.device, _BACKWARD, GPU_ORDER)(*args)
+    kernel = pick("ppo_losses", logprobs.device, _BACKWARD, GPU_ORDER)
+    return kernel(grad_policy_loss, grad_value_loss, logprobs, *rest)
 
 
 @_ppo_losses_backward_op.register_fake

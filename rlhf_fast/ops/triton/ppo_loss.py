@@ -272,23 +272,9 @@ def _launch_arguments(
     return tensors, (logprobs.numel(), steps, *strides, *bounds), has_values
 
 
-def ppo_losses_forward_triton(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    values,
-    old_values,
-    returns,
-    clip_coef: float,
-    value_clip: float,
-    *,
-    block_size: int | None = None,
-):
-    """The forward op's 7 outputs (see FORWARD_OUTPUTS in rlhf_fast/ops/ppo_loss.py)."""
-    tensors, scalars, has_values = _launch_arguments(
-        logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip
-    )
+def ppo_losses_forward_triton(logprobs, *rest, block_size: int | None = None):
+    """The forward op's 7 outputs (see FORWARD_OUTPUTS in rlhf_fast/ops/ppo_loss.py) from its arguments."""
+    tensors, scalars, has_values = _launch_arguments(logprobs, *rest)
     is_fp64 = logprobs.dtype == torch.float64
     acc_dtype = torch.float64 if is_fp64 else torch.float32
     block = _block_size(block_size)
@@ -315,22 +301,12 @@ def ppo_losses_forward_triton(
 
 
 def ppo_losses_backward_triton(
-    grad_policy_loss,
-    grad_value_loss,
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    values,
-    old_values,
-    returns,
-    valid_count,
-    clip_coef: float,
-    value_clip: float,
-    *,
-    block_size: int | None = None,
+    grad_policy_loss, grad_value_loss, logprobs, *rest, block_size: int | None = None
 ):
-    """(grad_logprobs, grad_values), contiguous, in the inputs' dtype; grad_values is empty without values."""
+    """(grad_logprobs, grad_values), contiguous, in the inputs' dtype; grad_values is empty without values.
+
+    The arguments are those of the rlhf_fast::ppo_losses_backward op."""
+    old_logprobs, advantages, mask, values, old_values, returns, valid_count, clip_coef, value_clip = rest
     tensors, scalars, has_values = _launch_arguments(
         logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip
     )
