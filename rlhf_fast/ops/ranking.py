@@ -183,19 +183,16 @@ def _(rewards, group_sizes, ranks, margins, margin):
     )
 
 
-@torch.library.custom_op("rlhf_fast::ranking_loss_backward", mutates_args=())
-def _ranking_backward_op(
-    grad_loss: torch.Tensor,
-    rewards: torch.Tensor,
-    ranks: torch.Tensor | None,
-    margins: torch.Tensor | None,
-    margin: float,
-    prompt_weights: torch.Tensor,
-    prompt_ends: torch.Tensor,
-) -> torch.Tensor:
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_loss, Tensor rewards, Tensor? ranks, Tensor? margins, float margin, Tensor prompt_weights, "
+    "Tensor prompt_ends) -> Tensor"
+)
+
+
+@torch.library.custom_op("rlhf_fast::ranking_loss_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _ranking_backward_op(grad_loss, rewards, *rest):
     """d loss / d rewards, [ΣK] in the dtype of rewards, given d loss (0-dim) and the forward's stats."""
-    args = (grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends)
-    return pick("ranking_loss", rewards.device, _BACKWARD, GPU_ORDER)(*args)
+    return pick("ranking_loss", rewards.device, _BACKWARD, GPU_ORDER)(grad_loss, rewards, *rest)
 
 
 @_ranking_backward_op.register_fake

@@ -118,31 +118,14 @@ def ranking_forward_triton(
     term_sums = torch.empty(num_prompts, dtype=dtype, device=rewards.device)
     pair_counts = torch.empty(num_prompts, dtype=torch.int32, device=rewards.device)
     correct_counts = torch.empty(num_prompts, dtype=torch.int32, device=rewards.device)
-    _launch(
-        rewards,
-        ranks,
-        margins,
-        ends,
-        margin,
-        None,
-        None,
-        term_sums,
-        pair_counts,
-        correct_counts,
-        backward=False,
-    )
+    stats = (term_sums, pair_counts, correct_counts)
+    _launch(rewards, ranks, margins, ends, margin, None, None, *stats, backward=False)
     loss, accuracy, weights = ranking_outputs_from_prompt_stats(term_sums, pair_counts, correct_counts, dtype)
     return loss, accuracy, weights, ends
 
 
 def ranking_backward_triton(
-    grad_loss: torch.Tensor,
-    rewards: torch.Tensor,
-    ranks: torch.Tensor | None,
-    margins: torch.Tensor | None,
-    margin: float,
-    prompt_weights: torch.Tensor,
-    prompt_ends: torch.Tensor,
+    grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends
 ) -> torch.Tensor:
     """d loss / d rewards, [ΣK] in the dtype of rewards, as the rlhf_fast::ranking_loss_backward op."""
     # Zeros, so entries outside every group (only possible when the checks were skipped) stay defined.
