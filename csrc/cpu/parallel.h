@@ -16,7 +16,7 @@ namespace rlhf_fast::cpu {
 constexpr double kMinNanosecondsPerThread = 1e6;
 
 // The grain (items per chunk) of a loop whose items each take about `nanoseconds_per_item` on one thread
-// (measured by bench/bench_cpu_threads.py --calibrate on the development CPU; a rough figure is enough).
+// (one-thread time of bench/bench_cpu_threads.py over its items, on the development CPU; rough is enough).
 inline int64_t grain_for(double nanoseconds_per_item) {
   return std::max<int64_t>(1, static_cast<int64_t>(kMinNanosecondsPerThread / std::max(nanoseconds_per_item, 1e-3)));
 }
