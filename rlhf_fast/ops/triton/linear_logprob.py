@@ -1,4 +1,4 @@
-"""Triton kernels for per-token log-prob / entropy / KL from hidden states × LM head (see rlhf_fast/ops/logprob/).
+"""Triton kernels for per-token log-prob / entropy / KL from hidden states × LM head (see ../logprob/).
 
 The [N, V] logits are never stored whole.
 
@@ -72,9 +72,8 @@ def _logit_tile(
             k_in = (k0 + offs_k) < D
             h = tl.load(h_ptrs, mask=k_in[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
-        if (
-            DOT_PRECISION == "interpreter"
-        ):  # Triton 3.6's interpreter multiplies bfloat16 wrongly: widen first
+        # Triton 3.6's interpreter multiplies bfloat16 wrongly: widen first.
+        if DOT_PRECISION == "interpreter":
             acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
