@@ -1,10 +1,40 @@
-// The compiled library's entry point. Kernel schemas are declared next to their implementations
-// (csrc/cpu/<op>.cpp declares the schema and the CPU kernel, csrc/cuda/<op>.cpp adds the CUDA kernel);
-// this file opens the namespace and tells Python what was built.
-#include <torch/library.h>
+// The compiled library's entry point: every op schema of the rlhf_fast_C namespace, in one place. The
+// implementations register per dispatch key beside their code: csrc/cpu/<op>.cpp (CPU), csrc/cuda/<op>.cpp
+// (CUDA), csrc/autograd/<op>.cpp (Autograd, device-agnostic). The Python ops call these through
+// rlhf_fast/ops/_backend.py (`compiled`), with the arguments of the Python custom ops of the same name.
 #include <pybind11/pybind11.h>
+#include <torch/library.h>
 
-TORCH_LIBRARY(rlhf_fast_C, m) {}
+#include "kernels/constants.h"
+
+TORCH_LIBRARY(rlhf_fast_C, m) {
+  // GAE (rlhf_fast/ops/gae.py): whiten_eps comes from rlhf_fast/ops/_contract.py.
+  m.def(
+      "gae_forward(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, bool whiten, "
+      "float whiten_eps) -> (Tensor, Tensor)");
+
+  // PPO losses (rlhf_fast/ops/ppo_loss.py): forward returns FORWARD_OUTPUTS, backward the two gradients.
+  m.def(
+      "ppo_losses_forward(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? values, "
+      "Tensor? old_values, Tensor? returns, float clip_coef, float value_clip) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ppo_losses_backward(Tensor grad_policy_loss, Tensor grad_value_loss, Tensor logprobs, Tensor old_logprobs, "
+      "Tensor advantages, Tensor mask, Tensor? values, Tensor? old_values, Tensor? returns, Tensor valid_count, "
+      "float clip_coef, float value_clip) -> (Tensor, Tensor)");
+
+  // K-wise ranking loss (rlhf_fast/ops/ranking.py): the device kernels, and `ranking_loss`, forward and
+  // backward wired by the C++ autograd engine (csrc/autograd/ranking.cpp).
+  m.def(
+      "ranking_loss_forward(Tensor rewards, Tensor group_sizes, Tensor? ranks, Tensor? margins, float margin)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ranking_loss_backward(Tensor grad_loss, Tensor rewards, Tensor? ranks, Tensor? margins, float margin,"
+      " Tensor prompt_weights, Tensor prompt_ends) -> Tensor");
+  m.def(
+      "ranking_loss(Tensor rewards, Tensor group_sizes, Tensor? ranks, Tensor? margins, float margin)"
+      " -> (Tensor, Tensor)");
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rlhf_fast compiled kernels (registered as torch.ops.rlhf_fast_C.*)";
@@ -13,4 +43,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  m.attr("ranking_max_group") = rlhf_fast::kRankingMaxGroup;
 }

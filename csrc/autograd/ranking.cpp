@@ -80,11 +80,6 @@ std::tuple<at::Tensor, at::Tensor> ranking_loss_no_grad(const at::Tensor& reward
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
-  m.def("ranking_loss(Tensor rewards, Tensor group_sizes, Tensor? ranks, Tensor? margins, float margin)"
-        " -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(rlhf_fast_C, Autograd, m) { m.impl("ranking_loss", &ranking_loss_autograd); }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CompositeExplicitAutograd, m) { m.impl("ranking_loss", &ranking_loss_no_grad); }

@@ -7,13 +7,21 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/parallel.h"
+
 namespace {
+
+using rlhf_fast::cpu::grain_for;
+
+// One thread's time per token of the recurrence and of the whitening pass (see cpu/parallel.h).
+constexpr double kNanosecondsPerToken = 2.0;
+constexpr double kNanosecondsPerWhitenedToken = 0.5;
 
 template <typename scalar_t, typename acc_t>
 void gae_rows(const scalar_t* rewards, const scalar_t* values, const bool* mask, acc_t* advantages,
               acc_t* returns, int64_t batch, int64_t steps, acc_t gamma, acc_t lam) {
   const acc_t decay = gamma * lam;
-  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain_for(kNanosecondsPerToken * steps), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * steps;
       // "next" is the row's next valid token; after the last one, value and advantage are 0.
@@ -36,9 +44,9 @@ void gae_rows(const scalar_t* rewards, const scalar_t* values, const bool* mask,
   });
 }
 
-// Whitens the valid advantages in place: (A - mean) / sqrt(unbiased var + 1e-8); masked stay 0.
+// Whitens the valid advantages in place: (A - mean) / sqrt(unbiased var + eps); masked stay 0.
 template <typename acc_t>
-void whiten_valid(acc_t* advantages, const bool* mask, int64_t numel) {
+void whiten_valid(acc_t* advantages, const bool* mask, int64_t numel, double eps) {
   double sum = 0, sum_sq = 0;
   int64_t count = 0;
   for (int64_t i = 0; i < numel; ++i) {
@@ -52,8 +60,8 @@ void whiten_valid(acc_t* advantages, const bool* mask, int64_t numel) {
   if (count == 0) return;
   const double mean = sum / count;
   const double var = count > 1 ? std::max(0.0, (sum_sq - sum * mean) / (count - 1)) : 0.0;
-  const double inv_std = 1.0 / std::sqrt(var + 1e-8);
-  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+  const double inv_std = 1.0 / std::sqrt(var + eps);
+  at::parallel_for(0, numel, grain_for(kNanosecondsPerWhitenedToken), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (mask[i]) advantages[i] = static_cast<acc_t>((advantages[i] - mean) * inv_std);
     }
@@ -62,7 +70,7 @@ void whiten_valid(acc_t* advantages, const bool* mask, int64_t numel) {
 
 std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                                    const at::Tensor& mask, double gamma, double lam,
-                                                   bool whiten) {
+                                                   bool whiten, double whiten_eps) {
   TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T]");
   TORCH_CHECK(values.sizes() == rewards.sizes() && mask.sizes() == rewards.sizes(),
               "rewards, values and mask must share one shape");
@@ -78,15 +86,12 @@ std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, co
     gae_rows<scalar_t, acc_t>(rewards_c.data_ptr<scalar_t>(), values_c.data_ptr<scalar_t>(),
                               mask_c.data_ptr<bool>(), advantages.data_ptr<acc_t>(), returns.data_ptr<acc_t>(),
                               batch, steps, static_cast<acc_t>(gamma), static_cast<acc_t>(lam));
-    if (whiten) whiten_valid<acc_t>(advantages.data_ptr<acc_t>(), mask_c.data_ptr<bool>(), advantages.numel());
+    if (whiten) whiten_valid<acc_t>(advantages.data_ptr<acc_t>(), mask_c.data_ptr<bool>(), advantages.numel(),
+                                        whiten_eps);
   });
   return {advantages, returns};
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
-  m.def("gae_forward(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, bool whiten) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) { m.impl("gae_forward", &gae_forward_cpu); }

@@ -11,14 +11,19 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "kernels/ppo_loss_token.h"
 
 namespace {
+
+using rlhf_fast::cpu::grain_for;
 
 using rlhf_fast::ppo_loss::policy_token;
 using rlhf_fast::ppo_loss::value_token;
 
 constexpr int64_t kTokensPerChunk = 4096;
+// One thread's time per token of the forward sums and of each gradient pass (see cpu/parallel.h).
+constexpr double kNanosecondsPerToken = 5.0;
 
 struct Sums {
   double policy_loss = 0, approx_kl = 0, ratio = 0, value_loss = 0;
@@ -105,7 +110,7 @@ Sums sum_all_tokens(const Inputs& in, double clip_coef, double value_clip) {
   const int64_t numel = in.logprobs.numel();
   const int64_t chunks = (numel + kTokensPerChunk - 1) / kTokensPerChunk;
   std::vector<Sums> chunk_sums(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, chunks, grain_for(kNanosecondsPerToken * kTokensPerChunk), [&](int64_t first, int64_t last) {
     for (int64_t chunk = first; chunk < last; ++chunk) {
       const int64_t begin = chunk * kTokensPerChunk;
       chunk_sums[chunk] = sum_tokens<scalar_t, acc_t, kHasValues>(
@@ -153,7 +158,7 @@ void policy_gradient(const Inputs& in, acc_t scale, double clip_coef, scalar_t* 
   const scalar_t* advantages = in.advantages.const_data_ptr<scalar_t>();
   const bool* mask = in.mask.const_data_ptr<bool>();
   const auto ratio_low = static_cast<acc_t>(1.0 - clip_coef), ratio_high = static_cast<acc_t>(1.0 + clip_coef);
-  at::parallel_for(0, in.logprobs.numel(), kTokensPerChunk, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, in.logprobs.numel(), grain_for(kNanosecondsPerToken), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       acc_t grad = 0;
       if (mask[i]) {
@@ -173,7 +178,7 @@ void value_gradient(const Inputs& in, acc_t scale, double value_clip, scalar_t* 
   const scalar_t* returns = in.returns.const_data_ptr<scalar_t>();
   const bool* mask = in.mask.const_data_ptr<bool>();
   const auto clip = static_cast<acc_t>(value_clip);
-  at::parallel_for(0, in.values.numel(), kTokensPerChunk, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, in.values.numel(), grain_for(kNanosecondsPerToken), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       acc_t grad = 0;
       if (mask[i]) {
@@ -210,17 +215,6 @@ std::tuple<at::Tensor, at::Tensor> ppo_losses_backward_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
-  m.def(
-      "ppo_losses_forward(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? values, "
-      "Tensor? old_values, Tensor? returns, float clip_coef, float value_clip) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "ppo_losses_backward(Tensor grad_policy_loss, Tensor grad_value_loss, Tensor logprobs, Tensor old_logprobs, "
-      "Tensor advantages, Tensor mask, Tensor? values, Tensor? old_values, Tensor? returns, Tensor valid_count, "
-      "float clip_coef, float value_clip) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
   m.impl("ppo_losses_forward", &ppo_losses_forward_cpu);

@@ -17,9 +17,16 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/parallel.h"
+#include "kernels/constants.h"
+
 namespace {
 
-constexpr int64_t kMaxGroup = 16;
+using rlhf_fast::cpu::grain_for;
+
+constexpr int64_t kMaxGroup = rlhf_fast::kRankingMaxGroup;
+// One thread's time per prompt of the forward or the backward, at the largest group (see cpu/parallel.h).
+constexpr double kNanosecondsPerPrompt = 500.0;
 
 // σ(−x) = 1 / (1 + e^x); e^x overflowing to inf gives the right limit 0.
 template <typename acc_t>
@@ -199,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward_
     using acc_t = at::opmath_type<scalar_t>;
     const auto inputs = make_inputs<scalar_t>(rewards, ranks_c, margins_c, ends);
     std::vector<PromptStats> stats(num_prompts);
-    at::parallel_for(0, num_prompts, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_prompts, grain_for(kNanosecondsPerPrompt), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) stats[p] = prompt_forward(inputs.load(p), static_cast<acc_t>(margin));
     });
     // Prompt order, in double: the result does not depend on the thread count.
@@ -248,7 +255,7 @@ at::Tensor ranking_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
     const acc_t* weight = weights.data_ptr<acc_t>();
     scalar_t* out = grad_rewards.data_ptr<scalar_t>();
     const acc_t pair_margin = static_cast<acc_t>(margin);
-    at::parallel_for(0, num_prompts, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_prompts, grain_for(kNanosecondsPerPrompt), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const auto group = inputs.load(p);
         const acc_t scale = static_cast<acc_t>(grad) * weight[p];
@@ -262,15 +269,6 @@ at::Tensor ranking_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
-  m.def(
-      "ranking_loss_forward(Tensor rewards, Tensor group_sizes, Tensor? ranks, Tensor? margins, float margin)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "ranking_loss_backward(Tensor grad_loss, Tensor rewards, Tensor? ranks, Tensor? margins, float margin,"
-      " Tensor prompt_weights, Tensor prompt_ends) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
   m.impl("ranking_loss_forward", &ranking_loss_forward_cpu);

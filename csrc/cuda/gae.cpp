@@ -29,7 +29,7 @@ rlhf_fast::GaeInputType input_type_of(at::ScalarType dtype) {
 
 std::tuple<at::Tensor, at::Tensor> gae_forward_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                                     const at::Tensor& mask, double gamma, double lam,
-                                                    bool whiten) {
+                                                    bool whiten, double whiten_eps) {
   TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T]");
   TORCH_CHECK(values.sizes() == rewards.sizes() && mask.sizes() == rewards.sizes(),
               "rewards, values and mask must share one shape");
@@ -65,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward_cuda(const at::Tensor& rewards, c
   problem.gamma = gamma;
   problem.lam = lam;
   problem.whiten = whiten;
+  problem.whiten_eps = whiten_eps;
   problem.advantages = advantages.data_ptr();
   problem.returns = returns.data_ptr();
 

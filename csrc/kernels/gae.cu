@@ -38,7 +38,6 @@ namespace cg = cooperative_groups;
 constexpr int kThreads = 256;
 constexpr int kItems = 4;
 constexpr int kTile = kThreads * kItems;
-constexpr double kWhitenEps = 1e-8;
 constexpr int kMaxDevices = 64;
 
 __device__ __forceinline__ float widen(float x) { return x; }
@@ -117,6 +116,7 @@ struct Layout {
   int64_t mask_row, mask_col;
   int mask_itemsize;
   int64_t batch, steps;
+  double whiten_eps;
 };
 
 // Two blocks per SM in float32 (264 co-resident blocks on an H100/H200) keep B=256 at one row per block.
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<acc_t>)
       const double mean = count > 0 ? total.sum / count : 0.0;
       const double var = count > 1 ? fmax(0.0, (total.sum_sq - total.sum * mean) / (count - 1)) : 0.0;
       whiten_mean = static_cast<acc_t>(mean);
-      whiten_inv_std = static_cast<acc_t>(1.0 / sqrt(var + kWhitenEps));
+      whiten_inv_std = static_cast<acc_t>(1.0 / sqrt(var + layout.whiten_eps));
     }
     __syncthreads();
     const acc_t mean = whiten_mean, inv_std = whiten_inv_std;
@@ -290,7 +290,8 @@ template <typename input_t, typename acc_t>
 cudaError_t launch_typed(const GaeProblem& problem, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const Layout layout{problem.rewards_stride[0], problem.rewards_stride[1], problem.values_stride[0],
                       problem.values_stride[1],  problem.mask_stride[0],    problem.mask_stride[1],
-                      problem.mask_itemsize,     problem.batch,             problem.steps};
+                      problem.mask_itemsize,     problem.batch,             problem.steps,
+                      problem.whiten_eps};
   const auto* rewards = static_cast<const input_t*>(problem.rewards);
   const auto* values = static_cast<const input_t*>(problem.values);
   const auto* mask = static_cast<const unsigned char*>(problem.mask);

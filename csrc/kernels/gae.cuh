@@ -30,6 +30,7 @@ struct GaeProblem {
   double gamma;
   double lam;
   bool whiten;
+  double whiten_eps;  // (A − mean) / sqrt(unbiased var + whiten_eps); the value comes from Python
   // Contiguous [B, T] outputs: float32, or float64 when input_type is kFloat64.
   void* advantages;
   void* returns;

@@ -15,11 +15,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/constants.h"
+
 namespace rlhf_fast {
 
 enum class RankingInputType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-constexpr int kRankingMaxGroup = 16;
 constexpr int64_t kRankingSingleBlockMaxPrompts = 512;
 
 // "acc" below is float64 when input_type is kFloat64, else float32.

@@ -1,7 +1,7 @@
 """The hot spots of InstructGPT training, one op per file, each with its plain-torch reference beside it."""
 
 from rlhf_fast.ops._backend import use_backend
-from rlhf_fast.ops._checks import set_value_checks
+from rlhf_fast.ops._checks import set_value_checks, value_checks
 from rlhf_fast.ops.gae import gae, gae_reference
 from rlhf_fast.ops.logprob import (
     TokenLogprobs,
@@ -27,4 +27,5 @@ __all__ = [
     "token_logprobs",
     "token_logprobs_reference",
     "use_backend",
+    "value_checks",
 ]

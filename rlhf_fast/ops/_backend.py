@@ -12,6 +12,10 @@ tensor's device:
   the op's measured-faster GPU variant, then the other, then `reference`.
 
 Triton runs CPU tensors only under `TRITON_INTERPRET=1` (how the tests exercise it without a GPU).
+
+Each op keeps one table {backend name: implementation} (or one per direction) and asks `pick` for the entry
+to run; `lazy` defers importing a Triton module until its first call, `compiled` names a kernel of the
+extension (cpp and cuda share one compiled op: the dispatcher picks the kernel from the device).
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
 
 from rlhf_fast import _extension
 
 BACKENDS = ("reference", "cpp", "cuda", "triton", "chunked")
+Implementation = TypeVar("Implementation")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhf_fast_backend", default=None)
 
 
@@ -82,15 +89,25 @@ def available_backends(device: torch.device, implemented: tuple[str, ...]) -> li
     return usable
 
 
-def select_backend(op_name: str, device: torch.device, implemented: tuple[str, ...], gpu_order: tuple[str, ...]) -> str:
+def select_backend(
+    op_name: str, device: torch.device, implemented: tuple[str, ...], gpu_order: tuple[str, ...]
+) -> str:
     """The backend that runs `op_name` on `device`; `gpu_order` lists the GPU variants fastest first."""
     # Called on every op invocation: the answer depends only on these keys, so it is cached.
-    return _select_cached(op_name, device.type, implemented, gpu_order, forced_backend(), triton_interpreting())
+    return _select_cached(
+        op_name, device.type, implemented, gpu_order, forced_backend(), triton_interpreting()
+    )
 
 
 @functools.lru_cache(maxsize=256)
-def _select_cached(op_name: str, device_type: str, implemented: tuple[str, ...], gpu_order: tuple[str, ...],
-                   forced: str | None, interpreting: bool) -> str:
+def _select_cached(
+    op_name: str,
+    device_type: str,
+    implemented: tuple[str, ...],
+    gpu_order: tuple[str, ...],
+    forced: str | None,
+    interpreting: bool,
+) -> str:
     usable = available_backends(torch.device(device_type), implemented)
     if forced is not None:
         if forced not in usable:
@@ -104,3 +121,36 @@ def _select_cached(op_name: str, device_type: str, implemented: tuple[str, ...],
         if name in usable:
             return name
     return "reference"
+
+
+def pick(
+    op_name: str, device: torch.device, table: Mapping[str, Implementation], gpu_order: tuple[str, ...]
+) -> Implementation:
+    """The entry of `table` (keyed by backend name) that runs `op_name` on `device`."""
+    return table[select_backend(op_name, device, tuple(table), gpu_order)]
+
+
+def lazy(module: str, name: str) -> Callable:
+    """`module.name`, imported at its first call (Triton modules import triton, which a CPU run may lack)."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = f"{module}.{name}"
+    return call
+
+
+def compiled(name: str) -> Callable:
+    """The extension's kernel `torch.ops.rlhf_fast_C.<name>`, looked up at call time (the build may lack it)."""
+
+    def call(*args):
+        return getattr(_extension.kernels(), name)(*args)
+
+    call.__qualname__ = f"rlhf_fast_C.{name}"
+    return call
+
+
+def kernel_table(reference: Callable, compiled_name: str, triton_module: str, triton_name: str) -> dict:
+    """The usual table of an op direction: plain torch, the extension's kernel for both cpp and cuda, Triton."""
+    kernel = compiled(compiled_name)
+    return {"reference": reference, "cpp": kernel, "cuda": kernel, "triton": lazy(triton_module, triton_name)}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -40,7 +43,9 @@ def check_mask(name: str, mask, shape: torch.Size) -> torch.Tensor:
     if mask.shape != shape:
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise ValueError(f"{name} must be a bool or integer 0/1 tensor, got dtype {mask.dtype} (use {name}.bool())")
+        raise ValueError(
+            f"{name} must be a bool or integer 0/1 tensor, got dtype {mask.dtype} (use {name}.bool())"
+        )
     return mask
 
 
@@ -56,6 +61,17 @@ def set_value_checks(enabled: bool) -> bool:
     global _value_checks
     previous, _value_checks = _value_checks, bool(enabled)
     return previous
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turns the value checks on or off inside the block (`with value_checks(False):` keeps a training step
+    free of the host syncs they cost), restoring the previous setting on exit."""
+    previous = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
 
 
 def value_checks_enabled() -> bool:

@@ -5,7 +5,8 @@
 "next" is the row's next *valid* token (mask != 0): a masked position inside a row is skipped without
 resetting the recurrence, and after a row's last valid token the value and advantage are 0. Masked positions
 get advantage 0 and return 0. `whiten=True` whitens the advantages over all valid tokens of the batch,
-(A − mean) / sqrt(var + 1e-8) with the unbiased variance; returns are computed before whitening.
+(A − mean) / sqrt(var + WHITEN_EPS) with the unbiased variance; returns are computed before whitening.
+WHITEN_EPS (1e-8, in rlhf_fast/ops/_contract.py) is passed to every backend.
 
 Backends: `reference` (below), `cpp` (csrc/cpu/gae.cpp), `cuda` (csrc/kernels/gae.cu), `triton`
 (rlhf_fast/ops/triton/gae.py). Outputs are float32 (float64 for float64 inputs). GAE is not differentiable:
@@ -16,17 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast import _extension
-from rlhf_fast.ops._backend import select_backend
+from rlhf_fast.ops._backend import kernel_table, pick
 from rlhf_fast.ops._checks import check_mask, check_same_device, check_same_shape, check_tensor
+from rlhf_fast.ops._contract import WHITEN_EPS, output_dtype
 
-IMPLEMENTED = ("reference", "cpp", "cuda", "triton")
 GPU_ORDER = ("cuda", "triton")
-WHITEN_EPS = 1e-8
-
-
-def _output_dtype(rewards: torch.Tensor) -> torch.dtype:
-    return torch.float64 if rewards.dtype == torch.float64 else torch.float32
 
 
 def whiten_masked(x: torch.Tensor, valid: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
@@ -47,7 +42,7 @@ def gae_reference(
     whiten: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch GAE, vectorized over the batch and looping over time: the ground truth."""
-    dtype = _output_dtype(rewards)
+    dtype = output_dtype(rewards.dtype)
     rewards, values, valid = rewards.to(dtype), values.to(dtype), mask.bool()
     batch, steps = rewards.shape
     advantages = torch.zeros_like(rewards)
@@ -66,24 +61,28 @@ def gae_reference(
     return advantages, returns
 
 
+def _gae_reference_backend(rewards, values, mask, gamma, lam, whiten, whiten_eps):
+    advantages, returns = gae_reference(rewards, values, mask, gamma, lam, whiten=False)
+    return (whiten_masked(advantages, mask.bool(), whiten_eps) if whiten else advantages), returns
+
+
+# {backend: (rewards, values, mask, gamma, lam, whiten, whiten_eps) -> (advantages, returns)}
+_KERNELS = kernel_table(_gae_reference_backend, "gae_forward", "rlhf_fast.ops.triton.gae", "gae_triton")
+IMPLEMENTED = tuple(_KERNELS)
+
+
 @torch.library.custom_op("rlhf_fast::gae", mutates_args=())
 def _gae_op(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, whiten: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = select_backend("gae", rewards.device, IMPLEMENTED, GPU_ORDER)
-    if backend == "reference":
-        return gae_reference(rewards, values, mask, gamma, lam, whiten)
-    if backend == "triton":
-        from rlhf_fast.ops.triton.gae import gae_triton
-
-        return gae_triton(rewards, values, mask, gamma, lam, whiten)
-    # cpp and cuda share one compiled op; the dispatcher picks the kernel from the device.
-    return _extension.kernels().gae_forward(rewards, values, mask, gamma, lam, whiten)
+    return pick("gae", rewards.device, _KERNELS, GPU_ORDER)(
+        rewards, values, mask, gamma, lam, whiten, WHITEN_EPS
+    )
 
 
 @_gae_op.register_fake
 def _(rewards, values, mask, gamma, lam, whiten):
-    dtype = _output_dtype(rewards)
+    dtype = output_dtype(rewards.dtype)
     return torch.empty_like(rewards, dtype=dtype), torch.empty_like(rewards, dtype=dtype)
 
 

@@ -29,11 +29,10 @@ import functools
 
 import torch
 
-from rlhf_fast import _extension
-from rlhf_fast.ops._backend import select_backend
+from rlhf_fast.ops._backend import kernel_table, pick
 from rlhf_fast.ops._checks import check_mask, check_same_device, check_same_shape, check_tensor
+from rlhf_fast.ops._contract import output_dtype
 
-IMPLEMENTED = ("reference", "cpp", "cuda", "triton")
 # Not yet measured on Hopper: the CUDA kernel goes first because its forward is one launch, Triton's two.
 GPU_ORDER = ("cuda", "triton")
 
@@ -41,10 +40,6 @@ POLICY_KEYS = ("policy_loss", "clipfrac", "approx_kl", "ratio_mean")
 VALUE_KEYS = ("value_loss", "value_clipfrac")
 # The custom forward op returns these 0-dim tensors in this order; valid_count (int64) is saved for backward.
 FORWARD_OUTPUTS = POLICY_KEYS + VALUE_KEYS + ("valid_count",)
-
-
-def _output_dtype(logprobs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logprobs.dtype == torch.float64 else torch.float32
 
 
 def ppo_losses_reference(
@@ -59,7 +54,7 @@ def ppo_losses_reference(
     value_clip: float = 0.2,
 ) -> dict[str, torch.Tensor]:
     """Plain-torch PPO losses, differentiable by autograd: the ground truth. Same contract as `ppo_losses`."""
-    dtype = _output_dtype(logprobs)
+    dtype = output_dtype(logprobs.dtype)
     valid = mask.bool()
     count = valid.sum().clamp(min=1)
 
@@ -93,26 +88,30 @@ def ppo_losses_reference(
     return losses
 
 
-def _forward_reference(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef,
-                       value_clip) -> tuple[torch.Tensor, ...]:
-    losses = ppo_losses_reference(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
-                                  clip_coef, value_clip)
-    zero = logprobs.new_zeros((), dtype=_output_dtype(logprobs))
+def _forward_reference(
+    logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip
+) -> tuple[torch.Tensor, ...]:
+    losses = ppo_losses_reference(
+        logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip
+    )
+    zero = logprobs.new_zeros((), dtype=output_dtype(logprobs.dtype))
     outputs = [losses.get(key, zero).clone() for key in POLICY_KEYS + VALUE_KEYS]
     return (*outputs, mask.bool().sum())
 
 
-def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values,
-                        old_values, returns, valid_count, clip_coef, value_clip) -> tuple[torch.Tensor, ...]:
+def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, *rest) -> tuple[torch.Tensor, ...]:
     """The closed-form gradients of policy_loss and value_loss (tests check them against autograd)."""
-    dtype = _output_dtype(logprobs)
+    old_logprobs, advantages, mask, values, old_values, returns, valid_count, clip_coef, value_clip = rest
+    dtype = output_dtype(logprobs.dtype)
     valid = mask.bool()
     inverse_count = 1.0 / valid_count.clamp(min=1).to(dtype)
     ratio = torch.exp(torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), 0))
     unclipped = -advantages.to(dtype) * ratio
     clipped = -advantages.to(dtype) * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
     # d(−A·ratio)/d logprob = −A·ratio while the unclipped term is the max; the clipped term is flat.
-    grad_logprobs = torch.where(valid & (unclipped >= clipped), unclipped, 0) * (grad_policy_loss * inverse_count)
+    grad_logprobs = torch.where(valid & (unclipped >= clipped), unclipped, 0) * (
+        grad_policy_loss * inverse_count
+    )
     grad_logprobs = grad_logprobs.to(logprobs.dtype).contiguous()  # the kernels' layout, whatever the inputs'
     if values is None:
         return grad_logprobs, logprobs.new_empty(0)
@@ -124,68 +123,46 @@ def _backward_reference(grad_policy_loss, grad_value_loss, logprobs, old_logprob
     return grad_logprobs, grad_values.to(values.dtype).contiguous()
 
 
-@torch.library.custom_op("rlhf_fast::ppo_losses_forward", mutates_args=())
-def _ppo_losses_forward_op(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    values: torch.Tensor | None,
-    old_values: torch.Tensor | None,
-    returns: torch.Tensor | None,
-    clip_coef: float,
-    value_clip: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FORWARD_OUTPUTS as 0-dim tensors; the value terms are 0 when `values` is None."""
-    args = (logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip)
-    backend = select_backend("ppo_losses", logprobs.device, IMPLEMENTED, GPU_ORDER)
-    if backend == "reference":
-        return _forward_reference(*args)
-    if backend == "triton":
-        from rlhf_fast.ops.triton.ppo_loss import ppo_losses_forward_triton
+# {backend: kernel} per direction; each takes the custom op's arguments in order.
+_TRITON = "rlhf_fast.ops.triton.ppo_loss"
+_FORWARD = kernel_table(_forward_reference, "ppo_losses_forward", _TRITON, "ppo_losses_forward_triton")
+_BACKWARD = kernel_table(_backward_reference, "ppo_losses_backward", _TRITON, "ppo_losses_backward_triton")
+IMPLEMENTED = tuple(_FORWARD)
 
-        return ppo_losses_forward_triton(*args)
-    # cpp and cuda share one compiled op; the dispatcher picks the kernel from the device.
-    return _extension.kernels().ppo_losses_forward(*args)
+
+# The schemas: the inputs, then (backward) the count the forward saved, then the clip ranges.
+_INPUTS = (
+    "Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+    "Tensor? values, Tensor? old_values, Tensor? returns"
+)
+_FORWARD_SCHEMA = f"({_INPUTS}, float clip_coef, float value_clip) -> ({', '.join(['Tensor'] * 7)})"
+_BACKWARD_SCHEMA = (
+    f"(Tensor grad_policy_loss, Tensor grad_value_loss, {_INPUTS}, Tensor valid_count, "
+    "float clip_coef, float value_clip) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("rlhf_fast::ppo_losses_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
+def _ppo_losses_forward_op(logprobs, *rest):
+    """FORWARD_OUTPUTS as 0-dim tensors; the value terms are 0 when `values` is None."""
+    return pick("ppo_losses", logprobs.device, _FORWARD, GPU_ORDER)(logprobs, *rest)
 
 
 @_ppo_losses_forward_op.register_fake
-def _(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip):
-    scalar = functools.partial(logprobs.new_empty, (), dtype=_output_dtype(logprobs))
+def _(logprobs, *_):
+    scalar = functools.partial(logprobs.new_empty, (), dtype=output_dtype(logprobs.dtype))
     return (*(scalar() for _ in POLICY_KEYS + VALUE_KEYS), logprobs.new_empty((), dtype=torch.int64))
 
 
-@torch.library.custom_op("rlhf_fast::ppo_losses_backward", mutates_args=())
-def _ppo_losses_backward_op(
-    grad_policy_loss: torch.Tensor,
-    grad_value_loss: torch.Tensor,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    values: torch.Tensor | None,
-    old_values: torch.Tensor | None,
-    returns: torch.Tensor | None,
-    valid_count: torch.Tensor,
-    clip_coef: float,
-    value_clip: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("rlhf_fast::ppo_losses_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _ppo_losses_backward_op(grad_policy_loss, grad_value_loss, logprobs, *rest):
     """(grad_logprobs [B, T], grad_values [B, T]) in the inputs' dtypes; grad_values is empty without values."""
-    args = (grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values, old_values,
-            returns, valid_count, clip_coef, value_clip)
-    backend = select_backend("ppo_losses", logprobs.device, IMPLEMENTED, GPU_ORDER)
-    if backend == "reference":
-        return _backward_reference(*args)
-    if backend == "triton":
-        from rlhf_fast.ops.triton.ppo_loss import ppo_losses_backward_triton
-
-        return ppo_losses_backward_triton(*args)
-    return _extension.kernels().ppo_losses_backward(*args)
+    kernel = pick("ppo_losses", logprobs.device, _BACKWARD, GPU_ORDER)
+    return kernel(grad_policy_loss, grad_value_loss, logprobs, *rest)
 
 
 @_ppo_losses_backward_op.register_fake
-def _(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values, old_values, returns,
-      valid_count, clip_coef, value_clip):
+def _(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask, values, *_):
     grad_values = logprobs.new_empty(0) if values is None else logprobs.new_empty(logprobs.shape)
     return logprobs.new_empty(logprobs.shape), grad_values
 
@@ -198,17 +175,43 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(clipfrac, approx_kl, ratio_mean, value_clipfrac, valid_count)
 
 
-def _backward(ctx, grad_policy_loss, grad_clipfrac, grad_approx_kl, grad_ratio_mean, grad_value_loss,
-              grad_value_clipfrac, grad_valid_count):
+def _backward(
+    ctx,
+    grad_policy_loss,
+    grad_clipfrac,
+    grad_approx_kl,
+    grad_ratio_mean,
+    grad_value_loss,
+    grad_value_clipfrac,
+    grad_valid_count,
+):
     logprobs, old_logprobs, advantages, mask, values, old_values, returns, valid_count = ctx.saved_tensors
-    zero = logprobs.new_zeros((), dtype=_output_dtype(logprobs))
+    zero = logprobs.new_zeros((), dtype=output_dtype(logprobs.dtype))
     grad_logprobs, grad_values = _ppo_losses_backward_op(
         zero if grad_policy_loss is None else grad_policy_loss,
         zero if grad_value_loss is None else grad_value_loss,
-        logprobs, old_logprobs, advantages, mask, values, old_values, returns, valid_count,
-        ctx.clip_coef, ctx.value_clip,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        values,
+        old_values,
+        returns,
+        valid_count,
+        ctx.clip_coef,
+        ctx.value_clip,
     )
-    return grad_logprobs, None, None, None, (grad_values if values is not None else None), None, None, None, None
+    return (
+        grad_logprobs,
+        None,
+        None,
+        None,
+        (grad_values if values is not None else None),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _ppo_losses_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -238,10 +241,15 @@ def ppo_losses(
     given = [name for name, tensor in value_args.items() if tensor is not None]
     if given and len(given) < len(value_args):
         missing = [name for name in value_args if name not in given]
-        raise ValueError(f"{', '.join(missing)} must be given with {', '.join(given)}: "
-                         "the value loss needs values, old_values and returns together")
-    floats = {"old_logprobs": old_logprobs, "advantages": advantages,
-              **{name: tensor for name, tensor in value_args.items() if tensor is not None}}
+        raise ValueError(
+            f"{', '.join(missing)} must be given with {', '.join(given)}: "
+            "the value loss needs values, old_values and returns together"
+        )
+    floats = {
+        "old_logprobs": old_logprobs,
+        "advantages": advantages,
+        **{name: tensor for name, tensor in value_args.items() if tensor is not None},
+    }
     for name, tensor in floats.items():
         check_tensor(name, tensor, floating=True)
     check_same_shape("logprobs", logprobs, **floats)
@@ -256,7 +264,16 @@ def ppo_losses(
     logprobs, old_logprobs, advantages = (t.to(dtype) for t in (logprobs, old_logprobs, advantages))
     if values is not None:
         values, old_values, returns = (t.to(dtype) for t in (values, old_values, returns))
-    outputs = _ppo_losses_forward_op(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
-                                     float(clip_coef), float(value_clip))
+    outputs = _ppo_losses_forward_op(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        values,
+        old_values,
+        returns,
+        float(clip_coef),
+        float(value_clip),
+    )
     keys = POLICY_KEYS + (VALUE_KEYS if values is not None else ())
     return dict(zip(keys, outputs))

@@ -22,6 +22,11 @@ Backends: `reference` (plain torch, in the custom op), `cpp` (csrc/cpu/ranking.c
 (float64 for float64 rewards); the gradient has the dtype of `rewards`. No backend builds a [P, K, K]
 tensor except the plain-torch ones.
 
+Autograd: eager calls on the compiled backends run `torch.ops.rlhf_fast_C.ranking_loss`, whose autograd
+lives in C++ (csrc/autograd/ranking.cpp; bench/RESULTS.md shows the Python machinery cost more than the
+kernels at P=64, K=9). Everything else (the reference and Triton backends, and traced code under
+torch.compile) goes through the custom ops below and their registered autograd.
+
 The forward op also returns two small per-prompt tensors for the backward: each prompt's weight in the loss,
 1 / (#pairs_p · #prompts with a pair) (0 for an all-tied prompt), and each group's end offset (the
 inclusive cumulative sum of `group_sizes`).
@@ -36,17 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast import _extension
-from rlhf_fast.ops._backend import forced_backend, select_backend, use_backend
+from rlhf_fast.ops._backend import forced_backend, kernel_table, pick, select_backend, use_backend
 from rlhf_fast.ops._checks import check_finite, check_tensor, value_checks_enabled
+from rlhf_fast.ops._contract import MAX_GROUP, MIN_GROUP, output_dtype, ranking_outputs_from_prompt_stats
 
-IMPLEMENTED = ("reference", "cpp", "cuda", "triton")
 # Not yet measured on Hopper: the CUDA kernel is one launch per direction, Triton adds a few torch reductions.
 GPU_ORDER = ("cuda", "triton")
-MIN_GROUP, MAX_GROUP = 2, 16
-
-
-def _output_dtype(rewards: torch.Tensor) -> torch.dtype:
-    return torch.float64 if rewards.dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def ranking_loss_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch K-wise ranking loss, one prompt at a time: the ground truth (same signature and
     outputs as `ranking_loss`, differentiable through ordinary autograd)."""
-    dtype = _output_dtype(rewards)
+    dtype = output_dtype(rewards.dtype)
     values = rewards.to(dtype)
     sizes = [int(k) for k in group_sizes.tolist()]
     if ranks is None:
@@ -99,7 +99,7 @@ def _padded_groups(
     margins: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each prompt's group padded to 16: rewards, rewards − margins, ranks, validity, flat index; [P, 16]."""
-    dtype = _output_dtype(rewards)
+    dtype = output_dtype(rewards.dtype)
     num = rewards.numel()
     ends = prompt_ends.long()
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
@@ -120,28 +120,14 @@ def _pair_tiles(shifted, rank, valid, margin):
     return above, logits
 
 
-def prompt_stats_to_outputs(
-    term_sums: torch.Tensor, pair_counts: torch.Tensor, correct_counts: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, accuracy, prompt weights) from per-prompt sums of −log σ, pair counts and correct counts."""
-    pairs = pair_counts.to(dtype)
-    has_pairs = pair_counts > 0
-    prompts_with_pairs = has_pairs.sum().to(dtype)
-    prompt_means = term_sums.to(dtype) / pairs.clamp(min=1)
-    loss = prompt_means.sum() / prompts_with_pairs.clamp(min=1)
-    accuracy = correct_counts.sum().to(dtype) / pairs.sum().clamp(min=1)
-    weights = torch.where(has_pairs, 1 / (pairs.clamp(min=1) * prompts_with_pairs.clamp(min=1)), 0)
-    return loss, accuracy, weights
-
-
 def _forward_torch(rewards, group_sizes, ranks, margins, margin):
-    dtype = _output_dtype(rewards)
+    dtype = output_dtype(rewards.dtype)
     prompt_ends = torch.cumsum(group_sizes.long(), 0)
     values, shifted, rank, valid, _, _ = _padded_groups(rewards, prompt_ends, ranks, margins)
     above, logits = _pair_tiles(shifted, rank, valid, margin)
     terms = torch.where(above, F.softplus(-logits), 0)
     correct = above & (values[:, :, None] > values[:, None, :])
-    loss, accuracy, weights = prompt_stats_to_outputs(
+    loss, accuracy, weights = ranking_outputs_from_prompt_stats(
         terms.sum((1, 2)), above.sum((1, 2)), correct.sum((1, 2)), dtype
     )
     return loss, accuracy, weights, prompt_ends
@@ -164,21 +150,11 @@ def _backward_torch(grad_loss, rewards, ranks, margins, margin, prompt_weights, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _select(device: torch.device) -> str:
-    return select_backend("ranking_loss", device, IMPLEMENTED, GPU_ORDER)
-
-
-def _forward_impl(rewards, group_sizes, ranks, margins, margin):
-    """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64) from the selected backend."""
-    backend = _select(rewards.device)
-    if backend == "reference":
-        return _forward_torch(rewards, group_sizes, ranks, margins, margin)
-    if backend == "triton":
-        from rlhf_fast.ops.triton.ranking import ranking_forward_triton
-
-        return ranking_forward_triton(rewards, group_sizes, ranks, margins, margin)
-    # cpp and cuda share one compiled op; the dispatcher picks the kernel from the device.
-    return _extension.kernels().ranking_loss_forward(rewards, group_sizes, ranks, margins, margin)
+# {backend: kernel} per direction; each takes the custom op's arguments in order.
+_TRITON = "rlhf_fast.ops.triton.ranking"
+_FORWARD = kernel_table(_forward_torch, "ranking_loss_forward", _TRITON, "ranking_forward_triton")
+_BACKWARD = kernel_table(_backward_torch, "ranking_loss_backward", _TRITON, "ranking_backward_triton")
+IMPLEMENTED = tuple(_FORWARD)
 
 
 @torch.library.custom_op("rlhf_fast::ranking_loss_forward", mutates_args=())
@@ -190,12 +166,14 @@ def _ranking_forward_op(
     margin: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64); see the module docstring."""
-    return _forward_impl(rewards, group_sizes, ranks, margins, margin)
+    return pick("ranking_loss", rewards.device, _FORWARD, GPU_ORDER)(
+        rewards, group_sizes, ranks, margins, margin
+    )
 
 
 @_ranking_forward_op.register_fake
 def _(rewards, group_sizes, ranks, margins, margin):
-    dtype = _output_dtype(rewards)
+    dtype = output_dtype(rewards.dtype)
     num_prompts = group_sizes.shape[0]
     return (
         rewards.new_empty((), dtype=dtype),
@@ -205,34 +183,16 @@ def _(rewards, group_sizes, ranks, margins, margin):
     )
 
 
-def _backward_impl(grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends):
-    """d loss / d rewards from the selected backend."""
-    backend = _select(rewards.device)
-    if backend == "reference":
-        return _backward_torch(grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends)
-    if backend == "triton":
-        from rlhf_fast.ops.triton.ranking import ranking_backward_triton
-
-        return ranking_backward_triton(
-            grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends
-        )
-    return _extension.kernels().ranking_loss_backward(
-        grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends
-    )
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_loss, Tensor rewards, Tensor? ranks, Tensor? margins, float margin, Tensor prompt_weights, "
+    "Tensor prompt_ends) -> Tensor"
+)
 
 
-@torch.library.custom_op("rlhf_fast::ranking_loss_backward", mutates_args=())
-def _ranking_backward_op(
-    grad_loss: torch.Tensor,
-    rewards: torch.Tensor,
-    ranks: torch.Tensor | None,
-    margins: torch.Tensor | None,
-    margin: float,
-    prompt_weights: torch.Tensor,
-    prompt_ends: torch.Tensor,
-) -> torch.Tensor:
+@torch.library.custom_op("rlhf_fast::ranking_loss_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _ranking_backward_op(grad_loss, rewards, *rest):
     """d loss / d rewards, [ΣK] in the dtype of rewards, given d loss (0-dim) and the forward's stats."""
-    return _backward_impl(grad_loss, rewards, ranks, margins, margin, prompt_weights, prompt_ends)
+    return pick("ranking_loss", rewards.device, _BACKWARD, GPU_ORDER)(grad_loss, rewards, *rest)
 
 
 @_ranking_backward_op.register_fake
@@ -262,30 +222,6 @@ def _backward(ctx, grad_loss, grad_accuracy, grad_weights, grad_ends):
 
 
 _ranking_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerRankingLoss(torch.autograd.Function):
-    """The same forward and backward as the custom ops, without the custom-op wrapper, for the backends that
-    live in Python (reference, triton). At the anchor's size (P=64, K=9) the kernels take tens of microseconds
-    and the custom-op machinery about as much again: eager calls skip it (the compiled backends skip Python
-    altogether, see `ranking_loss`), traced code (torch.compile) takes the custom ops and their fake kernels.
-    """
-
-    @staticmethod
-    def forward(ctx, rewards, group_sizes, ranks, margins, margin):
-        output = _forward_impl(rewards, group_sizes, ranks, margins, margin)
-        _setup_context(ctx, (rewards, group_sizes, ranks, margins, margin), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_accuracy, grad_weights, grad_ends):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        rewards, ranks, margins, prompt_weights, prompt_ends = ctx.saved_tensors
-        with use_backend(ctx.forced_backend or "auto"):
-            grad_rewards = _backward_impl(grad_loss, rewards, ranks, margins, ctx.margin, prompt_weights,
-                                          prompt_ends)
-        return grad_rewards, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,11 +329,11 @@ def ranking_loss(
 
     group_sizes = group_sizes.to(rewards.device, non_blocking=True)
     if margins is not None:
-        margins = margins.to(_output_dtype(rewards))
+        margins = margins.to(output_dtype(rewards.dtype))
     if torch.compiler.is_compiling():
         return _ranking_forward_op(rewards, group_sizes, ranks, margins, constant)[:2]
-    if _select(rewards.device) in ("cpp", "cuda"):
-        # Forward, autograd and backward all in C++ (csrc/autograd/ranking.cpp): no Python per call.
+    if select_backend("ranking_loss", rewards.device, IMPLEMENTED, GPU_ORDER) in ("cpp", "cuda"):
+        # Forward, autograd and backward all in C++ (csrc/autograd/ranking.cpp): no Python per call, which
+        # bench/RESULTS.md measured as the difference between 0.71x and 1.33x the naive loss at P=64, K=9.
         return _extension.kernels().ranking_loss(rewards, group_sizes, ranks, margins, constant)
-    loss, accuracy, _, _ = _EagerRankingLoss.apply(rewards, group_sizes, ranks, margins, constant)
-    return loss, accuracy
+    return _ranking_forward_op(rewards, group_sizes, ranks, margins, constant)[:2]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_fast.ops import gae, ppo_losses, set_value_checks
+from rlhf_fast.ops import gae, ppo_losses, value_checks
 from rlhf_fast.rollout import sample
 from rlhf_fast.trainers._common import (
     BadStepCounter,
@@ -449,8 +449,7 @@ class PPOTrainer:
         `pretrain_blocks` [steps, rows, L] (PPO-ptx) holds this rank's pretraining rows for each optimizer step.
         """
         cfg, ctx = self.config, self.ctx
-        checks = set_value_checks(False)
-        try:
+        with value_checks(False):  # no host sync inside the iteration
             # 1. Rollout: sample responses with the current policy.
             with self._sampling():
                 out = sample(self.policy, prompt_ids, prompt_mask, cfg.max_new_tokens,
@@ -550,8 +549,6 @@ class PPOTrainer:
             })  # fmt: skip
             self.kl_controller.update(kl_per_sequence, n_steps=len(data.scores))
             return metrics
-        finally:
-            set_value_checks(checks)
 
     def _minibatches(self, batch: int):
         """(rows of the minibatch, this rank's share of them) for every optimizer step of an iteration: the

@@ -17,6 +17,7 @@ from rlhf_fast.ops import (
     use_backend,
 )
 from rlhf_fast.ops import logprob as logprob_module
+from rlhf_fast.ops.logprob import chunked as logprob_chunked
 from rlhf_fast.ops.logprob import IMPLEMENTED, KL_ESTIMATORS
 from tests.helpers import fresh_generator, kernel_backends, ragged_mask
 
@@ -219,7 +220,7 @@ def test_token_logprobs_float64(backend):
 @pytest.mark.parametrize("kl_estimator", KL_ESTIMATORS)
 def test_token_logprobs_large_vocabulary_chunked(kl_estimator, monkeypatch):
     # GPT-2's vocabulary on the CPU path, with chunks of 2 rows so several chunks and a ragged last one run.
-    monkeypatch.setattr(logprob_module, "CHUNK_ELEMENTS", 2 * 50257)
+    monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 2 * 50257)
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((1, 5), 50257, torch.float32, generator, all_masked_row=False)
     check_token_logprobs(
@@ -368,7 +369,7 @@ def test_token_logprobs_gradcheck(backend):
 
 
 def test_token_logprobs_chunked_uses_several_chunks(monkeypatch):
-    monkeypatch.setattr(logprob_module, "CHUNK_ELEMENTS", 3 * 101)
+    monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 3 * 101)
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((4, 5), 101, torch.bfloat16, generator)
     check_token_logprobs(
@@ -528,7 +529,7 @@ def test_linear_token_logprobs_triton_several_chunks_and_splits(monkeypatch):
 
 
 def test_linear_token_logprobs_large_vocabulary_chunked(monkeypatch):
-    monkeypatch.setattr(logprob_module, "CHUNK_ELEMENTS", 3 * 50257)
+    monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 3 * 50257)
     generator = fresh_generator()
     case = random_linear_case((2, 4), 16, 50257, torch.float32, generator)
     check_linear("chunked", *case, kl_estimator="k3", temperature=0.9, generator=generator)
@@ -537,8 +538,8 @@ def test_linear_token_logprobs_large_vocabulary_chunked(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_token_logprobs_chunked_tiles(dtype, monkeypatch):
     # 4-row × 16-column tiles: several row blocks (over the compacted valid rows) and vocabulary tiles.
-    monkeypatch.setattr(logprob_module, "CHUNK_ELEMENTS", 64)
-    monkeypatch.setattr(logprob_module, "LINEAR_TILE_ROWS", 4)
+    monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(logprob_chunked, "LINEAR_TILE_ROWS", 4)
     generator = fresh_generator()
     case = random_linear_case((3, 5), 24, 100, dtype, generator)
     check_linear("chunked", *case, kl_estimator="k3", temperature=0.8, generator=generator)

@@ -56,8 +56,12 @@ class Inputs:
     def map(self, fn) -> Inputs:
         """Applies `fn` to every float tensor present (the mask is left alone)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Inputs(**{name: (value if name == "mask" or value is None else fn(value))
-                         for name, value in fields.items()})
+        return Inputs(
+            **{
+                name: (value if name == "mask" or value is None else fn(value))
+                for name, value in fields.items()
+            }
+        )
 
     def arguments(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -68,8 +72,19 @@ def _near(x: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
     return (x - bound).abs() <= KINK_MARGIN * (1 + bound.abs())
 
 
-def random_inputs(batch, steps, dtype, generator, *, device="cpu", with_values=True, spread=0.5,
-                  clip_coef=0.2, value_clip=0.2, mask=None) -> Inputs:
+def random_inputs(
+    batch,
+    steps,
+    dtype,
+    generator,
+    *,
+    device="cpu",
+    with_values=True,
+    spread=0.5,
+    clip_coef=0.2,
+    value_clip=0.2,
+    mask=None,
+) -> Inputs:
     """Log-probs (≤ 0) whose ratios spread around 1 by `spread` in log space, advantages of both signs,
     values with old values off by ~0.3 (so value clipping happens), and a ragged, holed mask."""
 
@@ -101,7 +116,11 @@ def random_inputs(batch, steps, dtype, generator, *, device="cpu", with_values=T
         inputs.values, inputs.old_values, inputs.returns = values, old_values, returns
 
     if mask is None:
-        mask = ragged_mask(batch, steps, generator) if batch * steps else torch.zeros(batch, steps, dtype=torch.bool)
+        mask = (
+            ragged_mask(batch, steps, generator)
+            if batch * steps
+            else torch.zeros(batch, steps, dtype=torch.bool)
+        )
     inputs.mask = mask
     return dataclasses.replace(inputs.map(lambda t: t.to(device)), mask=mask.to(device))
 
@@ -135,7 +154,8 @@ def check_against_reference(backend, inputs: Inputs, clip_coef=0.2, value_clip=0
     with use_backend(backend):
         got, got_gradients = losses_and_gradients(ppo_losses, inputs, weights, **options)
     want, want_gradients = losses_and_gradients(
-        ppo_losses_reference, inputs.map(lambda t: t.cpu().double()), weights, **options)
+        ppo_losses_reference, inputs.map(lambda t: t.cpu().double()), weights, **options
+    )
 
     dtype = inputs.logprobs.dtype
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -188,7 +208,11 @@ def per_token_losses(inputs: Inputs, clip_coef: float, value_clip: float):
     means = {key: total / count for key, total in sums.items()}
     if inputs.values is None:
         means = {key: means[key] for key in POLICY_KEYS}
-    return means, torch.tensor(grad_logprobs, dtype=torch.float64), torch.tensor(grad_values, dtype=torch.float64)
+    return (
+        means,
+        torch.tensor(grad_logprobs, dtype=torch.float64),
+        torch.tensor(grad_values, dtype=torch.float64),
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -203,10 +227,19 @@ def per_token_losses(inputs: Inputs, clip_coef: float, value_clip: float):
 )
 def test_reference_matches_per_token_formula(batch, steps, clip_coef, value_clip, spread, with_values, seed):
     generator = torch.Generator().manual_seed(seed)
-    inputs = random_inputs(batch, steps, torch.float64, generator, with_values=with_values, spread=spread,
-                           clip_coef=clip_coef, value_clip=value_clip)
-    got, gradients = losses_and_gradients(ppo_losses_reference, inputs, (1.0, 1.0), clip_coef=clip_coef,
-                                          value_clip=value_clip)
+    inputs = random_inputs(
+        batch,
+        steps,
+        torch.float64,
+        generator,
+        with_values=with_values,
+        spread=spread,
+        clip_coef=clip_coef,
+        value_clip=value_clip,
+    )
+    got, gradients = losses_and_gradients(
+        ppo_losses_reference, inputs, (1.0, 1.0), clip_coef=clip_coef, value_clip=value_clip
+    )
     want, want_grad_logprobs, want_grad_values = per_token_losses(inputs, clip_coef, value_clip)
     assert list(got) == list(want)
     for key in want:
@@ -240,10 +273,13 @@ def test_backend_matches_reference(backend, dtype, with_values, shape):
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
-@pytest.mark.parametrize("clip_coef,value_clip", [(0.2, 0.2), (0.0, 0.0), (0.1, 10.0), (1.5, 0.05),
-                                                  (0.3, math.inf)])
+@pytest.mark.parametrize(
+    "clip_coef,value_clip", [(0.2, 0.2), (0.0, 0.0), (0.1, 10.0), (1.5, 0.05), (0.3, math.inf)]
+)
 def test_backend_clip_settings(backend, clip_coef, value_clip):
-    inputs = random_inputs(6, 40, torch.float32, fresh_generator(), clip_coef=clip_coef, value_clip=value_clip)
+    inputs = random_inputs(
+        6, 40, torch.float32, fresh_generator(), clip_coef=clip_coef, value_clip=value_clip
+    )
     check_against_reference(backend, inputs, clip_coef, value_clip)
 
 
@@ -306,7 +342,9 @@ def test_backend_ignores_padding_garbage(backend):
 def test_backend_integer_masks(backend, mask_dtype):
     inputs = random_inputs(4, 21, torch.float32, fresh_generator())
     fill = 1 if mask_dtype == torch.uint8 else -3  # any nonzero marks a valid token
-    inputs.mask = torch.where(inputs.mask, torch.tensor(fill, dtype=mask_dtype), torch.tensor(0, dtype=mask_dtype))
+    inputs.mask = torch.where(
+        inputs.mask, torch.tensor(fill, dtype=mask_dtype), torch.tensor(0, dtype=mask_dtype)
+    )
     check_against_reference(backend, inputs)
 
 
@@ -316,10 +354,13 @@ def test_backend_non_contiguous(backend):
     batch, steps = 6, 23
     inputs = random_inputs(batch, steps, torch.float32, generator)
     views = inputs.map(lambda t: t.t().contiguous().t())  # column-major copies
-    views.old_logprobs = torch.zeros(batch, 2 * steps).index_copy(1, torch.arange(0, 2 * steps, 2),
-                                                                  inputs.old_logprobs)[:, ::2]  # strided slice
+    views.old_logprobs = torch.zeros(batch, 2 * steps).index_copy(
+        1, torch.arange(0, 2 * steps, 2), inputs.old_logprobs
+    )[:, ::2]  # strided slice
     views.mask = inputs.mask.t().contiguous().t()
-    assert not (views.logprobs.is_contiguous() or views.old_logprobs.is_contiguous() or views.mask.is_contiguous())
+    assert not (
+        views.logprobs.is_contiguous() or views.old_logprobs.is_contiguous() or views.mask.is_contiguous()
+    )
     check_against_reference(backend, views)
     # The kernels give strided views the same bits as contiguous copies (torch's own sums, in the reference,
     # may add in another order).
@@ -366,7 +407,7 @@ def test_diagnostics_carry_no_gradient(backend):
     assert got["policy_loss"].requires_grad and got["value_loss"].requires_grad
     for key in ("clipfrac", "approx_kl", "ratio_mean", "value_clipfrac"):
         assert not got[key].requires_grad, key
-    grad_old, = torch.autograd.grad(got["policy_loss"], inputs.old_logprobs, allow_unused=True)
+    (grad_old,) = torch.autograd.grad(got["policy_loss"], inputs.old_logprobs, allow_unused=True)
     assert grad_old is None
 
 
@@ -484,9 +525,20 @@ def _good() -> dict:
         (lambda a: dict(value_clip=-1.0), "value_clip"),
     ],
     ids=[
-        "old_logprobs_shape", "advantages_shape", "returns_shape", "mask_shape", "float_mask", "list_mask",
-        "logprobs_1d", "int_logprobs", "int_advantages", "values_without_returns",
-        "values_without_old_values", "old_values_without_values", "negative_clip", "nan_clip",
+        "old_logprobs_shape",
+        "advantages_shape",
+        "returns_shape",
+        "mask_shape",
+        "float_mask",
+        "list_mask",
+        "logprobs_1d",
+        "int_logprobs",
+        "int_advantages",
+        "values_without_returns",
+        "values_without_old_values",
+        "old_values_without_values",
+        "negative_clip",
+        "nan_clip",
         "negative_value_clip",
     ],
 )
@@ -616,8 +668,9 @@ def test_cuda_kernel_replays_in_a_cuda_graph():
         for name, value in fresh.arguments().items():
             getattr(static, name).copy_(value)
     graph.replay()
-    want, want_gradients = losses_and_gradients(ppo_losses_reference, fresh.map(lambda t: t.cpu().double()),
-                                                (1.0, 1.0))
+    want, want_gradients = losses_and_gradients(
+        ppo_losses_reference, fresh.map(lambda t: t.cpu().double()), (1.0, 1.0)
+    )
     for key in want:
         torch.testing.assert_close(got[key].cpu().double(), want[key], **tolerance(torch.float32), msg=key)
     for got_gradient, want_gradient in zip(gradients, want_gradients):

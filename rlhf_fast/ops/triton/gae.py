@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.ops.gae import WHITEN_EPS
+from rlhf_fast.ops._contract import WHITEN_EPS, output_dtype
 
 MAX_BLOCK = 1024
 SHORT_ROW_BLOCK = 128
@@ -183,6 +183,7 @@ def gae_triton(
     gamma: float,
     lam: float,
     whiten: bool,
+    whiten_eps: float = WHITEN_EPS,
     *,
     block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +194,7 @@ def gae_triton(
     Arguments are assumed checked by `rlhf_fast.ops.gae.gae`.
     """
     batch, steps = rewards.shape
-    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    out_dtype = output_dtype(rewards.dtype)
     advantages = torch.empty((batch, steps), dtype=out_dtype, device=rewards.device)
     returns = torch.empty((batch, steps), dtype=out_dtype, device=rewards.device)
     if batch == 0 or steps == 0:
@@ -236,7 +237,7 @@ def gae_triton(
             steps,
             mask.stride(0),
             mask.stride(1),
-            WHITEN_EPS,
+            whiten_eps,
             BLOCK=whiten_block,
             num_warps=4,
         )

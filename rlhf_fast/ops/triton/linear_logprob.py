@@ -1,4 +1,4 @@
-"""Triton kernels for per-token log-prob / entropy / KL from hidden states × LM head (see ../logprob.py).
+"""Triton kernels for per-token log-prob / entropy / KL from hidden states × LM head (see ../logprob/).
 
 The [N, V] logits are never stored whole.
 
@@ -21,13 +21,18 @@ Total work: 4·N·d·V multiply-adds (forward, recompute, two gradient GEMMs).
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
 from rlhf_fast.ops._backend import triton_interpreting
-from rlhf_fast.ops.triton.logprob import KL_CODES, kl_and_slope, logprob_coefficient
+from rlhf_fast.ops._contract import KL_CODES
+from rlhf_fast.ops.triton.logprob import kl_and_slope, logprob_coefficient, mask_arg, row_vector
+
+if TYPE_CHECKING:
+    from rlhf_fast.ops.logprob.spec import LogprobGrads, LogprobSpec
 
 # The largest per-chunk gradient buffer the backward allocates (bytes of G = [N, C]).
 GRAD_CHUNK_BYTES = 64 * 2**20
@@ -67,9 +72,8 @@ def _logit_tile(
             k_in = (k0 + offs_k) < D
             h = tl.load(h_ptrs, mask=k_in[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
-        if (
-            DOT_PRECISION == "interpreter"
-        ):  # Triton 3.6's interpreter multiplies bfloat16 wrongly: widen first
+        # Triton 3.6's interpreter multiplies bfloat16 wrongly: widen first.
+        if DOT_PRECISION == "interpreter":
             acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
@@ -375,25 +379,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs keep full precision (no TF32)
 
 
-def _mask_arg(mask: torch.Tensor | None) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    mask = mask.reshape(-1).contiguous()
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-
-
 def linear_token_logprobs_forward_triton(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    temperature: float,
-    kl_estimator: str,
-    want_entropy: bool,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LogprobSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [..., d], weight [V, d], bias [V] -> (logprobs, entropy or [0], kl or [0], lse), float32 [N]."""
+    targets, mask, ref_logprobs = spec.targets, spec.mask, spec.ref_logprobs
+    temperature, kl_estimator, want_entropy = spec.temperature, spec.kl_estimator, spec.want_entropy
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows, vocab, width = flat_hidden.shape[0], weight.shape[0], weight.shape[1]
     device = hidden.device
@@ -407,7 +398,7 @@ def linear_token_logprobs_forward_triton(
     num_splits, split_cols = _vocabulary_splits(rows, vocab, device)
     partials = torch.empty(4, num_splits, rows, dtype=torch.float32, device=device)
     flat_targets = targets.reshape(-1).contiguous()
-    mask_arg = _mask_arg(mask)
+    flat_mask = mask_arg(mask)
     _launch(
         _partial_stats_kernel,
         hidden.dtype,
@@ -416,7 +407,7 @@ def linear_token_logprobs_forward_triton(
         weight,
         bias,
         flat_targets,
-        mask_arg,
+        flat_mask,
         partials,
         rows,
         flat_hidden.stride(0),
@@ -436,7 +427,7 @@ def linear_token_logprobs_forward_triton(
     ref = logp if ref_logprobs is None else ref_logprobs.reshape(-1).float().contiguous()
     _combine_kernel[(triton.cdiv(rows, block),)](
         partials,
-        mask_arg,
+        flat_mask,
         ref,
         logp,
         entropy,
@@ -455,24 +446,19 @@ def linear_token_logprobs_forward_triton(
 
 
 def linear_token_logprobs_backward_triton(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    grad_kl: torch.Tensor | None,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    lse: torch.Tensor,
-    temperature: float,
-    kl_estimator: str,
+    spec: LogprobSpec,
+    grads: LogprobGrads,
     need_hidden: bool,
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_hidden or [0], grad_weight or [0], grad_bias or [0]) in the inputs' dtypes."""
+    targets, mask, ref_logprobs = spec.targets, spec.mask, spec.ref_logprobs
+    temperature, kl_estimator = spec.temperature, spec.kl_estimator
+    grad_logprobs, grad_entropy, grad_kl = grads.grad_logprobs, grads.grad_entropy, grads.grad_kl
+    logprobs, entropy, lse = grads.logprobs, grads.entropy, grads.lse
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows, vocab, width = flat_hidden.shape[0], weight.shape[0], weight.shape[1]
     want_bias = bias is not None and need_weight
@@ -501,10 +487,10 @@ def linear_token_logprobs_backward_triton(
         "GROUP_M": 8,
         "DOT_PRECISION": _dot_precision(hidden.dtype),
     }
-    flat_targets, mask_arg = targets.reshape(-1).contiguous(), _mask_arg(mask)
+    flat_targets, flat_mask = targets.reshape(-1).contiguous(), mask_arg(mask)
     ref = logprobs if ref_logprobs is None else ref_logprobs.reshape(-1).float().contiguous()
-    grad_logp, grad_ent = _row_vector(grad_logprobs, lse), _row_vector(grad_entropy, lse)
-    grad_kl_flat = _row_vector(grad_kl if kl_kind else None, lse)
+    grad_logp, grad_ent = row_vector(grad_logprobs, lse), row_vector(grad_entropy, lse)
+    grad_kl_flat = row_vector(grad_kl if kl_kind else None, lse)
     entropy_arg = entropy if grad_entropy is not None else lse
     for col_begin in range(0, vocab, chunk_cols):
         cols = min(chunk_cols, vocab - col_begin)
@@ -519,7 +505,7 @@ def linear_token_logprobs_backward_triton(
             weight,
             bias,
             flat_targets,
-            mask_arg,
+            flat_mask,
             ref,
             logprobs.reshape(-1),
             entropy_arg.reshape(-1),
@@ -546,10 +532,6 @@ def linear_token_logprobs_backward_triton(
         if need_hidden:
             grad_hidden = _accumulate_matmul(grad_hidden, grads, weight_chunk)
     return _finish_grads(grad_hidden, hidden, grad_weight, grad_bias, weight)
-
-
-def _row_vector(grad: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
-    return placeholder if grad is None else grad.reshape(-1).float().contiguous()
 
 
 def _finish_grads(grad_hidden, hidden, grad_weight, grad_bias, weight):

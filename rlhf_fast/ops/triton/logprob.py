@@ -1,4 +1,4 @@
-"""Triton kernels for per-token log-prob / entropy / KL from logits (see rlhf_fast/ops/logprob.py).
+"""Triton kernels for per-token log-prob / entropy / KL from logits (see rlhf_fast/ops/logprob/).
 
 Forward: one program per row streams the vocabulary once in blocks, keeping a running max m, the rescaled
 sum-exp s0 = Σ e^{z−m} and (for entropy) s1 = Σ e^{z−m}·(z−m); then lse = m + log s0, H = log s0 − s1/s0,
@@ -18,14 +18,17 @@ model; it also keeps loop bounds static, which the interpreter needs with NumPy 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
 from rlhf_fast.ops._backend import triton_interpreting
+from rlhf_fast.ops._contract import KL_CODES
 
-# KL estimator codes shared with the linear kernels: 0 = no reference given.
-KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+if TYPE_CHECKING:
+    from rlhf_fast.ops.logprob.spec import LogprobGrads, LogprobSpec
 
 
 @triton.jit
@@ -204,15 +207,11 @@ def _block_and_warps(vocab: int, element_size: int) -> tuple[int, int]:
 
 
 def token_logprobs_forward_triton(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    temperature: float,
-    kl_estimator: str,
-    want_entropy: bool,
+    logits: torch.Tensor, spec: LogprobSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [..., V] fp32/bf16/fp16 -> (logprobs, entropy or empty, kl or empty, lse), each fp32 [N]."""
+    targets, mask, ref_logprobs = spec.targets, spec.mask, spec.ref_logprobs
+    temperature, kl_estimator, want_entropy = spec.temperature, spec.kl_estimator, spec.want_entropy
     vocab = logits.shape[-1]
     rows = targets.numel()
     device = logits.device
@@ -228,7 +227,7 @@ def token_logprobs_forward_triton(
     _rows_forward_kernel[(rows,)](
         view,
         targets.reshape(-1).contiguous(),
-        _mask_arg(mask),
+        mask_arg(mask),
         _ref_arg(ref_logprobs, logp),
         logp,
         entropy,
@@ -250,20 +249,13 @@ def token_logprobs_forward_triton(
 
 
 def token_logprobs_backward_triton(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    grad_kl: torch.Tensor | None,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    lse: torch.Tensor,
-    temperature: float,
-    kl_estimator: str,
+    logits: torch.Tensor, spec: LogprobSpec, grads: LogprobGrads
 ) -> torch.Tensor:
     """The gradient with respect to logits: contiguous, same shape and dtype as `logits`."""
+    targets, mask, ref_logprobs = spec.targets, spec.mask, spec.ref_logprobs
+    temperature, kl_estimator = spec.temperature, spec.kl_estimator
+    grad_logprobs, grad_entropy, grad_kl = grads.grad_logprobs, grads.grad_entropy, grads.grad_kl
+    logprobs, entropy, lse = grads.logprobs, grads.entropy, grads.lse
     vocab = logits.shape[-1]
     rows = targets.numel()
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -275,14 +267,14 @@ def token_logprobs_backward_triton(
     _rows_backward_kernel[(rows,)](
         view,
         targets.reshape(-1).contiguous(),
-        _mask_arg(mask),
+        mask_arg(mask),
         _ref_arg(ref_logprobs, logprobs),
         logprobs,
         entropy if grad_entropy is not None else lse,
         lse,
         grad_logprobs.reshape(-1).float().contiguous(),
-        _optional_row_grad(grad_entropy, lse),
-        _optional_row_grad(grad_kl if kl_kind else None, lse),
+        row_vector(grad_entropy, lse),
+        row_vector(grad_kl if kl_kind else None, lse),
         grad_logits,
         rows_inner,
         stride_outer,
@@ -299,7 +291,8 @@ def token_logprobs_backward_triton(
     return grad_logits
 
 
-def _mask_arg(mask: torch.Tensor | None) -> torch.Tensor | None:
+def mask_arg(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask as the kernels read it: flat, contiguous, bool viewed as uint8."""
     if mask is None:
         return None
     mask = mask.reshape(-1).contiguous()
@@ -310,5 +303,6 @@ def _ref_arg(ref_logprobs: torch.Tensor | None, placeholder: torch.Tensor) -> to
     return placeholder if ref_logprobs is None else ref_logprobs.reshape(-1).float().contiguous()
 
 
-def _optional_row_grad(grad: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+def row_vector(grad: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """grad as a flat float32 vector, or `placeholder` (a never-read pointer) when there is none."""
     return placeholder if grad is None else grad.reshape(-1).float().contiguous()

@@ -1,9 +1,10 @@
 """Triton kernels for the PPO losses (see rlhf_fast/ops/ppo_loss.py for the math and its tie rules).
 
-Forward, two launches: each program reduces one block of tokens to partial sums (losses, KL, ratio) and
-counts (valid, clipped, value-clipped); one program then adds the partials in a fixed order, in float64, and
-writes the 0-dim means. No atomics, so the result is the same on every run.
-Backward, one launch: elementwise, recomputing the ratio; the means' 1/count comes from the forward's count.
+Forward, two launches: each program of `_tokens_kernel` reduces one block of tokens to partial sums (losses,
+KL, ratio) and counts (valid, clipped, value-clipped); one program then adds the partials in a fixed order,
+in float64, and writes the 0-dim means. No atomics, so the result is the same on every run.
+Backward, one launch of `_tokens_kernel` (BACKWARD=True): elementwise, recomputing the ratio; the means'
+1/count comes from the forward's count.
 
 Tokens are addressed as (index // T, index % T) with each tensor's two strides, so views such as
 `logprobs[:, prompt_len:]` run without a copy. Clip bounds travel as the bit patterns of float64 numbers,
@@ -71,47 +72,107 @@ def _load(ptr, rows, cols, stride0, stride1, valid, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _forward_partials_kernel(
-    LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, VALUES, OLD_VALUES, RETURNS, SUMS, COUNTS,
-    numel, steps,
-    lp_stride0, lp_stride1, olp_stride0, olp_stride1, adv_stride0, adv_stride1, mask_stride0, mask_stride1,
-    v_stride0, v_stride1, ov_stride0, ov_stride1, ret_stride0, ret_stride1,
-    ratio_low_bits, ratio_high_bits, value_clip_bits,
-    HAS_VALUES: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
+def _tokens_kernel(
+    LOGPROBS,
+    OLD_LOGPROBS,
+    ADVANTAGES,
+    MASK,
+    VALUES,
+    OLD_VALUES,
+    RETURNS,
+    OUT_POLICY,
+    OUT_VALUE,
+    GRAD_POLICY_LOSS,
+    GRAD_VALUE_LOSS,
+    VALID_COUNT,
+    numel,
+    steps,
+    lp_stride0,
+    lp_stride1,
+    olp_stride0,
+    olp_stride1,
+    adv_stride0,
+    adv_stride1,
+    mask_stride0,
+    mask_stride1,
+    v_stride0,
+    v_stride1,
+    ov_stride0,
+    ov_stride1,
+    ret_stride0,
+    ret_stride1,
+    ratio_low_bits,
+    ratio_high_bits,
+    value_clip_bits,
+    HAS_VALUES: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
+    """One block of tokens. Forward: partial sums into OUT_POLICY (SUMS) and counts into OUT_VALUE (COUNTS).
+    Backward: d loss / d logprob into OUT_POLICY and d loss / d value into OUT_VALUE, given the losses'
+    gradients and the forward's count (GRAD_*, VALID_COUNT: placeholders in the forward)."""
     program = tl.program_id(0).to(tl.int64)
     num_programs = tl.num_programs(0)
     index = program * BLOCK + tl.arange(0, BLOCK)
     in_range = index < numel
     rows, cols = index // steps, index % steps
-    valid = in_range & (tl.load(MASK + rows * mask_stride0 + cols * mask_stride1, mask=in_range, other=0) != 0)
+    valid = in_range & (
+        tl.load(MASK + rows * mask_stride0 + cols * mask_stride1, mask=in_range, other=0) != 0
+    )
 
     logprob = _load(LOGPROBS, rows, cols, lp_stride0, lp_stride1, valid, IS_FP64)
     old_logprob = _load(OLD_LOGPROBS, rows, cols, olp_stride0, olp_stride1, valid, IS_FP64)
     advantage = _load(ADVANTAGES, rows, cols, adv_stride0, adv_stride1, valid, IS_FP64)
-    loss, ratio, approx_kl, clipped, _ = _policy_token(
-        logprob, old_logprob, advantage, _from_bits(ratio_low_bits, IS_FP64), _from_bits(ratio_high_bits, IS_FP64))
-    tl.store(SUMS + 0 * num_programs + program, tl.sum(tl.where(valid, loss, 0.0), 0))
-    tl.store(SUMS + 1 * num_programs + program, tl.sum(tl.where(valid, approx_kl, 0.0), 0))
-    tl.store(SUMS + 2 * num_programs + program, tl.sum(tl.where(valid, ratio, 0.0), 0))
-    tl.store(COUNTS + 0 * num_programs + program, tl.sum(valid.to(tl.int32), 0))
-    tl.store(COUNTS + 1 * num_programs + program, tl.sum((valid & clipped).to(tl.int32), 0))
+    ratio_low, ratio_high = _from_bits(ratio_low_bits, IS_FP64), _from_bits(ratio_high_bits, IS_FP64)
+    loss, ratio, approx_kl, clipped, grad_logprob = _policy_token(
+        logprob, old_logprob, advantage, ratio_low, ratio_high
+    )
+    if BACKWARD:
+        # d mean / d token = 1 / count; an all-masked batch has no token to receive it.
+        inverse_count = 1.0 / tl.maximum(tl.load(VALID_COUNT), 1).to(tl.float64)
+        policy_scale = _to_acc(tl.load(GRAD_POLICY_LOSS).to(tl.float64) * inverse_count, IS_FP64)
+        grad_logprob = tl.where(valid, grad_logprob * policy_scale, 0.0)
+        tl.store(OUT_POLICY + index, grad_logprob.to(OUT_POLICY.dtype.element_ty), mask=in_range)
+    else:
+        tl.store(OUT_POLICY + 0 * num_programs + program, tl.sum(tl.where(valid, loss, 0.0), 0))
+        tl.store(OUT_POLICY + 1 * num_programs + program, tl.sum(tl.where(valid, approx_kl, 0.0), 0))
+        tl.store(OUT_POLICY + 2 * num_programs + program, tl.sum(tl.where(valid, ratio, 0.0), 0))
+        tl.store(OUT_VALUE + 0 * num_programs + program, tl.sum(valid.to(tl.int32), 0))
+        tl.store(OUT_VALUE + 1 * num_programs + program, tl.sum((valid & clipped).to(tl.int32), 0))
     if HAS_VALUES:
         value = _load(VALUES, rows, cols, v_stride0, v_stride1, valid, IS_FP64)
         old_value = _load(OLD_VALUES, rows, cols, ov_stride0, ov_stride1, valid, IS_FP64)
         target = _load(RETURNS, rows, cols, ret_stride0, ret_stride1, valid, IS_FP64)
-        value_loss, value_clipped, _ = _value_token(value, old_value, target, _from_bits(value_clip_bits, IS_FP64))
-        tl.store(SUMS + 3 * num_programs + program, tl.sum(tl.where(valid, value_loss, 0.0), 0))
-        tl.store(COUNTS + 2 * num_programs + program, tl.sum((valid & value_clipped).to(tl.int32), 0))
+        value_loss, value_clipped, grad_value = _value_token(
+            value, old_value, target, _from_bits(value_clip_bits, IS_FP64)
+        )
+        if BACKWARD:
+            inverse_count = 1.0 / tl.maximum(tl.load(VALID_COUNT), 1).to(tl.float64)
+            value_scale = _to_acc(tl.load(GRAD_VALUE_LOSS).to(tl.float64) * inverse_count, IS_FP64)
+            grad_value = tl.where(valid, grad_value * value_scale, 0.0)
+            tl.store(OUT_VALUE + index, grad_value.to(OUT_VALUE.dtype.element_ty), mask=in_range)
+        else:
+            tl.store(OUT_POLICY + 3 * num_programs + program, tl.sum(tl.where(valid, value_loss, 0.0), 0))
+            tl.store(OUT_VALUE + 2 * num_programs + program, tl.sum((valid & value_clipped).to(tl.int32), 0))
     else:
-        tl.store(SUMS + 3 * num_programs + program, 0.0)
-        tl.store(COUNTS + 2 * num_programs + program, 0)
+        if not BACKWARD:
+            tl.store(OUT_POLICY + 3 * num_programs + program, 0.0)
+            tl.store(OUT_VALUE + 2 * num_programs + program, 0)
 
 
 @triton.jit
 def _finalize_kernel(
-    SUMS, COUNTS, num_partials,
-    POLICY_LOSS, CLIPFRAC, APPROX_KL, RATIO_MEAN, VALUE_LOSS, VALUE_CLIPFRAC, VALID_COUNT,
+    SUMS,
+    COUNTS,
+    num_partials,
+    POLICY_LOSS,
+    CLIPFRAC,
+    APPROX_KL,
+    RATIO_MEAN,
+    VALUE_LOSS,
+    VALUE_CLIPFRAC,
+    VALID_COUNT,
     REDUCE_BLOCK: tl.constexpr,
 ):
     # One tile holds every partial (REDUCE_BLOCK is the next power of two), so there is no loop to order.
@@ -137,41 +198,6 @@ def _finalize_kernel(
     tl.store(VALID_COUNT, count)
 
 
-@triton.jit
-def _backward_kernel(
-    GRAD_POLICY_LOSS, GRAD_VALUE_LOSS, VALID_COUNT,
-    LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, VALUES, OLD_VALUES, RETURNS, GRAD_LOGPROBS, GRAD_VALUES,
-    numel, steps,
-    lp_stride0, lp_stride1, olp_stride0, olp_stride1, adv_stride0, adv_stride1, mask_stride0, mask_stride1,
-    v_stride0, v_stride1, ov_stride0, ov_stride1, ret_stride0, ret_stride1,
-    ratio_low_bits, ratio_high_bits, value_clip_bits,
-    HAS_VALUES: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
-):
-    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = index < numel
-    rows, cols = index // steps, index % steps
-    valid = in_range & (tl.load(MASK + rows * mask_stride0 + cols * mask_stride1, mask=in_range, other=0) != 0)
-    # d mean / d token = 1 / count; an all-masked batch has no token to receive it.
-    inverse_count = 1.0 / tl.maximum(tl.load(VALID_COUNT), 1).to(tl.float64)
-
-    policy_scale = _to_acc(tl.load(GRAD_POLICY_LOSS).to(tl.float64) * inverse_count, IS_FP64)
-    logprob = _load(LOGPROBS, rows, cols, lp_stride0, lp_stride1, valid, IS_FP64)
-    old_logprob = _load(OLD_LOGPROBS, rows, cols, olp_stride0, olp_stride1, valid, IS_FP64)
-    advantage = _load(ADVANTAGES, rows, cols, adv_stride0, adv_stride1, valid, IS_FP64)
-    _, _, _, _, grad_logprob = _policy_token(
-        logprob, old_logprob, advantage, _from_bits(ratio_low_bits, IS_FP64), _from_bits(ratio_high_bits, IS_FP64))
-    grad_logprob = tl.where(valid, grad_logprob * policy_scale, 0.0)
-    tl.store(GRAD_LOGPROBS + index, grad_logprob.to(GRAD_LOGPROBS.dtype.element_ty), mask=in_range)
-    if HAS_VALUES:
-        value_scale = _to_acc(tl.load(GRAD_VALUE_LOSS).to(tl.float64) * inverse_count, IS_FP64)
-        value = _load(VALUES, rows, cols, v_stride0, v_stride1, valid, IS_FP64)
-        old_value = _load(OLD_VALUES, rows, cols, ov_stride0, ov_stride1, valid, IS_FP64)
-        target = _load(RETURNS, rows, cols, ret_stride0, ret_stride1, valid, IS_FP64)
-        _, _, grad_value = _value_token(value, old_value, target, _from_bits(value_clip_bits, IS_FP64))
-        grad_value = tl.where(valid, grad_value * value_scale, 0.0)
-        tl.store(GRAD_VALUES + index, grad_value.to(GRAD_VALUES.dtype.element_ty), mask=in_range)
-
-
 def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
@@ -182,8 +208,9 @@ def _block_size(block_size: int | None) -> int:
     return BLOCK_INTERPRETER if triton_interpreting() else BLOCK_GPU
 
 
-def _launch_arguments(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef,
-                      value_clip):
+def _launch_arguments(
+    logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip
+):
     """The pointer, stride and bound arguments both kernels share (value tensors stand in for themselves)."""
     mask = mask if mask.dtype == torch.bool else mask != 0
     has_values = values is not None
@@ -195,39 +222,68 @@ def _launch_arguments(logprobs, old_logprobs, advantages, mask, values, old_valu
     return tensors, (logprobs.numel(), steps, *strides, *bounds), has_values
 
 
-def ppo_losses_forward_triton(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
-                              clip_coef: float, value_clip: float, *, block_size: int | None = None):
-    """The forward op's 7 outputs (see FORWARD_OUTPUTS in rlhf_fast/ops/ppo_loss.py)."""
-    tensors, scalars, has_values = _launch_arguments(logprobs, old_logprobs, advantages, mask, values, old_values,
-                                                     returns, clip_coef, value_clip)
+def ppo_losses_forward_triton(logprobs, *rest, block_size: int | None = None):
+    """The forward op's 7 outputs (see FORWARD_OUTPUTS in rlhf_fast/ops/ppo_loss.py) from its arguments."""
+    tensors, scalars, has_values = _launch_arguments(logprobs, *rest)
     is_fp64 = logprobs.dtype == torch.float64
     acc_dtype = torch.float64 if is_fp64 else torch.float32
     block = _block_size(block_size)
     num_partials = max(triton.cdiv(logprobs.numel(), block), 1)
     sums = torch.empty(NUM_SUMS * num_partials, dtype=acc_dtype, device=logprobs.device)
     counts = torch.empty(NUM_COUNTS * num_partials, dtype=torch.int32, device=logprobs.device)
-    _forward_partials_kernel[(num_partials,)](*tensors, sums, counts, *scalars, HAS_VALUES=has_values,
-                                              IS_FP64=is_fp64, BLOCK=block)
+    placeholders = (sums,) * 3  # the backward's inputs, never read
+    _tokens_kernel[(num_partials,)](
+        *tensors,
+        sums,
+        counts,
+        *placeholders,
+        *scalars,
+        HAS_VALUES=has_values,
+        IS_FP64=is_fp64,
+        BLOCK=block,
+        BACKWARD=False,
+    )
     means = [torch.empty((), dtype=acc_dtype, device=logprobs.device) for _ in range(6)]
     valid_count = torch.empty((), dtype=torch.int64, device=logprobs.device)
     reduce_block = max(triton.next_power_of_2(num_partials), 32)  # at least one warp's width
     # Enough threads that the 7 columns of partials stay in registers.
-    _finalize_kernel[(1,)](sums, counts, num_partials, *means, valid_count, REDUCE_BLOCK=reduce_block,
-                           num_warps=min(max(reduce_block // 256, 4), 16))
+    _finalize_kernel[(1,)](
+        sums,
+        counts,
+        num_partials,
+        *means,
+        valid_count,
+        REDUCE_BLOCK=reduce_block,
+        num_warps=min(max(reduce_block // 256, 4), 16),
+    )
     return (*means, valid_count)
 
 
-def ppo_losses_backward_triton(grad_policy_loss, grad_value_loss, logprobs, old_logprobs, advantages, mask,
-                               values, old_values, returns, valid_count, clip_coef: float, value_clip: float,
-                               *, block_size: int | None = None):
-    """(grad_logprobs, grad_values), contiguous, in the inputs' dtype; grad_values is empty without values."""
-    tensors, scalars, has_values = _launch_arguments(logprobs, old_logprobs, advantages, mask, values, old_values,
-                                                     returns, clip_coef, value_clip)
+def ppo_losses_backward_triton(
+    grad_policy_loss, grad_value_loss, logprobs, *rest, block_size: int | None = None
+):
+    """(grad_logprobs, grad_values), contiguous, in the inputs' dtype; grad_values is empty without values.
+
+    The arguments are those of the rlhf_fast::ppo_losses_backward op."""
+    old_logprobs, advantages, mask, values, old_values, returns, valid_count, clip_coef, value_clip = rest
+    tensors, scalars, has_values = _launch_arguments(
+        logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip
+    )
     grad_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
     grad_values = torch.empty_like(grad_logprobs) if has_values else logprobs.new_empty(0)
     block = _block_size(block_size)
     grid = (max(triton.cdiv(logprobs.numel(), block), 1),)
-    _backward_kernel[grid](grad_policy_loss, grad_value_loss, valid_count, *tensors, grad_logprobs,
-                           grad_values if has_values else grad_logprobs, *scalars, HAS_VALUES=has_values,
-                           IS_FP64=logprobs.dtype == torch.float64, BLOCK=block)
+    outputs = (grad_logprobs, grad_values if has_values else grad_logprobs)
+    _tokens_kernel[grid](
+        *tensors,
+        *outputs,
+        grad_policy_loss,
+        grad_value_loss,
+        valid_count,
+        *scalars,
+        HAS_VALUES=has_values,
+        IS_FP64=logprobs.dtype == torch.float64,
+        BLOCK=block,
+        BACKWARD=True,
+    )
     return grad_logprobs, grad_values
