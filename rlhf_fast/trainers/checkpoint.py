@@ -1,4 +1,4 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, verified, resumable training checkpoints.
 
 Layout under `<output_dir>/checkpoints/`:
 
@@ -7,25 +7,35 @@ Layout under `<output_dir>/checkpoints/`:
         optimizer.pt           optimizer state (full, unsharded)
         scheduler.pt           LR scheduler state
         rng_rank<r>.pt         python / numpy / torch / CUDA RNG states and named generators, one per rank
-        trainer_state.json     step, epoch, data position, KL controller, ... (whatever the trainer passes)
+        trainer_state.json     step, data position, KL controller, ... (whatever the trainer passes)
+        manifest.json          every file above with its size and sha256, written last
     previous/                  the one before
 
+A checkpoint is data, never code: the `.pt` files hold only tensors and plain containers and are read with
+`torch.load(weights_only=True)`, whose unpickler refuses any other object.
+
 A checkpoint is written into a temporary directory in the same parent, every file and the directory are
-fsynced, and only then is it renamed into place (rename is atomic on POSIX). The rotation is
-`previous -> trash`, `last -> previous`, `tmp -> last`: a crash at any point leaves `last` or `previous`
-holding a complete checkpoint, and `latest()` takes `last` first.
+fsynced, the manifest is written last (itself atomically), and only then is the directory renamed into place
+(rename is atomic on POSIX). The rotation is `previous -> trash`, `last -> previous`, `tmp -> last`: a crash at
+any point leaves `last` or `previous` holding a complete checkpoint.
+
+Before a checkpoint is used it is verified against its manifest and read whole into memory; a damaged `last`
+falls back to `previous` with a warning naming what was wrong, and when neither is usable `CheckpointError`
+names both problems (the files are left as they are).
 
 A state with a non-finite parameter is never written, so a NaN cannot replace the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,9 @@ from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, unwrap_m
 logger = logging.getLogger("rlhf_fast.trainers")
 
 LAST, PREVIOUS = "last", "previous"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+MANIFEST_FORMAT = 1
 ALIAS_PREFIX = (
     "alias:"  # safetensors metadata key "alias:<name>" -> name of the tensor it shares storage with
 )
@@ -159,10 +172,19 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Every RNG a training step may draw from: python, numpy, torch CPU, each CUDA device, named generators."""
+    """Every RNG a training step may draw from: python, numpy, torch CPU, each CUDA device, named generators.
+
+    Plain containers, numbers and tensors only, so `torch.load(weights_only=True)` reads it back."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (
+            str(kind),
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached_gaussian),
+        ),
         "torch": torch.get_rng_state(),
         "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
     }
@@ -172,8 +194,10 @@ def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[s
 
 
 def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -199,20 +223,181 @@ def all_finite(modules: Mapping[str, nn.Module]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def models_finite(modules: Mapping[str, nn.Module], ctx: DistributedContext) -> bool:
+    """True when every parameter is finite on every rank (a collective)."""
+    ok = torch.tensor([1.0 if all_finite(modules) else 0.0], device=ctx.device)
+    if ctx.is_distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() >= 1.0)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: damaged, incomplete, or not the trained models' state."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Records every file of `directory` with its size and sha256 in `manifest.json`, atomically."""
+    files = {
+        path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != MANIFEST and not path.name.startswith(".")
+    }
+    temporary = directory / f".{MANIFEST}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump({"format": MANIFEST_FORMAT, "files": files}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, directory / MANIFEST)
+
+
+def verify_checkpoint(directory: Path) -> dict[str, dict] | str:
+    """The manifest's file table when every file it lists is there with its size and checksum (and the
+    trainer state is among them); otherwise what is wrong, as a short phrase."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+        sizes = {name: int(entry["bytes"]) for name, entry in files.items()}
+        digests = {name: str(entry["sha256"]) for name, entry in files.items()}
+    except FileNotFoundError:
+        return f"no {MANIFEST} (incomplete, or written by an older version)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"{MANIFEST} is unreadable ({type(error).__name__}: {error})"
+    if TRAINER_STATE not in files:
+        return f"{MANIFEST} lists no {TRAINER_STATE}"
+    for name, size in sizes.items():
+        path = directory / name
+        if os.path.basename(name) != name or not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{name} is {actual} bytes, the manifest says {size} (truncated or replaced)"
+        if _sha256(path) != digests[name]:
+            return f"{name} does not match its sha256 in {MANIFEST} (damaged or replaced)"
+    return files
+
+
+def _load_data(path: Path) -> Any:
+    """A `.pt` file of plain containers and tensors; never runs code from the file."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclasses.dataclass
+class CheckpointData:
+    """One checkpoint read whole into memory (on the CPU), before anything is applied."""
+
+    path: Path
+    trainer_state: dict[str, Any]
+    models: dict[str, dict[str, torch.Tensor]]
+    optimizer: Any
+    scheduler: Any
+    rng: Any  # None: no RNG state for this rank (another world size)
+    extra: dict[str, Any]
+
+
+def read_checkpoint(
+    path: Path, model_names: Sequence[str], rank: int = 0, world_size: int = 1
+) -> CheckpointData:
+    """Verifies `path` against its manifest and reads the files it lists; CheckpointError naming the
+    checkpoint and the file when anything is missing, damaged or not plain data."""
+    path = Path(path)
+    files = verify_checkpoint(path)
+    if isinstance(files, str):
+        raise CheckpointError(f"{path}: {files}")
+
+    def read(name: str, reader, required: bool = True):
+        if name not in files:
+            if required:
+                raise CheckpointError(f"{path}: {name} is missing (not in {MANIFEST})")
+            return None
+        try:
+            return reader(path / name)
+        except Exception as error:  # noqa: BLE001 - any failure to parse a file means the checkpoint is unusable
+            reason = " ".join(str(error).split()[:40])
+            raise CheckpointError(f"{path}: cannot read {name} ({type(error).__name__}: {reason})") from None
+
+    trainer_state = read(TRAINER_STATE, lambda p: json.loads(p.read_text()))
+    if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
+        raise CheckpointError(f"{path}: {TRAINER_STATE} holds no integer 'step'")
+    models = {name: read(f"{name}.safetensors", load_safetensors) for name in model_names}
+    same_world = trainer_state.get("world_size", 1) == world_size  # else the RNG streams restart
+    return CheckpointData(
+        path=path,
+        trainer_state=trainer_state,
+        models=models,
+        optimizer=read("optimizer.pt", _load_data),
+        scheduler=read("scheduler.pt", _load_data, required=False),
+        rng=read(f"rng_rank{rank}.pt", _load_data) if same_world else None,
+        extra=read("extra.pt", _load_data, required=False) or {},
+    )
+
+
+def checkpoint_candidates(output_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint directories of a run, newest first (`last`, then `previous`), those that exist."""
+    root = Path(output_dir) / "checkpoints"
+    return [root / name for name in (LAST, PREVIOUS) if (root / name).is_dir()]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of a run that passes its manifest check, or None when the run has none.
+
+    A damaged `last` is passed over for `previous` with a warning; CheckpointError when checkpoints exist
+    but none is usable."""
+    problems = []
+    for candidate in checkpoint_candidates(output_dir):
+        files = verify_checkpoint(candidate)
+        if isinstance(files, str):
+            problems.append(f"{candidate.name}/: {files}")
+            continue
+        _warn_fallback(candidate, problems)
+        return candidate
+    if problems:
+        raise _no_usable_checkpoint(output_dir, problems)
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step (PPO: iteration) a verified checkpoint holds."""
+    return int(json.loads((Path(path) / TRAINER_STATE).read_text())["step"])
+
+
+def _warn_fallback(chosen: Path, problems: list[str]) -> None:
+    if problems:
+        logger.warning(
+            "checkpoint %s is unusable (%s); resuming from %s instead",
+            chosen.parent / LAST,
+            "; ".join(problems),
+            chosen,
+        )
+
+
+def _no_usable_checkpoint(output_dir, problems: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{Path(output_dir) / 'checkpoints'}: no usable checkpoint to resume from ({'; '.join(problems)}); "
+        "the files were left untouched: move them away to start over"
+    )
+
+
 class CheckpointManager:
-    """Writes and finds the `last` / `previous` checkpoints of one run (see the module docstring)."""
+    """Writes, finds and restores the `last` / `previous` checkpoints of one run (see the module docstring)."""
 
     def __init__(self, output_dir: str | os.PathLike, ctx: DistributedContext):
-        self.root = Path(output_dir) / "checkpoints"
+        self.output_dir = Path(output_dir)
+        self.root = self.output_dir / "checkpoints"
         self.ctx = ctx
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
-        for name in (LAST, PREVIOUS):
-            candidate = self.root / name
-            if (candidate / "trainer_state.json").is_file():
-                return candidate
-        return None
+        """The newest verified checkpoint, or None when there is none (`latest_checkpoint`)."""
+        return latest_checkpoint(self.output_dir)
 
     def save(
         self,
@@ -228,15 +413,10 @@ class CheckpointManager:
         """Writes a checkpoint atomically (a collective: call on every rank); returns its path on rank 0.
 
         `models` maps a file stem to a module; `optimizer_model` holds every parameter the optimizer updates
-        (used to gather FSDP2 optimizer state). `extra` holds more picklable objects for `extra.pt`.
-        Refuses (returns None, with a warning) when a parameter is not finite.
+        (used to gather FSDP2 optimizer state). `extra` holds more plain data (containers, numbers, strings,
+        tensors) for `extra.pt`. Refuses (returns None, with a warning) when a parameter is not finite.
         """
-        ok = torch.tensor([1.0 if all_finite(models) else 0.0], device=self.ctx.device)
-        if self.ctx.is_distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() < 1.0:
+        if not models_finite(models, self.ctx):
             logger.warning(
                 "not writing a checkpoint at step %s: the parameters are not finite",
                 trainer_state.get("step"),
@@ -268,15 +448,16 @@ class CheckpointManager:
             if extra:
                 torch.save(dict(extra), tmp / "extra.pt")
                 written.append(tmp / "extra.pt")
-            with open(tmp / "trainer_state.json", "w") as handle:
+            with open(tmp / TRAINER_STATE, "w") as handle:
                 json.dump(dict(trainer_state, world_size=self.ctx.world_size), handle, indent=1)
-            written.append(tmp / "trainer_state.json")
+            written.append(tmp / TRAINER_STATE)
             for path in written:
                 _fsync_file(path)
-        self.ctx.barrier()
+        self.ctx.barrier()  # every rank's RNG file is in place before the manifest lists them
 
         final = self.root / LAST
         if self.ctx.is_main:
+            write_manifest(tmp)
             _fsync_dir(tmp)
             trash = self.root / ".trash"
             if trash.exists():
@@ -292,6 +473,62 @@ class CheckpointManager:
         self.ctx.barrier()
         return final if self.ctx.is_main else None
 
+    def read_latest(self, model_names: Sequence[str]) -> CheckpointData | None:
+        """The newest checkpoint that verifies and reads whole, or None when the run has none; a damaged
+        `last` falls back to `previous` with a warning, CheckpointError when neither is usable."""
+        problems = []
+        for candidate in checkpoint_candidates(self.output_dir):
+            try:
+                data = read_checkpoint(candidate, model_names, self.ctx.rank, self.ctx.world_size)
+            except CheckpointError as error:
+                problems.append(f"{candidate.name}/: {str(error).removeprefix(f'{candidate}: ')}")
+                continue
+            _warn_fallback(candidate, problems)
+            return data
+        if problems:
+            raise _no_usable_checkpoint(self.output_dir, problems)
+        return None
+
+    def apply(
+        self,
+        data: CheckpointData,
+        *,
+        models: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        generators: Mapping[str, torch.Generator] | None = None,
+        optimizer_model: nn.Module | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restores models, optimizer, scheduler and RNG states from `data`; returns (trainer_state, extra).
+
+        CheckpointError when the checkpoint does not fit (another model, another optimizer set-up)."""
+        try:
+            for name, model in models.items():
+                load_full_model_state(model, data.models[name])
+            load_full_optimizer_state(optimizer, optimizer_model, data.optimizer)
+            if scheduler is not None and data.scheduler is not None:
+                scheduler.load_state_dict(data.scheduler)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            reason = " ".join(str(error).split()[:40])
+            raise CheckpointError(
+                f"{data.path}: does not fit the models being trained ({type(error).__name__}: {reason})"
+            ) from None
+        saved_world = data.trainer_state.get("world_size", 1)
+        if saved_world == self.ctx.world_size and data.rng is not None:
+            try:
+                set_rng_state(data.rng, generators)
+            except (RuntimeError, ValueError, KeyError, TypeError) as error:
+                raise CheckpointError(
+                    f"{data.path}: bad RNG state ({type(error).__name__}: {error})"
+                ) from None
+        else:
+            logger.warning(
+                "resuming on %d processes from a checkpoint of %d: RNG streams restart from the seed",
+                self.ctx.world_size,
+                saved_world,
+            )
+        return data.trainer_state, data.extra
+
     def load(
         self,
         path: Path,
@@ -302,28 +539,16 @@ class CheckpointManager:
         generators: Mapping[str, torch.Generator] | None = None,
         optimizer_model: nn.Module | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restores models, optimizer, scheduler and RNG states; returns (trainer_state, extra)."""
-        path = Path(path)
-        with open(path / "trainer_state.json") as handle:
-            trainer_state = json.load(handle)
-        saved_world = trainer_state.get("world_size", 1)
-        for name, model in models.items():
-            load_full_model_state(model, load_safetensors(path / f"{name}.safetensors"))
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        load_full_optimizer_state(optimizer, optimizer_model, optimizer_state)
-        if scheduler is not None and (path / "scheduler.pt").is_file():
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng_path = path / f"rng_rank{self.ctx.rank}.pt"
-        if saved_world == self.ctx.world_size and rng_path.is_file():
-            set_rng_state(torch.load(rng_path, weights_only=False), generators)
-        else:
-            logger.warning(
-                "resuming on %d processes from a checkpoint of %d: RNG streams restart from the seed",
-                self.ctx.world_size,
-                saved_world,
-            )
-        extra = torch.load(path / "extra.pt", weights_only=False) if (path / "extra.pt").is_file() else {}
-        return trainer_state, extra
+        """Verifies, reads and restores the checkpoint at `path`; returns (trainer_state, extra)."""
+        data = read_checkpoint(path, list(models), self.ctx.rank, self.ctx.world_size)
+        return self.apply(
+            data,
+            models=models,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generators=generators,
+            optimizer_model=optimizer_model,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
