@@ -7,8 +7,11 @@ the model weights and the trainer. `--dry-run` stops after the data, printing it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,11 +25,9 @@ from rlhf_fast.cli.common import (
     check_file,
     check_model_dir,
     check_output_dir,
-    checkpoint_step,
     describe_dataset,
     encode_dataset,
     format_metrics,
-    has_checkpoint,
     load_run_config,
     load_tokenizer,
     load_weights,
@@ -34,6 +35,7 @@ from rlhf_fast.cli.common import (
     note,
     output_lines,
     read_dataset,
+    resume_checkpoint,
     run_config_class,
     same_vocabulary,
     say,
@@ -53,6 +55,7 @@ class Job:
     plan: Callable[[], int]  # the number of steps (PPO: iterations) to run, once the data is encoded
     step_name: str = "steps"
     notes: list[str] = dataclasses.field(default_factory=list)
+    resumed_from: int = 0  # the step of the checkpoint --resume continues from
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -148,11 +151,41 @@ def _encode_all(job: Job, tokenizer, truncation: str, limits: dict[str, int]) ->
             note(f"{dataset.flag} {fitted}")
 
 
-def _start(job: Job, resume: bool) -> None:
-    from rlhf_fast.config import dump_config
+def _holding_resources(run: Callable[[Any], int]) -> Callable[[Any], int]:
+    """Runs a command with `args.resources`, an ExitStack closed when it returns (the output lock)."""
 
-    if resume and not has_checkpoint(job.out):
-        note(f"--resume: no checkpoint in {job.out / 'checkpoints'}; starting from the beginning")
+    @functools.wraps(run)
+    def wrapper(args) -> int:
+        with contextlib.ExitStack() as resources:
+            args.resources = resources
+            return run(args)
+
+    return wrapper
+
+
+def _start(job: Job, args) -> None:
+    """Before the weights load: takes the output directory (created, locked for the command's lifetime),
+    checks what --resume will continue from, seeds every RNG (the fresh reward head is drawn next) and
+    writes the resolved config."""
+    from rlhf_fast.config import dump_config
+    from rlhf_fast.trainers.checkpoint import checkpoint_step
+    from rlhf_fast.trainers.distributed import seed_everything
+    from rlhf_fast.trainers.lock import OutputLocked, lock_output_dir
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 holds the lock for the run
+        try:
+            args.resources.enter_context(lock_output_dir(job.out))
+        except OutputLocked as error:
+            raise CLIError(f"--out {error}") from None
+        except OSError as error:
+            raise CLIError(f"--out {job.out}: cannot create it ({error.strerror or error})") from None
+    if args.resume:
+        checkpoint = resume_checkpoint(job.out)
+        if checkpoint is None:
+            note(f"--resume: no checkpoint in {job.out / 'checkpoints'}; starting from the beginning")
+        else:
+            job.resumed_from = checkpoint_step(checkpoint)
+    seed_everything(job.config.seed + int(os.environ.get("RANK", "0")))
     dump_config(job.config, job.out / "config.yaml")
 
 
@@ -167,14 +200,16 @@ def _build(make: Callable[[], Any]):
 def _train(job: Job, trainer) -> tuple[dict[str, float], int, float]:
     """Runs the trainer; returns (last metrics, the step it resumed at, seconds)."""
     from rlhf_fast.trainers._common import NonFiniteError
+    from rlhf_fast.trainers.checkpoint import CheckpointError
 
-    before = checkpoint_step(job.out) if job.config.resume else 0
     started = time.perf_counter()
     try:
         metrics = trainer.train()
     except NonFiniteError as error:
         raise TrainingAborted(str(error)) from None
-    return metrics, before, time.perf_counter() - started
+    except CheckpointError as error:
+        raise CLIError(f"--resume: {error}") from None
+    return metrics, trainer.resumed_step, time.perf_counter() - started
 
 
 class TrainingAborted(Exception):
@@ -241,6 +276,7 @@ def _common_outputs(out: Path) -> list[tuple[str, str, str]]:
 # ----------------------------------------------------------------------------------------------------- sft
 
 
+@_holding_resources
 def run_sft(args) -> int:
     from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 
@@ -278,7 +314,7 @@ def run_sft(args) -> int:
     if status is not None:
         return status
 
-    _start(job, args.resume)
+    _start(job, args)
     from rlhf_fast.models import PolicyModel
 
     policy = load_weights("--model", model_dir, PolicyModel.from_pretrained)
@@ -297,6 +333,7 @@ def run_sft(args) -> int:
 # ------------------------------------------------------------------------------------------------------ rm
 
 
+@_holding_resources
 def run_rm(args) -> int:
     from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
 
@@ -346,7 +383,7 @@ def run_rm(args) -> int:
     if status is not None:
         return status
 
-    _start(job, args.resume)
+    _start(job, args)
     from rlhf_fast.models import RewardModel
 
     # A reward model directory continues training as is; a causal LM (the SFT model) gets a fresh head.
@@ -398,6 +435,7 @@ def _reward_tokenizer_matches(reward_dir: str, tokenizer) -> None:
         )
 
 
+@_holding_resources
 def run_ppo(args) -> int:
     from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -470,7 +508,7 @@ def run_ppo(args) -> int:
     if status is not None:
         return status
 
-    _start(job, args.resume)
+    _start(job, args)
     from rlhf_fast.models import PolicyModel, RewardModel
 
     policy = load_weights("--policy", policy_dir, PolicyModel.from_pretrained)

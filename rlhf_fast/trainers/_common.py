@@ -18,6 +18,7 @@ from torch import nn
 
 from rlhf_fast.trainers.checkpoint import CheckpointManager, models_finite
 from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor, wrap_model
+from rlhf_fast.trainers.lock import lock_output_dir
 from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
 logger = logging.getLogger("rlhf_fast.trainers")
@@ -373,9 +374,17 @@ class RunLoop:
 
     # ---------------------------------------------------------------------------------------- training
     def train(self) -> dict[str, float]:
-        """Runs (or resumes) training; returns the last logged metrics."""
+        """Runs (or resumes) training, holding the output directory's lock; returns the last logged
+        metrics. `resumed_step` is the step it continued from (0: a fresh start)."""
+        if not self.ctx.is_main:
+            return self._train()
+        with lock_output_dir(self.config.output_dir):
+            return self._train()
+
+    def _train(self) -> dict[str, float]:
         config = self.config
         state = self._resume()
+        self.resumed_step = int(state["step"]) if state else 0
         finished = bool(state and state.get("finished"))
         self._log = log = MetricsLogger(
             config.output_dir,
