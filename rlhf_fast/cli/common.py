@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf_fast.data.truncation import TruncationPolicy
+
 __all__ = [
     "CLIError",
     "DataOptions",
@@ -198,21 +200,23 @@ def load_weights(flag: str, path: str, loader):
 
 # ---------------------------------------------------------------------------------------------- run config
 
-TruncationName = Literal["error", "skip", "truncate_prompt"]
-
-
 @dataclasses.dataclass
 class DataOptions:
     """How the data files are read and fitted to the model; the `data:` section of a config file."""
 
     # Tokens per sequence (prompt + response + eos); for prompts, tokens per prompt. None: the model's limit.
     max_length: int | None = None
-    truncation: TruncationName = "error"  # a record longer than max_length: error | skip | truncate_prompt
+    truncation: TruncationPolicy = TruncationPolicy.ERROR  # a record longer than max_length
     on_bad_record: Literal["error", "skip"] = "error"  # a malformed or invalid record: error | skip
+    # The longest line read as a record, in bytes; checked before the line is parsed or tokenized.
+    max_record_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
+        self.truncation = TruncationPolicy.parse(self.truncation, "data.truncation")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"data.max_length must be >= 2 or null, got {self.max_length}")
+        if self.max_record_bytes < 1:
+            raise ValueError(f"data.max_record_bytes must be >= 1, got {self.max_record_bytes}")
 
 
 @dataclasses.dataclass
@@ -347,13 +351,16 @@ def _skipped_reasons(loaded) -> str:
     return "; ".join(parts)
 
 
-def read_dataset(flag: str, kind: str, path: str, tokenizer, on_bad_record: str) -> Dataset:
+def read_dataset(
+    flag: str, kind: str, path: str, tokenizer, on_bad_record: str, max_record_bytes: int | None = None
+) -> Dataset:
     """Reads and validates a JSONL file (DataError on a bad record unless skipping)."""
     from rlhf_fast import data
 
     reader = getattr(data, READERS[kind])
     check_file(flag, path)
-    loaded = reader(path, on_bad_record=on_bad_record, tokenizer=tokenizer)
+    limit = {} if max_record_bytes is None else {"max_record_bytes": max_record_bytes}
+    loaded = reader(path, on_bad_record=on_bad_record, tokenizer=tokenizer, **limit)
     return Dataset(flag, kind, path, loaded)
 
 

@@ -87,13 +87,13 @@ def _length_limit(requested: int | None, positions: int | None, model_flag: str,
     return requested
 
 
-def _read_all(specs: Sequence[tuple[str, str, str | None]], tokenizer, on_bad_record: str) -> list[Dataset]:
+def _read_all(specs: Sequence[tuple[str, str, str | None]], tokenizer, options: DataOptions) -> list[Dataset]:
     """Reads each (flag, kind, path) given; prints the skipped-record counts at the start."""
     datasets = []
     for flag, kind, path in specs:
         if path is None:
             continue
-        dataset = read_dataset(flag, kind, path, tokenizer, on_bad_record)
+        dataset = read_dataset(flag, kind, path, tokenizer, options.on_bad_record, options.max_record_bytes)
         if dataset.loaded.num_skipped:
             note(f"{flag} {dataset.read_summary()}")
         datasets.append(dataset)
@@ -298,7 +298,7 @@ def run_sft(args) -> int:
     datasets = _read_all(
         [("--data", "demonstrations", args.data), ("--eval-data", "demonstrations", args.eval_data)],
         tokenizer,
-        config.data.on_bad_record,
+        config.data,
     )
     limits = {dataset.flag: limit for dataset in datasets}
     job = Job(
@@ -363,7 +363,7 @@ def run_rm(args) -> int:
             ("--reference", "demonstrations", args.reference),
         ],
         tokenizer,
-        config.data.on_bad_record,
+        config.data,
     )
     by_flag = {dataset.flag: dataset for dataset in datasets}
     limits = {dataset.flag: limit for dataset in datasets}
@@ -485,7 +485,7 @@ def run_ppo(args) -> int:
     datasets = _read_all(
         [("--prompts", "prompts", args.prompts), ("--pretrain", "pretrain", args.pretrain)],
         tokenizer,
-        config.data.on_bad_record,
+        config.data,
     )
     by_flag = {dataset.flag: dataset for dataset in datasets}
     limits = {"--prompts": prompt_limit, "--pretrain": block_size}
