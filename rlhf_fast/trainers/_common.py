@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from rlhf_fast.ops import set_value_checks
 from rlhf_fast.trainers.checkpoint import CheckpointManager, models_finite
 from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor, wrap_model
 from rlhf_fast.trainers.lock import lock_output_dir
@@ -376,10 +377,15 @@ class RunLoop:
     def train(self) -> dict[str, float]:
         """Runs (or resumes) training, holding the output directory's lock; returns the last logged
         metrics. `resumed_step` is the step it continued from (0: a fresh start)."""
-        if not self.ctx.is_main:
-            return self._train()
-        with lock_output_dir(self.config.output_dir):
-            return self._train()
+        # Value checks off: each is a host sync, and a non-finite loss is the guarded step's to skip and count.
+        checks = set_value_checks(False)
+        try:
+            if not self.ctx.is_main:
+                return self._train()
+            with lock_output_dir(self.config.output_dir):
+                return self._train()
+        finally:
+            set_value_checks(checks)
 
     def _train(self) -> dict[str, float]:
         config = self.config
@@ -421,8 +427,6 @@ class RunLoop:
                 due = config.save_every and self.global_step % config.save_every == 0
                 if due and self.bad_steps.consecutive == 0:
                     self._save()
-            if not finished:
-                last.update(self._before_final_checkpoint(log))
             if not models_finite(self._checkpoint_models(), self.ctx):
                 raise NonFiniteError(
                     f"the weights are not finite after {self._step_name} {self.global_step}: nothing was "
@@ -430,6 +434,7 @@ class RunLoop:
                     "learning rate or check the data and the reward model."
                 )
             if not finished:
+                last.update(self._before_final_checkpoint(log))
                 self._save(finished=True)
             self._export()
         finally:
