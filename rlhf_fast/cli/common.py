@@ -131,7 +131,7 @@ def resume_checkpoint(out: Path) -> Path | None:
     from rlhf_fast.trainers.checkpoint import CheckpointError, latest_checkpoint
 
     try:
-        return latest_checkpoint(out)
+        return latest_checkpoint(out, warn=False)  # the trainer warns when it passes over `last`
     except CheckpointError as error:
         raise CLIError(f"--resume: {error}") from None
 

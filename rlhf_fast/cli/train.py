@@ -33,6 +33,7 @@ from rlhf_fast.cli.common import (
     load_weights,
     model_max_positions,
     note,
+    one_line,
     output_lines,
     read_dataset,
     resume_checkpoint,
@@ -158,9 +159,29 @@ def _holding_resources(run: Callable[[Any], int]) -> Callable[[Any], int]:
     def wrapper(args) -> int:
         with contextlib.ExitStack() as resources:
             args.resources = resources
+            resources.enter_context(_trainer_warnings_as_notes())
             return run(args)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _trainer_warnings_as_notes():
+    """The trainers' warnings (a skipped non-finite step, a damaged checkpoint passed over) as `note:` lines
+    on stderr, like the command's own."""
+    import logging
+
+    class Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            note(one_line(record.getMessage()))
+
+    handler = Notes(logging.WARNING)
+    trainer_logger = logging.getLogger("rlhf_fast.trainers")
+    trainer_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        trainer_logger.removeHandler(handler)
 
 
 def _start(job: Job, args) -> None:

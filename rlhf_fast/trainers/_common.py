@@ -423,9 +423,10 @@ class RunLoop:
                     log.log(self.global_step, record)
                 bar.update(record)
                 last = record
-                # No checkpoint during a run of skipped steps: the last one before it stays the newest.
+                # No checkpoint during a run of skipped steps: the last one before it stays the newest. The
+                # last step's is the final checkpoint, written after the end-of-run work.
                 due = config.save_every and self.global_step % config.save_every == 0
-                if due and self.bad_steps.consecutive == 0:
+                if due and self.bad_steps.consecutive == 0 and self.global_step < self.total_steps:
                     self._save()
             if not models_finite(self._checkpoint_models(), self.ctx):
                 raise NonFiniteError(

@@ -347,7 +347,7 @@ def checkpoint_candidates(output_dir: str | os.PathLike) -> list[Path]:
     return [root / name for name in (LAST, PREVIOUS) if (root / name).is_dir()]
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+def latest_checkpoint(output_dir: str | os.PathLike, *, warn: bool = True) -> Path | None:
     """The newest checkpoint of a run that passes its manifest check, or None when the run has none.
 
     A damaged `last` is passed over for `previous` with a warning; CheckpointError when checkpoints exist
@@ -358,7 +358,8 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if isinstance(files, str):
             problems.append(f"{candidate.name}/: {files}")
             continue
-        _warn_fallback(candidate, problems)
+        if warn:
+            _warn_fallback(candidate, problems)
         return candidate
     if problems:
         raise _no_usable_checkpoint(output_dir, problems)

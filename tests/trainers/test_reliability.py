@@ -406,12 +406,15 @@ def test_log_after_a_stop_at_the_end_equals_an_uninterrupted_run(kind, stop, tmp
 def test_a_second_run_in_one_output_directory_is_refused(tmp_path):
     from rlhf_fast.trainers.lock import OutputLocked, lock_output_dir
 
+    # Another process holding the lock as `lock_output_dir` does (flock + its pid and host), without the
+    # package's import time.
     script = (
-        "import sys, time\n"
-        "from rlhf_fast.trainers.lock import lock_output_dir\n"
-        "with lock_output_dir(sys.argv[1]):\n"
-        "    print('held', flush=True)\n"
-        "    time.sleep(60)\n"
+        "import fcntl, json, os, socket, sys, time\n"
+        "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE)
     try:
