@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "dump_config", "config_to_dict"]
+__all__ = ["ConfigError", "config_to_dict", "dump_config", "load_config"]
 
 ConfigT = TypeVar("ConfigT")
 

@@ -54,9 +54,9 @@ __all__ = [
     "DataError",
     "LoadResult",
     "read_demonstrations",
-    "read_rankings",
-    "read_prompts",
     "read_pretrain_text",
+    "read_prompts",
+    "read_rankings",
     "write_jsonl",
 ]
 
@@ -101,9 +101,9 @@ class LoadResult(Generic[RecordT]):
 class _BadKey(ValueError):
     """A key of a JSON object that appears twice, or is not valid Unicode."""
 
-    def __init__(self, key: str, reason: str):
+    def __init__(self, key: str, reason: str, kind: str):
         super().__init__(reason)
-        self.key, self.reason = key, reason
+        self.key, self.reason, self.kind = key, reason, kind
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -114,9 +114,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         try:
             key.encode("utf-8")
         except UnicodeEncodeError:
-            raise _BadKey(ascii(key)[1:-1], "a key that is not valid Unicode (a lone surrogate)") from None
+            raise _BadKey(
+                ascii(key)[1:-1], "a key that is not valid Unicode (a lone surrogate)", "invalid_text"
+            ) from None
         if key in value:
-            raise _BadKey(key, "appears twice in one object (duplicate JSON key)")
+            raise _BadKey(key, "appears twice in one object (duplicate JSON key)", "duplicate_key")
         value[key] = item
     return value
 
@@ -187,7 +189,7 @@ def _iter_json_objects(
             try:
                 value = json.loads(text, object_pairs_hook=_unique_keys)
             except _BadKey as error:
-                yield source, DataError.at(source, error.key, error.reason, kind="duplicate_key")
+                yield source, DataError.at(source, error.key, error.reason, kind=error.kind)
                 continue
             except json.JSONDecodeError as error:
                 yield (
