@@ -129,7 +129,7 @@ class _Payload:
 
 
 def test_a_planted_pickle_never_runs_on_resume(cli, tmp_path, model_dir, data_dir, no_progress):
-    from rlhf_fast.trainers.checkpoint import write_manifest
+    from rlhf_fast.trainers.manifest import write_manifest
 
     out = tmp_path / "run"
     assert cli(*_short_sft(model_dir, data_dir, out))[0] == 0

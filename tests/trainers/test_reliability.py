@@ -259,7 +259,7 @@ def _restore(manager, model, optimizer, scheduler) -> int:
 def test_a_pickle_in_a_checkpoint_never_runs(name, reseal, tmp_path, caplog):
     """A payload planted in `last/` is refused (by the manifest, or by the weights-only unpickler when the
     manifest was rewritten to match it); resume falls back to `previous/`, naming the file."""
-    from rlhf_fast.trainers.checkpoint import write_manifest
+    from rlhf_fast.trainers.manifest import write_manifest
 
     manager, model, optimizer, scheduler = _two_checkpoints(tmp_path)
     last = tmp_path / "checkpoints" / "last"
