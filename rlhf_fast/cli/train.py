@@ -199,7 +199,7 @@ def _start(job: Job, args) -> None:
         except OutputLocked as error:
             raise CLIError(f"--out {error}") from None
         except OSError as error:
-            raise CLIError(f"--out {job.out}: cannot create it ({error.strerror or error})") from None
+            raise CLIError(f"--out {job.out}: cannot write there ({error.strerror or error})") from None
     if args.resume:
         checkpoint = resume_checkpoint(job.out)
         if checkpoint is None:

@@ -32,7 +32,9 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -234,6 +236,23 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: damaged, incomplete, or not the trained models' state."""
 
 
+def _brief(error: BaseException, limit: int = 200) -> str:
+    """An error message on one line (line breaks become spaces), cut to `limit` characters."""
+    text = re.sub(r"\s*\n\s*", " ", str(error).strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refusal(error: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused (e.g. "Unsupported global: GLOBAL builtins.exec ..."), without
+    its advice to load the file with code execution turned on."""
+    text = str(error)
+    start = text.find("WeightsUnpickler error:")
+    if start < 0:
+        return _brief(error)
+    detail = text[start + len("WeightsUnpickler error:") :].strip()
+    return "refused by the weights-only loader: " + _brief(detail.split(". ")[0], 160)
+
+
 def _load_data(path: Path) -> Any:
     """A `.pt` file of plain containers and tensors; never runs code from the file."""
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -269,9 +288,12 @@ def read_checkpoint(
             return None
         try:
             return reader(path / name)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(f"{path}: {name} holds more than plain data ({_refusal(error)})") from None
         except Exception as error:  # noqa: BLE001 - any failure to parse a file means the checkpoint is unusable
-            reason = " ".join(str(error).split()[:40])
-            raise CheckpointError(f"{path}: cannot read {name} ({type(error).__name__}: {reason})") from None
+            raise CheckpointError(
+                f"{path}: cannot read {name} ({type(error).__name__}: {_brief(error)})"
+            ) from None
 
     trainer_state = read(TRAINER_STATE, lambda p: json.loads(p.read_text()))
     if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
@@ -458,9 +480,8 @@ class CheckpointManager:
             if scheduler is not None and data.scheduler is not None:
                 scheduler.load_state_dict(data.scheduler)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
-            reason = " ".join(str(error).split()[:40])
             raise CheckpointError(
-                f"{data.path}: does not fit the models being trained ({type(error).__name__}: {reason})"
+                f"{data.path}: does not fit the models being trained ({type(error).__name__}: {_brief(error)})"
             ) from None
         saved_world = data.trainer_state.get("world_size", 1)
         if saved_world == self.ctx.world_size and data.rng is not None:

@@ -428,3 +428,16 @@ def test_a_second_run_in_one_output_directory_is_refused(tmp_path):
         holder.wait()
     with lock_output_dir(tmp_path):  # the holder died (SIGKILL): its lock is taken over
         pass
+
+
+def test_a_checkpoint_of_another_model_is_an_error_naming_it(tmp_path):
+    from rlhf_fast.trainers.checkpoint import CheckpointError
+
+    manager, _model, _optimizer, _scheduler = _two_checkpoints(tmp_path)
+    other = nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match="does not fit the models") as error:
+        manager.apply(
+            manager.read_latest(["model"]), models={"model": other}, optimizer=optimizer, scheduler=None
+        )
+    assert str(tmp_path / "checkpoints" / "last") in str(error.value) and "\n" not in str(error.value)
