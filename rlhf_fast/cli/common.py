@@ -200,6 +200,7 @@ def load_weights(flag: str, path: str, loader):
 
 # ---------------------------------------------------------------------------------------------- run config
 
+
 @dataclasses.dataclass
 class DataOptions:
     """How the data files are read and fitted to the model; the `data:` section of a config file."""
