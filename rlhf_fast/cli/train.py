@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -200,6 +201,10 @@ def _start(job: Job, args) -> None:
             raise CLIError(f"--out {error}") from None
         except OSError as error:
             raise CLIError(f"--out {job.out}: cannot write there ({error.strerror or error})") from None
+    if args.overwrite and not args.resume and (job.out / "checkpoints").is_dir():
+        # Starting over: the earlier run's checkpoints must not be resumed later under this run's config.
+        shutil.rmtree(job.out / "checkpoints")
+        note(f"--overwrite: removed the earlier run's checkpoints in {job.out / 'checkpoints'}")
     if args.resume:
         checkpoint = resume_checkpoint(job.out)
         if checkpoint is None:

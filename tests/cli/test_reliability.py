@@ -325,3 +325,21 @@ def test_an_error_names_a_path_with_two_spaces_exactly(cli, tmp_path, model_dir,
     code, _out, err = cli(*_sft(model_dir, data, tmp_path / "run"))
     assert code == 2 and f"{data}:2:" in error_line(err)
     assert os.path.exists(str(data))
+
+
+def test_overwrite_removes_the_earlier_runs_checkpoints(
+    cli, tmp_path, model_dir, data_dir, no_progress, monkeypatch
+):
+    """Started over and stopped before its first checkpoint, a run can never be resumed from the earlier run's."""
+    from rlhf_fast.trainers.sft import SFTTrainer
+
+    out = tmp_path / "run"
+    assert cli(*_short_sft(model_dir, data_dir, out))[0] == 0
+
+    def interrupted(self, examples):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SFTTrainer, "train_step", interrupted)
+    code, _out, err = cli(*_short_sft(model_dir, data_dir, out, "--overwrite"))
+    assert code == 130 and "removed the earlier run's checkpoints" in err
+    assert not (out / "checkpoints" / "last").exists()
