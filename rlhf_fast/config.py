@@ -5,9 +5,9 @@
 
 The YAML file holds the dataclass's fields; nested dataclasses are nested mappings and are addressed with
 dotted keys in overrides. Missing keys keep the dataclass defaults. Values are checked against the field
-types: int, float (an int, or a string such as "1e-5", which YAML 1.1 reads as a string, is accepted), bool,
-str, pathlib.Path, Enum (by value or name), Literal, Optional / unions, list / tuple / set / dict of those,
-and nested dataclasses. An override's value is parsed with ``yaml.safe_load`` (``[1, 2]``, ``null``,
+types: int, float (finite only: NaN and infinities are refused; an int, or a string such as "1e-5", which
+YAML 1.1 reads as a string, is accepted), bool, str, pathlib.Path, Enum (by value or name), Literal,
+Optional / unions, list / tuple / set / dict of those, and nested dataclasses. An override's value is parsed with ``yaml.safe_load`` (``[1, 2]``, ``null``,
 ``true``) except for a str field, which takes the text as written unless it is a quoted YAML string.
 
 Every problem raises `ConfigError` naming the key: an unknown key (with the closest valid one suggested),
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import pathlib
 import tempfile
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "dump_config", "config_to_dict"]
+__all__ = ["ConfigError", "config_to_dict", "dump_config", "load_config"]
 
 ConfigT = TypeVar("ConfigT")
 
@@ -200,14 +201,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise mismatch
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # "1e-5": YAML 1.1 reads exponents without a dot as strings
+                number = float(value)  # "1e-5": YAML 1.1 reads exponents without a dot as strings
             except ValueError:
                 pass
-        raise mismatch
+        if number is None:
+            raise mismatch
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from rlhf_fast.cli.common import CLIError, say
+from rlhf_fast.cli.common import CLIError, one_line, say
 
 __all__ = ["build_parser", "main"]
 
@@ -425,7 +425,7 @@ def _quiet_libraries(no_progress: bool) -> Iterator[None]:
 
 def _error(command: str | None, message: str) -> None:
     where = f"{PROG} {command}" if command else PROG
-    print(f"{where}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    print(f"{where}: error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,13 +7,15 @@ stays fast.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+from rlhf_fast.data.truncation import TruncationPolicy
 
 __all__ = [
     "CLIError",
@@ -70,6 +72,12 @@ def check_file(flag: str, path: str | os.PathLike, what: str = "a JSONL file") -
 REWARD_HEAD_FILE = "score_head.safetensors"  # RewardModel.head_file; named here to avoid importing the models
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # the weights `from_pretrained` reads
+UNSAFE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# A tokenizer saved with `save_pretrained` leaves at least one of these.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def check_model_dir(flag: str, path: str | os.PathLike, *, reward: bool = False) -> str:
     """The Hugging Face model directory `path` names. A run directory of this CLI (holding `final/`) is
     accepted for the model it produced. CLIError naming `flag` when there is no model there."""
@@ -88,14 +96,26 @@ def check_model_dir(flag: str, path: str | os.PathLike, *, reward: bool = False)
         raise CLIError(
             f"{flag} {path}: not a reward model (no {REWARD_HEAD_FILE}); train one with `rlhf-fast rm`"
         )
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        unsafe = [name for name in UNSAFE_WEIGHT_FILES if (directory / name).is_file()]
+        found = f"only {', '.join(unsafe)}, which is read by unpickling; " if unsafe else ""
+        raise CLIError(
+            f"{flag} {directory}: no model weights ({found}expected {' or '.join(WEIGHT_FILES)}); save the "
+            "model with save_pretrained (safetensors)"
+        )
     return str(directory)
 
 
 def check_output_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path:
-    """The run's output directory. Refuses to train over an earlier run unless resuming or overwriting."""
+    """The run's output directory (not created yet). Refuses a path below a file, and to train over an
+    earlier run unless resuming or overwriting."""
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: exists and is not a directory")
+    for folder in (out, *out.parents):  # the nearest part of the path that exists must be a directory
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                what = "exists and is not a directory" if folder == out else f"{folder} is not a directory"
+                raise CLIError(f"--out {out}: {what}")
+            break
     has_run = (out / "checkpoints").is_dir() or (out / "metrics.jsonl").is_file()
     if has_run and not (resume or overwrite):
         raise CLIError(
@@ -105,28 +125,15 @@ def check_output_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool) 
     return out
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint a resumed trainer loads (the trainers' CheckpointManager order: last, then previous)."""
-    for name in ("last", "previous"):
-        candidate = out / "checkpoints" / name
-        if (candidate / "trainer_state.json").is_file():
-            return candidate
-    return None
+def resume_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `--resume` continues from (the trainers' own choice: `last`, else `previous`, each
+    verified); None when the run has none. CLIError when it has checkpoints but none is usable."""
+    from rlhf_fast.trainers.checkpoint import CheckpointError, latest_checkpoint
 
-
-def has_checkpoint(out: Path) -> bool:
-    return _latest_checkpoint(out) is not None
-
-
-def checkpoint_step(out: Path) -> int:
-    """The step (PPO: iteration) of the checkpoint a resumed run continues from; 0 without one."""
-    latest = _latest_checkpoint(out)
-    if latest is None:
-        return 0
     try:
-        return int(json.loads((latest / "trainer_state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return latest_checkpoint(out, warn=False)  # the trainer warns when it passes over `last`
+    except CheckpointError as error:
+        raise CLIError(f"--resume: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------ model metadata
@@ -136,6 +143,11 @@ def load_tokenizer(flag: str, model_dir: str):
     """The tokenizer saved in `model_dir`, with a pad token (the eos token when it has none)."""
     from transformers import AutoTokenizer
 
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise CLIError(
+            f"{flag} {model_dir}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "with the model (tokenizer.save_pretrained)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as error:  # noqa: BLE001 -- OSError, ValueError, ...: transformers raises many kinds for a bad directory
@@ -167,8 +179,14 @@ def same_vocabulary(first, second) -> bool:
     return first.get_vocab() == second.get_vocab()
 
 
+def one_line(text: object) -> str:
+    """`text` on one line: line breaks (and the indentation around them) become one space; every other
+    character, such as two spaces in a row in a file name, is kept as it is."""
+    return re.sub(r"[ \t]*[\r\n]+[ \t]*", " ", str(text)).strip()
+
+
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    text = one_line(error)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -182,8 +200,6 @@ def load_weights(flag: str, path: str, loader):
 
 # ---------------------------------------------------------------------------------------------- run config
 
-TruncationName = Literal["error", "skip", "truncate_prompt"]
-
 
 @dataclasses.dataclass
 class DataOptions:
@@ -191,12 +207,17 @@ class DataOptions:
 
     # Tokens per sequence (prompt + response + eos); for prompts, tokens per prompt. None: the model's limit.
     max_length: int | None = None
-    truncation: TruncationName = "error"  # a record longer than max_length: error | skip | truncate_prompt
+    truncation: TruncationPolicy = TruncationPolicy.ERROR  # a record longer than max_length
     on_bad_record: Literal["error", "skip"] = "error"  # a malformed or invalid record: error | skip
+    # The longest line read as a record, in bytes; checked before the line is parsed or tokenized.
+    max_record_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
+        self.truncation = TruncationPolicy.parse(self.truncation, "data.truncation")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"data.max_length must be >= 2 or null, got {self.max_length}")
+        if self.max_record_bytes < 1:
+            raise ValueError(f"data.max_record_bytes must be >= 1, got {self.max_record_bytes}")
 
 
 @dataclasses.dataclass
@@ -331,13 +352,16 @@ def _skipped_reasons(loaded) -> str:
     return "; ".join(parts)
 
 
-def read_dataset(flag: str, kind: str, path: str, tokenizer, on_bad_record: str) -> Dataset:
+def read_dataset(
+    flag: str, kind: str, path: str, tokenizer, on_bad_record: str, max_record_bytes: int | None = None
+) -> Dataset:
     """Reads and validates a JSONL file (DataError on a bad record unless skipping)."""
     from rlhf_fast import data
 
     reader = getattr(data, READERS[kind])
     check_file(flag, path)
-    loaded = reader(path, on_bad_record=on_bad_record, tokenizer=tokenizer)
+    limit = {} if max_record_bytes is None else {"max_record_bytes": max_record_bytes}
+    loaded = reader(path, on_bad_record=on_bad_record, tokenizer=tokenizer, **limit)
     return Dataset(flag, kind, path, loaded)
 
 

@@ -7,8 +7,12 @@ the model weights and the trainer. `--dry-run` stops after the data, printing it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,18 +26,18 @@ from rlhf_fast.cli.common import (
     check_file,
     check_model_dir,
     check_output_dir,
-    checkpoint_step,
     describe_dataset,
     encode_dataset,
     format_metrics,
-    has_checkpoint,
     load_run_config,
     load_tokenizer,
     load_weights,
     model_max_positions,
     note,
+    one_line,
     output_lines,
     read_dataset,
+    resume_checkpoint,
     run_config_class,
     same_vocabulary,
     say,
@@ -57,6 +61,7 @@ class Job:
     plan: Callable[[], int]  # the number of steps (PPO: iterations) to run, once the data is encoded
     step_name: str = "steps"
     notes: list[str] = dataclasses.field(default_factory=list)
+    resumed_from: int = 0  # the step of the checkpoint --resume continues from
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -88,13 +93,13 @@ def _length_limit(requested: int | None, positions: int | None, model_flag: str,
     return requested
 
 
-def _read_all(specs: Sequence[tuple[str, str, str | None]], tokenizer, on_bad_record: str) -> list[Dataset]:
+def _read_all(specs: Sequence[tuple[str, str, str | None]], tokenizer, options: DataOptions) -> list[Dataset]:
     """Reads each (flag, kind, path) given; prints the skipped-record counts at the start."""
     datasets = []
     for flag, kind, path in specs:
         if path is None:
             continue
-        dataset = read_dataset(flag, kind, path, tokenizer, on_bad_record)
+        dataset = read_dataset(flag, kind, path, tokenizer, options.on_bad_record, options.max_record_bytes)
         if dataset.loaded.num_skipped:
             note(f"{flag} {dataset.read_summary()}")
         datasets.append(dataset)
@@ -152,11 +157,65 @@ def _encode_all(job: Job, tokenizer, truncation: str, limits: dict[str, int]) ->
             note(f"{dataset.flag} {fitted}")
 
 
-def _start(job: Job, resume: bool) -> None:
-    from rlhf_fast.config import dump_config
+def _holding_resources(run: Callable[..., int]) -> Callable[..., int]:
+    """Runs a command with `args.resources`, an ExitStack closed when it returns (the output lock)."""
 
-    if resume and not has_checkpoint(job.out):
-        note(f"--resume: no checkpoint in {job.out / 'checkpoints'}; starting from the beginning")
+    @functools.wraps(run)
+    def wrapper(args, *rest, **options) -> int:
+        with contextlib.ExitStack() as resources:
+            args.resources = resources
+            resources.enter_context(_trainer_warnings_as_notes())
+            return run(args, *rest, **options)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _trainer_warnings_as_notes():
+    """The trainers' warnings (a skipped non-finite step, a damaged checkpoint passed over) as `note:` lines
+    on stderr, like the command's own."""
+    import logging
+
+    class Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            note(one_line(record.getMessage()))
+
+    handler = Notes(logging.WARNING)
+    trainer_logger = logging.getLogger("rlhf_fast.trainers")
+    trainer_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        trainer_logger.removeHandler(handler)
+
+
+def _start(job: Job, args) -> None:
+    """Before the weights load: takes the output directory (created, locked for the command's lifetime),
+    checks what --resume will continue from, seeds every RNG (the fresh reward head is drawn next) and
+    writes the resolved config."""
+    from rlhf_fast.config import dump_config
+    from rlhf_fast.trainers.checkpoint import checkpoint_step
+    from rlhf_fast.trainers.distributed import seed_everything
+    from rlhf_fast.trainers.lock import OutputLocked, lock_output_dir
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 holds the lock for the run
+        try:
+            args.resources.enter_context(lock_output_dir(job.out))
+        except OutputLocked as error:
+            raise CLIError(f"--out {error}") from None
+        except OSError as error:
+            raise CLIError(f"--out {job.out}: cannot write there ({error.strerror or error})") from None
+    if args.overwrite and not args.resume and (job.out / "checkpoints").is_dir():
+        # Starting over: the earlier run's checkpoints must not be resumed later under this run's config.
+        shutil.rmtree(job.out / "checkpoints")
+        note(f"--overwrite: removed the earlier run's checkpoints in {job.out / 'checkpoints'}")
+    if args.resume:
+        checkpoint = resume_checkpoint(job.out)
+        if checkpoint is None:
+            note(f"--resume: no checkpoint in {job.out / 'checkpoints'}; starting from the beginning")
+        else:
+            job.resumed_from = checkpoint_step(checkpoint)
+    seed_everything(job.config.seed + int(os.environ.get("RANK", "0")))
     dump_config(job.config, job.out / "config.yaml")
 
 
@@ -171,14 +230,16 @@ def _build(make: Callable[[], Any]):
 def _train(job: Job, trainer) -> tuple[dict[str, float], int, float]:
     """Runs the trainer; returns (last metrics, the step it resumed at, seconds)."""
     from rlhf_fast.trainers._common import NonFiniteError
+    from rlhf_fast.trainers.checkpoint import CheckpointError
 
-    before = checkpoint_step(job.out) if job.config.resume else 0
     started = time.perf_counter()
     try:
         metrics = trainer.train()
     except NonFiniteError as error:
         raise TrainingAborted(str(error)) from None
-    return metrics, before, time.perf_counter() - started
+    except CheckpointError as error:
+        raise CLIError(f"--resume: {error}") from None
+    return metrics, trainer.resumed_step, time.perf_counter() - started
 
 
 class TrainingAborted(Exception):
@@ -245,6 +306,7 @@ def _common_outputs(out: Path) -> list[tuple[str, str, str]]:
 # ----------------------------------------------------------------------------------------------------- sft
 
 
+@_holding_resources
 def run_sft(args, execute: Execute | None = None) -> int:
     from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 
@@ -266,7 +328,7 @@ def run_sft(args, execute: Execute | None = None) -> int:
     datasets = _read_all(
         [("--data", "demonstrations", args.data), ("--eval-data", "demonstrations", args.eval_data)],
         tokenizer,
-        config.data.on_bad_record,
+        config.data,
     )
     limits = {dataset.flag: limit for dataset in datasets}
     job = Job(
@@ -282,7 +344,7 @@ def run_sft(args, execute: Execute | None = None) -> int:
     if status is not None:
         return status
 
-    _start(job, args.resume)
+    _start(job, args)
     from rlhf_fast.models import PolicyModel
 
     policy = load_weights("--model", model_dir, PolicyModel.from_pretrained)
@@ -303,6 +365,7 @@ def run_sft(args, execute: Execute | None = None) -> int:
 # ------------------------------------------------------------------------------------------------------ rm
 
 
+@_holding_resources
 def run_rm(args, execute: Execute | None = None) -> int:
     from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
 
@@ -332,7 +395,7 @@ def run_rm(args, execute: Execute | None = None) -> int:
             ("--reference", "demonstrations", args.reference),
         ],
         tokenizer,
-        config.data.on_bad_record,
+        config.data,
     )
     by_flag = {dataset.flag: dataset for dataset in datasets}
     limits = {dataset.flag: limit for dataset in datasets}
@@ -352,7 +415,7 @@ def run_rm(args, execute: Execute | None = None) -> int:
     if status is not None:
         return status
 
-    _start(job, args.resume)
+    _start(job, args)
     from rlhf_fast.models import RewardModel
 
     # A reward model directory continues training as is; a causal LM (the SFT model) gets a fresh head.
@@ -406,6 +469,7 @@ def _reward_tokenizer_matches(reward_dir: str, tokenizer) -> None:
         )
 
 
+@_holding_resources
 def run_ppo(args, execute: Execute | None = None) -> int:
     from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -455,7 +519,7 @@ def run_ppo(args, execute: Execute | None = None) -> int:
     datasets = _read_all(
         [("--prompts", "prompts", args.prompts), ("--pretrain", "pretrain", args.pretrain)],
         tokenizer,
-        config.data.on_bad_record,
+        config.data,
     )
     by_flag = {dataset.flag: dataset for dataset in datasets}
     limits = {"--prompts": prompt_limit, "--pretrain": block_size}
@@ -478,7 +542,7 @@ def run_ppo(args, execute: Execute | None = None) -> int:
     if status is not None:
         return status
 
-    _start(job, args.resume)
+    _start(job, args)
     from rlhf_fast.models import PolicyModel, RewardModel
 
     policy = load_weights("--policy", policy_dir, PolicyModel.from_pretrained)

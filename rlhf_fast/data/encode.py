@@ -23,7 +23,6 @@ Every function returns its items with a `TruncationReport` that counts what was 
 from __future__ import annotations
 
 import collections
-import enum
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,6 +31,7 @@ import torch
 
 from rlhf_fast.data.errors import IN_MEMORY, DataError, SourceLocation
 from rlhf_fast.data.records import Demonstration, PretrainText, PromptRecord, Ranking
+from rlhf_fast.data.truncation import TruncationPolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -58,20 +58,6 @@ __all__ = [
 # A response needs at least one prompt token before it: its first token is predicted from the position before.
 MIN_PROMPT_TOKENS = 1
 TOKENIZE_CHUNK = 1024  # texts per tokenizer call: batched for speed, chunked to bound memory
-
-
-class TruncationPolicy(str, enum.Enum):
-    ERROR = "error"
-    SKIP = "skip"
-    TRUNCATE_PROMPT = "truncate_prompt"
-
-    @classmethod
-    def parse(cls, policy: str | TruncationPolicy, name: str = "policy") -> TruncationPolicy:
-        try:
-            return cls(policy)
-        except ValueError:
-            choices = ", ".join(repr(member.value) for member in cls)
-            raise ValueError(f"{name} must be one of {choices}, got {policy!r}") from None
 
 
 # Report keys.

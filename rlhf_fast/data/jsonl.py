@@ -19,7 +19,9 @@ demonstration's "response" is just an unknown field to `read_prompts`).
 Unknown extra fields are allowed and ignored, and counted in `LoadResult.extra_fields` so a typo such as
 "respones" shows up in `--dry-run` statistics.
 
-Bad input raises `DataError` naming file, line and field. With ``on_bad_record="skip"`` a bad record is
+Bad input raises `DataError` naming file, line and field: besides a record that breaks its format's rules,
+a line longer than `max_record_bytes` (checked before it is parsed), a key named twice in one object, and
+text that is not valid Unicode (a lone surrogate escape such as ``"\\ud800"``). With ``on_bad_record="skip"`` a bad record is
 skipped instead and counted in `LoadResult.skipped` by reason (`DataError.kind`); a file with no records at
 all, or none that survive, is an error either way.
 """
@@ -36,7 +38,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from rlhf_fast.data.errors import WHOLE_RECORD, DataError, SourceLocation
-from rlhf_fast.data.records import Demonstration, PretrainText, PromptRecord, Ranking, _json_type
+from rlhf_fast.data.records import (
+    Demonstration,
+    PretrainText,
+    PromptRecord,
+    Ranking,
+    _json_type,
+    check_unicode,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,14 +54,17 @@ __all__ = [
     "DataError",
     "LoadResult",
     "read_demonstrations",
-    "read_rankings",
-    "read_prompts",
     "read_pretrain_text",
+    "read_prompts",
+    "read_rankings",
     "write_jsonl",
 ]
 
 RecordT = TypeVar("RecordT")
 ON_BAD_RECORD_CHOICES = ("error", "skip")
+# The longest line read as a record. Checked before decoding, parsing or tokenizing, so a runaway line (a
+# whole corpus without newlines) costs neither the memory nor the tokenizer time it would otherwise.
+MAX_RECORD_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -86,13 +98,75 @@ class LoadResult(Generic[RecordT]):
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _iter_json_objects(path: str) -> Iterator[tuple[SourceLocation, dict[str, Any] | DataError]]:
-    """Yields (location, object) for each non-blank line, or (location, DataError) for a line that is not
-    valid UTF-8, not JSON, or not a JSON object. Raises DataError for a file with no non-blank line."""
+class _BadKey(ValueError):
+    """A key of a JSON object that appears twice, or is not valid Unicode."""
+
+    def __init__(self, key: str, reason: str, kind: str):
+        super().__init__(reason)
+        self.key, self.reason, self.kind = key, reason, kind
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` for `json.loads`: a JSON object without duplicate keys (JSON lets the last one
+    silently win; a record naming a field twice is more likely a mistake than meant)."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadKey(
+                ascii(key)[1:-1], "a key that is not valid Unicode (a lone surrogate)", "invalid_text"
+            ) from None
+        if key in value:
+            raise _BadKey(key, "appears twice in one object (duplicate JSON key)", "duplicate_key")
+        value[key] = item
+    return value
+
+
+def _lines(file, max_bytes: int) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, bytes) for each line of a binary file, or (line number, its length) for a line longer
+    than `max_bytes`, which is skipped without being held in memory."""
+    line_number = 0
+    while True:
+        raw = file.readline(max_bytes + 1)
+        if not raw:
+            return
+        line_number += 1
+        if len(raw) <= max_bytes or raw.endswith(b"\n"):
+            yield line_number, raw
+            continue
+        length = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = file.readline(1 << 20)
+            if not raw:
+                break
+            length += len(raw)
+        yield line_number, length - raw.endswith(b"\n")
+
+
+def _iter_json_objects(
+    path: str, max_record_bytes: int = MAX_RECORD_BYTES
+) -> Iterator[tuple[SourceLocation, dict[str, Any] | DataError]]:
+    """Yields (location, object) for each non-blank line, or (location, DataError) for a line that is longer
+    than `max_record_bytes`, not valid UTF-8, not JSON, not a JSON object, or names a key twice. Raises
+    DataError for a file with no non-blank line."""
     saw_record = False
     with open(path, "rb") as file:
-        for line_number, raw in enumerate(file, start=1):
+        for line_number, raw in _lines(file, max_record_bytes):
             source = SourceLocation(path, line_number)
+            if isinstance(raw, int):
+                saw_record = True
+                yield (
+                    source,
+                    DataError.at(
+                        source,
+                        WHOLE_RECORD,
+                        f"the record is {raw} bytes, more than the limit of {max_record_bytes} "
+                        "(data.max_record_bytes)",
+                        kind="record_too_large",
+                    ),
+                )
+                continue
             if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 byte-order mark
                 raw = raw[3:]
             try:
@@ -113,7 +187,10 @@ def _iter_json_objects(path: str) -> Iterator[tuple[SourceLocation, dict[str, An
                 continue
             saw_record = True
             try:
-                value = json.loads(text)
+                value = json.loads(text, object_pairs_hook=_unique_keys)
+            except _BadKey as error:
+                yield source, DataError.at(source, error.key, error.reason, kind=error.kind)
+                continue
             except json.JSONDecodeError as error:
                 yield (
                     source,
@@ -123,6 +200,12 @@ def _iter_json_objects(path: str) -> Iterator[tuple[SourceLocation, dict[str, An
                         f"malformed JSON: {error.msg} at column {error.colno}",
                         kind="malformed_json",
                     ),
+                )
+                continue
+            except RecursionError:
+                yield (
+                    source,
+                    DataError.at(source, WHOLE_RECORD, "JSON nested too deeply", kind="malformed_json"),
                 )
                 continue
             if not isinstance(value, dict):
@@ -146,12 +229,15 @@ def _read(
     parse: Callable[[dict[str, Any], SourceLocation], RecordT],
     known_fields: frozenset[str],
     on_bad_record: str,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> LoadResult[RecordT]:
     if on_bad_record not in ON_BAD_RECORD_CHOICES:
         raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD_CHOICES}, got {on_bad_record!r}")
     path = os.fspath(path)
     result: LoadResult[RecordT] = LoadResult([], collections.Counter(), path)
-    for source, value in _iter_json_objects(path):
+    if max_record_bytes < 1:
+        raise ValueError(f"max_record_bytes must be >= 1, got {max_record_bytes}")
+    for source, value in _iter_json_objects(path, max_record_bytes):
         try:
             if isinstance(value, DataError):
                 raise value
@@ -214,6 +300,7 @@ def _check_messages(value: dict[str, Any], source: SourceLocation) -> list[dict[
                     f"expected a string, got {_json_type(message[key])}",
                     kind="wrong_type",
                 )
+            check_unicode(source, f"{name}.{key}", message[key])
     return messages
 
 
@@ -341,6 +428,7 @@ def read_demonstrations(
     *,
     on_bad_record: str = "error",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> LoadResult[Demonstration]:
     """Reads SFT demonstrations. `tokenizer` is needed only for chat records (its chat template)."""
     return _read(
@@ -348,6 +436,7 @@ def read_demonstrations(
         lambda value, source: _parse_demonstration(value, source, tokenizer),
         DEMONSTRATION_FIELDS,
         on_bad_record,
+        max_record_bytes,
     )
 
 
@@ -356,10 +445,11 @@ def read_rankings(
     *,
     on_bad_record: str = "error",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> LoadResult[Ranking]:
     """Reads K-wise rankings and preference pairs. `tokenizer` is accepted for symmetry and unused."""
     del tokenizer
-    return _read(path, _parse_ranking, RANKING_FIELDS, on_bad_record)
+    return _read(path, _parse_ranking, RANKING_FIELDS, on_bad_record, max_record_bytes)
 
 
 def read_prompts(
@@ -367,10 +457,15 @@ def read_prompts(
     *,
     on_bad_record: str = "error",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> LoadResult[PromptRecord]:
     """Reads prompts. `tokenizer` is needed only for chat records (its chat template)."""
     return _read(
-        path, lambda value, source: _parse_prompt(value, source, tokenizer), PROMPT_FIELDS, on_bad_record
+        path,
+        lambda value, source: _parse_prompt(value, source, tokenizer),
+        PROMPT_FIELDS,
+        on_bad_record,
+        max_record_bytes,
     )
 
 
@@ -379,10 +474,11 @@ def read_pretrain_text(
     *,
     on_bad_record: str = "error",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> LoadResult[PretrainText]:
     """Reads pretraining documents. `tokenizer` is accepted for symmetry and unused."""
     del tokenizer
-    return _read(path, _parse_pretrain, PRETRAIN_FIELDS, on_bad_record)
+    return _read(path, _parse_pretrain, PRETRAIN_FIELDS, on_bad_record, max_record_bytes)
 
 
 # --------------------------------------------------------------------------------------------- writing

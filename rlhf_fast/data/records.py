@@ -30,9 +30,27 @@ MIN_COMPLETIONS = 2
 MAX_COMPLETIONS = 9
 
 
+def check_unicode(source: SourceLocation | None, name: str, value: str) -> None:
+    """DataError naming field `name` when `value` is not valid Unicode text: JSON's "\\ud800" escapes can
+    spell a lone surrogate, which no tokenizer or UTF-8 file can hold."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError.at(
+            source,
+            name,
+            f"invalid text: a lone surrogate {ascii(value[error.start])[1:-1]} at character {error.start + 1} "
+            "(not a Unicode character)",
+            kind="invalid_text",
+        ) from None
+
+
 def _check_text(source: SourceLocation | None, name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise DataError.at(source, name, f"expected a string, got {_json_type(value)}", kind="wrong_type")
+    check_unicode(source, name, value)
     if not value.strip():
         raise DataError.at(source, name, "empty after stripping whitespace", kind="empty_text")
 

@@ -1,6 +1,7 @@
 """Pieces the three trainers share: optimizer and schedule, the guarded optimizer step (a non-finite step is
-skipped on the device, without reading anything back), the consecutive-bad-step counter, the data order, and
-(`EpochTrainer`) the epoch / step loop of the SFT and reward trainers.
+skipped on the device, without reading anything back), the consecutive-bad-step counter, the data order, the
+config checks, `RunLoop` (resume, logging, checkpoint cadence, final checkpoint and export: the one run loop of
+all three trainers) and `EpochTrainer` (the epoch / batch schedule of the SFT and reward trainers).
 """
 
 from __future__ import annotations
@@ -8,14 +9,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from rlhf_fast.trainers.checkpoint import CheckpointManager
+from rlhf_fast.ops import set_value_checks
+from rlhf_fast.trainers.checkpoint import CheckpointManager, models_finite
 from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor, wrap_model
+from rlhf_fast.trainers.lock import lock_output_dir
 from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
 logger = logging.getLogger("rlhf_fast.trainers")
@@ -215,6 +219,25 @@ def set_residual_dropout(model: nn.Module, probability: float) -> int:
     return changed
 
 
+def nonfinite_fields(config, prefix: str = "") -> list[str]:
+    """`name=value` of every float in a config dataclass (nested dataclasses, tuples and lists included) that
+    is NaN or infinite."""
+    found = []
+    for field in dataclasses.fields(config):
+        found += _nonfinite(getattr(config, field.name), prefix + field.name)
+    return found
+
+
+def _nonfinite(value, name: str) -> list[str]:
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{name}={value}"]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return nonfinite_fields(value, name + ".")
+    if isinstance(value, (list, tuple)):
+        return [found for i, item in enumerate(value) for found in _nonfinite(item, f"{name}[{i}]")]
+    return []
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Fields every trainer shares: where the run lives, how it checkpoints and resumes, how it fails."""
@@ -233,6 +256,9 @@ class RunConfig:
     max_grad_norm: float | None = 1.0
 
     def check(self) -> None:
+        bad = nonfinite_fields(self)
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: every number in the config must be finite")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if self.max_bad_steps < 1:
@@ -241,14 +267,192 @@ class RunConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
-class EpochTrainer:
-    """The epoch / step loop the SFT and reward trainers share: data order per epoch, resume and checkpoint,
-    logging, evaluation cadence and the progress bar. A subclass sets `config`, `ctx`, `train_data`,
-    `eval_data` and the class attributes below, calls `_set_up_training` with the module it trains, and
-    provides the hooks (`_train_batch`, `_step_metrics`, `_eval_metrics`, `_finish`, ...)."""
+class RunLoop:
+    """The run loop all three trainers share: resume from the newest usable checkpoint, one step at a time
+    (metrics read back once per step), the consecutive-bad-step counter, logging, the checkpoint cadence, and
+    at the end the final checkpoint and the exported model.
+
+    A subclass sets `config`, `ctx`, `optimizer`, `scheduler`, `checkpoints` (CheckpointManager),
+    `bad_steps` (BadStepCounter), `global_step` and `total_steps`, and provides the hooks below.
+
+    Resume is exact, log included: the checkpoint records how many lines `metrics.jsonl` held when it was
+    written, and a resumed run cuts the file back to them. A run whose final checkpoint was written (then
+    killed during the export, say) resumes straight to the export. Weights that are not finite at the end
+    are neither checkpointed nor exported (`NonFiniteError`, the last good checkpoint stays).
+    """
 
     _progress_desc: str = "train"
-    _progress_keys: tuple[str, ...] = ("train/loss",)
+    _progress_keys: tuple[str, ...] = ()
+    _step_name: str = "step"
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def _checkpoint_models(self) -> dict[str, nn.Module]:
+        """{file stem: module} saved in (and restored from) each checkpoint."""
+        raise NotImplementedError
+
+    def _optimizer_model(self) -> nn.Module:
+        """A module holding every parameter the optimizer updates (gathers FSDP2 optimizer state)."""
+        raise NotImplementedError
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {}
+
+    def _run_state(self) -> dict:
+        """The trainer's own resumable state (plain JSON data) beside the step."""
+        return {}
+
+    def _load_run_state(self, state: dict) -> None:
+        pass
+
+    def _before_first_step(self) -> None:
+        pass
+
+    def _run_step(self, index: int) -> dict[str, torch.Tensor]:
+        """Step `index` (0-based): one optimizer step (PPO: iteration); metrics as device tensors."""
+        raise NotImplementedError
+
+    def _step_problem(self, values: dict[str, float]) -> tuple[bool, str]:
+        """(whether the step was skipped as non-finite, a detail for the warning)."""
+        return values["skipped"] > 0, ""
+
+    def _step_record(self, values: dict[str, float], lr: float, seconds: float) -> dict[str, float]:
+        """The metrics logged for the step just run (`global_step` already counts it)."""
+        raise NotImplementedError
+
+    def _always_log(self, record: dict[str, float]) -> bool:
+        return False
+
+    def _before_final_checkpoint(self, log: MetricsLogger) -> dict[str, float]:
+        """Work after the last step that the final checkpoint includes; returns metrics it logged."""
+        return {}
+
+    def _export(self) -> None:
+        """Writes the trained model to `<output_dir>/final`."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------- save and resume
+    def _save(self, *, finished: bool = False) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.sync()  # the log lines the checkpoint counts are on disk before it is
+        state = {
+            "step": self.global_step,
+            "bad_steps": self.bad_steps.state_dict(),
+            "seed": self.config.seed,
+            "log_lines": log.lines if log is not None else 0,
+            "finished": finished,
+            **self._run_state(),
+        }
+        self.checkpoints.save(
+            models=self._checkpoint_models(),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=state,
+            generators=self._generators(),
+            optimizer_model=self._optimizer_model(),
+        )
+
+    def _resume(self) -> dict | None:
+        """Restores the newest usable checkpoint when resuming; its trainer state, or None (fresh start)."""
+        if not self.config.resume:
+            return None
+        models = self._checkpoint_models()
+        data = self.checkpoints.read_latest(list(models))
+        if data is None:
+            return None
+        state, _ = self.checkpoints.apply(
+            data,
+            models=models,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            generators=self._generators(),
+            optimizer_model=self._optimizer_model(),
+        )
+        self.global_step = int(state["step"])
+        self.bad_steps.load_state_dict(state.get("bad_steps", {}))
+        self._load_run_state(state)
+        return state
+
+    # ---------------------------------------------------------------------------------------- training
+    def train(self) -> dict[str, float]:
+        """Runs (or resumes) training, holding the output directory's lock; returns the last logged
+        metrics. `resumed_step` is the step it continued from (0: a fresh start)."""
+        # Value checks off: each is a host sync, and a non-finite loss is the guarded step's to skip and count.
+        checks = set_value_checks(False)
+        try:
+            if not self.ctx.is_main:
+                return self._train()
+            with lock_output_dir(self.config.output_dir):
+                return self._train()
+        finally:
+            set_value_checks(checks)
+
+    def _train(self) -> dict[str, float]:
+        config = self.config
+        state = self._resume()
+        self.resumed_step = int(state["step"]) if state else 0
+        finished = bool(state and state.get("finished"))
+        self._log = log = MetricsLogger(
+            config.output_dir,
+            enabled=self.ctx.is_main,
+            keep_lines=int(state.get("log_lines", 0)) if state else None,
+        )
+        bar = ProgressBar(
+            self.total_steps,
+            initial=self.global_step,
+            desc=self._progress_desc,
+            keys=self._progress_keys,
+            enabled=self.ctx.is_main,
+        )
+        self._before_first_step()
+        last: dict[str, float] = {}
+        try:
+            while self.global_step < self.total_steps:
+                finished = False
+                started = time.perf_counter()
+                metrics = self._run_step(self.global_step)
+                values = read_metrics(metrics)  # the one host read of the step
+                seconds = time.perf_counter() - started
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                self.global_step += 1
+                bad, detail = self._step_problem(values)
+                self.bad_steps.update(bad, self.global_step, detail)
+                record = self._step_record(values, lr, seconds)
+                if self.global_step % config.log_every == 0 or self._always_log(record):
+                    log.log(self.global_step, record)
+                bar.update(record)
+                last = record
+                # No checkpoint during a run of skipped steps: the last one before it stays the newest. The
+                # last step's is the final checkpoint, written after the end-of-run work.
+                due = config.save_every and self.global_step % config.save_every == 0
+                if due and self.bad_steps.consecutive == 0 and self.global_step < self.total_steps:
+                    self._save()
+            if not models_finite(self._checkpoint_models(), self.ctx):
+                raise NonFiniteError(
+                    f"the weights are not finite after {self._step_name} {self.global_step}: nothing was "
+                    f"exported; the last good checkpoint in {self.checkpoints.root} is kept. Lower the "
+                    "learning rate or check the data and the reward model."
+                )
+            if not finished:
+                last.update(self._before_final_checkpoint(log))
+                self._save(finished=True)
+            self._export()
+        finally:
+            bar.close()
+            log.close()
+            self._log = None
+        return last
+
+
+class EpochTrainer(RunLoop):
+    """The epoch / step schedule the SFT and reward trainers share: data order per epoch (step i of the run
+    is batch i mod steps_per_epoch of epoch i div steps_per_epoch), evaluation cadence and step metrics. A
+    subclass sets `config`, `ctx`, `train_data`, `eval_data` and the class attributes below, calls
+    `_set_up_training` with the module it trains, and provides the hooks (`_train_batch`, `_step_metrics`,
+    `_eval_metrics`, `_export`, ...)."""
+
+    _progress_keys = ("train/loss",)
     _eval_log_key: str = "eval/loss"  # a step whose metrics hold this key is always logged
     _items_name: str = "examples"  # in the error for an epoch too small for the processes
     _item_name: str = "example"
@@ -274,16 +478,6 @@ class EpochTrainer:
     def _eval_metrics(self) -> dict[str, float]:
         raise NotImplementedError
 
-    def _extra_state(self) -> dict:
-        return {}
-
-    def _load_extra_state(self, state: dict) -> None:
-        pass
-
-    def _finish(self, log, last: dict[str, float]) -> None:
-        """After the last step: the final checkpoint and the exported model."""
-        raise NotImplementedError
-
     # ------------------------------------------------------------------------------------------- set-up
     def _set_up_training(self, module: nn.Module) -> None:
         """Wraps `module` for the processes (DDP / FSDP) and builds what trains it: optimizer, LR schedule
@@ -299,6 +493,7 @@ class EpochTrainer:
             eps=config.adam_eps,
             device=self.ctx.device,
         )
+        self._batches = (-1, [])
         self.steps_per_epoch = len(self._epoch_batches(0))
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
@@ -318,6 +513,8 @@ class EpochTrainer:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches (item indices) of one epoch; a last batch with fewer items than processes is
         dropped, so that every rank has work."""
+        if self._batches[0] == epoch:
+            return self._batches[1]
         batches = batches_of(
             epoch_order(len(self.train_data), self.config.seed, epoch),
             self.config.batch_size,
@@ -330,101 +527,44 @@ class EpochTrainer:
                 f"{len(self.train_data)} {self._items_name} cannot give every one of the "
                 f"{self.ctx.world_size} processes one {self._item_name}"
             )
+        self._batches = (epoch, batches)
         return batches
 
-    # ------------------------------------------------------------------------------- save and resume
-    def _save(self, epoch: int, step_in_epoch: int) -> None:
-        state = {
-            "step": self.global_step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "bad_steps": self.bad_steps.state_dict(),
-            "seed": self.config.seed,
-            **self._extra_state(),
-        }
-        model = self._checkpointed_model()
-        self.checkpoints.save(
-            models={self._checkpoint_name: model},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            trainer_state=state,
-            optimizer_model=model,
-        )
+    # ------------------------------------------------------------------------------------ loop hooks
+    def _checkpoint_models(self) -> dict[str, nn.Module]:
+        return {self._checkpoint_name: self._checkpointed_model()}
 
-    def _resume(self) -> tuple[int, int]:
-        path = self.checkpoints.latest() if self.config.resume else None
-        if path is None:
-            return 0, 0
-        model = self._checkpointed_model()
-        state, _ = self.checkpoints.load(
-            path,
-            models={self._checkpoint_name: model},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            optimizer_model=model,
-        )
-        self.global_step = state["step"]
-        self.bad_steps.load_state_dict(state.get("bad_steps", {}))
-        self._load_extra_state(state)
-        return state["epoch"], state["step_in_epoch"]
+    def _optimizer_model(self) -> nn.Module:
+        return self._checkpointed_model()
 
-    # ---------------------------------------------------------------------------------------- training
-    def train(self) -> dict[str, float]:
-        """Runs (or resumes) training; returns the last logged metrics."""
-        config = self.config
-        start_epoch, start_step = self._resume()
-        resumed = self.global_step if config.resume and self.global_step > 0 else None
-        log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
-        bar = ProgressBar(
-            self.total_steps,
-            initial=self.global_step,
-            desc=self._progress_desc,
-            keys=self._progress_keys,
-            enabled=self.ctx.is_main,
-        )
+    def _before_first_step(self) -> None:
         self._trained_model().train()
-        last: dict[str, float] = {}
-        try:
-            for epoch in range(start_epoch, config.epochs):
-                batches = self._epoch_batches(epoch)
-                for step_in_epoch in range(start_step if epoch == start_epoch else 0, len(batches)):
-                    if self.global_step >= self.total_steps:
-                        break
-                    started = time.perf_counter()
-                    metrics = self._train_batch(batches[step_in_epoch])
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.scheduler.step()
-                    self.global_step += 1
-                    values = read_metrics(metrics)
-                    self.bad_steps.update(values["skipped"] > 0, self.global_step)
-                    epoch_done = step_in_epoch == len(batches) - 1
-                    logged = self._step_metrics(
-                        values,
-                        {
-                            "train/lr": lr,
-                            "train/grad_norm": values["grad_norm"],
-                            "train/skipped": values["skipped"],
-                            "train/epoch": epoch + (step_in_epoch + 1) / len(batches),
-                            "time/seconds": time.perf_counter() - started,
-                        },
-                    )
-                    if self.eval_data and (
-                        (config.eval_every and self.global_step % config.eval_every == 0)
-                        or (not config.eval_every and epoch_done)
-                        or self.global_step == self.total_steps
-                    ):
-                        logged.update(self._eval_metrics())
-                    if self.global_step % config.log_every == 0 or self._eval_log_key in logged:
-                        log.log(self.global_step, logged)
-                    bar.update(logged)
-                    last = logged
-                    # No checkpoint during a run of skipped steps: the last one before it stays the newest.
-                    due = config.save_every and self.global_step % config.save_every == 0
-                    if due and self.bad_steps.consecutive == 0:
-                        next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch + 1)
-                        self._save(next_epoch, next_step)
-            self._finish(log, last)
-        finally:
-            bar.close()
-            log.close()
-        return last
+
+    def _run_step(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(index, self.steps_per_epoch)
+        return self._train_batch(self._epoch_batches(epoch)[position])
+
+    def _step_record(self, values: dict[str, float], lr: float, seconds: float) -> dict[str, float]:
+        epoch, position = divmod(self.global_step - 1, self.steps_per_epoch)
+        record = self._step_metrics(
+            values,
+            {
+                "train/lr": lr,
+                "train/grad_norm": values["grad_norm"],
+                "train/skipped": values["skipped"],
+                "train/epoch": epoch + (position + 1) / self.steps_per_epoch,
+                "time/seconds": seconds,
+            },
+        )
+        epoch_done = position == self.steps_per_epoch - 1
+        every = self.config.eval_every
+        if self.eval_data and (
+            (every and self.global_step % every == 0)
+            or (not every and epoch_done)
+            or self.global_step == self.total_steps
+        ):
+            record.update(self._eval_metrics())
+        return record
+
+    def _always_log(self, record: dict[str, float]) -> bool:
+        return self._eval_log_key in record

@@ -1,4 +1,4 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, verified, resumable training checkpoints.
 
 Layout under `<output_dir>/checkpoints/`:
 
@@ -7,25 +7,36 @@ Layout under `<output_dir>/checkpoints/`:
         optimizer.pt           optimizer state (full, unsharded)
         scheduler.pt           LR scheduler state
         rng_rank<r>.pt         python / numpy / torch / CUDA RNG states and named generators, one per rank
-        trainer_state.json     step, epoch, data position, KL controller, ... (whatever the trainer passes)
+        trainer_state.json     step, data position, KL controller, ... (whatever the trainer passes)
+        manifest.json          every file above with its size and sha256, written last
     previous/                  the one before
 
+A checkpoint is data, never code: the `.pt` files hold only tensors and plain containers and are read with
+`torch.load(weights_only=True)`, whose unpickler refuses any other object.
+
 A checkpoint is written into a temporary directory in the same parent, every file and the directory are
-fsynced, and only then is it renamed into place (rename is atomic on POSIX). The rotation is
-`previous -> trash`, `last -> previous`, `tmp -> last`: a crash at any point leaves `last` or `previous`
-holding a complete checkpoint, and `latest()` takes `last` first.
+fsynced, the manifest is written last (itself atomically), and only then is the directory renamed into place
+(rename is atomic on POSIX). The rotation is `previous -> trash`, `last -> previous`, `tmp -> last`: a crash at
+any point leaves `last` or `previous` holding a complete checkpoint.
+
+Before a checkpoint is used it is verified against its manifest and read whole into memory; a damaged `last`
+falls back to `previous` with a warning naming what was wrong, and when neither is usable `CheckpointError`
+names both problems (the files are left as they are).
 
 A state with a non-finite parameter is never written, so a NaN cannot replace the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, unwrap_model
+from rlhf_fast.trainers.manifest import MANIFEST, TRAINER_STATE, verify_checkpoint, write_manifest
 
 logger = logging.getLogger("rlhf_fast.trainers")
 
@@ -159,10 +171,19 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Every RNG a training step may draw from: python, numpy, torch CPU, each CUDA device, named generators."""
+    """Every RNG a training step may draw from: python, numpy, torch CPU, each CUDA device, named generators.
+
+    Plain containers, numbers and tensors only, so `torch.load(weights_only=True)` reads it back."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (
+            str(kind),
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached_gaussian),
+        ),
         "torch": torch.get_rng_state(),
         "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
     }
@@ -172,8 +193,10 @@ def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[s
 
 
 def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -199,20 +222,153 @@ def all_finite(modules: Mapping[str, nn.Module]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def models_finite(modules: Mapping[str, nn.Module], ctx: DistributedContext) -> bool:
+    """True when every parameter is finite on every rank (a collective)."""
+    ok = torch.tensor([1.0 if all_finite(modules) else 0.0], device=ctx.device)
+    if ctx.is_distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() >= 1.0)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: damaged, incomplete, or not the trained models' state."""
+
+
+def _brief(error: BaseException, limit: int = 200) -> str:
+    """An error message on one line (line breaks become spaces), cut to `limit` characters."""
+    text = re.sub(r"\s*\n\s*", " ", str(error).strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refusal(error: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused (e.g. "Unsupported global: GLOBAL builtins.exec ..."), without
+    its advice to load the file with code execution turned on."""
+    text = str(error)
+    start = text.find("WeightsUnpickler error:")
+    if start < 0:
+        return _brief(error)
+    detail = text[start + len("WeightsUnpickler error:") :].strip()
+    return "refused by the weights-only loader: " + _brief(detail.split(". ")[0], 160)
+
+
+def _load_data(path: Path) -> Any:
+    """A `.pt` file of plain containers and tensors; never runs code from the file."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclasses.dataclass
+class CheckpointData:
+    """One checkpoint read whole into memory (on the CPU), before anything is applied."""
+
+    path: Path
+    trainer_state: dict[str, Any]
+    models: dict[str, dict[str, torch.Tensor]]
+    optimizer: Any
+    scheduler: Any
+    rng: Any  # None: no RNG state for this rank (another world size)
+    extra: dict[str, Any]
+
+
+def read_checkpoint(
+    path: Path, model_names: Sequence[str], rank: int = 0, world_size: int = 1
+) -> CheckpointData:
+    """Verifies `path` against its manifest and reads the files it lists; CheckpointError naming the
+    checkpoint and the file when anything is missing, damaged or not plain data."""
+    path = Path(path)
+    files = verify_checkpoint(path)
+    if isinstance(files, str):
+        raise CheckpointError(f"{path}: {files}")
+
+    def read(name: str, reader, required: bool = True):
+        if name not in files:
+            if required:
+                raise CheckpointError(f"{path}: {name} is missing (not in {MANIFEST})")
+            return None
+        try:
+            return reader(path / name)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(f"{path}: {name} holds more than plain data ({_refusal(error)})") from None
+        except Exception as error:  # noqa: BLE001 - any failure to parse a file means the checkpoint is unusable
+            raise CheckpointError(
+                f"{path}: cannot read {name} ({type(error).__name__}: {_brief(error)})"
+            ) from None
+
+    trainer_state = read(TRAINER_STATE, lambda p: json.loads(p.read_text()))
+    if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
+        raise CheckpointError(f"{path}: {TRAINER_STATE} holds no integer 'step'")
+    models = {name: read(f"{name}.safetensors", load_safetensors) for name in model_names}
+    same_world = trainer_state.get("world_size", 1) == world_size  # else the RNG streams restart
+    return CheckpointData(
+        path=path,
+        trainer_state=trainer_state,
+        models=models,
+        optimizer=read("optimizer.pt", _load_data),
+        scheduler=read("scheduler.pt", _load_data, required=False),
+        rng=read(f"rng_rank{rank}.pt", _load_data) if same_world else None,
+        extra=read("extra.pt", _load_data, required=False) or {},
+    )
+
+
+def checkpoint_candidates(output_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint directories of a run, newest first (`last`, then `previous`), those that exist."""
+    root = Path(output_dir) / "checkpoints"
+    return [root / name for name in (LAST, PREVIOUS) if (root / name).is_dir()]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, *, warn: bool = True) -> Path | None:
+    """The newest checkpoint of a run that passes its manifest check, or None when the run has none.
+
+    A damaged `last` is passed over for `previous` with a warning; CheckpointError when checkpoints exist
+    but none is usable."""
+    problems = []
+    for candidate in checkpoint_candidates(output_dir):
+        files = verify_checkpoint(candidate)
+        if isinstance(files, str):
+            problems.append(f"{candidate.name}/: {files}")
+            continue
+        if warn:
+            _warn_fallback(candidate, problems)
+        return candidate
+    if problems:
+        raise _no_usable_checkpoint(output_dir, problems)
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step (PPO: iteration) a verified checkpoint holds."""
+    return int(json.loads((Path(path) / TRAINER_STATE).read_text())["step"])
+
+
+def _warn_fallback(chosen: Path, problems: list[str]) -> None:
+    if problems:
+        logger.warning(
+            "checkpoint %s is unusable (%s); resuming from %s instead",
+            chosen.parent / LAST,
+            "; ".join(problems),
+            chosen,
+        )
+
+
+def _no_usable_checkpoint(output_dir, problems: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{Path(output_dir) / 'checkpoints'}: no usable checkpoint to resume from ({'; '.join(problems)}); "
+        "the files were left untouched: move them away to start over"
+    )
+
+
 class CheckpointManager:
-    """Writes and finds the `last` / `previous` checkpoints of one run (see the module docstring)."""
+    """Writes, finds and restores the `last` / `previous` checkpoints of one run (see the module docstring)."""
 
     def __init__(self, output_dir: str | os.PathLike, ctx: DistributedContext):
-        self.root = Path(output_dir) / "checkpoints"
+        self.output_dir = Path(output_dir)
+        self.root = self.output_dir / "checkpoints"
         self.ctx = ctx
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
-        for name in (LAST, PREVIOUS):
-            candidate = self.root / name
-            if (candidate / "trainer_state.json").is_file():
-                return candidate
-        return None
+        """The newest verified checkpoint, or None when there is none (`latest_checkpoint`)."""
+        return latest_checkpoint(self.output_dir)
 
     def save(
         self,
@@ -228,15 +384,10 @@ class CheckpointManager:
         """Writes a checkpoint atomically (a collective: call on every rank); returns its path on rank 0.
 
         `models` maps a file stem to a module; `optimizer_model` holds every parameter the optimizer updates
-        (used to gather FSDP2 optimizer state). `extra` holds more picklable objects for `extra.pt`.
-        Refuses (returns None, with a warning) when a parameter is not finite.
+        (used to gather FSDP2 optimizer state). `extra` holds more plain data (containers, numbers, strings,
+        tensors) for `extra.pt`. Refuses (returns None, with a warning) when a parameter is not finite.
         """
-        ok = torch.tensor([1.0 if all_finite(models) else 0.0], device=self.ctx.device)
-        if self.ctx.is_distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() < 1.0:
+        if not models_finite(models, self.ctx):
             logger.warning(
                 "not writing a checkpoint at step %s: the parameters are not finite",
                 trainer_state.get("step"),
@@ -268,15 +419,16 @@ class CheckpointManager:
             if extra:
                 torch.save(dict(extra), tmp / "extra.pt")
                 written.append(tmp / "extra.pt")
-            with open(tmp / "trainer_state.json", "w") as handle:
+            with open(tmp / TRAINER_STATE, "w") as handle:
                 json.dump(dict(trainer_state, world_size=self.ctx.world_size), handle, indent=1)
-            written.append(tmp / "trainer_state.json")
+            written.append(tmp / TRAINER_STATE)
             for path in written:
                 _fsync_file(path)
-        self.ctx.barrier()
+        self.ctx.barrier()  # every rank's RNG file is in place before the manifest lists them
 
         final = self.root / LAST
         if self.ctx.is_main:
+            write_manifest(tmp)
             _fsync_dir(tmp)
             trash = self.root / ".trash"
             if trash.exists():
@@ -292,6 +444,61 @@ class CheckpointManager:
         self.ctx.barrier()
         return final if self.ctx.is_main else None
 
+    def read_latest(self, model_names: Sequence[str]) -> CheckpointData | None:
+        """The newest checkpoint that verifies and reads whole, or None when the run has none; a damaged
+        `last` falls back to `previous` with a warning, CheckpointError when neither is usable."""
+        problems = []
+        for candidate in checkpoint_candidates(self.output_dir):
+            try:
+                data = read_checkpoint(candidate, model_names, self.ctx.rank, self.ctx.world_size)
+            except CheckpointError as error:
+                problems.append(f"{candidate.name}/: {str(error).removeprefix(f'{candidate}: ')}")
+                continue
+            _warn_fallback(candidate, problems)
+            return data
+        if problems:
+            raise _no_usable_checkpoint(self.output_dir, problems)
+        return None
+
+    def apply(
+        self,
+        data: CheckpointData,
+        *,
+        models: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        generators: Mapping[str, torch.Generator] | None = None,
+        optimizer_model: nn.Module | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restores models, optimizer, scheduler and RNG states from `data`; returns (trainer_state, extra).
+
+        CheckpointError when the checkpoint does not fit (another model, another optimizer set-up)."""
+        try:
+            for name, model in models.items():
+                load_full_model_state(model, data.models[name])
+            load_full_optimizer_state(optimizer, optimizer_model, data.optimizer)
+            if scheduler is not None and data.scheduler is not None:
+                scheduler.load_state_dict(data.scheduler)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise CheckpointError(
+                f"{data.path}: does not fit the models being trained ({type(error).__name__}: {_brief(error)})"
+            ) from None
+        saved_world = data.trainer_state.get("world_size", 1)
+        if saved_world == self.ctx.world_size and data.rng is not None:
+            try:
+                set_rng_state(data.rng, generators)
+            except (RuntimeError, ValueError, KeyError, TypeError) as error:
+                raise CheckpointError(
+                    f"{data.path}: bad RNG state ({type(error).__name__}: {error})"
+                ) from None
+        else:
+            logger.warning(
+                "resuming on %d processes from a checkpoint of %d: RNG streams restart from the seed",
+                self.ctx.world_size,
+                saved_world,
+            )
+        return data.trainer_state, data.extra
+
     def load(
         self,
         path: Path,
@@ -302,28 +509,16 @@ class CheckpointManager:
         generators: Mapping[str, torch.Generator] | None = None,
         optimizer_model: nn.Module | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restores models, optimizer, scheduler and RNG states; returns (trainer_state, extra)."""
-        path = Path(path)
-        with open(path / "trainer_state.json") as handle:
-            trainer_state = json.load(handle)
-        saved_world = trainer_state.get("world_size", 1)
-        for name, model in models.items():
-            load_full_model_state(model, load_safetensors(path / f"{name}.safetensors"))
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        load_full_optimizer_state(optimizer, optimizer_model, optimizer_state)
-        if scheduler is not None and (path / "scheduler.pt").is_file():
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng_path = path / f"rng_rank{self.ctx.rank}.pt"
-        if saved_world == self.ctx.world_size and rng_path.is_file():
-            set_rng_state(torch.load(rng_path, weights_only=False), generators)
-        else:
-            logger.warning(
-                "resuming on %d processes from a checkpoint of %d: RNG streams restart from the seed",
-                self.ctx.world_size,
-                saved_world,
-            )
-        extra = torch.load(path / "extra.pt", weights_only=False) if (path / "extra.pt").is_file() else {}
-        return trainer_state, extra
+        """Verifies, reads and restores the checkpoint at `path`; returns (trainer_state, extra)."""
+        data = read_checkpoint(path, list(models), self.ctx.rank, self.ctx.world_size)
+        return self.apply(
+            data,
+            models=models,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generators=generators,
+            optimizer_model=optimizer_model,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ def read_metrics(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float
 class MetricsLogger:
     """Appends `{"step": s, **metrics}` lines to `<output_dir>/metrics.jsonl` and mirrors them to TensorBoard.
 
-    `resume=True` keeps the lines of an interrupted run up to and including `start_step` and drops the
-    rest, so the file reads as one run after a resume.
+    `keep_lines=n` (a resumed run: the line count its checkpoint recorded) keeps the first n lines of an
+    interrupted run and drops the rest, so the file reads as one uninterrupted run; None starts a new file.
+    `lines` counts the lines the file holds.
     """
 
     def __init__(
@@ -48,27 +49,34 @@ class MetricsLogger:
         output_dir: str | os.PathLike,
         *,
         enabled: bool = True,
-        resume_step: int | None = None,
+        keep_lines: int | None = None,
         tensorboard: bool = True,
     ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.lines = 0
         self._writer = None
         self._file = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
+        if keep_lines is not None and self.path.exists():
             kept = []
-            with open(self.path) as handle:
+            with open(self.path, "rb") as handle:
                 for line in handle:
-                    try:
-                        if json.loads(line).get("step", 0) <= resume_step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except json.JSONDecodeError:  # a line cut short by a kill
+                    if len(kept) >= keep_lines or not line.endswith(b"\n"):  # a line cut short by a kill
                         break
-            self.path.write_text("".join(kept))
-        elif resume_step is None and self.path.exists():
+                    kept.append(line)
+            if len(kept) < keep_lines:
+                logger.warning(
+                    "%s holds %d complete lines, fewer than the %d its checkpoint counted",
+                    self.path,
+                    len(kept),
+                    keep_lines,
+                )
+            _replace(self.path, b"".join(kept))
+            self.lines = len(kept)
+        elif self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")  # noqa: SIM115 - held for the whole run, closed by close()
         if tensorboard:
@@ -88,9 +96,16 @@ class MetricsLogger:
             record[name] = value if math.isfinite(value) else str(value)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.lines += 1
         if self._writer is not None:
             for name, value in metrics.items():
                 self._writer.add_scalar(name, float(value), step)
+
+    def sync(self) -> None:
+        """Makes the lines written so far durable (before a checkpoint counts them)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file is not None:
@@ -99,6 +114,16 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _replace(path: Path, content: bytes) -> None:
+    """Writes `content` to `path` atomically (a temporary file beside it, renamed over it)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 class ProgressBar:

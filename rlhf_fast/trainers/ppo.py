@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from rlhf_fast.rollout import sample
 from rlhf_fast.trainers._common import (
     BadStepCounter,
     RunConfig,
+    RunLoop,
     epoch_order,
     gradient_sync,
     guarded_step,
@@ -48,7 +48,6 @@ from rlhf_fast.trainers._common import (
 from rlhf_fast.trainers._modules import PolicyLogprobs, RewardScores, ValueScores
 from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, is_fsdp, seed_everything, wrap_model
-from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 from rlhf_fast.trainers.sft import _load_policy, _pad_token_id
 
 
@@ -211,7 +210,7 @@ def _masked_var(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return _masked_mean((x - mean) ** 2, valid)
 
 
-class PPOTrainer:
+class PPOTrainer(RunLoop):
     """RLHF with PPO (and PPO-ptx) against a reward model.
 
     Args:
@@ -231,6 +230,10 @@ class PPOTrainer:
     val/{explained_variance, clipfrac, mean}, episode/{length, eos_fraction}, train/{lr, grad_norm, skipped,
     nonfinite_rewards, response_tokens}, time/{seconds, tokens_per_second (generated tokens)}.
     """
+
+    _progress_desc = "ppo"
+    _progress_keys = ("objective/scores", "objective/kl", "policy/approx_kl", "loss/value")
+    _step_name = "iteration"
 
     def __init__(
         self,
@@ -349,7 +352,7 @@ class PPOTrainer:
         self.sample_generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + 17 + ctx.rank)
         self.shuffle_generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + 3)
         self.checkpoints = CheckpointManager(config.output_dir, ctx)
-        self.bad_iterations = BadStepCounter(config.max_bad_steps, what="iteration")
+        self.bad_steps = BadStepCounter(config.max_bad_steps, what="iteration")
         self.iteration_index = 0
         self.ptx_position = 0
 
@@ -570,104 +573,63 @@ class PPOTrainer:
             (self.config.ptx_coef * nll).backward()
         return nll.detach()
 
-    # ---------------------------------------------------------------------------------------- training
-    def _state(self) -> dict:
-        return {
-            "step": self.iteration_index,
-            "ptx_position": self.ptx_position,
-            "kl_controller": self.kl_controller.state_dict(),
-            "bad_steps": self.bad_iterations.state_dict(),
-            "seed": self.config.seed,
-        }
+    # ---------------------------------------------------------------------------------- the run loop
+    @property
+    def iteration_index(self) -> int:
+        """Iterations done (the run loop's step)."""
+        return self.global_step
+
+    @iteration_index.setter
+    def iteration_index(self, value: int) -> None:
+        self.global_step = value
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_iterations
+
+    def _checkpoint_models(self) -> dict[str, nn.Module]:
+        return {"policy": self.policy_module, "value": self.value_module}
+
+    def _optimizer_model(self) -> nn.Module:
+        return self.trained
 
     def _generators(self) -> dict[str, torch.Generator]:
         return {"sample": self.sample_generator, "shuffle": self.shuffle_generator}
 
-    def _save(self) -> None:
-        self.checkpoints.save(
-            models={"policy": self.policy_module, "value": self.value_module},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            trainer_state=self._state(),
-            generators=self._generators(),
-            optimizer_model=self.trained,
-        )
+    def _run_state(self) -> dict:
+        return {"ptx_position": self.ptx_position, "kl_controller": self.kl_controller.state_dict()}
 
-    def _resume(self) -> None:
-        path = self.checkpoints.latest() if self.config.resume else None
-        if path is None:
-            return
-        state, _ = self.checkpoints.load(
-            path,
-            models={"policy": self.policy_module, "value": self.value_module},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            generators=self._generators(),
-            optimizer_model=self.trained,
-        )
-        self.iteration_index = state["step"]
+    def _load_run_state(self, state: dict) -> None:
         self.ptx_position = state["ptx_position"]
         self.kl_controller.load_state_dict(state["kl_controller"])
-        self.bad_iterations.load_state_dict(state.get("bad_steps", {}))
 
-    def train(self) -> dict[str, float]:
-        """Runs (or resumes) PPO for `total_iterations`; returns the last logged metrics."""
-        config = self.config
-        self._resume()
-        resumed = self.iteration_index if config.resume and self.iteration_index > 0 else None
-        log = MetricsLogger(config.output_dir, enabled=self.ctx.is_main, resume_step=resumed)
-        bar = ProgressBar(
-            self.total_iterations,
-            initial=self.iteration_index,
-            desc="ppo",
-            keys=("objective/scores", "objective/kl", "policy/approx_kl", "loss/value"),
-            enabled=self.ctx.is_main,
+    def _run_step(self, index: int) -> dict[str, torch.Tensor]:
+        prompts = self.prompt_batch(index)
+        return self.iteration(prompts["prompt_ids"], prompts["prompt_mask"], self.pretrain_batches())
+
+    def _step_problem(self, values: dict[str, float]) -> tuple[bool, str]:
+        bad = values["train/nonfinite_rewards"] > 0 or values["train/skipped"] > 0
+        return bad, f"{values['train/skipped']:.0f} optimizer steps skipped"
+
+    def _step_record(self, values: dict[str, float], lr: float, seconds: float) -> dict[str, float]:
+        tokens_per_second = values["train/response_tokens"] / max(seconds, 1e-9)
+        return {
+            **values,
+            "train/lr": lr,
+            "time/seconds": seconds,
+            "time/tokens_per_second": tokens_per_second,
+        }
+
+    def _export(self) -> None:
+        export_pretrained(
+            self.policy,
+            Path(self.config.output_dir) / "final",
+            self.ctx,
+            tokenizer=self.tokenizer,
+            skeleton=self._skeleton,
+            prefix="policy.",
+            state_source=self.policy_module,
         )
-        last: dict[str, float] = {}
-        try:
-            while self.iteration_index < self.total_iterations:
-                started = time.perf_counter()
-                prompts = self.prompt_batch(self.iteration_index)
-                pretrain = self.pretrain_batches()
-                metrics = self.iteration(prompts["prompt_ids"], prompts["prompt_mask"], pretrain)
-                values = read_metrics(metrics)  # the one host read of the iteration
-                lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
-                self.iteration_index += 1
-                seconds = time.perf_counter() - started
-                values.update(
-                    {
-                        "train/lr": lr,
-                        "time/seconds": seconds,
-                        "time/tokens_per_second": values["train/response_tokens"] / max(seconds, 1e-9),
-                    }
-                )
-                bad = values["train/nonfinite_rewards"] > 0 or values["train/skipped"] > 0
-                self.bad_iterations.update(
-                    bad, self.iteration_index, f"{values['train/skipped']:.0f} optimizer steps skipped"
-                )
-                if self.iteration_index % config.log_every == 0:
-                    log.log(self.iteration_index, values)
-                bar.update(values)
-                last = values
-                # No checkpoint during a run of skipped steps: the last one before it stays the newest.
-                due = config.save_every and self.iteration_index % config.save_every == 0
-                if due and self.bad_iterations.consecutive == 0:
-                    self._save()
-            self._save()
-            export_pretrained(
-                self.policy,
-                Path(config.output_dir) / "final",
-                self.ctx,
-                tokenizer=self.tokenizer,
-                skeleton=self._skeleton,
-                prefix="policy.",
-                state_source=self.policy_module,
-            )
-        finally:
-            bar.close()
-            log.close()
-        return last
 
 
 __all__ = ["AdaptiveKLController", "FixedKLController", "PPOConfig", "PPOTrainer"]

@@ -256,19 +256,21 @@ class RewardTrainer(EpochTrainer):
     def _checkpointed_model(self):
         return self.model
 
-    def _extra_state(self) -> dict:
+    def _run_state(self) -> dict:
         return {"normalization_bias": self.model.normalization_bias}
 
-    def _load_extra_state(self, state: dict) -> None:
+    def _load_run_state(self, state: dict) -> None:
         self.model.set_normalization(state.get("normalization_bias", 0.0))
 
-    def _finish(self, log, last: dict[str, float]) -> None:
-        """Normalizes the scores (when asked), then saves the final checkpoint and model."""
-        if self.config.normalize and self.normalization_data:
-            bias = self.normalize()
-            log.log(self.global_step, {"normalization/bias": bias})
-            last["normalization/bias"] = bias
-        self._save(self.config.epochs, 0)
+    def _before_final_checkpoint(self, log) -> dict[str, float]:
+        """Normalizes the scores (when asked), logged with the last step."""
+        if not (self.config.normalize and self.normalization_data):
+            return {}
+        bias = self.normalize()
+        log.log(self.global_step, {"normalization/bias": bias})
+        return {"normalization/bias": bias}
+
+    def _export(self) -> None:
         export_pretrained(
             self.model,
             Path(self.config.output_dir) / "final",
@@ -276,10 +278,6 @@ class RewardTrainer(EpochTrainer):
             tokenizer=self.tokenizer,
             skeleton=self._skeleton,
         )
-
-    def train(self) -> dict[str, float]:
-        """Runs (or resumes) training, then normalizes the scores; returns the last logged metrics."""
-        return super().train()
 
 
 __all__ = ["RewardConfig", "RewardTrainer"]

@@ -239,8 +239,7 @@ class SFTTrainer(EpochTrainer):
     def _checkpointed_model(self):
         return self.module
 
-    def _finish(self, log, last: dict[str, float]) -> None:
-        self._save(self.config.epochs, 0)
+    def _export(self) -> None:
         export_pretrained(
             self.policy,
             Path(self.config.output_dir) / "final",

@@ -377,3 +377,85 @@ def test_data_error_survives_pickling():
         error.kind,
         str(error),
     )
+
+
+# ------------------------------------------------------------------------------------ hostile input
+
+
+def test_a_giant_line_is_refused_unread(tmp_path):
+    """A line over the byte limit is an error naming its line, read in bounded memory (never held whole),
+    and the lines after it keep their numbers."""
+    import tracemalloc
+
+    path = tmp_path / "giant.jsonl"
+    with open(path, "wb") as file:
+        file.write(json.dumps(GOOD["demonstrations"]).encode() + b"\n")
+        file.write(b'{"prompt": "' + b"w1 " * 10_000_000 + b'", "response": "w2"}\n')  # 30 MB
+        file.write(b"not json\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as caught:
+            read_demonstrations(path, max_record_bytes=4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_names(caught.value, path, 2, "-")
+    assert caught.value.kind == "record_too_large" and "4096" in str(caught.value)
+    assert peak < 8 * 2**20, peak
+    skipped = read_demonstrations(path, max_record_bytes=4096, on_bad_record="skip")
+    assert skipped.skipped == collections.Counter({"record_too_large": 1, "malformed_json": 1})
+    assert skipped.first_skipped["malformed_json"].line == 3
+
+
+@pytest.mark.parametrize("size", [99, 100, 101])
+def test_the_byte_limit_counts_the_record_without_its_line_break(write_lines, size):
+    record = '{"text": "' + "w" * (size - 12) + '"}'
+    assert len(record) == size
+    path = write_lines([record])
+    if size <= 100:
+        assert len(read_pretrain_text(path, max_record_bytes=100)) == 1
+    else:
+        with pytest.raises(DataError, match="101 bytes"):
+            read_pretrain_text(path, max_record_bytes=100)
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ('{"prompt": "w1", "response": "w2", "prompt": "w3"}', "prompt"),
+        ('{"messages": [{"role": "user", "content": "a", "role": "system"}], "response": "w2"}', "role"),
+    ],
+)
+def test_duplicate_keys_are_refused(write_lines, line, field):
+    path = write_lines([GOOD["demonstrations"], line])
+    with pytest.raises(DataError, match="duplicate") as caught:
+        read_demonstrations(path)
+    assert_names(caught.value, path, 2, field)
+    assert caught.value.kind == "duplicate_key"
+
+
+@pytest.mark.parametrize(
+    "reader_name, line, field",
+    [
+        ("demonstrations", '{"prompt": "w1 \\ud800", "response": "w2"}', "prompt"),
+        (
+            "rankings",
+            '{"prompt": "w1", "completions": ["w2", "\\udfff w3"], "ranks": [0, 1]}',
+            "completions[1]",
+        ),
+        ("prompts", '{"messages": [{"role": "user", "content": "x\\ud83d"}]}', "messages[0].content"),
+        ("pretrain", '{"text": "\\ud800"}', "text"),
+        ("prompts", '{"prompt": "w1", "\\ud800": 1}', "\\ud800"),
+    ],
+)
+def test_a_lone_surrogate_is_invalid_text_naming_the_field(write_lines, reader_name, line, field):
+    path = write_lines([GOOD[reader_name], line])
+    with pytest.raises(DataError, match="surrogate") as caught:
+        READERS[reader_name](path)
+    assert_names(caught.value, path, 2, field)
+    str(caught.value).encode("utf-8")  # the message itself prints anywhere
+
+
+def test_a_surrogate_pair_escape_is_valid_text(write_lines):
+    path = write_lines(['{"prompt": "w1 \\ud83d\\ude00", "response": "w2"}'])
+    assert read_demonstrations(path)[0].prompt == "w1 \U0001f600"

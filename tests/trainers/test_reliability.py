@@ -215,3 +215,229 @@ def test_too_many_bad_steps_abort_and_keep_the_last_good_checkpoint(kind, tmp_pa
     for name in toy.TRAINED_FILES[kind]:
         tensors = load_safetensors(last / f"{name}.safetensors")
         assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+# ------------------------------------------------------------------------- hostile or damaged checkpoints
+
+
+class _Payload:
+    """Unpickling this object runs code: it writes `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _two_checkpoints(tmp_path):
+    """A manager with checkpoints at steps 1 (previous) and 2 (last) of a tiny model."""
+    manager = CheckpointManager(tmp_path, init_distributed("cpu"))
+    model, optimizer = _tiny_state()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for step in (1, 2):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        manager.save(
+            models={"model": model},
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer_state={"step": step},
+            extra={"note": "plain data"},
+        )
+    return manager, model, optimizer, scheduler
+
+
+def _restore(manager, model, optimizer, scheduler) -> int:
+    data = manager.read_latest(["model"])
+    state, _ = manager.apply(data, models={"model": model}, optimizer=optimizer, scheduler=scheduler)
+    return state["step"]
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_rank0.pt", "extra.pt"])
+@pytest.mark.parametrize("reseal", [False, True], ids=["manifest-stale", "manifest-rewritten"])
+def test_a_pickle_in_a_checkpoint_never_runs(name, reseal, tmp_path, caplog):
+    """A payload planted in `last/` is refused (by the manifest, or by the weights-only unpickler when the
+    manifest was rewritten to match it); resume falls back to `previous/`, naming the file."""
+    from rlhf_fast.trainers.manifest import write_manifest
+
+    manager, model, optimizer, scheduler = _two_checkpoints(tmp_path)
+    last = tmp_path / "checkpoints" / "last"
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _Payload(marker)}, last / name)
+    if reseal:
+        write_manifest(last)
+    with caplog.at_level(logging.WARNING, logger="rlhf_fast.trainers"):
+        assert _restore(manager, model, optimizer, scheduler) == 1
+    assert not marker.exists()
+    assert name in caplog.text and "previous" in caplog.text
+    assert torch.equal(model.weight, torch.full_like(model.weight, 1.0))
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("model.safetensors", "truncate"),
+        ("optimizer.pt", "truncate"),
+        ("trainer_state.json", "truncate"),
+        ("rng_rank0.pt", "empty"),
+        ("manifest.json", "delete"),
+        ("manifest.json", "garble"),
+    ],
+)
+def test_a_damaged_last_checkpoint_falls_back_to_previous(name, damage, tmp_path, caplog):
+    manager, model, optimizer, scheduler = _two_checkpoints(tmp_path)
+    path = tmp_path / "checkpoints" / "last" / name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="rlhf_fast.trainers"):
+        assert manager.latest() == tmp_path / "checkpoints" / "previous"
+        assert _restore(manager, model, optimizer, scheduler) == 1
+    assert name in caplog.text
+
+
+def test_no_usable_checkpoint_is_an_error_that_leaves_the_files(tmp_path):
+    from rlhf_fast.trainers.checkpoint import CheckpointError
+
+    manager, model, optimizer, scheduler = _two_checkpoints(tmp_path)
+    root = tmp_path / "checkpoints"
+    (root / "last" / "optimizer.pt").write_bytes(b"")
+    (root / "previous" / "model.safetensors").write_bytes(b"\0" * 10)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError) as error:
+        _restore(manager, model, optimizer, scheduler)
+    message = str(error.value)
+    assert "last/: optimizer.pt" in message and "previous/: model.safetensors" in message
+    assert "\n" not in message
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_resume_with_only_unusable_checkpoints_never_starts_over(tmp_path):
+    from rlhf_fast.trainers.checkpoint import CheckpointError
+
+    trainer = toy.make_trainer("sft", tmp_path, max_steps=2, save_every=1)
+    trainer.train()
+    last = tmp_path / "checkpoints" / "last"
+    (tmp_path / "checkpoints" / "previous" / "trainer_state.json").write_text("{}")
+    (last / "policy.safetensors").write_bytes(b"")
+    kept = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    log = (tmp_path / "metrics.jsonl").read_bytes()
+    resumed = toy.make_trainer("sft", tmp_path, max_steps=3, save_every=1, resume=True)
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        resumed.train()
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == kept
+    assert (tmp_path / "metrics.jsonl").read_bytes() == log
+
+
+# -------------------------------------------------------------------------- non-finite weights at the end
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonfinite_weights_are_never_exported(kind, tmp_path):
+    """Weights that turn non-finite in the last step (finite loss, e.g. an absurd learning rate) abort the
+    run before the final checkpoint and export; the last good checkpoint stays."""
+    trainer = toy.make_trainer(kind, tmp_path, save_every=1)
+    step_method = "iteration" if kind == "ppo" else "train_step"
+    original = getattr(trainer, step_method)
+
+    def poisoned(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if trainer.global_step == trainer.total_steps - 1:  # the last step
+            with torch.no_grad():
+                module = next(iter(trainer._checkpoint_models().values()))
+                next(module.parameters()).fill_(float("inf"))
+        return result
+
+    setattr(trainer, step_method, poisoned)
+    with pytest.raises(NonFiniteError, match="not finite"):
+        trainer.train()
+    assert not (tmp_path / "final").exists()
+    last = tmp_path / "checkpoints" / "last"
+    assert f'"step": {trainer.total_steps - 1}' in (last / "trainer_state.json").read_text()
+    for name in toy.TRAINED_FILES[kind]:
+        assert all(torch.isfinite(t).all() for t in load_safetensors(last / f"{name}.safetensors").values())
+
+
+# ----------------------------------------------------------------------- the log after a resume, the lock
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stop", ["before-final-checkpoint", "during-export"])
+def test_log_after_a_stop_at_the_end_equals_an_uninterrupted_run(kind, stop, tmp_path):
+    """Stopped after the last step (before the final checkpoint, or during the export), then resumed: the
+    metrics file holds each line once, as an uninterrupted run writes it (time/ values aside)."""
+
+    class Stop(Exception):
+        pass
+
+    run_dir, reference_dir = tmp_path / "stopped", tmp_path / "reference"
+    trainer = toy.make_trainer(kind, run_dir, save_every=1)
+    if stop == "during-export":
+        trainer._export = lambda: (_ for _ in ()).throw(Stop())
+    else:
+        save = trainer._save
+
+        def save_unless_final(*, finished=False):
+            if finished:
+                raise Stop
+            save(finished=finished)
+
+        trainer._save = save_unless_final
+    with pytest.raises(Stop):
+        trainer.train()
+    resumed = toy.make_trainer(kind, run_dir, save_every=1, resume=True)
+    resumed.train()
+    assert (run_dir / "final" / "config.json").is_file()
+    toy.make_trainer(kind, reference_dir, save_every=1).train()
+
+    def lines(directory):
+        records = read_jsonl(directory / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+    assert lines(run_dir) == lines(reference_dir)
+
+
+def test_a_second_run_in_one_output_directory_is_refused(tmp_path):
+    from rlhf_fast.trainers.lock import OutputLocked, lock_output_dir
+
+    # Another process holding the lock as `lock_output_dir` does (flock + its pid and host), without the
+    # package's import time.
+    script = (
+        "import fcntl, json, os, socket, sys, time\n"
+        "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        trainer = toy.make_trainer("sft", tmp_path, max_steps=1)
+        with pytest.raises(OutputLocked, match=f"process {holder.pid} on host "):
+            trainer.train()
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock_output_dir(tmp_path):  # the holder died (SIGKILL): its lock is taken over
+        pass
+
+
+def test_a_checkpoint_of_another_model_is_an_error_naming_it(tmp_path):
+    from rlhf_fast.trainers.checkpoint import CheckpointError
+
+    manager, _model, _optimizer, _scheduler = _two_checkpoints(tmp_path)
+    other = nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match="does not fit the models") as error:
+        manager.apply(
+            manager.read_latest(["model"]), models={"model": other}, optimizer=optimizer, scheduler=None
+        )
+    assert str(tmp_path / "checkpoints" / "last") in str(error.value) and "\n" not in str(error.value)
