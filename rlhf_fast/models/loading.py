@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -220,7 +221,9 @@ def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
         bias="none",
     )
     try:
-        wrapper = peft.get_peft_model(part, config)
+        with warnings.catch_warnings():  # GPT-2's Conv1D layers: peft switches fan_in_fan_out on, and says so
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            wrapper = peft.get_peft_model(part, config)
     except ValueError as error:
         raise ValueError(f"lora: {error}") from None
     for name, parameter in part.named_parameters():

@@ -309,6 +309,7 @@ class PPOTrainer:
         if isinstance(self.reward_model, nn.Module):
             self.reward_model.requires_grad_(False).eval()
         if value_model is None and precision.lora is not None and isinstance(reward_model, RewardModel):
+            store_frozen(self.reward_model, precision.dtype)
             value_model = shared_base_value_model(self.reward_model, precision)  # a LoRA head on the RM's base
         else:
             if value_model is None:  # copied before the reward model is stored in the compute dtype
@@ -319,8 +320,8 @@ class PPOTrainer:
                 )
                 value_model.requires_grad_(True)  # the copy of a frozen reward model must still train
             value_model = prepare_trained(value_model, precision)
-        if isinstance(self.reward_model, RewardModel):
-            store_frozen(self.reward_model, precision.dtype)
+            if isinstance(self.reward_model, RewardModel):
+                store_frozen(self.reward_model, precision.dtype)
         self.value_model = value_model
         for model in (self.policy, self.ref_policy, self.value_model):
             model.eval()  # no dropout anywhere in PPO: the ratio and the KL need a deterministic forward
