@@ -297,7 +297,8 @@ class MemoryPlan:
 
 
 def gib(size: float) -> str:
-    return f"{size / GIB:.2f} GiB"
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 1024**2:.1f} MiB"
 
 
 @dataclasses.dataclass(frozen=True)

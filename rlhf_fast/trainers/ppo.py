@@ -111,6 +111,9 @@ class PPOConfig(RunConfig):
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
+    # CLI: a reward model whose tokenizer differs from the policy's scores decoded and re-encoded text
+    # (the trainer does so whenever it is given a differing `reward_tokenizer`)
+    reencode_for_reward: bool = False
     output_dir: str = "runs/ppo"
 
     def check(self) -> None:

@@ -240,3 +240,45 @@ def test_lora_ppo_of_a_7b_model_fits_one_141_gb_gpu_and_the_largest_batch_is_fou
     largest = largest_fitting(make, device, step=8, limit=4096)
     assert largest % 8 == 0 and largest >= 64
     assert make(largest).peak_bytes <= device < make(largest + 8).peak_bytes
+
+
+def test_dry_run_prints_the_plan_and_the_largest_batch_without_loading_weights(tmp_path, capsys, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rlhf_fast.cli.app import main
+    from rlhf_fast.trainers.memory import gib
+    from tests.cli.conftest import build_causal_lm_dir, prompts, write_lines
+
+    model_dir = build_causal_lm_dir(tmp_path / "lm")
+    reward_dir = tmp_path / "rm"
+    RewardModel.from_policy(str(model_dir)).save_pretrained(reward_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    data = write_lines(tmp_path / "prompts.jsonl", prompts(16))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded")
+
+    for name in ("from_pretrained", "from_policy", "from_causal_lm"):
+        monkeypatch.setattr(RewardModel, name, refuse)
+    monkeypatch.setattr(PolicyModel, "from_pretrained", refuse)
+    code = main([
+        "ppo", "--policy", str(model_dir), "--reward", str(reward_dir), "--prompts", str(data),
+        "--out", str(tmp_path / "run"), "--dry-run", "--device-memory", "0.02", "--set", "batch_size=8",
+        "--set", "num_minibatches=2", "--set", "max_new_tokens=8", "--set", "dtype=bfloat16",
+        "--set", "gradient_checkpointing=true", "--set", "lora.r=4", "--no-progress",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    config = AutoConfig.from_pretrained(model_dir)
+    ppo = PPOConfig(batch_size=8, num_minibatches=2, max_new_tokens=8)
+    setting = Setting(torch.bfloat16, "cpu", gradient_checkpointing=True, lora=LoRAConfig(r=4))
+    prompt_limit = config.n_positions - 8
+    plan = plan_ppo(config, config, ppo, prompt_limit, setting)
+    assert "memory plan: ppo" in out and "LoRA r=4" in out
+    assert f"peak per device {'':<42}{gib(plan.peak_bytes):>10}".split() == [
+        line for line in out.splitlines() if "peak per device" in line
+    ][0].split()
+    largest = largest_fitting(
+        lambda batch: plan_ppo(config, config, dataclasses.replace(ppo, batch_size=batch), prompt_limit, setting),
+        0.02 * 1024**3, step=2,
+    )  # fmt: skip
+    assert f"largest batch_size (prompts per iteration) that fits: {largest}" in out
