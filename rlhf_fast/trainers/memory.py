@@ -443,7 +443,9 @@ def plan_ppo(policy_config, reward_config, ppo, prompt_length: int, setting: Set
     update = [
         (f"policy activations ({minibatch} rows × {length} tokens{_ckpt(setting)})", policy_acts.saved),
         (f"value activations ({minibatch} rows × {length} tokens{_ckpt(setting)})", value_acts.saved),
-        ("autocast weight copies", policy_copies + value_copies),
+        # Checkpointed, a model's copies live only to the end of its own forward (autocast's cache); otherwise
+        # backward keeps both models' copies.
+        ("autocast weight copies", _copies_held(policy_copies, value_copies, setting)),
         ("transient: one block's backward", 2 * max(policy_acts.block, value_acts.block)),
         ("LM head gradient (first in backward)", head_grad),
         ("FSDP2 gathered blocks", _fsdp_gather(policy, setting)),
@@ -456,6 +458,10 @@ def plan_ppo(policy_config, reward_config, ppo, prompt_length: int, setting: Set
     if lora:
         plan.notes.append("reference = the policy's base with adapters off (no second copy)")
     return plan
+
+
+def _copies_held(policy: int, value: int, setting: Setting) -> int:
+    return max(policy, value) if setting.gradient_checkpointing else policy + value
 
 
 def largest_fitting(make_plan: Callable[[int], MemoryPlan], device_bytes: float, *, step: int = 1, limit: int = 1 << 16) -> int:
