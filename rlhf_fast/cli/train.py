@@ -115,7 +115,9 @@ def _prepare(job: Job, args, tokenizer, truncation: str, limits: dict[str, int])
     return _dry_run(job, tokenizer, truncation, limits, getattr(args, "device_memory", None))
 
 
-def _dry_run(job: Job, tokenizer, truncation: str, limits: dict[str, int], device_gib: float | None = None) -> int:
+def _dry_run(
+    job: Job, tokenizer, truncation: str, limits: dict[str, int], device_gib: float | None = None
+) -> int:
     """Prints each file's statistics, then fits the data to the limits exactly as training would."""
     from rlhf_fast.config import config_to_dict
 
@@ -177,7 +179,9 @@ def _model_config(flag: str, model_dir: str):
     try:
         return AutoConfig.from_pretrained(model_dir)
     except Exception as error:  # noqa: BLE001 (a config that does not load: say so, plan nothing)
-        raise CLIError(f"{flag} {model_dir}: cannot read its config.json for the memory plan ({error})") from None
+        raise CLIError(
+            f"{flag} {model_dir}: cannot read its config.json for the memory plan ({error})"
+        ) from None
 
 
 def _encode_all(job: Job, tokenizer, truncation: str, limits: dict[str, int]) -> None:
@@ -290,7 +294,12 @@ def _epoch_memory(config, args, flag: str, model_dir: str, length: int, head: st
     def plan_at(rows: int):
         return plan_epoch_step(model_config, rows, length, setting, head=head, what=what)
 
-    return plan_at, items * per_item, per_item, "sequences per forward (micro_batch_size × completions)" if per_item > 1 else "micro_batch_size"
+    return (
+        plan_at,
+        items * per_item,
+        per_item,
+        "sequences per forward (micro_batch_size × completions)" if per_item > 1 else "micro_batch_size",
+    )
 
 
 def _ppo_memory(config, args, policy_dir: str, reward_dir: str, prompt_length: int):
@@ -301,9 +310,20 @@ def _ppo_memory(config, args, policy_dir: str, reward_dir: str, prompt_length: i
     setting = _plan_setting(config, args)
 
     def plan_at(batch: int):
-        return plan_ppo(policy_config, reward_config, dataclasses.replace(config, batch_size=batch), prompt_length, setting)
+        return plan_ppo(
+            policy_config,
+            reward_config,
+            dataclasses.replace(config, batch_size=batch),
+            prompt_length,
+            setting,
+        )
 
-    return plan_at, config.batch_size, config.num_minibatches * setting.world_size, "batch_size (prompts per iteration)"
+    return (
+        plan_at,
+        config.batch_size,
+        config.num_minibatches * setting.world_size,
+        "batch_size (prompts per iteration)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- sft
@@ -561,7 +581,12 @@ def run_ppo(args) -> int:
     pretrain = by_flag["--pretrain"].items if "--pretrain" in by_flag else None
     trainer = _build(
         lambda: PPOTrainer(
-            config, policy, reward_model, prompts.items, pretrain_data=pretrain, tokenizer=tokenizer,
+            config,
+            policy,
+            reward_model,
+            prompts.items,
+            pretrain_data=pretrain,
+            tokenizer=tokenizer,
             reward_tokenizer=reward_tokenizer,
         )
     )

@@ -93,7 +93,9 @@ def resolve_pad_token_id(pad_token_id: int | None, tokenizer, config) -> int:
         value = getattr(source, "pad_token_id", None) if source is not None else None
         if value is not None:
             return int(value)
-    raise ValueError("pad_token_id is unknown: pass pad_token_id=, or a tokenizer / model config that has one")
+    raise ValueError(
+        "pad_token_id is unknown: pass pad_token_id=, or a tokenizer / model config that has one"
+    )
 
 
 def resolve_eos_token_id(eos_token_id: int | None, tokenizer, config) -> int:
@@ -290,7 +292,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
-def adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The adapters alone, keyed as peft saves them (`PeftModel.from_pretrained` loads them)."""
     peft = _peft()
     wrapper, _ = lora_wrapper(model)
@@ -307,7 +311,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state: dict | N
     os.makedirs(directory, exist_ok=True)
     wrapper.peft_config["default"].save_pretrained(os.fspath(directory))
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model, state).items()}
-    save_file(tensors, os.path.join(os.fspath(directory), "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        tensors, os.path.join(os.fspath(directory), "adapter_model.safetensors"), metadata={"format": "pt"}
+    )
 
 
 # -------------------------------------------------------------------------------------- trainer set-up

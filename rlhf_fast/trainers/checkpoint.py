@@ -388,11 +388,7 @@ def load_strictly(model: nn.Module, state: Mapping[str, torch.Tensor], *, what: 
     missing, unexpected = model.load_state_dict(dict(state), strict=False)
     aliases = _tied_aliases(model)
     reverse = {canonical: alias for alias, canonical in aliases.items()}
-    missing = [
-        name
-        for name in missing
-        if not (aliases.get(name) in state or reverse.get(name) in state)
-    ]
+    missing = [name for name in missing if not (aliases.get(name) in state or reverse.get(name) in state)]
     if missing or unexpected:
         raise ValueError(
             f"{what} does not match the model: missing {sorted(missing)[:8]}"

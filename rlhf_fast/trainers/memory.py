@@ -245,9 +245,7 @@ def activation_bytes(
     for layers, small in zip((1, 2), shallow):
         small.num_hidden_layers = layers
     # Every saved tensor has one row per sequence: trace one row, scale by `rows`.
-    one, two = (
-rows * _traced_row(c, length, targets, dtype, head) for c in shallow
-    )
+    one, two = (rows * _traced_row(c, length, targets, dtype, head) for c in shallow)
     block = max(two - one, 0)
     rest = max(one - block, 0)
     layers = config.num_hidden_layers
@@ -341,7 +339,11 @@ def _trained(label: str, params: int, setting: Setting) -> tuple[list[tuple[str,
     gradients = params * MASTER_BYTES // shards
     optimizer = params * ADAM_BYTES // shards
     copies = params * _bytes(setting.dtype) if setting.autocast else 0  # gathered, so not sharded
-    return [(f"{label} weights (fp32 master)", weights), (f"{label} AdamW state (fp32)", optimizer)], gradients, copies
+    return (
+        [(f"{label} weights (fp32 master)", weights), (f"{label} AdamW state (fp32)", optimizer)],
+        gradients,
+        copies,
+    )
 
 
 def _model_items(label: str, size: ModelSize, params: int, setting: Setting, frozen_base: bool):
@@ -398,10 +400,15 @@ def _ckpt(setting: Setting) -> str:
 
 def _title(what: str, setting: Setting, size: ModelSize) -> str:
     where = (
-        f"{setting.world_size} processes, FSDP2, per device" if setting.shards > 1 else
-        f"{setting.world_size} process{'es' if setting.world_size > 1 else ''}, per device"
-    )  # fmt: skip
-    mode = f"LoRA r={setting.lora.r} ({size.lora_params / 1e6:.1f} M adapter parameters)" if setting.lora else "full"
+        f"{setting.world_size} processes, FSDP2, per device"
+        if setting.shards > 1
+        else f"{setting.world_size} process{'es' if setting.world_size > 1 else ''}, per device"
+    )
+    mode = (
+        f"LoRA r={setting.lora.r} ({size.lora_params / 1e6:.1f} M adapter parameters)"
+        if setting.lora
+        else "full"
+    )
     return (
         f"memory plan: {what}, {size.params / 1e9:.2f} B-parameter model, {mode}, {_name(setting.dtype)} compute, "
         f"{setting.device_type} ({where})"
@@ -420,13 +427,19 @@ def plan_ppo(policy_config, reward_config, ppo, prompt_length: int, setting: Set
     value_params = reward.backbone_params + reward.hidden + 1
     resident, policy_grads, policy_copies = _model_items("policy", policy, policy.params, setting, True)
     if lora:  # the value model is a LoRA head on the reward model's base (shared)
-        items, value_grads, value_copies = _trained("value adapters + head", reward.lora_params + reward.hidden + 1, setting)
-        resident += [("reward model = value base (" + _name(setting.dtype) + ", frozen)", value_params * compute)]
+        items, value_grads, value_copies = _trained(
+            "value adapters + head", reward.lora_params + reward.hidden + 1, setting
+        )
+        resident += [
+            ("reward model = value base (" + _name(setting.dtype) + ", frozen)", value_params * compute)
+        ]
         resident += items
     else:
         items, value_grads, value_copies = _trained("value", value_params, setting)
         resident += items
-        resident += [(f"reference policy ({_name(setting.dtype)}, frozen)", policy.params * compute // shards)]
+        resident += [
+            (f"reference policy ({_name(setting.dtype)}, frozen)", policy.params * compute // shards)
+        ]
         resident += [(f"reward model ({_name(setting.dtype)}, frozen)", value_params * compute // shards)]
     rows_local = ppo.batch_size // world
     minibatch = ppo.batch_size // ppo.num_minibatches // world
@@ -434,11 +447,16 @@ def plan_ppo(policy_config, reward_config, ppo, prompt_length: int, setting: Set
     kv_cache = 2 * policy.layers * rows_local * length * policy.kv_width * _bytes(cache_dtype)
     rollout = [
         (f"sampler KV cache ({rows_local} rows × {length} tokens, {_name(cache_dtype)})", kv_cache),
-        ("policy gathered for sampling (FSDP2)", policy.params * MASTER_BYTES * (shards - 1) // shards if shards > 1 else 0),
-    ]  # fmt: skip
-    kwargs = dict(dtype=setting.dtype, checkpointing=setting.gradient_checkpointing)
+        (
+            "policy gathered for sampling (FSDP2)",
+            policy.params * MASTER_BYTES * (shards - 1) // shards if shards > 1 else 0,
+        ),
+    ]
+    kwargs = {"dtype": setting.dtype, "checkpointing": setting.gradient_checkpointing}
     policy_acts = activation_bytes(policy_config, minibatch, length, targets=ppo.max_new_tokens, **kwargs)
-    value_acts = activation_bytes(reward_config, minibatch, length, targets=ppo.max_new_tokens, head="scalar", **kwargs)
+    value_acts = activation_bytes(
+        reward_config, minibatch, length, targets=ppo.max_new_tokens, head="scalar", **kwargs
+    )
     head_grad = 0 if lora else _head_gradient(policy_config, policy, setting)
     update = [
         (f"policy activations ({minibatch} rows × {length} tokens{_ckpt(setting)})", policy_acts.saved),
@@ -453,7 +471,11 @@ def plan_ppo(policy_config, reward_config, ppo, prompt_length: int, setting: Set
     plan = MemoryPlan(
         _title("ppo", setting, policy),
         resident,
-        [("rollout", rollout), ("update", update), ("optimizer step", [("gradients (fp32)", policy_grads + value_grads)])],
+        [
+            ("rollout", rollout),
+            ("update", update),
+            ("optimizer step", [("gradients (fp32)", policy_grads + value_grads)]),
+        ],
     )
     if lora:
         plan.notes.append("reference = the policy's base with adapters off (no second copy)")
@@ -464,7 +486,9 @@ def _copies_held(policy: int, value: int, setting: Setting) -> int:
     return max(policy, value) if setting.gradient_checkpointing else policy + value
 
 
-def largest_fitting(make_plan: Callable[[int], MemoryPlan], device_bytes: float, *, step: int = 1, limit: int = 1 << 16) -> int:
+def largest_fitting(
+    make_plan: Callable[[int], MemoryPlan], device_bytes: float, *, step: int = 1, limit: int = 1 << 16
+) -> int:
     """The largest multiple of `step` (up to `limit`) whose plan fits in `device_bytes`; 0 if none does."""
     if make_plan(step).peak_bytes > device_bytes:
         return 0
@@ -505,9 +529,13 @@ def _readme_plans() -> list[str]:
         plan = plan_ppo(config, config, ppo, 512, setting)
         step = ppo.num_minibatches * setting.world_size
         largest = largest_fitting(
-            lambda batch, s=setting: plan_ppo(config, config, dataclasses.replace(ppo, batch_size=batch), 512, s),
-            139 * GIB, step=step, limit=4096,
-        )  # fmt: skip
+            lambda batch, s=setting: plan_ppo(
+                config, config, dataclasses.replace(ppo, batch_size=batch), 512, s
+            ),
+            139 * GIB,
+            step=step,
+            limit=4096,
+        )
         out += plan.lines() + verdict(plan, 139 * GIB, largest, "batch_size (prompts per iteration)") + [""]
     return out
 

@@ -11,8 +11,8 @@ from rlhf_fast.models import PolicyModel, RewardModel, build_word_tokenizer, tin
 from rlhf_fast.models.loading import (
     LoRAConfig,
     Precision,
-    add_lora,
     adapters_disabled,
+    add_lora,
     autocast_forward,
     enable_gradient_checkpointing,
     load_policy,
@@ -140,7 +140,9 @@ def test_lora_trains_only_adapters_and_disabling_them_gives_the_base():
     # The merged weights reproduce the adapted model in the adapter-free architecture.
     merged = copy.deepcopy(base)
     merged.hf_model.load_state_dict(merged_state_dict(policy), strict=True)
-    torch.testing.assert_close(PolicyLogprobs(merged)(ids, mask, ids[:, 1:]).logprobs, adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        PolicyLogprobs(merged)(ids, mask, ids[:, 1:]).logprobs, adapted, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_lora_config_is_checked():

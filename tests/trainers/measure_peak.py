@@ -31,16 +31,31 @@ def main(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     config = GPT2Config(
-        vocab_size=spec["vocab"], n_positions=spec["length"], n_embd=spec["hidden"], n_layer=spec["layers"],
-        n_head=spec["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, eos_token_id=2,
-        bos_token_id=1, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=spec["vocab"],
+        n_positions=spec["length"],
+        n_embd=spec["hidden"],
+        n_layer=spec["layers"],
+        n_head=spec["heads"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+        tie_word_embeddings=True,
+    )
     rows, length, steps = spec["rows"], spec["length"], spec.get("steps", 2)
     generator = torch.Generator().manual_seed(0)
     common = dict(
-        learning_rate=1e-4, batch_size=rows, epochs=1, save_every=0, output_dir=spec["out"],
-        dtype=spec.get("dtype", "float32"), gradient_checkpointing=spec.get("checkpointing", False), device="cpu",
-    )  # fmt: skip
+        learning_rate=1e-4,
+        batch_size=rows,
+        epochs=1,
+        save_every=0,
+        output_dir=spec["out"],
+        dtype=spec.get("dtype", "float32"),
+        gradient_checkpointing=spec.get("checkpointing", False),
+        device="cpu",
+    )
     if spec["kind"] == "sft":
         data = [
             SFTExample(torch.randint(4, spec["vocab"], (length,), generator=generator).tolist(), 1, None)
@@ -50,11 +65,16 @@ def main(spec: dict) -> dict:
         prompts = rows // 2
         data = [
             EncodedRanking(
-                [5], tuple(torch.randint(4, spec["vocab"], (length - 1,), generator=generator).tolist() for _ in range(2)),
-                (0, 1), None,
+                [5],
+                tuple(
+                    torch.randint(4, spec["vocab"], (length - 1,), generator=generator).tolist()
+                    for _ in range(2)
+                ),
+                (0, 1),
+                None,
             )
             for _ in range(prompts * steps)
-        ]  # fmt: skip
+        ]
     torch.zeros(1) @ torch.zeros(1)  # the math library's one-time set-up, before the baseline
 
     with open("/proc/self/clear_refs", "w") as handle:
@@ -66,7 +86,9 @@ def main(spec: dict) -> dict:
     if spec["kind"] == "sft":
         trainer = SFTTrainer(SFTConfig(**common, residual_dropout=None), model, data, pad_token_id=0)
     else:
-        trainer = RewardTrainer(RewardConfig(**{**common, "batch_size": rows // 2}), model, data, pad_token_id=0)
+        trainer = RewardTrainer(
+            RewardConfig(**{**common, "batch_size": rows // 2}), model, data, pad_token_id=0
+        )
     del model
     order = list(range(len(data)))
     per_step = len(data) // steps
