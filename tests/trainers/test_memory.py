@@ -348,7 +348,9 @@ def test_dry_run_prints_the_plan_and_the_largest_batch_without_loading_weights(t
 
 def test_lora_reward_model_learns_and_exports_merged_with_its_offset(tmp_path):
     pytest.importorskip("peft")
-    trainer = toy.make_trainer("rm", tmp_path, lora=LoRAConfig(r=4, alpha=8), learning_rate=1e-2, save_every=0)
+    trainer = toy.make_trainer(
+        "rm", tmp_path, lora=LoRAConfig(r=4, alpha=8), learning_rate=1e-2, save_every=0
+    )
     trained = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in name or name.startswith("head.") for name in trained)
     before = trainer.evaluate()
@@ -361,3 +363,22 @@ def test_lora_reward_model_learns_and_exports_merged_with_its_offset(tmp_path):
     mask = ids != 0
     with torch.no_grad():
         torch.testing.assert_close(saved(ids, mask), trainer.model(ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_export_loads_strictly_a_missing_key_is_an_error():
+    from rlhf_fast.trainers.checkpoint import load_strictly
+
+    model = toy.policy()
+    state = dict(model.state_dict())
+    load_strictly(copy_of(model), state, what="state")  # a tied weight under one name is enough
+    state.pop("hf_model.lm_head.weight")
+    load_strictly(copy_of(model), state, what="state")
+    state.pop("hf_model.transformer.h.0.mlp.c_fc.weight")
+    with pytest.raises(ValueError, match=r"missing \['hf_model.transformer.h.0.mlp.c_fc.weight'\]"):
+        load_strictly(copy_of(model), state, what="state")
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
