@@ -37,7 +37,7 @@ import functools
 import os
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -380,9 +380,51 @@ def shared_base_value_model(reward_model, precision: Precision):
     return value
 
 
-def decode_rows(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
-    """Texts of token id rows, special tokens dropped (one batched call)."""
-    return tokenizer.batch_decode([list(row) for row in rows], skip_special_tokens=True)
+def same_vocabulary(first, second) -> bool:
+    """True when two tokenizers map every token to the same id (no re-encoding needed)."""
+    if first is None or second is None or first is second:
+        return True
+    return first.get_vocab() == second.get_vocab()
+
+
+def reencode_for_reward(
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_width: int,
+    eos_token_id: int,
+    tokenizer,
+    reward_tokenizer,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy token rows [B, P+T] (the last `response_width` columns the response) as the reward model's
+    tokenizer encodes the same text: prompt ids + response ids (+ its eos when the response ended with
+    `eos_token_id`), as the data layer encodes a ranking's completion. Decoding and encoding are one batched
+    call each; returns right-padded ids [B, L'] int64 and their mask [B, L'] bool, on the CPU."""
+    from rlhf_fast.data.encode import tokenize_texts
+
+    prompts, responses, ended = [], [], []
+    for row, mask in zip(sequences.tolist(), attention_mask.tolist()):
+        prompt = [t for t, m in zip(row[:-response_width], mask[:-response_width]) if m]
+        response = [t for t, m in zip(row[-response_width:], mask[-response_width:]) if m]
+        ended.append(bool(response) and response[-1] == eos_token_id)
+        prompts.append(prompt)
+        responses.append(response[:-1] if ended[-1] else response)
+    decode = functools.partial(tokenizer.batch_decode, skip_special_tokens=True)
+    prompt_ids = tokenize_texts(reward_tokenizer, decode(prompts))
+    response_ids = tokenize_texts(reward_tokenizer, decode(responses))
+    eos = reward_tokenizer.eos_token_id
+    pad = reward_tokenizer.pad_token_id if reward_tokenizer.pad_token_id is not None else 0
+    rows = [
+        p + r + ([eos] if end and eos is not None else [])
+        for p, r, end in zip(prompt_ids, response_ids, ended)
+    ]
+    rows = [row or [pad] for row in rows]
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.as_tensor(row)
+        mask[index, : len(row)] = True
+    return ids, mask
 
 
 __all__ = [
@@ -399,9 +441,11 @@ __all__ = [
     "load_reward_model",
     "merged_state_dict",
     "prepare_trained",
+    "reencode_for_reward",
     "resolve_dtype",
     "resolve_eos_token_id",
     "resolve_pad_token_id",
+    "same_vocabulary",
     "save_adapter",
     "shared_base_value_model",
     "store_frozen",

@@ -37,11 +37,12 @@ from rlhf_fast.models.loading import (
     WithoutAdapters,
     adapters_disabled,
     autocast_forward,
-    decode_rows,
     load_policy,
     prepare_trained,
+    reencode_for_reward,
     resolve_eos_token_id,
     resolve_pad_token_id,
+    same_vocabulary,
     shared_base_value_model,
     store_frozen,
 )
@@ -221,13 +222,6 @@ def _token_ids(prompt: Any) -> list[int]:
     return prompt.tolist() if isinstance(prompt, torch.Tensor) else [int(token) for token in prompt]
 
 
-def _same_vocabulary(first, second) -> bool:
-    """True when two tokenizers map every token to the same id (no re-encoding needed)."""
-    if first is None or second is None or first is second:
-        return True
-    return first.get_vocab() == second.get_vocab()
-
-
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, 0).sum() / valid.sum().clamp(min=1)
 
@@ -332,7 +326,7 @@ class PPOTrainer:
         self.eos_token_id = resolve_eos_token_id(eos_token_id, tokenizer, self.policy.config)
         # A reward model with its own tokenizer scores re-encoded text (see `score`).
         self.reward_tokenizer = reward_tokenizer
-        self.reencode_for_reward = reward_tokenizer is not None and not _same_vocabulary(
+        self.reencode_for_reward = reward_tokenizer is not None and not same_vocabulary(
             reward_tokenizer, tokenizer
         )
         if self.reencode_for_reward and tokenizer is None:
@@ -474,31 +468,11 @@ class PPOTrainer:
     def _reencode_for_reward(
         self, sequences: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, P+T] policy tokens -> [B, L'] reward-model tokens (right-padded) and their mask."""
-        from rlhf_fast.data.encode import tokenize_texts
-
-        width = self.config.max_new_tokens
-        rows, masks = sequences.cpu(), attention_mask.cpu()
-        prompts, responses, ended = [], [], []
-        for row, mask in zip(rows.tolist(), masks.tolist()):
-            prompt = [t for t, m in zip(row[:-width], mask[:-width]) if m]
-            response = [t for t, m in zip(row[-width:], mask[-width:]) if m]
-            ended.append(bool(response) and response[-1] == self.eos_token_id)
-            prompts.append(prompt)
-            responses.append(response[:-1] if ended[-1] else response)
-        tokenizer = self.reward_tokenizer
-        prompt_ids = tokenize_texts(tokenizer, decode_rows(self.tokenizer, prompts))
-        response_ids = tokenize_texts(tokenizer, decode_rows(self.tokenizer, responses))
-        eos = tokenizer.eos_token_id
-        encoded = [p + r + ([eos] if end and eos is not None else []) for p, r, end in zip(prompt_ids, response_ids, ended)]
-        encoded = [row or [tokenizer.pad_token_id or 0] for row in encoded]
-        length = max(len(row) for row in encoded)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(encoded), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), length), dtype=torch.bool)
-        for index, row in enumerate(encoded):
-            ids[index, : len(row)] = torch.as_tensor(row)
-            mask[index, : len(row)] = True
+        """[B, P+T] policy tokens -> [B, L'] reward-model tokens (right-padded) and their mask, on the device."""
+        ids, mask = reencode_for_reward(
+            sequences.cpu(), attention_mask.cpu(), self.config.max_new_tokens, self.eos_token_id,
+            self.tokenizer, self.reward_tokenizer,
+        )  # fmt: skip
         return self._to_device(ids), self._to_device(mask)
 
     @torch.no_grad()
