@@ -152,7 +152,10 @@ def _memory_lines(job: Job, device_gib: float | None) -> list[str]:
     from rlhf_fast.trainers.memory import largest_fitting, verdict
 
     plan_at, batch, step, what = job.memory()
-    plan = plan_at(batch)
+    try:
+        plan = plan_at(batch)
+    except ImportError as error:  # lora without peft
+        raise CLIError(f"config: {error}") from None
     device = None if device_gib is None else device_gib * 1024**3
     largest = largest_fitting(plan_at, device, step=step) if device is not None else None
     return ["", *plan.lines(), *verdict(plan, device, largest, what)]
@@ -204,7 +207,7 @@ def _build(make: Callable[[], Any]):
     """The trainer; its argument checks (ValueError) are user errors about the config or data."""
     try:
         return make()
-    except ValueError as error:
+    except (ValueError, ImportError) as error:  # ImportError: an optional extra the config asks for (lora)
         raise CLIError(f"config: {error}") from None
 
 
