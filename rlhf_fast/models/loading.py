@@ -12,10 +12,10 @@ autocast's 2-byte weight copies held for backward), but accumulates gradients in
 would live outside the model state that checkpoints and FSDP2's state-dict helpers already handle; autocast
 keeps all of that unchanged. The fused ops keep fp32 accumulation whatever they are given (a bfloat16 hidden
 state and LM head for a frozen model; under autocast the final norm's output and the head are float32).
-float16 works the same way but without loss scaling: prefer bfloat16. Measured on the CPU development machine
-(2026-12-04, one thread, interleaved A/B, min of 5): an SFT step of a 4-layer 384-wide GPT-2 on 8 × 96 tokens took
-0.66× the float32 step's time under bfloat16 autocast (median 0.71×), and the peak memory of a 6-layer 512-wide
-one on 4 × 128 tokens was 0.94× float32's (517 vs 550 MiB, `tests/trainers/measure_peak.py`).
+float16 works the same way but without loss scaling: prefer bfloat16. Measured on the CPU development
+machine (2026-12-04, one thread, interleaved A/B, min of 5): an SFT step of a 4-layer 384-wide GPT-2 on
+8 × 96 tokens took 0.66× the float32 step's time under bfloat16 autocast (median 0.71×), and the peak memory
+of a 6-layer 512-wide one on 4 × 128 tokens was 0.94× float32's (517 vs 550 MiB, tests/trainers/measure_peak.py).
 
 Activation checkpointing (`gradient_checkpointing`): each transformer block's forward is wrapped in
 `torch.utils.checkpoint` (non-reentrant), independently of the model's train / eval mode (PPO runs its
@@ -47,7 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclasses.dataclass
 class LoRAConfig:
-    """LoRA adapters (Hu et al., 2021) on the trained models: W + (alpha / r) · B A, with A [r, d_in], B [d_out, r]."""
+    """LoRA adapters (Hu et al., 2021) on the trained models: W + (alpha / r) · B A, A [r, d_in], B [d_out, r]."""
 
     r: int = 8
     alpha: float = 16.0
@@ -74,13 +74,14 @@ def load_policy(policy):
         if hasattr(policy, "get_output_embeddings"):
             return PolicyModel(policy)
         raise ValueError(
-            f"policy must be a PolicyModel, a transformers causal LM or a directory, got {type(policy).__name__}"
+            "policy must be a PolicyModel, a transformers causal LM or a directory, got "
+            f"{type(policy).__name__}"
         )
     return policy
 
 
 def load_reward_model(model):
-    """A `RewardModel` as given, or a fresh one initialized from an SFT model (see `RewardModel.from_policy`)."""
+    """A `RewardModel` as given, or a fresh one initialized from an SFT model (`RewardModel.from_policy`)."""
     from rlhf_fast.models import RewardModel
 
     if isinstance(model, RewardModel):

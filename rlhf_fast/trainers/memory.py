@@ -1,4 +1,5 @@
-"""The memory plan of a run, from the model configs alone (no weights): will it fit, and the largest batch that does.
+"""The memory plan of a run, from the model configs alone (no weights): does it fit, and the largest batch that
+does.
 
 Bytes per parameter (see `rlhf_fast.models.loading`: autocast over float32 master weights):
 
@@ -46,7 +47,7 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def llama_7b_config():
-    """A Llama-2-7B-shaped config (32 layers, width 4096, MLP 11008, 32 heads, 32k vocabulary, 4k positions)."""
+    """A Llama-2-7B-shaped config: 32 layers, width 4096, MLP 11008, 32 heads, 32k vocabulary, 4k positions."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -237,7 +238,7 @@ def activation_bytes(
     checkpointing: bool = False,
 ) -> Activations:
     """Activations of one trainable forward: `rows` × `length` tokens, `targets` scored positions (default all
-    but the first), through the LM head with the fused log-prob op (`head="lm"`) or a scalar head ("scalar")."""
+    but the first), through the LM head and the fused log-prob op (`head="lm"`) or a scalar head ("scalar")."""
     if rows < 1 or length < 2:
         return Activations(0, 0)
     targets = length - 1 if targets is None else targets
@@ -410,7 +411,8 @@ def _title(what: str, setting: Setting, size: ModelSize) -> str:
         else "full"
     )
     return (
-        f"memory plan: {what}, {size.params / 1e9:.2f} B-parameter model, {mode}, {_name(setting.dtype)} compute, "
+        f"memory plan: {what}, {size.params / 1e9:.2f} B-parameter model, {mode}, "
+        f"{_name(setting.dtype)} compute, "
         f"{setting.device_type} ({where})"
     )
 
