@@ -121,7 +121,21 @@ def _training_options() -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the data and print its statistics, then exit without loading the weights",
+        help="validate the data and print its statistics and the run's memory plan (from the model configs), "
+        "then exit without loading the weights",
+    )
+    run.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GIB",
+        help="with --dry-run: the memory of one device, in GiB (e.g. 139 for an H200): say whether the run "
+        "fits and find the largest batch that does",
+    )
+    run.add_argument(
+        "--processes",
+        type=_positive_int,
+        metavar="N",
+        help="with --dry-run: plan for N processes (default: WORLD_SIZE, else 1); with fsdp, per device",
     )
     return parent
 

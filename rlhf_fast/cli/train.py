@@ -62,6 +62,9 @@ class Job:
     step_name: str = "steps"
     notes: list[str] = dataclasses.field(default_factory=list)
     resumed_from: int = 0  # the step of the checkpoint --resume continues from
+    # The memory plan at a batch (rows per forward; PPO: batch_size), the configured batch, the batch step and
+    # its name; set by each command, evaluated once the data is encoded.
+    memory: Callable[[], tuple[Callable[[int], Any], int, int, str]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -118,10 +121,12 @@ def _prepare(job: Job, args, tokenizer, truncation: str, limits: dict[str, int])
         _encode_all(job, tokenizer, truncation, limits)
         job.plan()  # fails now, not after the weights are loaded, if the data cannot fill a batch
         return None
-    return _dry_run(job, tokenizer, truncation, limits)
+    return _dry_run(job, tokenizer, truncation, limits, getattr(args, "device_memory", None))
 
 
-def _dry_run(job: Job, tokenizer, truncation: str, limits: dict[str, int]) -> int:
+def _dry_run(
+    job: Job, tokenizer, truncation: str, limits: dict[str, int], device_gib: float | None = None
+) -> int:
     """Prints each file's statistics, then fits the data to the limits exactly as training would."""
     from rlhf_fast.config import config_to_dict
 
@@ -144,9 +149,51 @@ def _dry_run(job: Job, tokenizer, truncation: str, limits: dict[str, int]) -> in
         )
     )
     lines.append("  data options: " + ", ".join(f"{key}={value}" for key, value in data.items()))
+    if job.memory is not None:
+        lines += _memory_lines(job, device_gib)
     lines.append("  no weights were loaded; run without --dry-run to train")
     say(*lines)
     return 0
+
+
+def _memory_lines(job: Job, device_gib: float | None) -> list[str]:
+    """The memory plan of the configured batch and, given the device memory, the largest batch that fits."""
+    from rlhf_fast.trainers.memory import largest_fitting, verdict
+
+    plan_at, batch, step, what = job.memory()
+    try:
+        plan = plan_at(batch)
+    except ImportError as error:  # lora without peft
+        raise CLIError(f"config: {error}") from None
+    device = None if device_gib is None else device_gib * 1024**3
+    largest = largest_fitting(plan_at, device, step=step) if device is not None else None
+    return ["", *plan.lines(), *verdict(plan, device, largest, what)]
+
+
+def _plan_setting(config, args):
+    """Where the plan runs: `device` of the config ("auto": cuda if this machine has it) on --processes."""
+    import os
+
+    import torch
+
+    from rlhf_fast.trainers.memory import Setting
+
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    return Setting.from_config(config, torch.device(device).type, world)
+
+
+def _model_config(flag: str, model_dir: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as error:  # noqa: BLE001 (a config that does not load: say so, plan nothing)
+        raise CLIError(
+            f"{flag} {model_dir}: cannot read its config.json for the memory plan ({error})"
+        ) from None
 
 
 def _encode_all(job: Job, tokenizer, truncation: str, limits: dict[str, int]) -> None:
@@ -223,7 +270,7 @@ def _build(make: Callable[[], Any]):
     """The trainer; its argument checks (ValueError) are user errors about the config or data."""
     try:
         return make()
-    except ValueError as error:
+    except (ValueError, ImportError) as error:  # ImportError: an optional extra the config asks for (lora)
         raise CLIError(f"config: {error}") from None
 
 
@@ -303,6 +350,50 @@ def _common_outputs(out: Path) -> list[tuple[str, str, str]]:
     ]
 
 
+def _epoch_memory(config, args, flag: str, model_dir: str, length: int, head: str, what: str, per_item: int):
+    """SFT / RM: the plan at `rows` sequences per forward on one process (micro_batch_size, or the batch
+    shared by the processes; an RM prompt brings `per_item` completions)."""
+    from rlhf_fast.trainers.memory import plan_epoch_step
+
+    model_config = _model_config(flag, model_dir)
+    setting = _plan_setting(config, args)
+    items = config.micro_batch_size or -(-config.batch_size // setting.world_size)
+
+    def plan_at(rows: int):
+        return plan_epoch_step(model_config, rows, length, setting, head=head, what=what)
+
+    return (
+        plan_at,
+        items * per_item,
+        per_item,
+        "sequences per forward (micro_batch_size × completions)" if per_item > 1 else "micro_batch_size",
+    )
+
+
+def _ppo_memory(config, args, policy_dir: str, reward_dir: str, prompt_length: int):
+    from rlhf_fast.trainers.memory import plan_ppo
+
+    policy_config = _model_config("--policy", policy_dir)
+    reward_config = _model_config("--reward", reward_dir)
+    setting = _plan_setting(config, args)
+
+    def plan_at(batch: int):
+        return plan_ppo(
+            policy_config,
+            reward_config,
+            dataclasses.replace(config, batch_size=batch),
+            prompt_length,
+            setting,
+        )
+
+    return (
+        plan_at,
+        config.batch_size,
+        config.num_minibatches * setting.world_size,
+        "batch_size (prompts per iteration)",
+    )
+
+
 # ----------------------------------------------------------------------------------------------------- sft
 
 
@@ -340,6 +431,8 @@ def run_sft(args, execute: Execute | None = None) -> int:
             len(datasets[0].encoded), config.batch_size, config.epochs, config.max_steps
         ),
     )
+    if args.dry_run:
+        job.memory = lambda: _epoch_memory(config, args, "--model", model_dir, limit, "lm", "sft", 1)
     status = _prepare(job, args, tokenizer, config.data.truncation, limits)
     if status is not None:
         return status
@@ -407,6 +500,11 @@ def run_rm(args, execute: Execute | None = None) -> int:
         datasets,
         plan=lambda: _epoch_steps(len(train.encoded), config.batch_size, config.epochs, config.max_steps),
     )
+    if args.dry_run:
+        job.memory = lambda: _epoch_memory(
+            config, args, "--model", model_dir, limit, "scalar", "rm",
+            max((len(item.completion_ids) for item in train.encoded), default=2),
+        )  # fmt: skip
     if args.reference is None:
         job.notes.append("reward normalization: off (no --reference demonstrations)")
     elif not config.normalize:
@@ -453,20 +551,26 @@ def run_rm(args, execute: Execute | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------- ppo
 
 
-def _reward_tokenizer_matches(reward_dir: str, tokenizer) -> None:
-    """PPO scores the policy's token ids with the reward model directly: their vocabularies must agree."""
+def _reward_tokenizer(reward_dir: str, tokenizer, reencode: bool):
+    """The reward model's own tokenizer when it differs from the policy's and `reencode_for_reward` is on (PPO
+    then decodes and re-encodes the responses for scoring), else None; a differing one without it is an error."""
     from transformers import AutoTokenizer
 
     try:
         reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     except Exception:  # noqa: BLE001 (any failure means: no usable tokenizer there)
         note(f"--reward {reward_dir}: no tokenizer saved there; assuming it shares the policy's vocabulary")
-        return
-    if not same_vocabulary(reward_tokenizer, tokenizer):
+        return None
+    if same_vocabulary(reward_tokenizer, tokenizer):
+        return None
+    if not reencode:
         raise CLIError(
             f"--reward {reward_dir}: its tokenizer's vocabulary differs from the policy's; PPO scores the "
-            "policy's tokens with the reward model, so both must come from the same tokenizer"
+            "policy's tokens with the reward model, so both must come from the same tokenizer, or pass "
+            "--set reencode_for_reward=true to decode each response and re-encode it for the reward model"
         )
+    note(f"--reward {reward_dir}: its own tokenizer; responses are decoded and re-encoded for scoring")
+    return reward_tokenizer
 
 
 @_holding_resources
@@ -483,7 +587,7 @@ def run_ppo(args, execute: Execute | None = None) -> int:
         run_config_class(PPOConfig, PPODataOptions), args, resume_config=_resume_config(args)
     )
     tokenizer = load_tokenizer("--policy", policy_dir)
-    _reward_tokenizer_matches(reward_dir, tokenizer)
+    reward_tokenizer = _reward_tokenizer(reward_dir, tokenizer, config.reencode_for_reward)
 
     positions = model_max_positions("--policy", policy_dir)
     reward_positions = model_max_positions("--reward", reward_dir)
@@ -535,6 +639,8 @@ def run_ppo(args, execute: Execute | None = None) -> int:
         return config.max_iterations or config.epochs * (len(prompts.encoded) // config.batch_size)
 
     job = Job("ppo", config, out, datasets, plan=plan, step_name="iterations")
+    if args.dry_run:
+        job.memory = lambda: _ppo_memory(config, args, policy_dir, reward_dir, prompt_limit)
     job.notes.append(f"prompts up to {prompt_limit} tokens, responses up to {config.max_new_tokens} tokens")
     if "--pretrain" in by_flag:
         job.notes.append(f"PPO-ptx: pretraining blocks of {block_size} tokens, ptx_coef {config.ptx_coef}")
@@ -550,7 +656,13 @@ def run_ppo(args, execute: Execute | None = None) -> int:
     pretrain = by_flag["--pretrain"].items if "--pretrain" in by_flag else None
     trainer = _build(
         lambda: PPOTrainer(
-            config, policy, reward_model, prompts.items, pretrain_data=pretrain, tokenizer=tokenizer
+            config,
+            policy,
+            reward_model,
+            prompts.items,
+            pretrain_data=pretrain,
+            tokenizer=tokenizer,
+            reward_tokenizer=reward_tokenizer,
         )
     )
     if execute is not None:

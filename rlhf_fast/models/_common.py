@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 
@@ -85,3 +86,23 @@ def load_kwargs(dtype: torch.dtype | str | None, trust_remote_code: bool) -> dic
     if dtype is not None:
         kwargs["dtype"] = dtype
     return kwargs
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer layers of `model`: the classes a Hugging Face model names in
+    `_no_split_modules`, else the elements of the longest ModuleList of identical layers."""
+    block_names: set[str] = set()
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            block_names.update(names)
+    if block_names:
+        blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+        if blocks:
+            return blocks
+    best: list[nn.Module] = []
+    for module in model.modules():
+        same_layers = isinstance(module, nn.ModuleList) and len({type(layer) for layer in module}) == 1
+        if same_layers and len(module) > len(best):
+            best = list(module)
+    return best

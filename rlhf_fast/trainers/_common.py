@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from rlhf_fast.models.loading import DTYPES, LoRAConfig
 from rlhf_fast.ops import set_value_checks
 from rlhf_fast.trainers.checkpoint import CheckpointManager, models_finite
 from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor, wrap_model
@@ -254,11 +255,17 @@ class RunConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
+    # Models' precision: "auto" = bfloat16 on CUDA, float32 on a CPU; trained weights stay float32 (autocast)
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward
+    lora: LoRAConfig | None = None  # train LoRA adapters (peft) instead of the full weights
 
     def check(self) -> None:
         bad = nonfinite_fields(self)
         if bad:
             raise ValueError(f"{', '.join(bad)}: every number in the config must be finite")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if self.max_bad_steps < 1:

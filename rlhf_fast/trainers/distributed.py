@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlhf_fast.models._common import transformer_blocks  # noqa: F401 (one home: models/)
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -102,26 +104,6 @@ def init_distributed(
         )
         world_size, rank = dist.get_world_size(), dist.get_rank()
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer layers of `model`: the classes a Hugging Face model names in
-    `_no_split_modules`, else the elements of the longest ModuleList of identical layers."""
-    block_names: set[str] = set()
-    for module in model.modules():
-        names = getattr(module, "_no_split_modules", None)
-        if names:
-            block_names.update(names)
-    if block_names:
-        blocks = [m for m in model.modules() if type(m).__name__ in block_names]
-        if blocks:
-            return blocks
-    best: list[nn.Module] = []
-    for module in model.modules():
-        same_layers = isinstance(module, nn.ModuleList) and len({type(layer) for layer in module}) == 1
-        if same_layers and len(module) > len(best):
-            best = list(module)
-    return best
 
 
 def wrap_model(

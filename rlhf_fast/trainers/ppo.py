@@ -31,6 +31,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf_fast.models.loading import (
+    Precision,
+    WithoutAdapters,
+    adapters_disabled,
+    autocast_forward,
+    load_policy,
+    prepare_trained,
+    reencode_for_reward,
+    resolve_eos_token_id,
+    resolve_pad_token_id,
+    same_vocabulary,
+    shared_base_value_model,
+    store_frozen,
+)
 from rlhf_fast.ops import gae, ppo_losses, value_checks
 from rlhf_fast.rollout import sample
 from rlhf_fast.trainers._common import (
@@ -48,14 +62,17 @@ from rlhf_fast.trainers._common import (
 from rlhf_fast.trainers._modules import PolicyLogprobs, RewardScores, ValueScores
 from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, is_fsdp, seed_everything, wrap_model
-from rlhf_fast.trainers.sft import _load_policy, _pad_token_id
 
 
 @dataclasses.dataclass
 class PPOConfig(RunConfig):
     """PPO / PPO-ptx hyperparameters, named as in InstructGPT and CleanRL.
 
-    PPO-ptx is on when the trainer is given pretraining data (`ptx_coef` is the paper's γ = 27.8).
+    PPO-ptx is on when the trainer is given pretraining data. `ptx_coef` multiplies the per-token mean NLL
+    of `ptx_batch_size` pretraining rows (every token of each block), added to the PPO loss of each optimizer
+    step, whose policy term is itself a per-token mean. The paper's γ = 27.8 multiplies the log-likelihood of
+    its pretraining batch in an objective whose RL term is per episode, so the two numbers have different units:
+    27.8 is the default for fidelity, not a value known to transfer; tune it against the alignment tax.
     """
 
     learning_rate: float = 9.65e-6
@@ -87,13 +104,16 @@ class PPOConfig(RunConfig):
     clip_coef: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.1
-    ptx_coef: float = 27.8  # γ of PPO-ptx, used when pretraining data is given
+    ptx_coef: float = 27.8  # γ of PPO-ptx: × per-token mean NLL over ptx_batch_size rows (see above)
     ptx_batch_size: int | None = (
         None  # pretraining rows per optimizer step, all processes; None: minibatch size
     )
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
+    # CLI: a reward model whose tokenizer differs from the policy's scores decoded and re-encoded text
+    # (the trainer does so whenever it is given a differing `reward_tokenizer`)
+    reencode_for_reward: bool = False
     output_dir: str = "runs/ppo"
 
     def check(self) -> None:
@@ -224,6 +244,8 @@ class PPOTrainer(RunLoop):
             when the reward model is not a `RewardModel`.
         pretrain_data: [N, L] pretraining blocks (`encode_pretrain(...).blocks`): turns on PPO-ptx.
         tokenizer: provides eos / pad ids unless given, and is saved with the final policy.
+        reward_tokenizer: the reward model's tokenizer, when it differs from the policy's: each iteration's
+            prompts and responses are decoded with `tokenizer` and re-encoded with it for scoring.
 
     Logged per iteration (metrics.jsonl, TensorBoard when importable): objective/{scores, kl (per sequence),
     kl_coef, rlhf_reward}, policy/{approx_kl, clipfrac, entropy, ratio}, loss/{policy, value, ptx},
@@ -246,6 +268,7 @@ class PPOTrainer(RunLoop):
         value_model=None,
         pretrain_data: torch.Tensor | None = None,
         tokenizer=None,
+        reward_tokenizer=None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
     ):
@@ -270,30 +293,47 @@ class PPOTrainer(RunLoop):
         device = ctx.device
         self.static_prompt_width = longest_prompt if device.type == "cuda" else None
 
-        self.policy = _load_policy(policy).to(device)
-        self.ref_policy = _load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy)
-        self.ref_policy.to(device).requires_grad_(False)
-        if value_model is None:
-            value_model = (
-                ValueModel.from_reward_model(reward_model)
-                if isinstance(reward_model, RewardModel)
-                else ValueModel.from_policy(self.policy)
-            )
-            value_model.requires_grad_(True)  # the copy of a frozen reward model must still train
-        self.value_model = value_model.to(device)
+        # Models: the trained ones in float32 under autocast (or LoRA adapters on a frozen base), the frozen
+        # ones in the compute dtype; under LoRA the reference is the policy's own base, adapters off.
+        self.precision = precision = Precision.from_config(config, device)
+        if precision.lora is not None and config.fsdp and ctx.is_distributed:
+            raise ValueError("lora with fsdp is not supported: LoRA trains on one device or under DDP")
+        self.policy = prepare_trained(load_policy(policy), precision)
+        self.shares_reference = precision.lora is not None and ref_policy is None
+        if self.shares_reference:
+            self.ref_policy = self.policy
+        else:
+            self.ref_policy = load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy)
+            store_frozen(self.ref_policy.to(device), precision.dtype)
         self.reward_model = reward_model.to(device) if isinstance(reward_model, nn.Module) else reward_model
         if isinstance(self.reward_model, nn.Module):
             self.reward_model.requires_grad_(False).eval()
+        if value_model is None and precision.lora is not None and isinstance(reward_model, RewardModel):
+            store_frozen(self.reward_model, precision.dtype)
+            value_model = shared_base_value_model(self.reward_model, precision)  # a LoRA head on the RM's base
+        else:
+            if value_model is None:  # copied before the reward model is stored in the compute dtype
+                value_model = (
+                    ValueModel.from_reward_model(reward_model)
+                    if isinstance(reward_model, RewardModel)
+                    else ValueModel.from_policy(self.policy)
+                )
+                value_model.requires_grad_(True)  # the copy of a frozen reward model must still train
+            value_model = prepare_trained(value_model, precision)
+            if isinstance(self.reward_model, RewardModel):
+                store_frozen(self.reward_model, precision.dtype)
+        self.value_model = value_model
         for model in (self.policy, self.ref_policy, self.value_model):
             model.eval()  # no dropout anywhere in PPO: the ratio and the KL need a deterministic forward
-        self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.policy.config)
-        if eos_token_id is None:
-            eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = self.policy.config.eos_token_id
-        if eos_token_id is None:
-            raise ValueError("eos_token_id is unknown: pass eos_token_id= or a tokenizer that has one")
-        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.policy.config)
+        self.eos_token_id = resolve_eos_token_id(eos_token_id, tokenizer, self.policy.config)
+        # A reward model with its own tokenizer scores re-encoded text (see `score`).
+        self.reward_tokenizer = reward_tokenizer
+        self.reencode_for_reward = reward_tokenizer is not None and not same_vocabulary(
+            reward_tokenizer, tokenizer
+        )
+        if self.reencode_for_reward and tokenizer is None:
+            raise ValueError("reward_tokenizer differs from the policy's: pass the policy's tokenizer= too")
         self.pretrain_data = (
             None if pretrain_data is None else torch.as_tensor(pretrain_data, dtype=torch.long)
         )
@@ -302,12 +342,20 @@ class PPOTrainer(RunLoop):
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and ctx.is_distributed else None
         self.policy_module = PolicyLogprobs(self.policy)
         self.value_module = ValueScores(self.value_model)
-        self.ref_module = PolicyLogprobs(self.ref_policy)
+        self.ref_module = (
+            WithoutAdapters(PolicyLogprobs(self.policy), self.policy)
+            if self.shares_reference
+            else PolicyLogprobs(self.ref_policy)
+        )
+        for module in (self.policy_module, self.value_module, self.ref_module):
+            autocast_forward(module, device.type, precision.dtype)
         # A RewardModel is scored through the mask-prepared path; anything else is called as given.
         uses_model_forward = (
             isinstance(reward_model, RewardModel) and type(reward_model).forward is RewardModel.forward
         )
         self.reward_module = RewardScores(self.reward_model) if uses_model_forward else self.reward_model
+        if isinstance(self.reward_module, nn.Module):
+            autocast_forward(self.reward_module, device.type, precision.dtype)
         self.policy_train = wrap_model(self.policy_module, ctx, fsdp=config.fsdp)
         self.value_train = wrap_model(self.value_module, ctx, fsdp=config.fsdp)
         if config.fsdp and ctx.is_distributed:
@@ -408,8 +456,27 @@ class PPOTrainer(RunLoop):
     # -------------------------------------------------------------------------------------------- models
     @torch.no_grad()
     def score(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The reward model's scores [B] float32 of the full sequences."""
-        return self.reward_module(sequences, attention_mask).float()
+        """The reward model's scores [B] float32 of the full sequences [B, P+T] (prompt left-padded, response
+        up to EOS, then padding), with the value adapters off when the value model shares the RM's base.
+
+        With a reward tokenizer of its own, the rows are decoded with the policy's tokenizer and re-encoded
+        with the RM's (on the host, one batched call each way per iteration) exactly as the RM's training data
+        was encoded: prompt ids + response ids (+ the RM's eos when the response ended with eos)."""
+        if self.reencode_for_reward:
+            sequences, attention_mask = self._reencode_for_reward(sequences, attention_mask)
+        model = self.reward_model if isinstance(self.reward_model, nn.Module) else None
+        with adapters_disabled(model) if model is not None else contextlib.nullcontext():
+            return self.reward_module(sequences, attention_mask).float()
+
+    def _reencode_for_reward(
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, P+T] policy tokens -> [B, L'] reward-model tokens (right-padded) and their mask, on the device."""
+        ids, mask = reencode_for_reward(
+            sequences.cpu(), attention_mask.cpu(), self.config.max_new_tokens, self.eos_token_id,
+            self.tokenizer, self.reward_tokenizer,
+        )  # fmt: skip
+        return self._to_device(ids), self._to_device(mask)
 
     @torch.no_grad()
     def _initialize_fsdp_roots(self) -> None:

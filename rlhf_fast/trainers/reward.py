@@ -19,6 +19,13 @@ from typing import Any
 
 import torch
 
+from rlhf_fast.models.loading import (
+    Precision,
+    autocast_forward,
+    load_reward_model,
+    prepare_trained,
+    resolve_pad_token_id,
+)
 from rlhf_fast.trainers._common import (
     EpochTrainer,
     RunConfig,
@@ -75,14 +82,6 @@ def _pair_counts(items: Sequence[Any]) -> tuple[int, int]:
     return prompts, pairs
 
 
-def _load_reward_model(model):
-    from rlhf_fast.models import RewardModel
-
-    if isinstance(model, RewardModel):
-        return model
-    return RewardModel.from_policy(model)
-
-
 class RewardTrainer(EpochTrainer):
     """Trains a reward model on K-wise rankings.
 
@@ -114,8 +113,6 @@ class RewardTrainer(EpochTrainer):
         tokenizer=None,
         pad_token_id: int | None = None,
     ):
-        from rlhf_fast.trainers.sft import _pad_token_id
-
         config.check()
         if len(train_data) == 0:
             raise ValueError("train_data is empty")
@@ -126,8 +123,10 @@ class RewardTrainer(EpochTrainer):
         self.eval_data = list(eval_data) if eval_data is not None else []
         self.normalization_data = list(normalization_data) if normalization_data is not None else []
         self.tokenizer = tokenizer
-        self.model = _load_reward_model(model).to(self.ctx.device)
-        self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.model.config)
+        self.precision = Precision.from_config(config, self.ctx.device)
+        self.model = prepare_trained(load_reward_model(model), self.precision)
+        autocast_forward(self.model, self.ctx.device.type, self.precision.dtype)
+        self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.model.config)
         self._skeleton = meta_skeleton(self.model) if config.fsdp and self.ctx.is_distributed else None
         self._set_up_training(self.model)
 

@@ -12,7 +12,6 @@ number of response tokens, so N processes follow the same trajectory as one proc
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,13 @@ from rlhf_fast.trainers._common import (
     guarded_step,
     rank_share,
     set_residual_dropout,
+)
+from rlhf_fast.models.loading import (
+    Precision,
+    autocast_forward,
+    load_policy,
+    prepare_trained,
+    resolve_pad_token_id,
 )
 from rlhf_fast.trainers._modules import PolicyLogprobs, packed_causal_mask
 from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
@@ -61,33 +67,6 @@ class SFTConfig(RunConfig):
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-
-
-def _load_policy(policy):
-    from rlhf_fast.models import PolicyModel
-
-    if isinstance(policy, (str, os.PathLike)):
-        return PolicyModel.from_pretrained(policy)
-    if not isinstance(policy, PolicyModel):
-        if hasattr(policy, "get_output_embeddings"):
-            return PolicyModel(policy)
-        raise ValueError(
-            f"policy must be a PolicyModel, a transformers causal LM or a directory, got "
-            f"{type(policy).__name__}"
-        )
-    return policy
-
-
-def _pad_token_id(pad_token_id: int | None, tokenizer, config) -> int:
-    if pad_token_id is not None:
-        return int(pad_token_id)
-    for source in (tokenizer, config):
-        value = getattr(source, "pad_token_id", None) if source is not None else None
-        if value is not None:
-            return int(value)
-    raise ValueError(
-        "pad_token_id is unknown: pass pad_token_id=, or a tokenizer / model config that has one"
-    )
 
 
 class SFTTrainer(EpochTrainer):
@@ -126,8 +105,9 @@ class SFTTrainer(EpochTrainer):
         self.train_data = list(train_data)
         self.eval_data = list(eval_data) if eval_data is not None else []
         self.tokenizer = tokenizer
-        self.policy = _load_policy(policy).to(self.ctx.device)
-        self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.policy.config)
+        self.precision = Precision.from_config(config, self.ctx.device)
+        self.policy = prepare_trained(load_policy(policy), self.precision)
+        self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.policy.config)
         if config.residual_dropout is not None:
             set_residual_dropout(self.policy.hf_model, config.residual_dropout)
         self.block_size = config.block_size or max(
@@ -137,6 +117,7 @@ class SFTTrainer(EpochTrainer):
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and self.ctx.is_distributed else None
 
         self.module = PolicyLogprobs(self.policy)
+        autocast_forward(self.module, self.ctx.device.type, self.precision.dtype)
         self._set_up_training(self.module)
 
     # ------------------------------------------------------------------------------------------ batches
