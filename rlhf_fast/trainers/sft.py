@@ -27,7 +27,8 @@ from rlhf_fast.trainers._common import (
     rank_share,
     set_residual_dropout,
 )
-from rlhf_fast.trainers._modules import PolicyLogprobs, packed_causal_mask
+from rlhf_fast.models import packed_causal_mask
+from rlhf_fast.trainers._modules import PolicyLogprobs
 from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything
 
