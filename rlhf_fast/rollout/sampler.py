@@ -590,7 +590,7 @@ def _sample_with_graph(program: _DecodeProgram, model: nn.Module, signature: tup
                 _warm_up(program, buffers, stream)
                 steps -= 1
                 entry.graph = _capture_decode_step(program, buffers, entry.noise)
-            _replay(entry.graph, steps, lambda done: program.all_finished(buffers, done))
+            _replay_until_finished(program, buffers, entry.graph, steps)
             output = program.output(buffers, prompt_ids, max_new_tokens, copy=True)
             entry.done.record(stream)
     except BaseException:
@@ -634,11 +634,18 @@ def _capture_decode_step(program: _DecodeProgram, buffers: _DecodeBuffers,
     return graph
 
 
-def _replay(graph: torch.cuda.CUDAGraph, steps: int, finished=lambda done: False) -> None:
-    for done in range(steps):
-        if finished(done):
-            return
+def _replay(graph: torch.cuda.CUDAGraph, steps: int) -> None:
+    for _ in range(steps):
         graph.replay()
+
+
+def _replay_until_finished(program: _DecodeProgram, buffers: _DecodeBuffers, graph, steps: int) -> None:
+    """``steps`` replays, in chunks of ``stop_check_every`` with the early-stop check before each chunk."""
+    every = program.stop_check_every or steps
+    for done in range(0, steps, every):
+        if program.all_finished(buffers, done):
+            return
+        _replay(graph, min(every, steps - done))
 
 
 # ------------------------------------------------------------------------------------------------- checks

@@ -104,10 +104,11 @@ class PPOConfig(RunConfig):
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
     # Use the sampler's log-probs (and entropy) as the old log-probs instead of a policy forward over the
-    # rollout. None: on for a float32 policy, whose sampler and training forward agree to ~1e-6 (measured:
-    # `rollout/logprob_mismatch`, logged every iteration), off otherwise (bf16 / fp16 decode steps round
-    # differently from the batched forward).
-    rollout_logprobs: bool | None = None
+    # rollout. Off by default: the recomputed log-probs make the first ratio exactly 1 and the KL of a policy
+    # equal to its reference exactly 0. Measured on a float32 CPU run (bench/RESULTS.md): mean |sampler −
+    # recomputed| ≈ 2e-7 (`rollout/logprob_mismatch`, logged every iteration), and skipping the forward saves
+    # about 5% of an iteration. bf16 / fp16 decode steps round differently from the batched forward.
+    rollout_logprobs: bool = False
     # The sampler reads back whether every row has ended every this many decode steps and stops early
     # (one host synchronization each time). None: 8 on a CPU (a read costs nothing there), 0 on a GPU
     # (0 = never: the decode loop stays free of host synchronization).
@@ -478,9 +479,7 @@ class PPOTrainer:
     @property
     def rollout_logprobs(self) -> bool:
         """Whether the sampler's log-probs serve as the old log-probs (`PPOConfig.rollout_logprobs`)."""
-        if self.config.rollout_logprobs is not None:
-            return self.config.rollout_logprobs
-        return self.policy.lm_head_weight.dtype == torch.float32
+        return self.config.rollout_logprobs
 
     @property
     def sample_stop_check_every(self) -> int:
