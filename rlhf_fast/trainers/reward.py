@@ -113,7 +113,7 @@ class RewardTrainer(EpochTrainer):
         tokenizer=None,
         pad_token_id: int | None = None,
     ):
-        from rlhf_fast.trainers.sft import _pad_token_id
+        from rlhf_fast.trainers.sft import _check_token_ids, _pad_token_id
 
         config.check()
         if len(train_data) == 0:
@@ -128,6 +128,7 @@ class RewardTrainer(EpochTrainer):
         self.model = _load_reward_model(model).to(self.ctx.device)
         self.pad_token_id = _pad_token_id(pad_token_id, tokenizer, self.model.config)
         self._skeleton = meta_skeleton(self.model) if config.fsdp and self.ctx.is_distributed else None
+        _check_token_ids(self.model.backbone, _ranking_ids(self.train_data + self.eval_data))
         self._set_up_training(self.model)
 
     # ------------------------------------------------------------------------------------------ compute
@@ -151,7 +152,19 @@ class RewardTrainer(EpochTrainer):
         return [items[start : start + size] for start in range(0, len(items), size)]
 
     def train_step(self, items: list, global_items: list) -> dict[str, torch.Tensor]:
-        """One optimizer step on this rank's prompts; the loss is scaled to the global mean over prompts."""
+        """One optimizer step on this rank's prompts; the loss is scaled to the global mean over prompts.
+
+        The ops run with their value checks off (each is a host read): the rankings were validated when encoded
+        and their token ids at load; a non-finite loss skips the step on the device."""
+        from rlhf_fast.ops import set_value_checks
+
+        checks = set_value_checks(False)
+        try:
+            return self._train_step(items, global_items)
+        finally:
+            set_value_checks(checks)
+
+    def _train_step(self, items: list, global_items: list) -> dict[str, torch.Tensor]:
         global_prompts, global_pairs = _pair_counts(global_items)
         micro_batches = self._micro_batches(items)
         loss_total = torch.zeros((), device=self.ctx.device)
@@ -275,6 +288,15 @@ class RewardTrainer(EpochTrainer):
     def train(self) -> dict[str, float]:
         """Runs (or resumes) training, then normalizes the scores; returns the last logged metrics."""
         return super().train()
+
+
+def _ranking_ids(items):
+    """The token id sequences of rankings (``EncodedRanking`` or mappings: prompt and completions)."""
+    for item in items:
+        field = item.__getitem__ if isinstance(item, dict) else lambda name, item=item: getattr(item, name)
+        yield list(field("prompt_ids"))
+        for completion in field("completion_ids"):
+            yield list(completion)
 
 
 __all__ = ["RewardConfig", "RewardTrainer"]

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from rlhf_fast.models import packed_causal_mask
+from rlhf_fast.ops import set_value_checks
 from rlhf_fast.trainers._common import (
     EpochTrainer,
     RunConfig,
@@ -27,7 +29,6 @@ from rlhf_fast.trainers._common import (
     rank_share,
     set_residual_dropout,
 )
-from rlhf_fast.models import packed_causal_mask
 from rlhf_fast.trainers._modules import PolicyLogprobs
 from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything
@@ -135,6 +136,7 @@ class SFTTrainer(EpochTrainer):
             for example in self.train_data
         )
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and self.ctx.is_distributed else None
+        _check_token_ids(self.policy.hf_model, (_ids_of(example) for example in self.train_data + self.eval_data))
 
         self.module = PolicyLogprobs(self.policy)
         self._set_up_training(self.module)
@@ -179,7 +181,16 @@ class SFTTrainer(EpochTrainer):
 
     # ---------------------------------------------------------------------------------------- training
     def train_step(self, examples: list) -> dict[str, torch.Tensor]:
-        """One optimizer step on this rank's share of a global batch; returns device-tensor metrics."""
+        """One optimizer step on this rank's share of a global batch; returns device-tensor metrics.
+
+        The ops run with their value checks off (each is a host read); the token ids were checked at load."""
+        checks = set_value_checks(False)
+        try:
+            return self._train_step(examples)
+        finally:
+            set_value_checks(checks)
+
+    def _train_step(self, examples: list) -> dict[str, torch.Tensor]:
         micro_batches = self._micro_batches(examples)
         local_tokens = sum(int(batch["loss_mask"][:, 1:].sum()) for batch in micro_batches)
         global_tokens = self.ctx.all_reduce_sum(torch.tensor([float(local_tokens)], device=self.ctx.device))
@@ -244,6 +255,23 @@ class SFTTrainer(EpochTrainer):
             prefix="policy.",
             state_source=self.module,
         )
+
+
+def _ids_of(example) -> Sequence[int]:
+    return example.input_ids if hasattr(example, "input_ids") else example["input_ids"]
+
+
+def _check_token_ids(model, sequences) -> None:
+    """Every token id lies in the model's vocabulary: checked once over the data, so the training steps can run
+    the ops without their per-step value checks."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for index, ids in enumerate(sequences):
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise ValueError(
+                f"item {index} holds token id {min(ids) if min(ids) < 0 else max(ids)}, outside the model's "
+                f"vocabulary [0, {vocab}): was the data encoded with this model's tokenizer?"
+            )
 
 
 __all__ = ["SFTConfig", "SFTTrainer"]
