@@ -275,11 +275,11 @@ class TokenSelector:
                 distribution = filtered
         logprobs = entropy = None
         if want_logprobs or want_entropy:
-            log_normalizer = torch.logsumexp(distribution, dim=-1)
+            log_probs = torch.log_softmax(distribution, dim=-1)  # one kernel (logsumexp takes several)
             if want_logprobs:
-                logprobs = distribution.gather(-1, tokens[:, None]).squeeze(-1) - log_normalizer
+                logprobs = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
             if want_entropy:
-                entropy = entropy_of_logits(distribution, log_normalizer)
+                entropy = _entropy_of_log_probs(log_probs)
         return tokens, logprobs, entropy
 
 
@@ -314,7 +314,10 @@ def entropy_of_logits(logits: torch.Tensor, log_normalizer: torch.Tensor | None 
     """Entropy [...] of softmax(logits [..., V]); -inf logits (filtered tokens) contribute nothing."""
     if log_normalizer is None:
         log_normalizer = torch.logsumexp(logits, dim=-1)
-    log_probs = logits - log_normalizer[..., None]
+    return _entropy_of_log_probs(logits - log_normalizer[..., None])
+
+
+def _entropy_of_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     probs = log_probs.exp()
     return -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
 
