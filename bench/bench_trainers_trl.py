@@ -6,7 +6,7 @@
    release that ships it) with bf16 autocast and activation checkpointing off (its defaults; both slow a
    CPU), timed between `on_step_end` callbacks; its two hard-coded `gc.collect()` calls per iteration are
    timed apart, so each iteration gives a stock figure and one with the gc time excluded. rlhf_fast:
-   `PPOTrainer.train()`, its logged `time/seconds`.
+   `PPOTrainer.train()`, from the start of one iteration's rollout to the next's.
    Per-phase profile of each side (rollout, scoring, rewards+GAE, update, other): ours from the `phase(...)`
    marks of `PPOTrainer.iteration()` (`rlhf_fast.trainers.phases.PhaseTimer`), TRL's by wrapping the
    functions its `train()` calls (`batch_generation`, `forward`, `get_reward`, `gc.collect`, `log`).
@@ -15,7 +15,8 @@
    `RewardTrainer` (bf16 and activation checkpointing off) on the same rankings expanded to C(4, 2) = 6
    (chosen, rejected) pairs per prompt, 96 pairs per step.
 
-Each side runs in a fresh interpreter (`--trl-python`, default this one when it imports trl), alternating
+Times are process CPU time by default (`--clock wall` for wall time): each side runs one thread, and on cores
+shared with other jobs CPU time swings far less than wall time. Each side runs in a fresh interpreter (`--trl-python`, default this one when it imports trl), alternating
 ours, TRL, ours, TRL (`--rounds`), so load bursts of the shared machine hit both; per round the figure is
 the median iteration after warm-up, and the table gives the min and median over rounds of the ratios. Usage:
 
@@ -49,6 +50,10 @@ TEMPERATURE, KL_COEF, MINIBATCHES, PPO_EPOCHS = 1.0, 0.05, 2, 1
 RM_PROMPTS, RM_K, RM_PROMPTS_PER_STEP = 64, 4, 16
 WARMUP_ITERATIONS = 2
 PHASES = ("rollout", "score", "rewards_gae", "update", "gc", "other")
+# The clock of every figure: process CPU time ("cpu", the default: each side runs one thread, and CPU time is far
+# less exposed than wall time to the other jobs sharing the cores) or wall time ("wall").
+CLOCK_NAME = os.environ.get("BENCH_CLOCK", "cpu")
+clock = time.process_time if CLOCK_NAME == "cpu" else time.perf_counter
 
 
 # ------------------------------------------------------------------------------------------- shared data
@@ -123,23 +128,26 @@ def torch_setup():
 
 
 class IterationPhases:
-    """Seconds per phase of each iteration: a new iteration starts at every "rollout"."""
+    """Seconds per phase of each iteration (on `clock`): a new iteration starts at every "rollout"."""
 
     def __init__(self):
         self.iterations: list[dict[str, float]] = []
+        self.starts: list[float] = []
         self._open: list[tuple[str, float]] = []
 
     def begin(self, name: str) -> None:
+        now = clock()
         if name == "rollout":
             self.iterations.append({})
-        self._open.append((name, time.perf_counter()))
+            self.starts.append(now)
+        self._open.append((name, now))
 
     def end(self, name: str) -> None:
         opened, started = self._open.pop()
         assert opened == name, (opened, name)
         if self.iterations and "/" not in name:
             current = self.iterations[-1]
-            current[name] = current.get(name, 0.0) + time.perf_counter() - started
+            current[name] = current.get(name, 0.0) + clock() - started
 
 
 # ------------------------------------------------------------------------------------------------ ours
@@ -161,7 +169,7 @@ def ours_ppo(case: str, iterations: int, workdir: Path) -> dict:
         batch_size=batch,
         num_minibatches=MINIBATCHES,
         ppo_epochs=PPO_EPOCHS,
-        max_iterations=iterations,
+        max_iterations=iterations + 1,  # an iteration lasts until the next one starts: the last is not timed
         max_new_tokens=new_tokens,
         temperature=TEMPERATURE,
         kl_coef=KL_COEF,
@@ -172,13 +180,13 @@ def ours_ppo(case: str, iterations: int, workdir: Path) -> dict:
         output_dir=str(workdir / "ours_ppo"),
         **json.loads(os.environ.get("BENCH_PPO_OVERRIDES", "{}")),
     )
-    trainer = PPOTrainer(config, policy, reward_model, prompt_ids(batch * iterations), tokenizer=tokenizer())
+    trainer = PPOTrainer(config, policy, reward_model, prompt_ids(batch * (iterations + 1)), tokenizer=tokenizer())
     phases = IterationPhases()
     with recording(phases):
         trainer.train()
     with open(workdir / "ours_ppo" / "metrics.jsonl") as handle:
         records = [json.loads(line) for line in handle]
-    seconds = [r["time/seconds"] for r in records]
+    seconds = [b - a for a, b in itertools.pairwise(phases.starts)]
     profile = []
     for total, parts in zip(seconds, phases.iterations):
         row = {name: parts.get(name, 0.0) for name in ("rollout", "score", "rewards_gae", "update")}
@@ -218,10 +226,21 @@ def ours_rm(workdir: Path) -> dict:
         counts["rows"] += args[0].shape[0]
 
     trainer.model.register_forward_pre_hook(count)
+    step_seconds = []
+    train_step = trainer.train_step
+
+    def timed_step(*args, **kwargs):
+        started = clock()
+        try:
+            return train_step(*args, **kwargs)
+        finally:
+            step_seconds.append(clock() - started)
+
+    trainer.train_step = timed_step
     trainer.train()
     with open(workdir / "ours_rm" / "metrics.jsonl") as handle:
         records = [json.loads(line) for line in handle]
-    seconds = sum(r["time/seconds"] for r in records if "time/seconds" in r)
+    seconds = sum(step_seconds)  # every optimizer step of the epoch: collation, forward, backward, step
     return {"epoch_seconds": seconds, "steps": len(records), "threads": torch.get_num_threads(), **counts}
 
 
@@ -242,12 +261,12 @@ class TRLPhases:
 
         def wrap(name, function):
             def wrapped(*args, **kwargs):
-                started = time.perf_counter()
+                started = clock()
                 outer._on_begin(name, started)
                 try:
                     return function(*args, **kwargs)
                 finally:
-                    outer._on_end(name, started, time.perf_counter())
+                    outer._on_end(name, started, clock())
 
             return wrapped
 
@@ -296,7 +315,7 @@ class TRLPhases:
                 current["score"] += started - marks.get("score_start", started)
 
     def step_end(self) -> None:
-        self._marks["step_end"] = time.perf_counter()
+        self._marks["step_end"] = clock()
 
     def finish(self, seconds: list[float]) -> list[dict[str, float]]:
         for total, row in zip(seconds, self.iterations):
@@ -355,7 +374,7 @@ def trl_ppo(case: str, iterations: int, workdir: Path) -> dict:
         callbacks=[timer.callback],
     )
     phases = TRLPhases(ppo_module, trainer)
-    start = time.perf_counter()
+    start = clock()
     trainer.train()
     stamps = [start] + timer.stamps
     stock = [b - a for a, b in itertools.pairwise(stamps)]
@@ -374,15 +393,15 @@ class _StepTimer:
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                outer.stamps.append(time.perf_counter())
+                outer.stamps.append(clock())
                 for hook in outer.on_step_end:
                     hook()
 
             def on_epoch_begin(self, args, state, control, **kwargs):
-                outer.epoch_start = time.perf_counter()
+                outer.epoch_start = clock()
 
             def on_epoch_end(self, args, state, control, **kwargs):
-                outer.epoch_end = time.perf_counter()
+                outer.epoch_end = clock()
 
         self.callback = Callback()
 
@@ -561,11 +580,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--trl-python", default=default_trl_python())
+    parser.add_argument("--clock", choices=("cpu", "wall"), default=CLOCK_NAME,
+                        help="process CPU time (default) or wall time")
     parser.add_argument("--write-results", action="store_true", help="append the tables to bench/RESULTS.md")
     args = parser.parse_args()
     if args.side != "both":
         print(json.dumps(run_side(args.side, args.case, args.iterations)))
         return
+    os.environ["BENCH_CLOCK"] = args.clock
     cases = (*PPO_CASES, "rm") if args.case == "all" else (args.case,)
     results: dict[str, list[tuple[dict, dict]]] = {case: [] for case in cases}
     for _ in range(args.rounds):
@@ -575,7 +597,7 @@ def main() -> None:
             results[case].append((ours, trl))
     heading = (
         f"### PPO and RM trainers vs TRL 1.12 (`bench/bench_trainers_trl.py`), {machine_description()}, "
-        f"1 intra-op thread, {datetime.date.today()}, commit {commit()}"
+        f"1 intra-op thread, {args.clock} time, {datetime.date.today()}, commit {commit()}"
     )
     lines = [heading, ""]
     ppo_cases = [case for case in cases if case in PPO_CASES]

@@ -1,6 +1,7 @@
 """PPO and PPO-ptx (InstructGPT §3.5, "RL"), one iteration as one function, top to bottom.
 
-    rollout  sample responses to a batch of prompts with the current policy
+    rollout  sample responses to a batch of prompts with the current policy (with their log-probs and, with
+             `rollout_logprobs`, entropy: then the policy's scoring pass below is skipped)
     score    one pass of the reference, policy, value and reward models over the [B, P+T] sequences
     rewards  −kl_coef·KL(π‖π_ref) at every response token (k1 on the sampled tokens) + the RM score at the last
     GAE      advantages and returns in one op (γ = 1, λ = 0.95 by default), advantages whitened
@@ -8,10 +9,12 @@
              plus for PPO-ptx `ptx_coef` × the pretraining NLL, all in one optimizer step
     metrics  device tensors, read back to the host once per iteration
 
-On a GPU the iteration makes no host synchronization besides that one read: the sampler is sync-free, every
-model call gets a prepared 4-D attention mask, the ops run with value checks off, a non-finite step is skipped
-on the device (fused AdamW's `found_inf`), the adaptive KL coefficient lives on the device, and minibatch
-permutations come from a device generator.
+The sampler is sync-free (unless `sample_stop_check_every` asks it to stop early), the ops run with value
+checks off, a non-finite step is skipped on the device (fused AdamW's `found_inf`), the adaptive KL coefficient
+lives on the device, and minibatch permutations come from a device generator. The models take the [B, L]
+padding mask (on a GPU transformers reads the padding once per forward to pick its attention kernel).
+With top-k / top-p the ratio, the KL and the entropy are those of the filtered distribution tokens are drawn
+from. Each model's gradients are clipped on their own (`max_grad_norm`), both norms logged.
 
 Distributed: each rank samples and scores its share of the prompts; the per-token results are then gathered
 so that every rank holds the whole batch, GAE and whitening are global, and minibatch m is the same set of
