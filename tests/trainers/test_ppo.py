@@ -192,7 +192,7 @@ def test_top_k_top_p_ratio_is_one_at_the_first_minibatch(tmp_path, top_k, top_p,
                                rollout_logprobs=rollout_logprobs)
     metrics = one_iteration(trainer)
     assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert metrics["policy/approx_kl"] == pytest.approx(0.0, abs=1e-8)
+    assert metrics["policy/approx_kl"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["policy/clipfrac"] == 0.0
     assert metrics["rollout/logprob_mismatch_max"] < 1e-4
     # The first rollout comes from the reference, so the KL of the filtered policy to it is -E[log of the
