@@ -1,7 +1,6 @@
 """Models: the policy (causal LM exposing hidden states and LM head), value and reward models, tiny GPTs."""
 
-from rlhf_fast.models._common import position_ids_from_mask
-from rlhf_fast.models.masks import causal_mask
+from rlhf_fast.models.masks import causal_mask, packed_causal_mask, position_ids_from_mask
 from rlhf_fast.models.policy import PolicyModel
 from rlhf_fast.models.reward import RewardModel, last_token_index
 from rlhf_fast.models.tiny import SPECIAL_TOKENS, TINY_SIZES, build_word_tokenizer, tiny_causal_lm
@@ -16,6 +15,7 @@ __all__ = [
     "build_word_tokenizer",
     "causal_mask",
     "last_token_index",
+    "packed_causal_mask",
     "position_ids_from_mask",
     "tiny_causal_lm",
 ]

@@ -20,7 +20,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from rlhf_fast.models._common import backbone_hidden_states, backbone_of, check_directory, load_kwargs
+from rlhf_fast.models._common import (
+    backbone_hidden_states,
+    backbone_of,
+    check_directory,
+    load_kwargs,
+    use_fused_activations,
+)
 
 
 class ScalarHeadModel(nn.Module):
@@ -44,6 +50,7 @@ class ScalarHeadModel(nn.Module):
                 f"(model.base_model) or use from_causal_lm"
             )
         self.backbone = backbone
+        use_fused_activations(backbone)
         hidden_size = backbone.config.hidden_size
         device = next(backbone.parameters()).device
         if head is None:

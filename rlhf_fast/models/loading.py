@@ -428,6 +428,18 @@ def reencode_for_reward(
     return ids, mask
 
 
+def check_token_ids(model, sequences) -> None:
+    """Every token id lies in the model's vocabulary: checked once over the data, so the training steps can run
+    the ops without their per-step value checks."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for index, ids in enumerate(sequences):
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise ValueError(
+                f"item {index} holds token id {min(ids) if min(ids) < 0 else max(ids)}, outside the model's "
+                f"vocabulary [0, {vocab}): was the data encoded with this model's tokenizer?"
+            )
+
 __all__ = [
     "DTYPES",
     "LoRAConfig",
@@ -436,6 +448,7 @@ __all__ = [
     "adapters_disabled",
     "add_lora",
     "autocast_forward",
+    "check_token_ids",
     "enable_gradient_checkpointing",
     "has_lora",
     "load_policy",

@@ -1,15 +1,35 @@
-"""Prepared 4-D attention masks: the form the models pass to transformers unchanged.
+"""Attention masks and position ids: the one home of both. Every layer above asks this module for them.
 
-With a 2-D padding mask, transformers builds the 4-D mask itself and inspects the padding on the host on its way
-(``padding_mask.all()`` and similar), a device synchronization on every forward. A mask that is already
-``[B, 1, L, L]`` is passed through as it is, so a caller that prepares it once (``causal_mask``) keeps the forward
-free of host reads. The models accept either form; with a 4-D mask the position ids must be given
-(``position_ids_from_mask`` of the 2-D mask), because they cannot be read back from it.
+Two forms reach the models:
+- the common case, a [B, L] padding mask (padding on either side) and position ids from it, passed to the
+  backbone as they are: transformers then picks the attention kernel (on a GPU, SDPA's fused kernels; a batch
+  without padding takes the causal flash path with no mask at all). On a CPU the prepared 4-D mask measured no
+  faster (a 32 x 80 forward: 41 vs 44 ms without gradients, 184 vs 188 ms with, within the noise).
+- packing and anything else that is not a padded causal batch: a prepared [B, 1, L, L] mask
+  (``packed_causal_mask`` for block-diagonal documents), which transformers passes through unchanged. Position
+  ids must then be given, because they cannot be read back from it.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token among its row's real tokens.
+
+    attention_mask: [B, L] bool/int (nonzero = real token). Returns [B, L] int64: ``cumsum - 1`` clamped at 0, so a
+    left-padded row sees positions 0, 1, ... from its first real token, exactly as the unpadded sequence would.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L, S] bool (query, key; True = may attend) -> [B, 1, L, S] ``dtype``: 0 where allowed, else the
+    dtype's minimum."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
 
 
 def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -34,9 +54,49 @@ def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
     diagonal = torch.eye(length, dtype=torch.bool, device=real.device)
     allowed = (causal[None] & real[:, None, :]) | diagonal[None]  # [B, L (query), L (key)]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=real.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return additive_mask(allowed, dtype)
+
+
+def packed_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] document ids (-1 = padding) -> [B, 1, L, L] additive block-diagonal causal mask: a query sees the
+    keys of its own document at or before it; a padding position sees only itself (no empty softmax row)."""
+    if document_ids.dim() != 2:
+        raise ValueError(f"document_ids must be [B, L], got shape {tuple(document_ids.shape)}")
+    length = document_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    real = document_ids >= 0
+    allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & causal & real[:, :, None]
+    diagonal = torch.eye(length, dtype=torch.bool, device=document_ids.device)
+    return additive_mask(allowed | (diagonal & ~real[:, :, None]), dtype)
+
+
+def attention_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(attention mask, position ids) as the backbone is given them, from what a caller passed.
+
+    attention_mask: None, [B, L] bool/int (1 = real token, any padding side; position ids default to
+    ``position_ids_from_mask``), or a prepared [B, 1, L, L] mask (additive in any floating dtype, or bool with
+    True = may attend), which needs ``position_ids`` [B, L]. A [B, L] mask goes on as it is.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return None, position_ids
+    if attention_mask.dim() == 4:
+        check_position_ids(position_ids, input_ids)
+        return as_model_mask(attention_mask, input_ids, dtype), position_ids
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} or a "
+            f"prepared [B, 1, L, L] mask"
+        )
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    return attention_mask, position_ids
 
 
 def as_model_mask(

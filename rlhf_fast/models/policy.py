@@ -12,7 +12,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from rlhf_fast.models._common import backbone_hidden_states, backbone_of, check_directory, load_kwargs
+from rlhf_fast.models._common import (
+    backbone_hidden_states,
+    backbone_of,
+    check_directory,
+    load_kwargs,
+    use_fused_activations,
+)
 
 
 class PolicyModel(nn.Module):
@@ -31,6 +37,7 @@ class PolicyModel(nn.Module):
         _check_plain_lm_head(hf_model.config)
         self.hf_model = hf_model
         backbone_of(hf_model)  # fails early on a model without a separate decoder stack
+        use_fused_activations(hf_model)
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, StaticCache
 
-from rlhf_fast.models._common import max_positions, position_ids_from_mask
+from rlhf_fast.models._common import max_positions
+from rlhf_fast.models.masks import causal_mask, position_ids_from_mask
 from rlhf_fast.rollout.fast_decode import fast_decode_step
 
 # Captured decode steps kept per model; each holds a KV cache of [B, kv_heads, P + T, d_head] per layer.
@@ -53,15 +54,18 @@ class SampleOutput:
     response_ids:  [B, T] int64, the sampled tokens; ``pad_token_id`` after a row's EOS.
     response_mask: [B, T] bool, True up to and including the row's first EOS.
     logprobs:      [B, T] float32 or None, log-prob of each sampled token under the temperature-scaled
-                   distribution before top-k / top-p filtering (the distribution the PPO ratio is taken
-                   against); 0 where ``response_mask`` is False. With ``temperature=0`` (greedy), under the
-                   unscaled distribution.
+                   distribution, before top-k / top-p filtering by default, or under the filtered and
+                   renormalized distribution the token was drawn from with ``filtered_logprobs=True``; 0 where
+                   ``response_mask`` is False. With ``temperature=0`` (greedy), under the unscaled distribution.
+    entropy:       [B, T] float32 or None (``return_entropy``), the entropy of the same distribution at each
+                   step, from the logits the step already has; 0 where ``response_mask`` is False.
     """
 
     sequences: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     logprobs: torch.Tensor | None
+    entropy: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -78,6 +82,9 @@ def sample(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
+    return_entropy: bool = False,
+    filtered_logprobs: bool = False,
+    stop_check_every: int = 0,
     use_cuda_graph: bool | None = None,
 ) -> SampleOutput:
     """Samples ``max_new_tokens`` tokens per prompt.
@@ -92,6 +99,12 @@ def sample(
     eos_token_id: an id, several ids, or None (never stop early). A row stops at its first EOS and then emits
     ``pad_token_id``. generator: the source of sampling noise (on the prompts' device; None: the default
     generator); seeded, the output is deterministic, the same with and without a CUDA graph.
+    return_entropy: also return the entropy of each step's distribution. filtered_logprobs: log-probs and entropy
+    under the filtered, renormalized distribution tokens are drawn from (what PPO's ratio needs with top-k /
+    top-p), instead of the unfiltered one.
+    stop_check_every: every this many decode steps, read back whether every row has finished (one host
+    synchronization) and stop if so; the output is the same as the full loop's (finished rows emit padding).
+    0 (default) never reads back: the loop runs all ``max_new_tokens`` steps without a host synchronization.
     use_cuda_graph: replay the decode step as a CUDA graph (default: on for CUDA tensors). The graph is captured
     on the first call with a new shape or setting (or by ``prepare``), which synchronizes the device once; later
     calls make no host synchronization. CPU tensors always run the eager loop.
@@ -111,8 +124,11 @@ def sample(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total_len} exceeds the model's "
             f"maximum of {limit} positions; truncate the prompts or lower max_new_tokens"
         )
-    selector = TokenSelector(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    selector = TokenSelector(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                             filtered_logprobs=filtered_logprobs)
     eos_ids = _check_eos(eos_token_id)
+    if not isinstance(stop_check_every, int) or isinstance(stop_check_every, bool) or stop_check_every < 0:
+        raise ValueError(f"stop_check_every must be an int >= 0 (0 = never), got {stop_check_every!r}")
     if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
         raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
     _check_attention(config)
@@ -132,6 +148,7 @@ def sample(
         program = _DecodeProgram(
             backbone=hf_model.base_model, weight=weight, bias=bias, config=config, selector=selector,
             eos_ids=eos_ids, pad_token_id=pad_token_id, return_logprobs=return_logprobs,
+            return_entropy=return_entropy, stop_check_every=stop_check_every if eos_ids else 0,
         )
         signature = _tensor_signature(hf_model) if use_cuda_graph else None
         if signature is not None:
@@ -207,7 +224,8 @@ class TokenSelector:
     the host). Filtered tokens carry log-probability -inf and never win.
     """
 
-    def __init__(self, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+    def __init__(self, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+                 filtered_logprobs: bool = False):
         if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
                 or not 0 <= temperature < float("inf")):
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
@@ -219,6 +237,12 @@ class TokenSelector:
         self.top_k = top_k
         self.top_p = float(top_p)
         self.generator = generator
+        self.filtered_logprobs = bool(filtered_logprobs)
+
+    @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p removes tokens from the sampled distribution."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -229,37 +253,73 @@ class TokenSelector:
         return logits if self.greedy or self.temperature == 1.0 else logits / self.temperature
 
     def filtered(self, scaled: torch.Tensor) -> torch.Tensor:
-        """Top-k then top-p on scaled logits [B, V]; removed tokens get -inf."""
-        vocab = scaled.shape[-1]
-        if 0 < self.top_k < vocab:
-            kth_largest = torch.topk(scaled, self.top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # A token is dropped when the tokens ranked above it already reach top_p; the top one always stays.
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            drop_sorted = mass_before >= self.top_p
-            drop_sorted[:, 0] = False
-            drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-            scaled = scaled.masked_fill(drop, float("-inf"))
-        return scaled
+        """Top-k then top-p on scaled logits [..., V]; removed tokens get -inf."""
+        return filter_logits(scaled, self.top_k, self.top_p)
 
-    def __call__(self, logits: torch.Tensor, want_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits: [B, V] fp32 -> (tokens [B] int64, log-probs [B] fp32 of those tokens or None)."""
+    def __call__(
+        self, logits: torch.Tensor, want_logprobs: bool, want_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """logits: [B, V] fp32 -> (tokens [B] int64, log-probs [B] fp32 of those tokens or None, entropy [B]
+        fp32 or None), log-prob and entropy under the unfiltered or (``filtered_logprobs``) filtered distribution."""
         scaled = self.scaled(logits)
+        distribution = scaled
         if self.greedy:
             tokens = scaled.argmax(dim=-1)
         else:
             uniform = torch.rand(scaled.shape, generator=self.generator, device=scaled.device)
             # U = 0 is a possible draw and would give G = -inf: clamping keeps G finite (within about -4.5..17).
             gumbel = uniform.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
-            tokens = (self.filtered(scaled) + gumbel).argmax(dim=-1)
-        logprobs = None
-        if want_logprobs:
-            chosen = scaled.gather(-1, tokens[:, None]).squeeze(-1)
-            logprobs = chosen - torch.logsumexp(scaled, dim=-1)
-        return tokens, logprobs
+            filtered = self.filtered(scaled) if self.filters else scaled
+            tokens = (filtered + gumbel).argmax(dim=-1)
+            if self.filtered_logprobs:
+                distribution = filtered
+        logprobs = entropy = None
+        if want_logprobs or want_entropy:
+            log_probs = torch.log_softmax(distribution, dim=-1)  # one kernel (logsumexp takes several)
+            if want_logprobs:
+                logprobs = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
+            if want_entropy:
+                entropy = _entropy_of_log_probs(log_probs)
+        return tokens, logprobs, entropy
+
+
+def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k then top-p on scaled logits [..., V] (as transformers' ``generate``); removed tokens get -inf.
+
+    keep: optional [...] token ids that stay whatever the filter says (a sampled token scored again, whose
+    logit may sit on the filter's edge after a different summation order)."""
+    vocab = scaled.shape[-1]
+    drop = None
+    if 0 < top_k < vocab:
+        kth_largest = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        drop = scaled < kth_largest
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # A token is dropped when the tokens ranked above it already reach top_p; the top one always stays.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False
+        dropped = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        drop = dropped if drop is None else drop | dropped
+    if drop is None:
+        return scaled
+    if keep is not None:
+        drop = drop.scatter(-1, keep[..., None], False)
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def entropy_of_logits(logits: torch.Tensor, log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy [...] of softmax(logits [..., V]); -inf logits (filtered tokens) contribute nothing."""
+    if log_normalizer is None:
+        log_normalizer = torch.logsumexp(logits, dim=-1)
+    return _entropy_of_log_probs(logits - log_normalizer[..., None])
+
+
+def _entropy_of_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    probs = log_probs.exp()
+    return -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
 
 
 def _graph_can_sample(selector: TokenSelector) -> bool:
@@ -283,6 +343,7 @@ class _DecodeBuffers:
         self.response_ids = torch.empty((batch, response_width), dtype=torch.long, device=device)
         self.response_mask = torch.empty((batch, response_width), dtype=torch.bool, device=device)
         self.logprobs = torch.empty((batch, response_width), dtype=torch.float32, device=device)
+        self.entropy = torch.empty((batch, response_width), dtype=torch.float32, device=device)
         # Loop state.
         self.finished = torch.empty(batch, dtype=torch.bool, device=device)
         self.next_input = torch.empty((batch, 1), dtype=torch.long, device=device)
@@ -298,6 +359,7 @@ class _DecodeBuffers:
         self.response_ids.fill_(pad_token_id)
         self.response_mask.zero_()
         self.logprobs.zero_()
+        self.entropy.zero_()
         self.finished.zero_()
         self.next_input.zero_()
         self.next_position.copy_(prompt_mask.sum(-1, keepdim=True))  # first response token's position
@@ -311,10 +373,12 @@ class _DecodeBuffers:
 class _DecodeProgram:
     """The prefill and the decode step of one model and sampling setting, acting on ``_DecodeBuffers``."""
 
-    def __init__(self, *, backbone, weight, bias, config, selector, eos_ids, pad_token_id, return_logprobs):
+    def __init__(self, *, backbone, weight, bias, config, selector, eos_ids, pad_token_id, return_logprobs,
+                 return_entropy=False, stop_check_every=0):
         self.backbone, self.weight, self.bias, self.config = backbone, weight, bias, config
         self.selector, self.eos_ids, self.pad_token_id = selector, eos_ids, pad_token_id
-        self.return_logprobs = return_logprobs
+        self.return_logprobs, self.return_entropy = return_logprobs, return_entropy
+        self.stop_check_every = stop_check_every
         # The attention mask is added to the scores, so it takes the backbone's dtype (not necessarily the head's).
         self.compute_dtype = backbone.get_input_embeddings().weight.dtype
         self.mask_min = torch.finfo(self.compute_dtype).min
@@ -331,8 +395,8 @@ class _DecodeProgram:
         return (
             batch, total_len, device, self.compute_dtype, self.weight.dtype, self.fast_step is not None,
             getattr(self.config, "_attn_implementation", None), selector.temperature, selector.top_k,
-            selector.top_p, self.eos_ids, self.pad_token_id, self.return_logprobs,
-            autocast, torch.get_autocast_dtype(device.type) if autocast else None,
+            selector.top_p, selector.filtered_logprobs, self.eos_ids, self.pad_token_id, self.return_logprobs,
+            self.return_entropy, autocast, torch.get_autocast_dtype(device.type) if autocast else None,
         )
 
     def _hidden(self, buffers, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -348,13 +412,15 @@ class _DecodeProgram:
     def _emit(self, buffers: _DecodeBuffers, last_hidden: torch.Tensor) -> None:
         """From the hidden state [B, d] at each row's newest token: choose, record, and advance."""
         logits = nn.functional.linear(last_hidden.to(self.weight.dtype), self.weight, self.bias).float()
-        tokens, logprobs = self.selector(logits, self.return_logprobs)
+        tokens, logprobs, entropy = self.selector(logits, self.return_logprobs, self.return_entropy)
         alive = ~buffers.finished
         tokens = torch.where(alive, tokens, self.pad_token_id)
         buffers.response_ids.index_copy_(1, buffers.step_index, tokens[:, None])
         buffers.response_mask.index_copy_(1, buffers.step_index, alive[:, None])
         if logprobs is not None:
             buffers.logprobs.index_copy_(1, buffers.step_index, torch.where(alive, logprobs, 0.0)[:, None])
+        if entropy is not None:
+            buffers.entropy.index_copy_(1, buffers.step_index, torch.where(alive, entropy, 0.0)[:, None])
         for eos in self.eos_ids:
             buffers.finished |= tokens == eos
         buffers.next_input.copy_(tokens[:, None])
@@ -364,13 +430,10 @@ class _DecodeProgram:
         """The prompts through the model into the cache, and the first response token. prompt_mask: [B, P] bool."""
         prompt_len, total_len = prompt_ids.shape[1], buffers.total_len
         device = prompt_ids.device
-        queries = torch.arange(prompt_len, device=device)[:, None]
-        keys = torch.arange(total_len, device=device)[None, :]
-        key_real = torch.nn.functional.pad(prompt_mask, (0, total_len - prompt_len))  # [B, S]
-        allowed = (keys <= queries) & (key_real[:, None, :] | (keys == queries))  # [B, P, S]
-        mask = torch.zeros(allowed.shape, dtype=self.compute_dtype, device=device)
-        mask.masked_fill_(~allowed, self.mask_min)
-        hidden = self._hidden(buffers, prompt_ids, mask[:, None], position_ids_from_mask(prompt_mask))
+        # The prompts' causal mask, its keys widened to the whole cache (slots not yet written stay masked).
+        mask = nn.functional.pad(causal_mask(prompt_mask, self.compute_dtype), (0, total_len - prompt_len),
+                                 value=self.mask_min)  # fmt: skip
+        hidden = self._hidden(buffers, prompt_ids, mask, position_ids_from_mask(prompt_mask))
         last_real = (prompt_mask.long() * torch.arange(prompt_len, device=device)).argmax(-1)
         self._emit(buffers, hidden[torch.arange(hidden.shape[0], device=device), last_real])
 
@@ -396,15 +459,23 @@ class _DecodeProgram:
         response_ids = buffers.response_ids[:, columns]
         response_mask = buffers.response_mask[:, columns]
         logprobs = buffers.logprobs[:, columns] if self.return_logprobs else None
+        entropy = buffers.entropy[:, columns] if self.return_entropy else None
         if copy:
             response_ids, response_mask = response_ids.clone(), response_mask.clone()
             logprobs = logprobs.clone() if logprobs is not None else None
+            entropy = entropy.clone() if entropy is not None else None
         return SampleOutput(
             sequences=torch.cat([prompt_ids, response_ids], dim=1),
             response_ids=response_ids,
             response_mask=response_mask,
             logprobs=logprobs,
+            entropy=entropy,
         )
+
+    def all_finished(self, buffers: _DecodeBuffers, steps_done: int) -> bool:
+        """Every ``stop_check_every`` steps: whether every row has finished (a host read); False otherwise."""
+        every = self.stop_check_every
+        return every > 0 and steps_done % every == 0 and bool(buffers.finished.all())
 
 
 # ---------------------------------------------------------------------------------------------- the eager loop
@@ -419,7 +490,9 @@ def _sample_eager(program: _DecodeProgram, prompt_ids, prompt_mask, max_new_toke
 
 
 def _run_eager(program: _DecodeProgram, buffers: _DecodeBuffers, steps: int) -> None:
-    for _ in range(steps):
+    for done in range(steps):
+        if program.all_finished(buffers, done):
+            return
         program.step(buffers)
 
 
@@ -508,7 +581,8 @@ def _sample_with_graph(program: _DecodeProgram, model: nn.Module, signature: tup
         source = program.selector.generator or _default_generator(device)
         entry.noise.set_state(source.get_state())
         program.selector = TokenSelector(temperature=program.selector.temperature, top_k=program.selector.top_k,
-                                         top_p=program.selector.top_p, generator=entry.noise)
+                                         top_p=program.selector.top_p, generator=entry.noise,
+                                         filtered_logprobs=program.selector.filtered_logprobs)
     try:
         with _on_device(device):  # capture and replay use the current device's streams
             prompt_mask = prompt_mask.bool()
@@ -519,7 +593,7 @@ def _sample_with_graph(program: _DecodeProgram, model: nn.Module, signature: tup
                 _warm_up(program, buffers, stream)
                 steps -= 1
                 entry.graph = _capture_decode_step(program, buffers, entry.noise)
-            _replay(entry.graph, steps)
+            _replay_until_finished(program, buffers, entry.graph, steps)
             output = program.output(buffers, prompt_ids, max_new_tokens, copy=True)
             entry.done.record(stream)
     except BaseException:
@@ -566,6 +640,15 @@ def _capture_decode_step(program: _DecodeProgram, buffers: _DecodeBuffers,
 def _replay(graph: torch.cuda.CUDAGraph, steps: int) -> None:
     for _ in range(steps):
         graph.replay()
+
+
+def _replay_until_finished(program: _DecodeProgram, buffers: _DecodeBuffers, graph, steps: int) -> None:
+    """``steps`` replays, in chunks of ``stop_check_every`` with the early-stop check before each chunk."""
+    every = program.stop_check_every or steps
+    for done in range(0, steps, every):
+        if program.all_finished(buffers, done):
+            return
+        _replay(graph, min(every, steps - done))
 
 
 # ------------------------------------------------------------------------------------------------- checks

@@ -1,6 +1,7 @@
 """PPO and PPO-ptx (InstructGPT §3.5, "RL"), one iteration as one function, top to bottom.
 
-    rollout  sample responses to a batch of prompts with the current policy
+    rollout  sample responses to a batch of prompts with the current policy (with their log-probs and, with
+             `rollout_logprobs`, entropy: then the policy's scoring pass below is skipped)
     score    one pass of the reference, policy, value and reward models over the [B, P+T] sequences
     rewards  −kl_coef·KL(π‖π_ref) at every response token (k1 on the sampled tokens) + the RM score at the last
     GAE      advantages and returns in one op (γ = 1, λ = 0.95 by default), advantages whitened
@@ -8,10 +9,12 @@
              plus for PPO-ptx `ptx_coef` × the pretraining NLL, all in one optimizer step
     metrics  device tensors, read back to the host once per iteration
 
-On a GPU the iteration makes no host synchronization besides that one read: the sampler is sync-free, every
-model call gets a prepared 4-D attention mask, the ops run with value checks off, a non-finite step is skipped
-on the device (fused AdamW's `found_inf`), the adaptive KL coefficient lives on the device, and minibatch
-permutations come from a device generator.
+The sampler is sync-free (unless `sample_stop_check_every` asks it to stop early), the ops run with value
+checks off, a non-finite step is skipped on the device (fused AdamW's `found_inf`), the adaptive KL coefficient
+lives on the device, and minibatch permutations come from a device generator. The models take the [B, L]
+padding mask (on a GPU transformers reads the padding once per forward to pick its attention kernel).
+With top-k / top-p the ratio, the KL and the entropy are those of the filtered distribution tokens are drawn
+from. Each model's gradients are clipped on their own (`max_grad_norm`), both norms logged.
 
 Distributed: each rank samples and scores its share of the prompts; the per-token results are then gathered
 so that every rank holds the whole batch, GAE and whitening are global, and minibatch m is the same set of
@@ -45,6 +48,7 @@ from rlhf_fast.models.loading import (
     shared_base_value_model,
     store_frozen,
 )
+from rlhf_fast.models import last_token_index
 from rlhf_fast.ops import gae, ppo_losses, value_checks
 from rlhf_fast.rollout import sample
 from rlhf_fast.trainers._common import (
@@ -59,9 +63,16 @@ from rlhf_fast.trainers._common import (
     rank_share,
     trainable_parameters,
 )
-from rlhf_fast.trainers._modules import PolicyLogprobs, RewardScores, ValueScores
+from rlhf_fast.trainers._modules import PolicyLogprobs, ValueScores
 from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
-from rlhf_fast.trainers.distributed import init_distributed, is_fsdp, seed_everything, wrap_model
+from rlhf_fast.trainers.distributed import (
+    init_distributed,
+    is_fsdp,
+    local_tensor,
+    seed_everything,
+    wrap_model,
+)
+from rlhf_fast.trainers.phases import phase
 
 
 @dataclasses.dataclass
@@ -114,6 +125,16 @@ class PPOConfig(RunConfig):
     # CLI: a reward model whose tokenizer differs from the policy's scores decoded and re-encoded text
     # (the trainer does so whenever it is given a differing `reward_tokenizer`)
     reencode_for_reward: bool = False
+    # Use the sampler's log-probs (and entropy) as the old log-probs instead of a policy forward over the
+    # rollout. Off by default: the recomputed log-probs make the first ratio exactly 1 and the KL of a policy
+    # equal to its reference exactly 0. Measured on a float32 CPU run (bench/RESULTS.md): mean |sampler −
+    # recomputed| ≈ 2e-7 (`rollout/logprob_mismatch`, logged every iteration), and skipping the forward saves
+    # about 5% of an iteration. bf16 / fp16 decode steps round differently from the batched forward.
+    rollout_logprobs: bool = False
+    # The sampler reads back whether every row has ended every this many decode steps and stops early
+    # (one host synchronization each time). None: 8 on a CPU (a read costs nothing there), 0 on a GPU
+    # (0 = never: the decode loop stays free of host synchronization).
+    sample_stop_check_every: int | None = None
     output_dir: str = "runs/ppo"
 
     def check(self) -> None:
@@ -131,6 +152,8 @@ class PPOConfig(RunConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.target_kl is not None and not self.target_kl > 0:
             raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+        if self.sample_stop_check_every is not None and self.sample_stop_check_every < 0:
+            raise ValueError(f"sample_stop_check_every must be >= 0 or None, got {self.sample_stop_check_every}")
 
 
 class FixedKLController:
@@ -170,7 +193,9 @@ UPDATE_METRICS = {
     "policy/ratio": "ratio_mean",
     "val/clipfrac": "value_clipfrac",
     "loss/ptx": None,
-    "train/grad_norm": None,
+    "train/grad_norm": None,  # of policy and value together, before clipping
+    "train/policy_grad_norm": None,
+    "train/value_grad_norm": None,
     "train/skipped": None,
 }
 
@@ -228,6 +253,23 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def _masked_var(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     mean = _masked_mean(x, valid)
     return _masked_mean((x - mean) ** 2, valid)
+
+
+def _logprob_mismatch(
+    sampled: torch.Tensor, recomputed: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, max) over valid tokens of |sampler log-prob − log-prob recomputed by the training forward|, 0-dim."""
+    gap = torch.where(valid, (sampled - recomputed).abs(), 0.0)
+    return _masked_mean(gap, valid), gap.max()
+
+
+def _clip_gradients(parameters: Sequence[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Clips the gradients of one model to `max_norm` (None or <= 0: no clipping); returns the norm before."""
+    limit = float("inf") if max_norm is None or max_norm <= 0 else float(max_norm)
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not with_grad:
+        return torch.zeros((), device=parameters[0].device if parameters else None)
+    return local_tensor(torch.nn.utils.clip_grad_norm_(with_grad, limit)).detach()
 
 
 class PPOTrainer(RunLoop):
@@ -349,11 +391,7 @@ class PPOTrainer(RunLoop):
         )
         for module in (self.policy_module, self.value_module, self.ref_module):
             autocast_forward(module, device.type, precision.dtype)
-        # A RewardModel is scored through the mask-prepared path; anything else is called as given.
-        uses_model_forward = (
-            isinstance(reward_model, RewardModel) and type(reward_model).forward is RewardModel.forward
-        )
-        self.reward_module = RewardScores(self.reward_model) if uses_model_forward else self.reward_model
+        self.reward_module = self.reward_model  # a RewardModel or any (input_ids, attention_mask) -> [B] callable
         if isinstance(self.reward_module, nn.Module):
             autocast_forward(self.reward_module, device.type, precision.dtype)
         self.policy_train = wrap_model(self.policy_module, ctx, fsdp=config.fsdp)
@@ -511,6 +549,21 @@ class PPOTrainer(RunLoop):
                 module.reshard()
 
     # -------------------------------------------------------------------------------------- one iteration
+    @property
+    def rollout_logprobs(self) -> bool:
+        """Whether the sampler's log-probs serve as the old log-probs (`PPOConfig.rollout_logprobs`)."""
+        return self.config.rollout_logprobs
+
+    @property
+    def sample_stop_check_every(self) -> int:
+        every = self.config.sample_stop_check_every
+        return every if every is not None else (8 if self.ctx.device.type == "cpu" else 0)
+
+    @property
+    def _distribution(self) -> dict[str, Any]:
+        """The sampling distribution the policy's log-probs are taken under (temperature, top-k, top-p)."""
+        return {"temperature": self.config.temperature, "top_k": self.config.top_k, "top_p": self.config.top_p}
+
     def iteration(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pretrain_blocks: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -520,81 +573,67 @@ class PPOTrainer(RunLoop):
         """
         cfg, ctx = self.config, self.ctx
         with value_checks(False):  # no host sync inside the iteration
-            # 1. Rollout: sample responses with the current policy.
-            with self._sampling():
+            # 1. Rollout: sample responses with the current policy (log-probs and entropy of the distribution
+            #    sampled from, top-k / top-p included, computed from the logits each step already has).
+            with phase("rollout"), self._sampling():
                 out = sample(self.policy, prompt_ids, prompt_mask, cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                              eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                             generator=self.sample_generator, use_cuda_graph=cfg.sample_cuda_graph)  # fmt: skip
+                             generator=self.sample_generator, return_logprobs=True,
+                             return_entropy=self.rollout_logprobs, filtered_logprobs=True,
+                             stop_check_every=self.sample_stop_check_every,
+                             use_cuda_graph=cfg.sample_cuda_graph)  # fmt: skip
             sequences, response_ids, response_mask = out.sequences, out.response_ids, out.response_mask
             attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
             steps = response_ids.shape[1]
 
             # 2. Score: reference, policy (old log-probs, entropy, k1 KL), values and reward, no gradients.
-            with torch.no_grad():
-                ref_logprobs = self.ref_module(
-                    sequences, attention_mask, response_ids, mask=response_mask, temperature=cfg.temperature
-                ).logprobs
-                logprobs, entropy, kl = self.policy_module(
-                    sequences, attention_mask, response_ids, mask=response_mask, temperature=cfg.temperature,
-                    ref_logprobs=ref_logprobs, return_entropy=True,
-                )  # fmt: skip
-                values = self.value_module(sequences, attention_mask, steps)
-                scores = self.score(sequences, attention_mask)
+            #    With `rollout_logprobs` the sampler's log-probs are the old log-probs: no policy forward.
+            with torch.no_grad(), phase("score"):
+                with phase("score/reference"):
+                    # The reference's own (unfiltered) distribution: KL(sampling policy ‖ reference).
+                    ref_logprobs = self.ref_module(sequences, attention_mask, response_ids, mask=response_mask,
+                                                   temperature=cfg.temperature).logprobs  # fmt: skip
+                if self.rollout_logprobs:
+                    logprobs, entropy, kl = out.logprobs, out.entropy, out.logprobs - ref_logprobs
+                    mismatch = None  # measured at the first minibatch, whose forward sees the same weights
+                else:
+                    with phase("score/policy"):
+                        logprobs, entropy, kl = self.policy_module(
+                            sequences, attention_mask, response_ids, mask=response_mask,
+                            ref_logprobs=ref_logprobs, return_entropy=True, **self._distribution,
+                        )  # fmt: skip
+                    mismatch = _logprob_mismatch(out.logprobs, logprobs, response_mask)
+                with phase("score/value"):
+                    values = self.value_module(sequences, attention_mask, steps)
+                with phase("score/reward"):
+                    scores = self.score(sequences, attention_mask)
 
             # 3. Rewards: −β·KL at every response token, the (penalized) RM score added at the last one.
-            has_eos = ((response_ids == self.eos_token_id) & response_mask).any(dim=1)
-            if cfg.missing_eos_penalty is not None:
-                scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
-            kl = torch.where(response_mask, kl, 0)
-            last = (response_mask.long().sum(dim=1) - 1).clamp(min=0)
-            rewards = (-self.kl_controller.value * kl).scatter_add(1, last[:, None], scores[:, None])
-            # From here on every rank holds the whole batch: GAE, whitening and minibatches are global.
-            data = Rollout(sequences, attention_mask, response_ids, response_mask, logprobs, values, rewards,
-                           kl, entropy, scores, has_eos).gathered(ctx)  # fmt: skip
-            rewards_finite = torch.isfinite(data.rewards).all()
-            if cfg.whiten_rewards:
-                data.rewards = _whiten(data.rewards, data.response_mask, shift_mean=False)
+            with phase("rewards_gae"):
+                has_eos = ((response_ids == self.eos_token_id) & response_mask).any(dim=1)
+                if cfg.missing_eos_penalty is not None:
+                    scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+                kl = torch.where(response_mask, kl, 0)
+                last = last_token_index(response_mask)
+                rewards = (-self.kl_controller.value * kl).scatter_add(1, last[:, None], scores[:, None])
+                # From here on every rank holds the whole batch: GAE, whitening and minibatches are global.
+                data = Rollout(sequences, attention_mask, response_ids, response_mask, logprobs, values, rewards,
+                               kl, entropy, scores, has_eos).gathered(ctx)  # fmt: skip
+                rewards_finite = torch.isfinite(data.rewards).all()
+                if cfg.whiten_rewards:
+                    data.rewards = _whiten(data.rewards, data.response_mask, shift_mean=False)
 
-            # 4. GAE, advantages whitened over the valid tokens of the batch.
-            advantages, returns = gae(data.rewards, data.values, data.response_mask, gamma=cfg.gamma,
-                                      lam=cfg.gae_lambda, whiten=cfg.whiten_advantages)  # fmt: skip
+                # 4. GAE, advantages whitened over the valid tokens of the batch.
+                advantages, returns = gae(data.rewards, data.values, data.response_mask, gamma=cfg.gamma,
+                                          lam=cfg.gae_lambda, whiten=cfg.whiten_advantages)  # fmt: skip
 
             # 5. Minibatch epochs: one optimizer step per minibatch (policy + value + ptx).
-            sums = {key: torch.zeros((), device=ctx.device) for key in UPDATE_METRICS}
-            updates = 0
-            for rows, mine in self._minibatches(len(data.scores)):
-                mb = data.rows(mine)
-                # Masked means over this rank's tokens, rescaled to the mean over the minibatch's tokens.
-                minibatch_tokens = data.response_mask.index_select(0, rows).sum().clamp(min=1)
-                token_share = mb.response_mask.sum() * ctx.world_size / minibatch_tokens
-
-                ptx_loss = torch.zeros((), device=ctx.device)
-                if pretrain_blocks is not None:
-                    ptx_loss = self._ptx_backward(pretrain_blocks[updates])
-
-                new = self.policy_train(mb.sequences, mb.attention_mask, mb.response_ids, mask=mb.response_mask,
-                                        temperature=cfg.temperature)  # fmt: skip
-                new_values = self.value_train(mb.sequences, mb.attention_mask, steps)
-                losses = ppo_losses(new.logprobs, mb.logprobs, advantages.index_select(0, mine),
-                                    mb.response_mask, new_values, mb.values, returns.index_select(0, mine),
-                                    clip_coef=cfg.clip_coef, value_clip=cfg.value_clip)  # fmt: skip
-                loss = (losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]) * token_share
-                loss.backward()
-                total = loss + cfg.ptx_coef * ptx_loss  # checked for finiteness with the gradients
-                grad_norm, skipped = guarded_step(
-                    self.optimizer, self.parameters, total, ctx, max_grad_norm=cfg.max_grad_norm,
-                    extra_bad=~rewards_finite,
-                )  # fmt: skip
-
-                weight = token_share / ctx.world_size  # summed over ranks: the minibatch's token mean
-                for key, name in UPDATE_METRICS.items():
-                    if name is not None:
-                        sums[key] += losses[name].detach() * weight
-                sums["loss/ptx"] += ptx_loss / ctx.world_size
-                sums["train/grad_norm"] += grad_norm / ctx.world_size
-                sums["train/skipped"] += skipped / ctx.world_size
-                updates += 1
+            with phase("update"):
+                sums, updates, first_mismatch = self._update(data, advantages, returns, rewards_finite,
+                                                             pretrain_blocks)  # fmt: skip
+            if mismatch is None:
+                mismatch = first_mismatch
 
             # 6. Metrics, all on the device (one collective for the update metrics); the KL controller adapts.
             totals = dict(zip(sums, ctx.all_reduce_sum(torch.stack(list(sums.values()))).unbind()))
@@ -603,22 +642,78 @@ class PPOTrainer(RunLoop):
             }
             valid = data.response_mask
             kl_per_sequence = data.kl.sum(dim=1).mean()
-            unexplained = _masked_var(returns - data.values, valid) / _masked_var(returns, valid)
+            returns_variance = _masked_var(returns, valid)
+            explained = 1 - _masked_var(returns - data.values, valid) / returns_variance.clamp(min=1e-12)
             metrics.update({
                 "objective/scores": data.scores.mean(),
                 "objective/kl": kl_per_sequence,
                 "objective/kl_coef": self.kl_controller.value.clone(),
                 "objective/rlhf_reward": (data.scores - self.kl_controller.value * data.kl.sum(dim=1)).mean(),
                 "policy/entropy": _masked_mean(data.entropy, valid),
-                "val/explained_variance": 1 - unexplained,
+                # Undefined when the returns are constant (e.g. every score equal and no KL yet): logged as 0.
+                "val/explained_variance": torch.where(returns_variance > 0, explained, 0.0),
                 "val/mean": _masked_mean(data.values, valid),
                 "episode/length": valid.sum(dim=1).float().mean(),
                 "episode/eos_fraction": data.has_eos.float().mean(),
+                "rollout/logprob_mismatch": mismatch[0],
+                "rollout/logprob_mismatch_max": mismatch[1],
                 "train/nonfinite_rewards": (~rewards_finite).float(),
                 "train/response_tokens": valid.sum().float(),
             })  # fmt: skip
             self.kl_controller.update(kl_per_sequence, n_steps=len(data.scores))
             return metrics
+
+    def _update(self, data: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
+                rewards_finite: torch.Tensor, pretrain_blocks: torch.Tensor | None):  # fmt: skip
+        """The minibatch epochs. Returns (summed update metrics, optimizer steps, the log-prob mismatch (mean,
+        max) between the rollout and the first minibatch's forward, which runs on the sampling weights)."""
+        cfg, ctx = self.config, self.ctx
+        sums = {key: torch.zeros((), device=ctx.device) for key in UPDATE_METRICS}
+        updates = 0
+        mismatch = None
+        steps = data.response_ids.shape[1]
+        for rows, mine in self._minibatches(len(data.scores)):
+            mb = data.rows(mine)
+            # Masked means over this rank's tokens, rescaled to the mean over the minibatch's tokens.
+            minibatch_tokens = data.response_mask.index_select(0, rows).sum().clamp(min=1)
+            token_share = mb.response_mask.sum() * ctx.world_size / minibatch_tokens
+
+            ptx_loss = torch.zeros((), device=ctx.device)
+            if pretrain_blocks is not None:
+                ptx_loss = self._ptx_backward(pretrain_blocks[updates])
+
+            new = self.policy_train(mb.sequences, mb.attention_mask, mb.response_ids, mask=mb.response_mask,
+                                    **self._distribution)  # fmt: skip
+            if updates == 0:
+                mismatch = _logprob_mismatch(mb.logprobs, new.logprobs.detach(), mb.response_mask)
+            new_values = self.value_train(mb.sequences, mb.attention_mask, steps)
+            losses = ppo_losses(new.logprobs, mb.logprobs, advantages.index_select(0, mine),
+                                mb.response_mask, new_values, mb.values, returns.index_select(0, mine),
+                                clip_coef=cfg.clip_coef, value_clip=cfg.value_clip)  # fmt: skip
+            loss = (losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]) * token_share
+            loss.backward()
+            total = loss + cfg.ptx_coef * ptx_loss  # checked for finiteness with the gradients
+            # Each model clipped on its own (InstructGPT trains the value function apart): a value-loss spike
+            # cannot shrink the policy step. The step is skipped when either norm is not finite.
+            policy_norm = _clip_gradients(self.policy_parameters, cfg.max_grad_norm)
+            value_norm = _clip_gradients(self.value_parameters, cfg.max_grad_norm)
+            norms_finite = torch.isfinite(policy_norm) & torch.isfinite(value_norm)
+            _, skipped = guarded_step(
+                self.optimizer, self.parameters, total, ctx, max_grad_norm=None,
+                extra_bad=~(rewards_finite & norms_finite),
+            )  # fmt: skip
+
+            weight = token_share / ctx.world_size  # summed over ranks: the minibatch's token mean
+            for key, name in UPDATE_METRICS.items():
+                if name is not None:
+                    sums[key] += losses[name].detach() * weight
+            sums["loss/ptx"] += ptx_loss / ctx.world_size
+            sums["train/grad_norm"] += torch.hypot(policy_norm, value_norm) / ctx.world_size
+            sums["train/policy_grad_norm"] += policy_norm / ctx.world_size
+            sums["train/value_grad_norm"] += value_norm / ctx.world_size
+            sums["train/skipped"] += skipped / ctx.world_size
+            updates += 1
+        return sums, updates, mismatch
 
     def _minibatches(self, batch: int):
         """(rows of the minibatch, this rank's share of them) for every optimizer step of an iteration: the

@@ -22,6 +22,7 @@ import torch
 from rlhf_fast.models.loading import (
     Precision,
     autocast_forward,
+    check_token_ids,
     load_reward_model,
     prepare_trained,
     resolve_pad_token_id,
@@ -128,6 +129,7 @@ class RewardTrainer(EpochTrainer):
         autocast_forward(self.model, self.ctx.device.type, self.precision.dtype)
         self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.model.config)
         self._skeleton = meta_skeleton(self.model) if config.fsdp and self.ctx.is_distributed else None
+        check_token_ids(self.model.backbone, _ranking_ids(self.train_data + self.eval_data))
         self._set_up_training(self.model)
 
     # ------------------------------------------------------------------------------------------ compute
@@ -153,7 +155,16 @@ class RewardTrainer(EpochTrainer):
         return [items[start : start + size] for start in range(0, len(items), size)]
 
     def train_step(self, items: list, global_items: list) -> dict[str, torch.Tensor]:
-        """One optimizer step on this rank's prompts; the loss is scaled to the global mean over prompts."""
+        """One optimizer step on this rank's prompts; the loss is scaled to the global mean over prompts.
+
+        The ops run with their value checks off (each is a host read): the rankings were validated when encoded
+        and their token ids at load; a non-finite loss skips the step on the device."""
+        from rlhf_fast.ops import value_checks
+
+        with value_checks(False):
+            return self._train_step(items, global_items)
+
+    def _train_step(self, items: list, global_items: list) -> dict[str, torch.Tensor]:
         global_prompts, global_pairs = _pair_counts(global_items)
         micro_batches = self._micro_batches(items)
         loss_total = torch.zeros((), device=self.ctx.device)
@@ -277,6 +288,15 @@ class RewardTrainer(EpochTrainer):
             tokenizer=self.tokenizer,
             skeleton=self._skeleton,
         )
+
+
+def _ranking_ids(items):
+    """The token id sequences of rankings (``EncodedRanking`` or mappings: prompt and completions)."""
+    for item in items:
+        field = item.__getitem__ if isinstance(item, dict) else lambda name, item=item: getattr(item, name)
+        yield list(field("prompt_ids"))
+        for completion in field("completion_ids"):
+            yield list(completion)
 
 
 __all__ = ["RewardConfig", "RewardTrainer"]

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from rlhf_fast.models import packed_causal_mask
+from rlhf_fast.ops import value_checks
 from rlhf_fast.trainers._common import (
     EpochTrainer,
     RunConfig,
@@ -29,11 +31,12 @@ from rlhf_fast.trainers._common import (
 from rlhf_fast.models.loading import (
     Precision,
     autocast_forward,
+    check_token_ids,
     load_policy,
     prepare_trained,
     resolve_pad_token_id,
 )
-from rlhf_fast.trainers._modules import PolicyLogprobs, packed_causal_mask
+from rlhf_fast.trainers._modules import PolicyLogprobs
 from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything
 from rlhf_fast.trainers.phases import phase
@@ -115,6 +118,7 @@ class SFTTrainer(EpochTrainer):
             for example in self.train_data
         )
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and self.ctx.is_distributed else None
+        check_token_ids(self.policy.hf_model, (_ids_of(example) for example in self.train_data + self.eval_data))
 
         self.module = PolicyLogprobs(self.policy)
         autocast_forward(self.module, self.ctx.device.type, self.precision.dtype)
@@ -160,7 +164,13 @@ class SFTTrainer(EpochTrainer):
 
     # ---------------------------------------------------------------------------------------- training
     def train_step(self, examples: list) -> dict[str, torch.Tensor]:
-        """One optimizer step on this rank's share of a global batch; returns device-tensor metrics."""
+        """One optimizer step on this rank's share of a global batch; returns device-tensor metrics.
+
+        The ops run with their value checks off (each is a host read); the token ids were checked at load."""
+        with value_checks(False):
+            return self._train_step(examples)
+
+    def _train_step(self, examples: list) -> dict[str, torch.Tensor]:
         with phase("data"):
             micro_batches = self._micro_batches(examples)
             local_tokens = sum(int(batch["loss_mask"][:, 1:].sum()) for batch in micro_batches)
@@ -230,6 +240,10 @@ class SFTTrainer(EpochTrainer):
             prefix="policy.",
             state_source=self.module,
         )
+
+
+def _ids_of(example) -> Sequence[int]:
+    return example.input_ids if hasattr(example, "input_ids") else example["input_ids"]
 
 
 __all__ = ["SFTConfig", "SFTTrainer"]

@@ -168,3 +168,59 @@ def test_4d_mask_bad_arguments(generator):
         reward_model(ids, prepared, positions, last_index=last_token_index(mask)[:1])
     with pytest.raises(ValueError, match="position_ids"):
         ValueModel.from_reward_model(reward_model)(ids, prepared)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_2d_mask_path_equals_prepared_path_with_gradients(arch, generator):
+    """The common path hands the [B, L] padding mask to the backbone (SDPA picks its kernel); the prepared 4-D
+    path is for packing. On a left-padded batch both give the same values and gradients at the real tokens."""
+    model = build_causal_lm(arch, seed_of(generator), dtype=torch.float64)
+    model.set_attn_implementation("sdpa")
+    value_model = ValueModel.from_policy(model, head_init_std=0.1)
+    ids, mask = padded_batch("left", generator)
+    real = mask.bool()
+    results = []
+    for attention, positions in ((mask, None), (causal_mask(mask, torch.float64), position_ids_from_mask(mask))):
+        value_model.zero_grad()
+        values = value_model(ids, attention, positions)
+        values[real].sum().backward()
+        gradients = [p.grad.clone() for p in value_model.parameters() if p.grad is not None]
+        results.append((values.detach()[real], gradients))
+    (values_2d, grads_2d), (values_4d, grads_4d) = results
+    torch.testing.assert_close(values_2d, values_4d, atol=1e-6, rtol=1e-6)
+    assert len(grads_4d) == len(grads_2d) > 0
+    for two_d, four_d in zip(grads_2d, grads_4d):
+        torch.testing.assert_close(two_d, four_d, atol=1e-6, rtol=1e-6)
+
+
+def test_packed_causal_mask_matches_the_rule(generator):
+    from rlhf_fast.models import packed_causal_mask
+
+    document_ids = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 1, 1, 2, -1, -1]])
+    mask = packed_causal_mask(document_ids, torch.float32)
+    assert mask.shape == (2, 1, 6, 6)
+    for b in range(2):
+        for q in range(6):
+            for k in range(6):
+                same = document_ids[b, q] == document_ids[b, k] >= 0 and k <= q
+                padding_self = document_ids[b, q] < 0 and k == q
+                assert (mask[b, 0, q, k] == 0) == bool(same or padding_self), (b, q, k)
+
+
+def test_fused_activation_matches_the_multi_op_gelu(generator):
+    """The policy and the scalar-head models run GPT-2's tanh GELU as one kernel; outputs equal the modules'."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    model = build_causal_lm("gpt2", seed_of(generator), dtype=torch.float64)
+    assert isinstance(model.transformer.h[0].mlp.act, NewGELUActivation)
+    ids, mask = padded_batch("left", generator)
+    with torch.no_grad():
+        expected = model.transformer(input_ids=ids, attention_mask=mask,
+                                     position_ids=position_ids_from_mask(mask)).last_hidden_state
+    policy = PolicyModel(model)
+    assert all(isinstance(block.mlp.act, GELUTanh) for block in model.transformer.h)
+    assert model.config.activation_function == "gelu_pytorch_tanh"  # a saved model loads the fused one
+    with torch.no_grad():
+        torch.testing.assert_close(policy(ids, mask)[mask.bool()], expected[mask.bool()], atol=1e-12, rtol=1e-12)
+    reward_model = RewardModel.from_policy(build_causal_lm("gpt2", seed_of(generator)))
+    assert all(isinstance(block.mlp.act, GELUTanh) for block in reward_model.backbone.h)

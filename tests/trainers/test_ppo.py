@@ -158,3 +158,79 @@ def test_prompts_may_be_mappings_or_id_lists(tmp_path):
     assert trainer.eos_token_id == toy.tokenizer().eos_token_id
     with pytest.raises(ValueError, match="empty prompt"):
         PPOTrainer(config, toy.policy(), toy.counting_reward_model(), [[]] * 8, tokenizer=toy.tokenizer())
+
+
+@pytest.mark.parametrize("rollout_logprobs", [False, True])
+def test_logprob_mismatch_is_logged_and_small(tmp_path, rollout_logprobs):
+    """`rollout/logprob_mismatch`: |sampler log-prob − training-forward log-prob| over valid tokens (from the
+    scoring forward, or from the first minibatch's forward when the scoring forward is skipped)."""
+    metrics = one_iteration(toy.make_trainer("ppo", tmp_path, rollout_logprobs=rollout_logprobs))
+    assert 0.0 <= metrics["rollout/logprob_mismatch"] <= metrics["rollout/logprob_mismatch_max"] < 1e-4
+    assert metrics["train/skipped"] == 0.0
+
+
+def test_rollout_logprobs_skip_the_policy_scoring_forward(tmp_path):
+    from rlhf_fast.trainers.phases import PhaseTimer, recording
+
+    counts = {}
+    for switch in (False, True):
+        trainer = toy.make_trainer("ppo", tmp_path / str(switch), rollout_logprobs=switch)
+        timer = PhaseTimer()
+        with recording(timer):
+            metrics = one_iteration(trainer)
+        counts[switch] = timer.calls.get("score/policy", 0)
+        assert math.isfinite(metrics["policy/entropy"]) and metrics["policy/entropy"] > 0
+    assert counts == {False: 1, True: 0}
+
+
+@pytest.mark.parametrize("rollout_logprobs", [False, True])
+@pytest.mark.parametrize(("top_k", "top_p"), [(3, 1.0), (0, 0.6), (4, 0.8)])
+def test_top_k_top_p_ratio_is_one_at_the_first_minibatch(tmp_path, top_k, top_p, rollout_logprobs):
+    """The ratio, KL and entropy use the filtered distribution tokens are drawn from: the first minibatch of the
+    first epoch runs on the sampling weights, so its ratio is 1 and its forward agrees with the sampler."""
+    trainer = toy.make_trainer("ppo", tmp_path, top_k=top_k, top_p=top_p, num_minibatches=1, ppo_epochs=1,
+                               rollout_logprobs=rollout_logprobs)
+    metrics = one_iteration(trainer)
+    assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["policy/approx_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["policy/clipfrac"] == 0.0
+    assert metrics["rollout/logprob_mismatch_max"] < 1e-4
+    # The first rollout comes from the reference, so the KL of the filtered policy to it is -E[log of the
+    # kept mass] >= 0, and the entropy is at most that of a uniform choice among the kept tokens.
+    assert metrics["objective/kl"] >= -1e-5
+    if top_k:
+        assert metrics["policy/entropy"] <= math.log(top_k) + 1e-5
+
+
+def test_gradients_are_clipped_per_model(tmp_path):
+    """A value loss a million times larger changes nothing in the policy's step: each model is clipped on its
+    own. Both norms are logged."""
+    runs = {}
+    for vf_coef in (0.1, 1e6):
+        trainer = toy.make_trainer("ppo", tmp_path / str(vf_coef), vf_coef=vf_coef, max_grad_norm=1.0)
+        before = [p.detach().clone() for p in trainer.policy_parameters]
+        metrics = one_iteration(trainer)
+        deltas = [p.detach() - b for p, b in zip(trainer.policy_parameters, before)]
+        runs[vf_coef] = (metrics, deltas)
+    (small, small_deltas), (large, large_deltas) = runs[0.1], runs[1e6]
+    assert large["train/value_grad_norm"] > 1e3 * small["train/value_grad_norm"]
+    assert large["train/policy_grad_norm"] == pytest.approx(small["train/policy_grad_norm"], rel=1e-5)
+    assert large["train/skipped"] == 0.0
+    assert any(delta.abs().max() > 0 for delta in small_deltas)
+    for a, b in zip(small_deltas, large_deltas):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+
+
+class ConstantReward(torch.nn.Module):
+    def forward(self, input_ids, attention_mask):
+        return torch.zeros(input_ids.shape[0])
+
+
+def test_explained_variance_is_finite_when_returns_are_constant(tmp_path):
+    """Zero rewards and no KL penalty with λ = γ = 1: every return is 0, its variance 0."""
+    config = PPOConfig(batch_size=8, num_minibatches=2, ppo_epochs=1, kl_coef=0.0, gae_lambda=1.0,
+                       whiten_advantages=False, max_new_tokens=4, output_dir=str(tmp_path))
+    trainer = PPOTrainer(config, toy.policy(), ConstantReward(), toy.prompts(8), tokenizer=toy.tokenizer())
+    metrics = one_iteration(trainer)
+    assert metrics["val/explained_variance"] == 0.0
+    assert all(math.isfinite(value) for value in metrics.values()), metrics

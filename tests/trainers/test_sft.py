@@ -100,3 +100,15 @@ def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path):
     split.train()
     for (name, a), b in zip(whole.policy.named_parameters(), split.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_at_load(tmp_path):
+    """The steps run the ops without value checks: token ids are checked once, when the trainer is built."""
+    from dataclasses import replace
+
+    from rlhf_fast import SFTTrainer
+
+    bad = toy.demonstrations(4)
+    bad[2] = replace(bad[2], input_ids=[*bad[2].input_ids[:-1], 10_000])
+    with pytest.raises(ValueError, match="vocabulary"):
+        SFTTrainer(SFTConfig(batch_size=2, output_dir=str(tmp_path)), toy.policy(), bad, tokenizer=toy.tokenizer())
