@@ -42,6 +42,7 @@ from rlhf_fast.trainers.phases import PhaseTimer, recording
 PHASES = {
     "ppo": (
         "rollout",
+        "score",
         "score/reference",
         "score/policy",
         "score/value",

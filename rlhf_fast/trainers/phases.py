@@ -11,7 +11,8 @@ process; phases may nest (`"score"` around `"score/reference"`), and the recorde
 them (wall time with a device synchronization at each edge, a `torch.profiler.record_function` range, ...).
 
 Phase names used by the trainers:
-    PPO:      rollout, score/reference, score/policy, score/value, score/reward, rewards_gae, update
+    PPO:      rollout, score (around score/reference, score/policy, score/value, score/reward), rewards_gae,
+              update
     SFT, RM:  data, forward, backward, optimizer
 """
 
