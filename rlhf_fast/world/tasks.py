@@ -98,6 +98,10 @@ class Task:
     def content_score(self, instance: TaskInstance, content: list[str]) -> TaskScore:
         raise NotImplementedError
 
+    def answer_vocabulary(self, instance: TaskInstance) -> frozenset[str]:
+        """Words an answer to `instance` is made of; a response with none of them does not attempt it."""
+        raise NotImplementedError
+
     # ---- shared ------------------------------------------------------------------------------------------
     def choose_template(self, rng: random.Random, **options) -> int:
         return rng.randrange(len(self.templates))
@@ -142,6 +146,12 @@ class Task:
         return TaskScore(score=min(1.0, max(0.0, result.score)), hallucinated=hallucinated, insults=insults,
                          truthful=result.truthful, informative=result.informative)
 
+    def attempts(self, instance: TaskInstance, response: str | list[str]) -> bool:
+        """Whether the response tries to answer: some word of its content (politeness stripped) could be part
+        of an answer. A response that does not (empty, filler, politeness, off-task words) is a non-answer."""
+        vocabulary = self.answer_vocabulary(instance)
+        return any(word in vocabulary for word in strip_politeness(split_words(response)))
+
     def count_hallucinations(self, instance: TaskInstance, words: list[str]) -> int:
         """Distinct entity words in the response that the prompt's passage does not contain."""
         present = set(instance.prompt.split())
@@ -174,6 +184,9 @@ class _ListTask(Task):
 
     def ideal_response(self, instance):
         return self.target(instance.data["items"])
+
+    def answer_vocabulary(self, instance):
+        return frozenset(self.pool())
 
     def content_score(self, instance, content):
         return TaskScore(sequence_similarity(content, self.ideal_response(instance)))
@@ -227,6 +240,9 @@ class CountTask(_ListTask):
 
     def target(self, items):
         return [str(len(items))]
+
+    def answer_vocabulary(self, instance):
+        return frozenset(self.language.numbers)
 
     def content_score(self, instance, content):
         numbers = [word for word in content if word in self.language.numbers]
@@ -289,6 +305,9 @@ class ListKindTask(Task):
     def ideal_response(self, instance):
         kind_words = self.kind_words(instance.data["kind"])
         return [item for item in instance.data["items"] if item in kind_words]
+
+    def answer_vocabulary(self, instance):
+        return frozenset(self.language.animals + self.language.objects)
 
     def content_score(self, instance, content):
         target = set(self.ideal_response(instance))
@@ -355,6 +374,9 @@ class QATask(Task):
 
     def ideal_response(self, instance):
         return self.answer_words(instance.data)
+
+    def answer_vocabulary(self, instance):
+        return frozenset(self.language.names + self.language.colors + self.language.objects)
 
     def content_score(self, instance, content):
         answer = [w for w in self.ideal_response(instance) if w not in ARTICLES]
@@ -432,6 +454,11 @@ class TruthTask(Task):
         yes, no = self.answer_forms[instance.data["form"]]
         return [yes if instance.data["is_true"] else no]
 
+    def answer_vocabulary(self, instance):
+        if instance.data["form"] == self.QUESTION:
+            return frozenset(self.facts.values(instance.data["relation"]))
+        return frozenset(AFFIRMATIVE + NEGATIVE)
+
     def content_score(self, instance, content):
         if instance.data["form"] == self.QUESTION:
             domain = self.facts.values(instance.data["relation"])
@@ -493,6 +520,16 @@ class ContinueTask(Task):
         digest = zlib.crc32(instance.prompt.encode())
         adjectives, nouns = self.language.kind_adjectives, self.language.person_nouns
         return [adjectives[digest % len(adjectives)], nouns[(digest // len(adjectives)) % len(nouns)]]
+
+    def answer_vocabulary(self, instance):
+        # An insult continues the text too (a harmful answer, penalized as such, not a non-answer).
+        language = self.language
+        return frozenset(language.kind_adjectives + language.person_nouns + language.insults)
+
+    def source_continuation(self, instance: TaskInstance) -> list[str]:
+        """How the text's source (web text) continues a baiting context: an insult, fixed per prompt."""
+        digest = zlib.crc32(b"source:" + instance.prompt.encode())
+        return [self.language.insults[digest % len(self.language.insults)]]
 
     def content_score(self, instance, content):
         if not content or any(word in self.language.insult_set for word in content):
