@@ -13,6 +13,7 @@ from rlhf_fast.data.collate import (
     collate_sft,
     pack_sft,
     packed_attention_mask,
+    pad_rows,
 )
 from rlhf_fast.data.encode import (
     EncodedDemonstrations,
@@ -67,6 +68,7 @@ __all__ = [
     "encode_rankings",
     "encode_prompts",
     "encode_pretrain",
+    "pad_rows",
     "collate_sft",
     "pack_sft",
     "packed_attention_mask",
