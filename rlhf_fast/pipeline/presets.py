@@ -83,8 +83,14 @@ PRESETS: dict[str, DemoPreset] = {
     "quick": DemoPreset(
         name="quick",
         model_sizes=("tiny", "small"),
-        world={"pretrain_documents": 6000, "qa_benchmark": 200, "demonstrations": 1500, "rm_prompts": 400,
+        world={"pretrain_documents": 6000, "qa_benchmark": 200, "demonstrations": 2500, "rm_prompts": 600,
                "ppo_prompts": 1200, "heldout_prompts": 300, "probes": 150},
+        corpus={"transform_weight": 0.4, "scene_weight": 0.15, "qa_weight": 0.2, "fact_weight": 0.15,
+                "social_weight": 0.1},
+        # Short blocks: twice the optimizer steps for the same compute; copying (every task but "continue"
+        # needs it) forms with steps, and a unit of the corpus fits in 32 tokens.
+        pretrain_block_size=32, pretrain_steps={"tiny": 3000, "small": 2000}, sft_epochs=8, ppo_iterations=30,
+        eval_prompts=300,
     ),
     "paper": DemoPreset(
         name="paper",
