@@ -89,8 +89,8 @@ PRESETS: dict[str, DemoPreset] = {
                 "social_weight": 0.1},
         # Short blocks: twice the optimizer steps for the same compute; copying (every task but "continue"
         # needs it) forms with steps, and a unit of the corpus fits in 32 tokens.
-        pretrain_block_size=32, pretrain_steps={"tiny": 3000, "small": 2000}, sft_epochs=8, ppo_iterations=30,
-        eval_prompts=300,
+        pretrain_block_size=32, pretrain_steps={"tiny": 3000, "small": 1500}, sft_epochs=8, rm_epochs=3,
+        rm_batch_size=8, ppo_iterations=30, eval_prompts=300,
     ),
     "paper": DemoPreset(
         name="paper",
