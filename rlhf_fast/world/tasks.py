@@ -4,6 +4,13 @@ response a careful labeler writes, and a programmatic scorer in [0, 1].
 Prompts are at most 24 words and ideal answers at most 3, so a 2-4 layer GPT can learn them in about a
 minute of CPU training. A prompt is fully determined by its text: `Task.parse` rebuilds the instance from it,
 which is how the evaluator scores a model's response to any prompt of the world.
+
+What a small model can learn in minutes on a CPU shaped two tasks: a QA passage holds one sentence, and the
+list task's ideal answer follows the lexicon's order. Both then need finding words of a kind in the input
+(which 2-4 layer models learn quickly, as in sorting numbers) rather than copying in input order or binding
+words across sentences (induction, which they did not form in the demo's budget: exact copying stayed under
+15%, two-sentence QA near 0.07 exact match). Without it the SFT models could not learn the tasks, and the
+reward model could not judge them.
 """
 
 from __future__ import annotations
