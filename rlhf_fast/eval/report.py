@@ -130,17 +130,23 @@ def _final_training_rows(history: dict[str, list[PPOStep]]) -> list[list[str]]:
             for run, steps in history.items() if steps]
 
 
-FIGURE1_READING = (
-    "**What this shows.** The mechanism of InstructGPT's Figure 1 on a world whose labelers put helpfulness "
-    "first: a reward model trained on rankings by some labelers agrees with other, held-out labelers about as "
-    "often as they agree with each other, and PPO against it makes responses that those held-out labelers "
-    "prefer, on prompts of customers no training set saw, with the task scores, truthfulness, hallucination "
-    "and toxicity measured beside the win rate (Table 1) so that a style-only gain would show. "
-    "**What it does not.** The language, tasks, labelers and their noise are simulated: the labelers' "
-    "preferences are a known formula, far simpler than human judgment, and the models are a few hundred "
-    "thousand parameters, so no number here predicts a real model's; sizes differ by a few times, not 100x; "
-    "standard errors count prompts, not seeds or labelers."
-)
+def _figure1_reading(results: Results) -> str:
+    """What Figure 1 shows and what it does not, from the targets this run met and missed."""
+    met = [t.target for t in results.targets if t.met]
+    missed = [t.target for t in results.targets if not t.met]
+    shows = ("**What this shows.** How often held-out labelers prefer each method's samples to the baseline's, "
+             "on prompts of customers no training set saw, by model size; Table 1 puts the task score, "
+             "truthfulness, hallucination, toxicity and degenerate samples beside it, so a gain in style alone "
+             "would show.")
+    if met:
+        shows += " Findings of the paper reproduced in this run: " + "; ".join(met) + "."
+    does_not = ("**What it does not.** The language, tasks and labelers are simulated (their preferences are a "
+                "known formula, far simpler than human judgment) and the models have a few hundred thousand "
+                "parameters, so no number here predicts a real model's; standard errors count prompts, not "
+                "seeds or labelers.")
+    if missed:
+        does_not += " Findings this run did not reproduce: " + "; ".join(missed) + "."
+    return shows + "\n\n" + does_not
 
 
 def _targets_section(results: Results) -> list[str]:
@@ -162,7 +168,7 @@ def _markdown(results: Results, models: list[ModelResult], figures: dict[str, st
     parts.append("")
     if "figure1" in figures:
         parts += ["## Figure 1: win rate against model size", "",
-                  f"![Win rate against model size]({figures['figure1']})", "", FIGURE1_READING, ""]
+                  f"![Win rate against model size]({figures['figure1']})", "", _figure1_reading(results), ""]
     parts += _targets_section(results)
     columns = _metric_columns(models)
     parts += ["## Table 1: evaluation", ""]
