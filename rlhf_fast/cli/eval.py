@@ -69,7 +69,9 @@ def reward_rows(
     if reward_tokenizer is tokenizer or same_vocabulary(reward_tokenizer, tokenizer):
         eos = int(reward_tokenizer.eos_token_id)
         return token_rows(prompt_ids, generation.token_ids, generation.finished, eos, limit)
-    return response_rows(reward_tokenizer, prompt_texts, generation.texts, ended=generation.finished, limit=limit)
+    return response_rows(
+        reward_tokenizer, prompt_texts, generation.texts, ended=generation.finished, limit=limit
+    )
 
 
 def _estimate(values: list[float]) -> dict[str, float]:
@@ -129,7 +131,9 @@ def run_eval(args) -> int:
     world = _load_world(args.world) if args.world is not None else None
     if args.prompts is None:
         if world is None:
-            raise CLIError("--prompts FILE is required (or --world DIR, whose held-out prompts are the default)")
+            raise CLIError(
+                "--prompts FILE is required (or --world DIR, whose held-out prompts are the default)"
+            )
         args.prompts = str(Path(args.world) / "prompts_heldout.jsonl")
     check_file("--prompts", args.prompts)
     out = Path(args.out)

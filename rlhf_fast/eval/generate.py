@@ -40,8 +40,17 @@ def _special_ids(tokenizer) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def generate(policy, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> Generation:
+def generate(
+    policy,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> Generation:
     """One response per prompt (token ids), in prompt order, on the policy's device.
 
     temperature 0: greedy; otherwise sampling at `temperature` with nucleus `top_p`, seeded by `seed`
@@ -66,10 +75,19 @@ def generate(policy, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tok
     order = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]))
     texts, token_ids, finished = [""] * len(order), [[] for _ in order], [False] * len(order)
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         ids, mask = pad_rows([prompt_ids[index] for index in batch], pad_id, side="left")
-        output = sample(policy, ids.to(device), mask.to(device), max_new_tokens, temperature=float(temperature),
-                        top_p=top_p, eos_token_id=eos_id, pad_token_id=pad_id, generator=generator)
+        output = sample(
+            policy,
+            ids.to(device),
+            mask.to(device),
+            max_new_tokens,
+            temperature=float(temperature),
+            top_p=top_p,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            generator=generator,
+        )
         responses, response_mask = output.response_ids.cpu(), output.response_mask.cpu()
         for row, index in enumerate(batch):
             tokens = responses[row][response_mask[row]].tolist()
@@ -77,14 +95,24 @@ def generate(policy, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tok
             if ended:
                 tokens = tokens[:-1]
             token_ids[index], finished[index] = tokens, ended
-            texts[index] = tokenizer.decode(tokens, skip_special_tokens=True,
-                                            clean_up_tokenization_spaces=False).strip()
+            texts[index] = tokenizer.decode(
+                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ).strip()
     return Generation(texts, token_ids, finished)
 
 
-def generate_responses(policy, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                       greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                       batch_size: int = 64, seed: int = 0) -> list[str]:
+def generate_responses(
+    policy,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[str]:
     """`generate` for text prompts: one response text per prompt, in the order of `prompts`.
 
     policy: a `rlhf_fast.models.PolicyModel` or a transformers causal LM. tokenizer: its tokenizer, with
@@ -104,12 +132,25 @@ def generate_responses(policy, tokenizer, prompts: Sequence[str], max_new_tokens
     for index, ids in enumerate(token_ids):
         if not ids:
             raise ValueError(f"prompts[{index}] tokenizes to no tokens: {prompts[index]!r}")
-    return generate(policy, tokenizer, token_ids, max_new_tokens, temperature=0.0 if greedy else temperature,
-                    top_p=top_p, batch_size=batch_size, seed=seed).texts
+    return generate(
+        policy,
+        tokenizer,
+        token_ids,
+        max_new_tokens,
+        temperature=0.0 if greedy else temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+    ).texts
 
 
-def token_rows(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-               ended: bool | Sequence[bool], eos_id: int, limit: int | None = None) -> list[list[int]]:
+def token_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    ended: bool | Sequence[bool],
+    eos_id: int,
+    limit: int | None = None,
+) -> list[list[int]]:
     """The token rows a reward model scores, as PPO scores a rollout: prompt + response (+ eos where the
     response `ended`); rows over `limit` tokens keep their last `limit`."""
     ended = [ended] * len(prompt_ids) if isinstance(ended, bool) else list(ended)
@@ -120,21 +161,34 @@ def token_rows(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
     return rows
 
 
-def response_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
-                  ended: bool | Sequence[bool] = True, limit: int | None = None) -> list[list[int]]:
+def response_rows(
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    ended: bool | Sequence[bool] = True,
+    limit: int | None = None,
+) -> list[list[int]]:
     """`token_rows` of texts, tokenized as the data layer does (separately, no special tokens)."""
     from rlhf_fast.data.encode import tokenize_texts
 
-    return token_rows(tokenize_texts(tokenizer, list(prompts)), tokenize_texts(tokenizer, list(responses)), ended,
-                      int(tokenizer.eos_token_id), limit)
+    return token_rows(
+        tokenize_texts(tokenizer, list(prompts)),
+        tokenize_texts(tokenizer, list(responses)),
+        ended,
+        int(tokenizer.eos_token_id),
+        limit,
+    )
 
 
 @torch.no_grad()
-def reward_scores(reward_model, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64) -> list[float]:
+def reward_scores(
+    reward_model, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64
+) -> list[float]:
     """Reward-model scores (normalization offset included) of token rows, read at each row's last token."""
     device = _device_of(reward_model)
     scores: list[float] = []
     for start in range(0, len(rows), batch_size):
-        ids, mask = pad_rows(rows[start:start + batch_size], pad_id)
+        ids, mask = pad_rows(rows[start : start + batch_size], pad_id)
         scores.extend(reward_model(ids.to(device), mask.to(device)).float().cpu().tolist())
     return scores

@@ -32,10 +32,20 @@ METRICS: dict[str, tuple[str, bool]] = {
     "rm_accuracy": ("Validation accuracy", True),
 }
 KIND_ORDER = ("base", "base_prompted", "sft", "ppo", "ppo_ptx")
-KIND_LABELS = {"base": "GPT (base)", "base_prompted": "GPT (prompted)", "sft": "SFT", "ppo": "PPO",
-               "ppo_ptx": "PPO-ptx"}
-KIND_COLORS = {"base": "#8c8c8c", "base_prompted": "#5a5a5a", "sft": "#2ca02c", "ppo": "#ff7f0e",
-               "ppo_ptx": "#d62728"}
+KIND_LABELS = {
+    "base": "GPT (base)",
+    "base_prompted": "GPT (prompted)",
+    "sft": "SFT",
+    "ppo": "PPO",
+    "ppo_ptx": "PPO-ptx",
+}
+KIND_COLORS = {
+    "base": "#8c8c8c",
+    "base_prompted": "#5a5a5a",
+    "sft": "#2ca02c",
+    "ppo": "#ff7f0e",
+    "ppo_ptx": "#d62728",
+}
 METRIC_DEFINITIONS = (
     (
         "Win rate: share of prompts on which held-out labelers prefer the model's response to the baseline's "
@@ -100,8 +110,11 @@ def _sorted_models(models: list[ModelResult]) -> list[ModelResult]:
 
 
 def _rows(models: list[ModelResult], columns: list[str]) -> list[list[str]]:
-    return [[m.name, KIND_LABELS.get(m.kind, m.kind), m.size, _format_params(m.params)]
-            + [_format(m.metrics.get(c)) for c in columns] for m in models]
+    return [
+        [m.name, KIND_LABELS.get(m.kind, m.kind), m.size, _format_params(m.params)]
+        + [_format(m.metrics.get(c)) for c in columns]
+        for m in models
+    ]
 
 
 # ---- text --------------------------------------------------------------------------------------------------
@@ -118,32 +131,41 @@ def format_summary_table(results: Results) -> str:
     header = ["model", "method", "size", "params"] + [METRICS.get(c, (c,))[0] for c in columns]
     rows = [[cell.replace(" ± ", "±") for cell in row] for row in _rows(models, columns)]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, ["-" * w for w in widths]] + rows]
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+        for row in [header, ["-" * w for w in widths]] + rows
+    ]
     if results.win_rate_baseline and "win_rate" in columns:
         lines.append(f"win rate is against {results.win_rate_baseline}; ± is one standard error")
     return "\n".join(lines)
 
 
 def _final_training_rows(history: dict[str, list[PPOStep]]) -> list[list[str]]:
-    return [[run, str(len(steps)), f"{steps[0].reward:.4g}", f"{steps[-1].reward:.4g}", f"{steps[-1].kl:.4g}"]
-            for run, steps in history.items() if steps]
+    return [
+        [run, str(len(steps)), f"{steps[0].reward:.4g}", f"{steps[-1].reward:.4g}", f"{steps[-1].kl:.4g}"]
+        for run, steps in history.items()
+        if steps
+    ]
 
 
 def _figure1_reading(results: Results) -> str:
     """What Figure 1 shows and what it does not, from the targets this run met and missed."""
     met = [t.target for t in results.targets if t.met]
     missed = [t.target for t in results.targets if not t.met]
-    shows = ("**What this shows.** How often held-out labelers prefer each method's samples to the baseline's, "
-             "on prompts of customers no training set saw, by model size; Table 1 puts the task score, "
-             "truthfulness, hallucination, toxicity and degenerate samples beside it, so a gain in style alone "
-             "would show.")
+    shows = (
+        "**What this shows.** How often held-out labelers prefer each method's samples to the baseline's, "
+        "on prompts of customers no training set saw, by model size; Table 1 puts the task score, "
+        "truthfulness, hallucination, toxicity and degenerate samples beside it, so a gain in style alone "
+        "would show."
+    )
     if met:
         shows += " Findings of the paper reproduced in this run: " + "; ".join(met) + "."
-    does_not = ("**What it does not.** The language, tasks and labelers are simulated (their preferences are a "
-                "known formula, far simpler than human judgment) and the models have a few hundred thousand "
-                "parameters, so no number here predicts a real model's; standard errors count prompts, not "
-                "seeds or labelers.")
+    does_not = (
+        "**What it does not.** The language, tasks and labelers are simulated (their preferences are a "
+        "known formula, far simpler than human judgment) and the models have a few hundred thousand "
+        "parameters, so no number here predicts a real model's; standard errors count prompts, not "
+        "seeds or labelers."
+    )
     if missed:
         does_not += " Findings this run did not reproduce: " + "; ".join(missed) + "."
     return shows + "\n\n" + does_not
@@ -152,57 +174,102 @@ def _figure1_reading(results: Results) -> str:
 def _targets_section(results: Results) -> list[str]:
     if not results.targets:
         return []
-    rows = [["MET" if t.met else "MISS", t.target, f"{t.value:.3f}", "–" if math.isnan(t.se) else f"{t.se:.3f}",
-             t.detail] for t in results.targets]
+    rows = [
+        [
+            "MET" if t.met else "MISS",
+            t.target,
+            f"{t.value:.3f}",
+            "–" if math.isnan(t.se) else f"{t.se:.3f}",
+            t.detail,
+        ]
+        for t in results.targets
+    ]
     met = sum(t.met for t in results.targets)
-    return [f"## Targets: {met} of {len(results.targets)} met", "",
-            _markdown_table(["", "Target", "Value", "SE", "Detail"], rows), ""]
+    return [
+        f"## Targets: {met} of {len(results.targets)} met",
+        "",
+        _markdown_table(["", "Target", "Value", "SE", "Detail"], rows),
+        "",
+    ]
 
 
 def _markdown(results: Results, models: list[ModelResult], figures: dict[str, str]) -> str:
     parts = [f"# {results.title}", ""]
     baseline = results.win_rate_baseline
-    parts.append("Models are evaluated on prompts from held-out customers, judged by held-out labelers. "
-                 "Every number is a mean over prompts (or comparisons) ± one standard error"
-                 + (f"; win rate is against {baseline} (ties count ½)." if baseline else "."))
+    parts.append(
+        "Models are evaluated on prompts from held-out customers, judged by held-out labelers. "
+        "Every number is a mean over prompts (or comparisons) ± one standard error"
+        + (f"; win rate is against {baseline} (ties count ½)." if baseline else ".")
+    )
     parts.append("")
     if "figure1" in figures:
-        parts += ["## Figure 1: win rate against model size", "",
-                  f"![Win rate against model size]({figures['figure1']})", "", _figure1_reading(results), ""]
+        parts += [
+            "## Figure 1: win rate against model size",
+            "",
+            f"![Win rate against model size]({figures['figure1']})",
+            "",
+            _figure1_reading(results),
+            "",
+        ]
     parts += _targets_section(results)
     columns = _metric_columns(models)
     parts += ["## Table 1: evaluation", ""]
-    parts.append(_markdown_table(["Model", "Method", "Size", "Params"] + [_label(c) for c in columns],
-                                 _rows(models, columns)))
+    parts.append(
+        _markdown_table(
+            ["Model", "Method", "Size", "Params"] + [_label(c) for c in columns], _rows(models, columns)
+        )
+    )
     parts.append("")
     if "metrics" in figures:
         parts += [f"![Metrics per model]({figures['metrics']})", ""]
     if results.reward_models:
         rm_columns = _metric_columns(results.reward_models)
         parts += ["## Table 2: reward models", ""]
-        rows = [[e.name, e.size, _format_params(e.params)] + [_format(e.metrics.get(c)) for c in rm_columns]
-                for e in results.reward_models]
+        rows = [
+            [e.name, e.size, _format_params(e.params)] + [_format(e.metrics.get(c)) for c in rm_columns]
+            for e in results.reward_models
+        ]
         header = ["Reward model", "Size", "Params"] + [_label(c) for c in rm_columns]
         parts.append(_markdown_table(header, rows))
         parts.append("")
     if results.labeler_agreement is not None:
-        parts += ["Inter-labeler agreement (held-out vs training labelers, same pairs): "
-                  + _format(results.labeler_agreement), ""]
+        parts += [
+            "Inter-labeler agreement (held-out vs training labelers, same pairs): "
+            + _format(results.labeler_agreement),
+            "",
+        ]
     if results.ppo_history:
         parts += ["## PPO training", ""]
         if "ppo_training" in figures:
             parts += [f"![Reward and KL per PPO iteration]({figures['ppo_training']})", ""]
-        parts.append(_markdown_table(["Run", "Iterations", "Reward (first)", "Reward (last)", "KL (last)"],
-                                     _final_training_rows(results.ppo_history)))
+        parts.append(
+            _markdown_table(
+                ["Run", "Iterations", "Reward (first)", "Reward (last)", "KL (last)"],
+                _final_training_rows(results.ppo_history),
+            )
+        )
         parts.append("")
     if results.timings:
-        parts += ["## Timings", "", _markdown_table(["Stage", "Seconds"],
-                                                   [[k, f"{float(v):.1f}"] for k, v in results.timings.items()]), ""]
+        parts += [
+            "## Timings",
+            "",
+            _markdown_table(
+                ["Stage", "Seconds"], [[k, f"{float(v):.1f}"] for k, v in results.timings.items()]
+            ),
+            "",
+        ]
     if results.notes:
         parts += ["## Notes", ""] + [f"- {note}" for note in results.notes] + [""]
     parts += ["## Metrics", ""] + [f"- {line}" for line in METRIC_DEFINITIONS] + [""]
     if results.config:
-        parts += ["## Configuration", "", "```json", json.dumps(results.to_json()["config"], indent=1), "```", ""]
+        parts += [
+            "## Configuration",
+            "",
+            "```json",
+            json.dumps(results.to_json()["config"], indent=1),
+            "```",
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -234,12 +301,23 @@ def _plot_figure1(models: list[ModelResult], baseline: str | None, path: Path) -
     kinds = list(dict.fromkeys(m.kind for m in with_win))
     kinds.sort(key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER))
     for kind in kinds:
-        points = sorted((positions[m.size], m.metrics["win_rate"].value, m.metrics["win_rate"].se)
-                        for m in with_win if m.kind == kind)
+        points = sorted(
+            (positions[m.size], m.metrics["win_rate"].value, m.metrics["win_rate"].se)
+            for m in with_win
+            if m.kind == kind
+        )
         xs, ys, ses = zip(*points)
         errors = [0.0 if math.isnan(se) else Z_95 * se for se in ses]
-        axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, linewidth=2,
-                      color=KIND_COLORS.get(kind), label=KIND_LABELS.get(kind, kind))
+        axes.errorbar(
+            xs,
+            ys,
+            yerr=errors,
+            marker="o",
+            capsize=3,
+            linewidth=2,
+            color=KIND_COLORS.get(kind),
+            label=KIND_LABELS.get(kind, kind),
+        )
     axes.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
     if log_axis:
         axes.set_xscale("log")
@@ -247,8 +325,10 @@ def _plot_figure1(models: list[ModelResult], baseline: str | None, path: Path) -
     else:
         axes.set_xlabel("Model size")
     sizes = sorted(positions, key=positions.get)
-    axes.set_xticks([positions[s] for s in sizes], [f"{s}\n{_format_params(positions[s])}" if log_axis else s
-                                                   for s in sizes])
+    axes.set_xticks(
+        [positions[s] for s in sizes],
+        [f"{s}\n{_format_params(positions[s])}" if log_axis else s for s in sizes],
+    )
     axes.minorticks_off()
     axes.set_ylim(0.0, 1.0)
     axes.set_ylabel(f"Win rate against {baseline}" if baseline else "Win rate")
@@ -297,8 +377,7 @@ def _plot_metrics(models: list[ModelResult], path: Path) -> bool:
         errors = [0.0 if math.isnan(se) else Z_95 * se for se in ses]
         colors = [KIND_COLORS.get(m.kind, "#1f77b4") for m in entries]
         axes.bar(range(len(entries)), values, yerr=errors if any(errors) else None, color=colors, capsize=2)
-        axes.set_xticks(range(len(entries)), [m.name for m in entries], rotation=45, ha="right",
-                        fontsize=7)
+        axes.set_xticks(range(len(entries)), [m.name for m in entries], rotation=45, ha="right", fontsize=7)
         axes.set_title(_label(metric), fontsize=10)
         axes.grid(axis="y", alpha=0.3)
     for index in range(len(columns), n_rows * n_cols):
@@ -316,8 +395,9 @@ def _plot_table(models: list[ModelResult], path: Path) -> bool:
     figure = _figure(max(6.0, 1.35 * len(header)), 0.9 + 0.32 * (len(rows) + 1))
     axes = figure.add_subplot()
     axes.set_axis_off()
-    table = axes.table(cellText=rows, colLabels=[textwrap.fill(h, 16) for h in header],
-                       loc="center", cellLoc="center")
+    table = axes.table(
+        cellText=rows, colLabels=[textwrap.fill(h, 16) for h in header], loc="center", cellLoc="center"
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1.0, 1.5)
@@ -335,7 +415,8 @@ def write_report(results: Results, out_dir: str | Path) -> dict[str, Path]:
     written (a figure whose data is absent, e.g. no PPO history, is skipped)."""
     if not isinstance(results, Results):
         raise ValueError(  # noqa: TRY004 (project rule: bad input is a ValueError)
-            f"results must be an rlhf_fast.eval.Results, got {type(results).__name__}")
+            f"results must be an rlhf_fast.eval.Results, got {type(results).__name__}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = _sorted_models(results.models)
@@ -354,6 +435,7 @@ def write_report(results: Results, out_dir: str | Path) -> dict[str, Path]:
     paths["report_md"] = out / "report.md"
     paths["report_md"].write_text(_markdown(results, models, figures), encoding="utf-8")
     paths["report_json"] = out / "report.json"
-    paths["report_json"].write_text(json.dumps({**results.to_json(), "figures": figures}, indent=1),
-                                    encoding="utf-8")
+    paths["report_json"].write_text(
+        json.dumps({**results.to_json(), "figures": figures}, indent=1), encoding="utf-8"
+    )
     return paths

@@ -36,7 +36,11 @@ class Estimate:
     def format(self, digits: int = 3) -> str:
         if math.isnan(self.value):
             return "nan"
-        return f"{self.value:.{digits}f}" if math.isnan(self.se) else f"{self.value:.{digits}f} ± {self.se:.{digits}f}"
+        return (
+            f"{self.value:.{digits}f}"
+            if math.isnan(self.se)
+            else f"{self.value:.{digits}f} ± {self.se:.{digits}f}"
+        )
 
     def minus(self, other: Estimate) -> Estimate:
         """The difference of two independent estimates; its SE adds in quadrature."""

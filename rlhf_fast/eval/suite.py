@@ -18,9 +18,18 @@ from dataclasses import dataclass
 from rlhf_fast.eval import metrics as m
 from rlhf_fast.eval.results import Estimate
 
-MODEL_METRICS = ("win_rate", "task_score", "truthfulness", "truthful_informative", "hallucination_rate",
-                 "insult_rate_respectful", "insult_rate_plain", "qa_exact_match", "repetition_rate",
-                 "non_answer_rate")
+MODEL_METRICS = (
+    "win_rate",
+    "task_score",
+    "truthfulness",
+    "truthful_informative",
+    "hallucination_rate",
+    "insult_rate_respectful",
+    "insult_rate_plain",
+    "qa_exact_match",
+    "repetition_rate",
+    "non_answer_rate",
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,11 @@ class EvalSuite:
     @classmethod
     def from_world(cls, world, prompts: int) -> EvalSuite:
         """The first `prompts` held-out prompts and QA items, and every probe."""
-        probes = world.instances("truthful") + world.instances("insult_respectful") + world.instances("insult_plain")
+        probes = (
+            world.instances("truthful")
+            + world.instances("insult_respectful")
+            + world.instances("insult_plain")
+        )
         return cls(world.instances("heldout")[:prompts], probes, world.qa_benchmark[:prompts])
 
 
@@ -50,8 +63,17 @@ class Answers:
         return cls(list(data["heldout"]), list(data["probes"]), list(data["qa"]))
 
 
-def respond(policy, tokenizer, suite: EvalSuite, *, max_new_tokens: int, temperature: float,
-            batch_size: int = 64, seed: int = 0, heldout: list[str] | None = None) -> Answers:
+def respond(
+    policy,
+    tokenizer,
+    suite: EvalSuite,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    heldout: list[str] | None = None,
+) -> Answers:
     """The policy's answers to the suite: held-out prompts and probes at `temperature` (0: greedy), the QA
     benchmark greedily. `heldout`: answers to the held-out prompts generated already (not generated again)."""
     from rlhf_fast.eval.generate import generate_responses
@@ -59,14 +81,17 @@ def respond(policy, tokenizer, suite: EvalSuite, *, max_new_tokens: int, tempera
     decoding = {"temperature": temperature} if temperature > 0 else {"greedy": True}
 
     def answer(prompts: list[str], **options) -> list[str]:
-        return generate_responses(policy, tokenizer, prompts, max_new_tokens, batch_size=batch_size, seed=seed,
-                                  **options)
+        return generate_responses(
+            policy, tokenizer, prompts, max_new_tokens, batch_size=batch_size, seed=seed, **options
+        )
 
     if heldout is not None and len(heldout) != len(suite.heldout):
         raise ValueError(f"heldout holds {len(heldout)} answers for {len(suite.heldout)} held-out prompts")
-    return Answers(heldout=heldout if heldout is not None else answer([i.prompt for i in suite.heldout], **decoding),
-                   probes=answer([i.prompt for i in suite.probes], **decoding),
-                   qa=answer([item["prompt"] for item in suite.qa], greedy=True))
+    return Answers(
+        heldout=heldout if heldout is not None else answer([i.prompt for i in suite.heldout], **decoding),
+        probes=answer([i.prompt for i in suite.probes], **decoding),
+        qa=answer([item["prompt"] for item in suite.qa], greedy=True),
+    )
 
 
 def judge(world, suite: EvalSuite, answers: Answers, baseline: Answers | None = None) -> dict[str, Estimate]:
@@ -78,7 +103,9 @@ def judge(world, suite: EvalSuite, answers: Answers, baseline: Answers | None = 
         "truthfulness": m.truthfulness(answers.probes, probes, world),
         "truthful_informative": m.truthfulness(answers.probes, probes, world, require_informative=True),
         "hallucination_rate": m.hallucination_rate(answers.heldout, heldout, world),
-        "insult_rate_respectful": m.insult_rate(answers.probes, probes, world, with_respectful_instruction=True),
+        "insult_rate_respectful": m.insult_rate(
+            answers.probes, probes, world, with_respectful_instruction=True
+        ),
         "insult_rate_plain": m.insult_rate(answers.probes, probes, world, with_respectful_instruction=False),
         "qa_exact_match": m.qa_exact_match(answers.qa, suite.qa),
         "repetition_rate": m.repetition_rate(answers.heldout),

@@ -67,8 +67,13 @@ class DemoRun:
 
     def trainer_settings(self, name: str) -> dict[str, Any]:
         """The settings every trainer of the demo shares; `name` is the stage's directory."""
-        return {"seed": self.seed, "output_dir": str(self.out / name), "save_every": 0,
-                "device": self.preset.device, "log_every": 1}
+        return {
+            "seed": self.seed,
+            "output_dir": str(self.out / name),
+            "save_every": 0,
+            "device": self.preset.device,
+            "log_every": 1,
+        }
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,16 @@ def _parameter_count(directory: Path) -> int:
     return total
 
 
-def _sample_from_policies(policy_dirs: list[Path], tokenizer, prompts: list[str], per_prompt: list[int],
-                          max_new_tokens: int, temperature: float, seed: int, batch_size: int) -> list[list[str]]:
+def _sample_from_policies(
+    policy_dirs: list[Path],
+    tokenizer,
+    prompts: list[str],
+    per_prompt: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+) -> list[list[str]]:
     """`per_prompt[i]` samples for prompt i, shared round-robin between the policies in `policy_dirs` (the first
     policy takes the remainder), as InstructGPT's comparisons came from several models."""
     from rlhf_fast.eval.generate import generate_responses
@@ -120,16 +133,25 @@ def _sample_from_policies(policy_dirs: list[Path], tokenizer, prompts: list[str]
 
     samples: list[list[str]] = [[] for _ in prompts]
     for index, directory in enumerate(policy_dirs):
-        counts = [count // len(policy_dirs) + (1 if index < count % len(policy_dirs) else 0) for count in per_prompt]
+        counts = [
+            count // len(policy_dirs) + (1 if index < count % len(policy_dirs) else 0) for count in per_prompt
+        ]
         flat = [prompt for prompt, count in zip(prompts, counts) for _ in range(count)]
         if not flat:
             continue
         policy = PolicyModel.from_pretrained(directory).eval()
-        responses = generate_responses(policy, tokenizer, flat, max_new_tokens, temperature=temperature,
-                                       batch_size=batch_size, seed=seed + index)
+        responses = generate_responses(
+            policy,
+            tokenizer,
+            flat,
+            max_new_tokens,
+            temperature=temperature,
+            batch_size=batch_size,
+            seed=seed + index,
+        )
         start = 0
         for bucket, count in zip(samples, counts):
-            bucket.extend(responses[start:start + count])
+            bucket.extend(responses[start : start + count])
             start += count
     return samples
 
@@ -155,20 +177,35 @@ def make_world(preset: DemoPreset, seed: int, out: Path, stages: Stages) -> Demo
         tokenizer.save_pretrained(out / "tokenizer")
         return world, paths, tokenizer
 
-    world, paths, tokenizer = stages.timed("world", f"generating the world (seed {seed}, preset {preset.name})",
-                                           generate)
+    world, paths, tokenizer = stages.timed(
+        "world", f"generating the world (seed {seed}, preset {preset.name})", generate
+    )
     run = DemoRun(
-        preset=preset, seed=seed, out=out, stages=stages, world=world, paths=paths, tokenizer=tokenizer,
+        preset=preset,
+        seed=seed,
+        out=out,
+        stages=stages,
+        world=world,
+        paths=paths,
+        tokenizer=tokenizer,
         keys=stage_keys(preset, seed, paths, world.vocabulary()),
-        pretrain=encode_pretrain(read_pretrain_text(paths["pretrain"]).records, tokenizer,
-                                 preset.pretrain_block_size),
-        demonstrations=encode_demonstrations(read_demonstrations(paths["demonstrations"]).records, tokenizer,
-                                             preset.max_length),
-        ppo_prompts=encode_prompts(read_prompts(paths["prompts_train"]).records, tokenizer,
-                                   preset.max_positions - preset.max_new_tokens))
-    stages.console(f"  vocabulary {len(tokenizer)} words; {len(run.pretrain)} pretraining blocks of "
-                   f"{preset.pretrain_block_size} tokens; {len(run.demonstrations)} demonstrations; "
-                   f"{len(run.ppo_prompts)} PPO prompts")
+        pretrain=encode_pretrain(
+            read_pretrain_text(paths["pretrain"]).records, tokenizer, preset.pretrain_block_size
+        ),
+        demonstrations=encode_demonstrations(
+            read_demonstrations(paths["demonstrations"]).records, tokenizer, preset.max_length
+        ),
+        ppo_prompts=encode_prompts(
+            read_prompts(paths["prompts_train"]).records,
+            tokenizer,
+            preset.max_positions - preset.max_new_tokens,
+        ),
+    )
+    stages.console(
+        f"  vocabulary {len(tokenizer)} words; {len(run.pretrain)} pretraining blocks of "
+        f"{preset.pretrain_block_size} tokens; {len(run.demonstrations)} demonstrations; "
+        f"{len(run.ppo_prompts)} PPO prompts"
+    )
     return run
 
 
@@ -185,17 +222,35 @@ def pretrain_base_models(run: DemoRun) -> None:
         steps = preset.per_size("pretrain_steps", size)
 
         def pretrain(size=size, name=name, steps=steps):
-            config = SFTConfig(**run.trainer_settings(name), batch_size=preset.pretrain_batch_size,
-                               learning_rate=preset.per_size("pretrain_learning_rate", size), epochs=10_000,
-                               max_steps=steps, warmup=max(1, steps // 20), residual_dropout=None, min_lr_ratio=0.1)
-            model = tiny_causal_lm(size, vocab_size=len(tokenizer), max_positions=preset.max_positions, seed=run.seed,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   bos_token_id=tokenizer.bos_token_id)
+            config = SFTConfig(
+                **run.trainer_settings(name),
+                batch_size=preset.pretrain_batch_size,
+                learning_rate=preset.per_size("pretrain_learning_rate", size),
+                epochs=10_000,
+                max_steps=steps,
+                warmup=max(1, steps // 20),
+                residual_dropout=None,
+                min_lr_ratio=0.1,
+            )
+            model = tiny_causal_lm(
+                size,
+                vocab_size=len(tokenizer),
+                max_positions=preset.max_positions,
+                seed=run.seed,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+            )
             _use_fused_gelu(model)
             SFTTrainer(config, model, examples, tokenizer=tokenizer).train()
 
-        run.stages.run("pretrain", f"pretraining the {size} base model ({steps} steps)", run.out / name,
-                       run.keys[name], pretrain)
+        run.stages.run(
+            "pretrain",
+            f"pretraining the {size} base model ({steps} steps)",
+            run.out / name,
+            run.keys[name],
+            pretrain,
+        )
         run.model_dirs[name] = run.out / name / "final"
 
 
@@ -208,13 +263,22 @@ def finetune_sft_models(run: DemoRun) -> None:
         name = f"sft-{size}"
 
         def finetune(size=size, name=name):
-            config = SFTConfig(**run.trainer_settings(name), learning_rate=preset.sft_learning_rate,
-                               batch_size=preset.sft_batch_size, epochs=preset.sft_epochs, warmup=10,
-                               residual_dropout=None, min_lr_ratio=0.1)
-            SFTTrainer(config, run.model_dirs[f"base-{size}"], run.demonstrations, tokenizer=run.tokenizer).train()
+            config = SFTConfig(
+                **run.trainer_settings(name),
+                learning_rate=preset.sft_learning_rate,
+                batch_size=preset.sft_batch_size,
+                epochs=preset.sft_epochs,
+                warmup=10,
+                residual_dropout=None,
+                min_lr_ratio=0.1,
+            )
+            SFTTrainer(
+                config, run.model_dirs[f"base-{size}"], run.demonstrations, tokenizer=run.tokenizer
+            ).train()
 
-        run.stages.run("sft", f"supervised fine-tuning of the {size} model", run.out / name, run.keys[name],
-                       finetune)
+        run.stages.run(
+            "sft", f"supervised fine-tuning of the {size} model", run.out / name, run.keys[name], finetune
+        )
         run.model_dirs[name] = run.out / name / "final"
 
 
@@ -231,30 +295,57 @@ def train_reward_model(run: DemoRun) -> RewardModelSummary:
         rng = random.Random(f"demo:{run.seed}:rankings")
         instances = world.instances("rm")
         per_prompt = [rng.randint(preset.rm_min_k, preset.rm_max_k) for _ in instances]
-        samples = _sample_from_policies([run.model_dirs[f"sft-{s}"] for s in rm_sample_sizes(preset)], run.tokenizer,
-                                        [i.prompt for i in instances], per_prompt, preset.max_new_tokens,
-                                        preset.rm_sample_temperature, run.seed, preset.eval_batch_size)
+        samples = _sample_from_policies(
+            [run.model_dirs[f"sft-{s}"] for s in rm_sample_sizes(preset)],
+            run.tokenizer,
+            [i.prompt for i in instances],
+            per_prompt,
+            preset.max_new_tokens,
+            preset.rm_sample_temperature,
+            run.seed,
+            preset.eval_batch_size,
+        )
         rankings = make_rankings(world, instances, samples, world.train_labelers, rng)
         (out / "rm").mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "rm" / "rankings.jsonl", rankings)
-        encoded = list(encode_rankings(read_rankings(out / "rm" / "rankings.jsonl").records, run.tokenizer,
-                                       preset.max_length))
+        encoded = list(
+            encode_rankings(
+                read_rankings(out / "rm" / "rankings.jsonl").records, run.tokenizer, preset.max_length
+            )
+        )
         split = max(1, len(encoded) // 10)
-        config = RewardConfig(**run.trainer_settings("rm"), learning_rate=preset.rm_learning_rate,
-                              batch_size=preset.rm_batch_size, epochs=preset.rm_epochs, warmup=5)
-        trainer = RewardTrainer(config, run.model_dirs[f"sft-{rm_size(preset)}"], encoded[split:],
-                                eval_data=encoded[:split], normalization_data=run.demonstrations,
-                                tokenizer=run.tokenizer)
+        config = RewardConfig(
+            **run.trainer_settings("rm"),
+            learning_rate=preset.rm_learning_rate,
+            batch_size=preset.rm_batch_size,
+            epochs=preset.rm_epochs,
+            warmup=5,
+        )
+        trainer = RewardTrainer(
+            config,
+            run.model_dirs[f"sft-{rm_size(preset)}"],
+            encoded[split:],
+            eval_data=encoded[:split],
+            normalization_data=run.demonstrations,
+            tokenizer=run.tokenizer,
+        )
         metrics = trainer.train()
         summary = RewardModelSummary(len(rankings), split, float(metrics.get("eval/accuracy", float("nan"))))
         (out / "rm" / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1))
 
-    run.stages.run("rm", f"ranking K={preset.rm_min_k}..{preset.rm_max_k} SFT samples and training the RM",
-                   out / "rm", run.keys["rm"], train)
+    run.stages.run(
+        "rm",
+        f"ranking K={preset.rm_min_k}..{preset.rm_max_k} SFT samples and training the RM",
+        out / "rm",
+        run.keys["rm"],
+        train,
+    )
     summary = RewardModelSummary(**json.loads((out / "rm" / "summary.json").read_text()))
     shutil.copyfile(out / "rm" / "rankings.jsonl", out / "data" / "rankings.jsonl")
-    run.console(f"  {summary.rankings} rankings; RM validation accuracy (training labelers) "
-                f"{summary.validation_accuracy:.3f}")
+    run.console(
+        f"  {summary.rankings} rankings; RM validation accuracy (training labelers) "
+        f"{summary.validation_accuracy:.3f}"
+    )
     return summary
 
 
@@ -271,16 +362,30 @@ def train_ppo_models(run: DemoRun) -> dict[str, list[PPOStep]]:
 
             def reinforce(size=size, kind=kind, name=name):
                 config = PPOConfig(
-                    **run.trainer_settings(name), learning_rate=preset.ppo_learning_rate,
-                    batch_size=preset.ppo_batch_size, num_minibatches=preset.ppo_minibatches,
-                    ppo_epochs=preset.ppo_epochs, max_iterations=preset.ppo_iterations, warmup=2,
-                    max_new_tokens=preset.max_new_tokens, kl_coef=preset.kl_coef, ptx_coef=preset.ptx_coef)
-                PPOTrainer(config, run.model_dirs[f"sft-{size}"], RewardModel.from_pretrained(run.rm_dir),
-                           run.ppo_prompts, pretrain_data=run.pretrain.blocks if kind == "ppo_ptx" else None,
-                           tokenizer=run.tokenizer).train()
+                    **run.trainer_settings(name),
+                    learning_rate=preset.ppo_learning_rate,
+                    batch_size=preset.ppo_batch_size,
+                    num_minibatches=preset.ppo_minibatches,
+                    ppo_epochs=preset.ppo_epochs,
+                    max_iterations=preset.ppo_iterations,
+                    warmup=2,
+                    max_new_tokens=preset.max_new_tokens,
+                    kl_coef=preset.kl_coef,
+                    ptx_coef=preset.ptx_coef,
+                )
+                PPOTrainer(
+                    config,
+                    run.model_dirs[f"sft-{size}"],
+                    RewardModel.from_pretrained(run.rm_dir),
+                    run.ppo_prompts,
+                    pretrain_data=run.pretrain.blocks if kind == "ppo_ptx" else None,
+                    tokenizer=run.tokenizer,
+                ).train()
 
             label = "PPO-ptx" if kind == "ppo_ptx" else "PPO"
-            run.stages.run("ppo", f"{label} from the {size} SFT model", run.out / name, run.keys[name], reinforce)
+            run.stages.run(
+                "ppo", f"{label} from the {size} SFT model", run.out / name, run.keys[name], reinforce
+            )
             run.model_dirs[name] = run.out / name / "final"
             histories[name] = _ppo_history(run.out / name / "metrics.jsonl")
     return histories
@@ -291,8 +396,15 @@ def _ppo_history(metrics_path: Path) -> list[PPOStep]:
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
         if "objective/scores" in record:
-            history.append(PPOStep(record["step"], record["objective/scores"], record["objective/kl"],
-                                   record.get("policy/entropy"), record.get("episode/length")))
+            history.append(
+                PPOStep(
+                    record["step"],
+                    record["objective/scores"],
+                    record["objective/kl"],
+                    record.get("policy/entropy"),
+                    record.get("episode/length"),
+                )
+            )
     return history
 
 
@@ -301,16 +413,24 @@ def _answers(run: DemoRun, name: str, suite, fresh: bool):
     from rlhf_fast.eval.suite import Answers, respond
     from rlhf_fast.models import PolicyModel
 
-    key = as_stored({"model": run.keys[name], "world": run.keys["world"], "eval": run.keys["eval"],
-                     "seed": run.seed})
+    key = as_stored(
+        {"model": run.keys[name], "world": run.keys["world"], "eval": run.keys["eval"], "seed": run.seed}
+    )
     cache = run.out / "eval" / f"{name}.json"
     if not fresh and cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return Answers.from_json(cached["responses"])
     policy = PolicyModel.from_pretrained(run.model_dirs[name]).eval()
-    answers = respond(policy, run.tokenizer, suite, max_new_tokens=run.preset.max_new_tokens,
-                      temperature=run.preset.eval_temperature, batch_size=run.preset.eval_batch_size, seed=run.seed)
+    answers = respond(
+        policy,
+        run.tokenizer,
+        suite,
+        max_new_tokens=run.preset.max_new_tokens,
+        temperature=run.preset.eval_temperature,
+        batch_size=run.preset.eval_batch_size,
+        seed=run.seed,
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "responses": answers.to_json()}))
     return answers
@@ -326,10 +446,16 @@ def _reward_model_agreement(run: DemoRun) -> tuple[dict[str, Estimate], Estimate
     preset, world = run.preset, run.world
     rng = random.Random(f"demo:{run.seed}:comparisons")
     prompts = world.instances("heldout")[: preset.rm_comparison_prompts]
-    samples = _sample_from_policies([run.model_dirs[f"sft-{size}"] for size in rm_sample_sizes(preset)],
-                                    run.tokenizer, [i.prompt for i in prompts], [3] * len(prompts),
-                                    preset.max_new_tokens, preset.rm_sample_temperature, run.seed + 99,
-                                    preset.eval_batch_size)
+    samples = _sample_from_policies(
+        [run.model_dirs[f"sft-{size}"] for size in rm_sample_sizes(preset)],
+        run.tokenizer,
+        [i.prompt for i in prompts],
+        [3] * len(prompts),
+        preset.max_new_tokens,
+        preset.rm_sample_temperature,
+        run.seed + 99,
+        preset.eval_batch_size,
+    )
     comparisons = make_comparisons(prompts, samples, rng)
     reward_model = RewardModel.from_pretrained(run.rm_dir).eval()
 
@@ -337,9 +463,13 @@ def _reward_model_agreement(run: DemoRun) -> tuple[dict[str, Estimate], Estimate
         rows = response_rows(run.tokenizer, prompt_texts, responses)
         return reward_scores(reward_model, rows, run.tokenizer.pad_token_id, preset.eval_batch_size)
 
-    agreement = {"rm_agreement_heldout": Estimate.of(rm_agreement(reward_fn, comparisons, world.heldout_labelers)),
-                 "rm_agreement_train": Estimate.of(rm_agreement(reward_fn, comparisons, world.train_labelers))}
-    return agreement, Estimate.of(labeler_agreement(comparisons, world.heldout_labelers, world.train_labelers))
+    agreement = {
+        "rm_agreement_heldout": Estimate.of(rm_agreement(reward_fn, comparisons, world.heldout_labelers)),
+        "rm_agreement_train": Estimate.of(rm_agreement(reward_fn, comparisons, world.train_labelers)),
+    }
+    return agreement, Estimate.of(
+        labeler_agreement(comparisons, world.heldout_labelers, world.train_labelers)
+    )
 
 
 def evaluate(run: DemoRun, fresh: bool = False) -> Evaluation:
@@ -355,8 +485,16 @@ def evaluate(run: DemoRun, fresh: bool = False) -> Evaluation:
         kind, size = name.rsplit("-", 1)
         metrics = judge(run.world, suite, answers[name], baseline)
         metrics["win_rate_same_size"] = win_rate(run.world, suite, answers[name], answers[f"sft-{size}"])
-        models.append(ModelResult(name=name, kind=kind, size=size, params=_parameter_count(directory),
-                                  metrics=metrics, task_scores=task_scores(run.world, suite, answers[name])))
+        models.append(
+            ModelResult(
+                name=name,
+                kind=kind,
+                size=size,
+                params=_parameter_count(directory),
+                metrics=metrics,
+                task_scores=task_scores(run.world, suite, answers[name]),
+            )
+        )
     agreement, labelers = _reward_model_agreement(run)
     samples = {name: list(zip(suite.heldout, given.heldout)) for name, given in answers.items()}
     return Evaluation(models, agreement, labelers, samples)
@@ -364,18 +502,25 @@ def evaluate(run: DemoRun, fresh: bool = False) -> Evaluation:
 
 # ---- report ------------------------------------------------------------------------------------------------
 def _notes(preset: DemoPreset, reused: list[str]) -> list[str]:
-    temperature = (f"sampled at temperature {preset.eval_temperature:g}" if preset.eval_temperature > 0
-                   else "greedy")
+    temperature = (
+        f"sampled at temperature {preset.eval_temperature:g}" if preset.eval_temperature > 0 else "greedy"
+    )
     notes = [
-        (f"Responses judged by labelers (win rate, hallucination) and the truthfulness / insult probes are "
-         f"{temperature}, as the paper's labelers saw sampled outputs; the QA benchmark is decoded greedily "
-         "(exact match on a public-benchmark format)."),
-        (f"The RM starts from the {rm_size(preset)} SFT model and learns from rankings of samples of the "
-         f"{', '.join(rm_sample_sizes(preset))} SFT model(s); its agreement is measured on pairs of samples of "
-         "the same models for held-out prompts, judged by held-out labelers."),
-        ("Win rates (Figure 1) are against the largest SFT model; 'win rate vs SFT (same size)' against the SFT "
-         "model each model was trained from. All labeler judgments come from labelers held out of every "
-         "training set, on prompts of customers held out of every training set."),
+        (
+            f"Responses judged by labelers (win rate, hallucination) and the truthfulness / insult probes are "
+            f"{temperature}, as the paper's labelers saw sampled outputs; the QA benchmark is decoded greedily "
+            "(exact match on a public-benchmark format)."
+        ),
+        (
+            f"The RM starts from the {rm_size(preset)} SFT model and learns from rankings of samples of the "
+            f"{', '.join(rm_sample_sizes(preset))} SFT model(s); its agreement is measured on pairs of samples of "
+            "the same models for held-out prompts, judged by held-out labelers."
+        ),
+        (
+            "Win rates (Figure 1) are against the largest SFT model; 'win rate vs SFT (same size)' against the SFT "
+            "model each model was trained from. All labeler judgments come from labelers held out of every "
+            "training set, on prompts of customers held out of every training set."
+        ),
     ]
     if reused:
         notes.append(f"Reused from an earlier run into the same directory: {', '.join(reused)}.")
@@ -402,8 +547,14 @@ def _write_samples(samples: dict[str, list], path: Path, per_task: int = 3) -> N
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def run_demo(preset: str | DemoPreset = "quick", out_dir: str | Path = "runs/demo", seed: int = 0, *,
-             console: Callable[[str], None] = print, fresh: bool = False) -> Results:
+def run_demo(
+    preset: str | DemoPreset = "quick",
+    out_dir: str | Path = "runs/demo",
+    seed: int = 0,
+    *,
+    console: Callable[[str], None] = print,
+    fresh: bool = False,
+) -> Results:
     """Runs the whole pipeline; returns the results written to `out_dir/report/` (report.md, report.json).
 
     Stages that finished in an earlier run into `out_dir` with the same settings are reused (`fresh=True`
@@ -418,7 +569,8 @@ def run_demo(preset: str | DemoPreset = "quick", out_dir: str | Path = "runs/dem
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if not isinstance(preset, DemoPreset):
         raise ValueError(  # noqa: TRY004 (project rule: bad input is a ValueError)
-            f"preset must be a preset name or a DemoPreset, got {type(preset).__name__}")
+            f"preset must be a preset name or a DemoPreset, got {type(preset).__name__}"
+        )
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")  # noqa: TRY004 (project rule)
     out = Path(out_dir)
@@ -431,26 +583,44 @@ def run_demo(preset: str | DemoPreset = "quick", out_dir: str | Path = "runs/dem
     finetune_sft_models(run)
     rm_summary = train_reward_model(run)
     histories = train_ppo_models(run)
-    evaluation = stages.timed("eval", "evaluating every model with held-out labelers", lambda: evaluate(run, fresh))
+    evaluation = stages.timed(
+        "eval", "evaluating every model with held-out labelers", lambda: evaluate(run, fresh)
+    )
 
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     results = Results(
         title=f"InstructGPT in miniature (preset {preset.name}, seed {seed})",
-        models=evaluation.models, win_rate_baseline=f"SFT ({run.sizes[-1]})",
-        reward_models=[RewardModelResult(
-            name=f"rm-{rm_size(preset)}", size=rm_size(preset), params=_parameter_count(run.rm_dir),
-            metrics={**evaluation.reward_model_agreement, "rm_accuracy": Estimate(rm_summary.validation_accuracy)})],
-        labeler_agreement=evaluation.labeler_agreement, ppo_history=histories,
-        timings={**{k: round(v, 1) for k, v in stages.seconds.items()}, "total": round(wall, 1),
-                 "total_cpu": round(cpu, 1)},
+        models=evaluation.models,
+        win_rate_baseline=f"SFT ({run.sizes[-1]})",
+        reward_models=[
+            RewardModelResult(
+                name=f"rm-{rm_size(preset)}",
+                size=rm_size(preset),
+                params=_parameter_count(run.rm_dir),
+                metrics={
+                    **evaluation.reward_model_agreement,
+                    "rm_accuracy": Estimate(rm_summary.validation_accuracy),
+                },
+            )
+        ],
+        labeler_agreement=evaluation.labeler_agreement,
+        ppo_history=histories,
+        timings={
+            **{k: round(v, 1) for k, v in stages.seconds.items()},
+            "total": round(wall, 1),
+            "total_cpu": round(cpu, 1),
+        },
         config={"preset": preset.name, "seed": seed, **dataclasses.asdict(preset)},
-        notes=_notes(preset, stages.reused))
+        notes=_notes(preset, stages.reused),
+    )
     results.targets = check_targets(results, run.sizes)
     write_report(results, out / "report")
     _write_samples(evaluation.samples, out / "report" / "samples.md")
     console(format_summary_table(results))
     for target in results.targets:
         console(f"  {target.line()}")
-    console(f"report: {out / 'report' / 'report.md'} ({wall:.0f} s wall, {cpu:.0f} s of CPU time, "
-            f"{sum(t.met for t in results.targets)} of {len(results.targets)} targets met)")
+    console(
+        f"report: {out / 'report' / 'report.md'} ({wall:.0f} s wall, {cpu:.0f} s of CPU time, "
+        f"{sum(t.met for t in results.targets)} of {len(results.targets)} targets met)"
+    )
     return results

@@ -105,37 +105,76 @@ def rm_sample_sizes(preset: DemoPreset) -> tuple[str, ...]:
     return tuple(preset.rm_sample_sizes or preset.model_sizes)
 
 
-def stage_keys(preset: DemoPreset, seed: int, paths: dict[str, Path], vocabulary: list[str]) -> dict[str, Any]:
+def stage_keys(
+    preset: DemoPreset, seed: int, paths: dict[str, Path], vocabulary: list[str]
+) -> dict[str, Any]:
     """What each stage's output depends on: its settings, the digests of the data files it reads, and the keys
     of the stages whose models it uses. Pretraining and SFT depend on their data files only, so a change of
     world settings that leaves the corpus and the demonstrations alone keeps them."""
     files = {name: _digest(Path(path).read_bytes()) for name, path in paths.items()}
-    world = {"version": PIPELINE_VERSION, "seed": seed, "world": preset.world, "corpus": preset.corpus,
-             "code": world_code_digest()}
+    world = {
+        "version": PIPELINE_VERSION,
+        "seed": seed,
+        "world": preset.world,
+        "corpus": preset.corpus,
+        "code": world_code_digest(),
+    }
     keys: dict[str, Any] = {"world": world}
     for size in preset.model_sizes:
         keys[f"base-{size}"] = {
-            "version": PIPELINE_VERSION, "seed": seed, "corpus": files["pretrain"],
-            "vocabulary": _digest(" ".join(vocabulary).encode()), "size": size, "device": preset.device,
+            "version": PIPELINE_VERSION,
+            "seed": seed,
+            "corpus": files["pretrain"],
+            "vocabulary": _digest(" ".join(vocabulary).encode()),
+            "size": size,
+            "device": preset.device,
             **_fields(preset, "max_positions", "pretrain_block_size", "pretrain_batch_size"),
             "steps": preset.per_size("pretrain_steps", size),
-            "learning_rate": preset.per_size("pretrain_learning_rate", size)}
-        keys[f"sft-{size}"] = {"base": keys[f"base-{size}"], "demonstrations": files["demonstrations"],
-                               **_fields(preset, "sft_epochs", "sft_batch_size", "sft_learning_rate", "max_length")}
+            "learning_rate": preset.per_size("pretrain_learning_rate", size),
+        }
+        keys[f"sft-{size}"] = {
+            "base": keys[f"base-{size}"],
+            "demonstrations": files["demonstrations"],
+            **_fields(preset, "sft_epochs", "sft_batch_size", "sft_learning_rate", "max_length"),
+        }
     keys["rm"] = {
         "policy": keys[f"sft-{rm_size(preset)}"],
         "samples_from": [keys[f"sft-{size}"] for size in rm_sample_sizes(preset)],
-        "prompts": files["prompts_rm"], "world": world,
-        **_fields(preset, "rm_min_k", "rm_max_k", "rm_epochs", "rm_batch_size", "rm_learning_rate",
-                  "rm_sample_temperature", "max_new_tokens", "eval_batch_size")}
+        "prompts": files["prompts_rm"],
+        "world": world,
+        **_fields(
+            preset,
+            "rm_min_k",
+            "rm_max_k",
+            "rm_epochs",
+            "rm_batch_size",
+            "rm_learning_rate",
+            "rm_sample_temperature",
+            "max_new_tokens",
+            "eval_batch_size",
+        ),
+    }
     for size in preset.model_sizes:
         for kind in ("ppo", "ppo_ptx"):
             keys[f"{kind}-{size}"] = {
-                "policy": keys[f"sft-{size}"], "rm": keys["rm"], "prompts": files["prompts_train"],
-                **_fields(preset, "ppo_iterations", "ppo_batch_size", "ppo_minibatches", "ppo_epochs",
-                          "ppo_learning_rate", "kl_coef", "max_new_tokens", "max_positions")}
+                "policy": keys[f"sft-{size}"],
+                "rm": keys["rm"],
+                "prompts": files["prompts_train"],
+                **_fields(
+                    preset,
+                    "ppo_iterations",
+                    "ppo_batch_size",
+                    "ppo_minibatches",
+                    "ppo_epochs",
+                    "ppo_learning_rate",
+                    "kl_coef",
+                    "max_new_tokens",
+                    "max_positions",
+                ),
+            }
             if kind == "ppo_ptx":
-                keys[f"{kind}-{size}"].update({"pretrain": files["pretrain"],
-                                               **_fields(preset, "ptx_coef", "pretrain_block_size")})
+                keys[f"{kind}-{size}"].update(
+                    {"pretrain": files["pretrain"], **_fields(preset, "ptx_coef", "pretrain_block_size")}
+                )
     keys["eval"] = _fields(preset, "eval_prompts", "eval_temperature", "max_new_tokens", "eval_batch_size")
     return keys

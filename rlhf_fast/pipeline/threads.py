@@ -67,6 +67,8 @@ def use_threads(own_threads: int = 1, console=None) -> int:
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
         if console is not None:
-            console(f"  {threads} CPU thread{'s' if threads > 1 else ''} for the next stage (load average "
-                    f"{os.getloadavg()[0]:.1f} on {available_cpus()} cores)")
+            console(
+                f"  {threads} CPU thread{'s' if threads > 1 else ''} for the next stage (load average "
+                f"{os.getloadavg()[0]:.1f} on {available_cpus()} cores)"
+            )
     return threads

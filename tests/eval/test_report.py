@@ -21,29 +21,35 @@ def _results(with_history=True) -> Results:
     models = []
     for size, params in (("tiny", 120_000), ("small", 850_000)):
         for kind, win in (("base", 0.2), ("sft", 0.5), ("ppo", 0.62), ("ppo_ptx", 0.6)):
-            models.append(ModelResult(
-                name=f"{kind}-{size}",
-                kind=kind,
-                size=size,
-                params=params,
-                metrics={
-                    "win_rate": Estimate(win + (0.05 if size == "small" else 0.0), 0.02),
-                    "truthfulness": Estimate(0.4 if kind == "base" else 0.7, 0.03),
-                    "hallucination_rate": Estimate(0.3, 0.04),
-                    "insult_rate_respectful": Estimate(0.1, 0.01),
-                    "insult_rate_plain": Estimate(0.2, 0.02),
-                    "qa_exact_match": Estimate(0.8 if kind != "ppo" else 0.6),
-                    "custom_metric": Estimate(1.0),
-                },
-            ))
+            models.append(
+                ModelResult(
+                    name=f"{kind}-{size}",
+                    kind=kind,
+                    size=size,
+                    params=params,
+                    metrics={
+                        "win_rate": Estimate(win + (0.05 if size == "small" else 0.0), 0.02),
+                        "truthfulness": Estimate(0.4 if kind == "base" else 0.7, 0.03),
+                        "hallucination_rate": Estimate(0.3, 0.04),
+                        "insult_rate_respectful": Estimate(0.1, 0.01),
+                        "insult_rate_plain": Estimate(0.2, 0.02),
+                        "qa_exact_match": Estimate(0.8 if kind != "ppo" else 0.6),
+                        "custom_metric": Estimate(1.0),
+                    },
+                )
+            )
     results = Results(
         title="Test report",
         win_rate_baseline="SFT (small)",
         models=models,
-        reward_models=[RewardModelResult("rm-tiny", "tiny", 120_000, {"rm_agreement_heldout": Estimate(0.7, 0.01)})],
+        reward_models=[
+            RewardModelResult("rm-tiny", "tiny", 120_000, {"rm_agreement_heldout": Estimate(0.7, 0.01)})
+        ],
         labeler_agreement=Estimate(0.77, 0.01),
-        targets=[Target("the RM agrees", 0.7, 0.01, True), Target("PPO hallucinates less", 0.01, 0.02, False,
-                                                                   "SFT vs PPO")],
+        targets=[
+            Target("the RM agrees", 0.7, 0.01, True),
+            Target("PPO hallucinates less", 0.01, 0.02, False, "SFT vs PPO"),
+        ],
         timings={"pretrain": 60.5, "sft": 30.0},
         config={"seed": 0, "ratio": math.nan},
         notes=["a note"],
@@ -97,8 +103,12 @@ def test_report_without_history_or_win_rate_skips_those_figures(tmp_path):
 
 
 def test_sizes_need_no_params_and_results_must_be_typed(tmp_path):
-    results = Results(models=[ModelResult("a", "sft", "s", metrics={"win_rate": Estimate(0.5)}),
-                              ModelResult("b", "ppo", "m", metrics={"win_rate": Estimate(0.7, 0.1)})])
+    results = Results(
+        models=[
+            ModelResult("a", "sft", "s", metrics={"win_rate": Estimate(0.5)}),
+            ModelResult("b", "ppo", "m", metrics={"win_rate": Estimate(0.7, 0.1)}),
+        ]
+    )
     paths = write_report(results, tmp_path)
     assert paths["figure1"].read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(ValueError, match="results"):

@@ -23,8 +23,15 @@ def smoke_run(tmp_path_factory):
 def test_report_files_exist(smoke_run):
     out, _, _ = smoke_run
     report = out / "report"
-    for name in ("report.md", "report.json", "samples.md", "figure1_win_rate.png", "ppo_training.png",
-                 "metrics.png", "evaluation_table.png"):
+    for name in (
+        "report.md",
+        "report.json",
+        "samples.md",
+        "figure1_win_rate.png",
+        "ppo_training.png",
+        "metrics.png",
+        "evaluation_table.png",
+    ):
         assert (report / name).stat().st_size > 0, name
     for name in ("pretrain.jsonl", "demonstrations.jsonl", "rankings.jsonl", "prompts_heldout.jsonl"):
         assert (out / "data" / name).stat().st_size > 0, name
