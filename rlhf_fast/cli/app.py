@@ -270,7 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--policy", required=True, metavar="DIR", help="the model to evaluate")
     evaluate.add_argument("--baseline", metavar="DIR", help="a model to compare against (e.g. the SFT model)")
-    evaluate.add_argument("--prompts", required=True, metavar="FILE", help="prompts JSONL")
+    evaluate.add_argument("--prompts", metavar="FILE", help="prompts JSONL (default with --world: its held-out prompts)")
+    evaluate.add_argument(
+        "--world",
+        metavar="DIR",
+        help="a demo world's data directory (world.json): judge with its held-out labelers and probes",
+    )
     evaluate.add_argument("--reward", metavar="DIR", help="reward model that scores the responses")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="writes responses.jsonl and eval.json")
     evaluate.add_argument("--max-new-tokens", type=int, default=64, metavar="N")

@@ -4,8 +4,12 @@ Responses come from `rlhf_fast.rollout.sample` (greedy unless --temperature > 0)
 response is scored the way PPO scores a rollout: the prompt's tokens, the response's tokens and, when the
 response ended, the eos token, read by the reward model at the last token. With --baseline as well, the
 win rate of the policy against the baseline is the mean over prompts of 1 (higher reward), 1/2 (tie) or 0,
-with its standard error over prompts. The miniature world's labeler-judged evaluation is part of
-`rlhf-fast demo`.
+with its standard error over prompts.
+
+With --world DIR (a demo world's data directory), the world judges the responses as the demo does
+(`rlhf_fast.eval.suite`): its held-out labelers give the win rate against --baseline, its scorers the task
+score, hallucination and non-answers on the prompts (default: the world's held-out prompts), and the policy
+also answers the world's probes (truthfulness, insults) and QA benchmark.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf_fast.cli.common import (
     CLIError,
@@ -32,16 +37,11 @@ from rlhf_fast.cli.common import (
     say,
 )
 
-__all__ = ["Generation", "run_eval"]
+if TYPE_CHECKING:
+    from rlhf_fast.eval.generate import Generation
+    from rlhf_fast.eval.suite import Answers
 
-
-@dataclasses.dataclass
-class Generation:
-    """One model's responses, in prompt order."""
-
-    texts: list[str]
-    token_ids: list[list[int]]  # response tokens, without the final eos
-    finished: list[bool]  # the response ended with eos (rather than at max_new_tokens)
+__all__ = ["run_eval"]
 
 
 def _device(name: str):
@@ -54,61 +54,6 @@ def _device(name: str):
     return torch.device(name)
 
 
-def generate(
-    model,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int,
-    seed: int,
-    device,
-) -> Generation:
-    """Batched generation with `rlhf_fast.rollout.sample`; prompts are left padded, batched by length."""
-    import torch
-
-    from rlhf_fast.rollout import sample
-
-    eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
-    greedy = temperature == 0
-    generator = None if greedy else torch.Generator(device=device).manual_seed(seed)
-    order = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]))
-    texts, token_ids, finished = [""] * len(order), [[] for _ in order], [False] * len(order)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = max(len(prompt_ids[index]) for index in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, index in enumerate(batch):
-            prompt = prompt_ids[index]
-            ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt) :] = True
-        output = sample(
-            model,
-            ids.to(device),
-            mask.to(device),
-            max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            generator=generator,
-        )
-        responses, response_mask = output.response_ids.cpu(), output.response_mask.cpu()
-        for row, index in enumerate(batch):
-            tokens = responses[row][response_mask[row]].tolist()
-            ended = bool(tokens) and tokens[-1] == eos
-            if ended:
-                tokens = tokens[:-1]
-            token_ids[index], finished[index] = tokens, ended
-            texts[index] = tokenizer.decode(
-                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            ).strip()
-    return Generation(texts, token_ids, finished)
-
-
 def reward_rows(
     prompt_ids: list[list[int]],
     generation: Generation,
@@ -117,44 +62,16 @@ def reward_rows(
     prompt_texts: list[str],
     limit: int | None,
 ) -> list[list[int]]:
-    """The token rows the reward model scores: prompt + response (+ eos when the response ended).
+    """The token rows the reward model scores: with the policy's own vocabulary the exact token ids; otherwise
+    the texts tokenized with the reward model's tokenizer (`rlhf_fast.eval.generate.response_rows`)."""
+    from rlhf_fast.eval.generate import response_rows, token_rows
 
-    With the policy's own vocabulary the exact token ids are used; otherwise the texts are tokenized with
-    the reward model's tokenizer, as the data layer does (separately, no special tokens). Rows longer than the
-    reward model's positions keep their last `limit` tokens.
-    """
-    from rlhf_fast.data.encode import tokenize_texts
-
-    rows = []
     if reward_tokenizer is tokenizer or same_vocabulary(reward_tokenizer, tokenizer):
-        pairs = zip(prompt_ids, generation.token_ids)
-    else:
-        pairs = zip(
-            tokenize_texts(reward_tokenizer, prompt_texts), tokenize_texts(reward_tokenizer, generation.texts)
-        )
-    eos = int(reward_tokenizer.eos_token_id)
-    for (prompt, response), ended in zip(pairs, generation.finished):
-        row = list(prompt) + list(response) + ([eos] if ended else [])
-        rows.append(row[-limit:] if limit is not None and len(row) > limit else row)
-    return rows
-
-
-def score(reward_model, rows: list[list[int]], pad_id: int, batch_size: int, device) -> list[float]:
-    """Reward-model scores (normalization offset included) of right-padded token rows."""
-    import torch
-
-    scores: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            width = max(len(row) for row in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for index, row in enumerate(chunk):
-                ids[index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-                mask[index, : len(row)] = True
-            scores.extend(reward_model(ids.to(device), mask.to(device)).float().cpu().tolist())
-    return scores
+        eos = int(reward_tokenizer.eos_token_id)
+        return token_rows(prompt_ids, generation.token_ids, generation.finished, eos, limit)
+    return response_rows(
+        reward_tokenizer, prompt_texts, generation.texts, ended=generation.finished, limit=limit
+    )
 
 
 def _estimate(values: list[float]) -> dict[str, float]:
@@ -211,6 +128,13 @@ def run_eval(args) -> int:
     policy_dir = check_model_dir("--policy", args.policy)
     baseline_dir = check_model_dir("--baseline", args.baseline) if args.baseline is not None else None
     reward_dir = check_model_dir("--reward", args.reward, reward=True) if args.reward is not None else None
+    world = _load_world(args.world) if args.world is not None else None
+    if args.prompts is None:
+        if world is None:
+            raise CLIError(
+                "--prompts FILE is required (or --world DIR, whose held-out prompts are the default)"
+            )
+        args.prompts = str(Path(args.world) / "prompts_heldout.jsonl")
     check_file("--prompts", args.prompts)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -228,6 +152,7 @@ def run_eval(args) -> int:
     encode_dataset(prompts, tokenizer, limit, truncation)
     kept_prompts = _kept_records(prompts)
     prompt_texts = [record.prompt for record in kept_prompts]
+    suite = _world_suite(world, args.world, kept_prompts) if world is not None else None
     baseline_tokenizer = baseline_ids = None
     if baseline_dir is not None:
         baseline_tokenizer = load_tokenizer("--baseline", baseline_dir)
@@ -266,10 +191,13 @@ def run_eval(args) -> int:
     }
     policy_ids = [item.input_ids for item in prompts.encoded.items]
     generations: dict[str, Generation] = {}
+    answers: dict[str, Answers] = {}
     scores: dict[str, list[float]] = {}
     models = [("policy", policy_dir, tokenizer, policy_ids)]
     if baseline_dir is not None:
         models.append(("baseline", baseline_dir, baseline_tokenizer, baseline_ids))
+    from rlhf_fast.eval.generate import generate, reward_scores
+    from rlhf_fast.eval.suite import respond
     from rlhf_fast.models import PolicyModel, RewardModel
 
     for name, directory, model_tokenizer, ids in models:
@@ -278,13 +206,23 @@ def run_eval(args) -> int:
             model,
             model_tokenizer,
             ids,
-            max_new_tokens=args.max_new_tokens,
+            args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
             batch_size=args.batch_size,
             seed=args.seed,
-            device=device,
         )
+        if suite is not None:
+            answers[name] = respond(
+                model,
+                model_tokenizer,
+                suite,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                heldout=generations[name].texts,
+            )
         del model
     if reward_dir is not None:
         reward_model = load_weights("--reward", reward_dir, RewardModel.from_pretrained).to(device).eval()
@@ -292,18 +230,59 @@ def run_eval(args) -> int:
             rows = reward_rows(
                 ids, generations[name], model_tokenizer, reward_tokenizer, prompt_texts, reward_limit
             )
-            scores[name] = score(
-                reward_model, rows, int(reward_tokenizer.pad_token_id), args.batch_size, device
+            scores[name] = reward_scores(
+                reward_model, rows, int(reward_tokenizer.pad_token_id), args.batch_size
             )
         del reward_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     results = _results(args, policy_dir, baseline_dir, reward_dir, settings, generations, scores)
+    if suite is not None:
+        results["world"] = _world_metrics(world, suite, answers)
     _write(out, prompt_texts, generations, scores)
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     _print_summary(out, results, generations)
     return 0
+
+
+def _load_world(directory: str):
+    from rlhf_fast.world import load_world
+
+    if not Path(directory).is_dir():
+        raise CLIError(f"--world {directory}: no such directory (the demo writes it as <out>/data)")
+    try:
+        return load_world(directory)
+    except ValueError as error:
+        raise CLIError(f"--world {error}") from None
+
+
+def _world_suite(world, world_dir: str, records: list):
+    """The evaluation suite of `world` on the prompt records: each must be a prompt of that world."""
+    from rlhf_fast.eval.suite import EvalSuite
+
+    instances = []
+    for record in records:
+        instance = world.instance(record.prompt)
+        if instance is None:
+            raise CLIError(
+                f"--prompts {record.source}: field 'prompt': not a prompt of the world in --world {world_dir}"
+            )
+        instances.append(instance)
+    full = EvalSuite.from_world(world, len(world.qa_benchmark))
+    return EvalSuite(heldout=instances, probes=full.probes, qa=full.qa)
+
+
+def _world_metrics(world, suite, answers: dict[str, Answers]) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {metric: {"mean", "se"}}}, judged by the world; the policy's win rate is against the baseline."""
+    from rlhf_fast.eval.suite import judge
+
+    judged = {}
+    for name, given in answers.items():
+        baseline = answers.get("baseline") if name == "policy" else None
+        metrics = judge(world, suite, given, baseline)
+        judged[name] = {metric: {"mean": e.value, "se": e.se} for metric, e in metrics.items()}
+    return judged
 
 
 def _kept_records(prompts: Dataset) -> list:
@@ -374,8 +353,11 @@ def _print_summary(out: Path, results: dict, generations: dict[str, Generation])
             f"  win rate of the policy against the baseline under the reward model: "
             f"{_fmt(metrics['win_rate'])}; ties count 1/2"
         )
-    elif results["reward"] is None:
+    elif results["reward"] is None and "world" not in results:
         lines.append("  no --reward given: responses only (add --reward DIR for mean reward and win rate)")
+    for name, judged in results.get("world", {}).items():
+        cells = [f"{metric} {_fmt(estimate)}" for metric, estimate in judged.items()]
+        lines.append(f"  judged by the world ({name}): " + "; ".join(cells))
     lines.append(f"  outputs in {out}:")
     lines += output_lines(
         [

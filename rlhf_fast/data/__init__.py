@@ -28,6 +28,7 @@ _LAZY = {
         "collate_sft",
         "pack_sft",
         "packed_attention_mask",
+        "pad_rows",
     ),
     "encode": (
         "EncodedDemonstrations",
@@ -82,6 +83,7 @@ __all__ = [
     "encode_rankings",
     "encode_prompts",
     "encode_pretrain",
+    "pad_rows",
     "collate_sft",
     "pack_sft",
     "packed_attention_mask",

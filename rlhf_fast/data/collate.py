@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "pad_rows",
     "collate_sft",
     "pack_sft",
     "packed_attention_mask",
@@ -61,11 +62,20 @@ def _sft_example(example: Any, index: int, name: str = "examples") -> tuple[list
     return input_ids, prompt_length
 
 
-def _pad_rows(
+def pad_rows(
     rows: Sequence[Sequence[int]], pad_id: int, side: str = "right", length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L] int64 ids padded with `pad_id` on `side`, and the [B, L] bool mask of real tokens."""
-    length = max(len(row) for row in rows) if length is None else length
+    """Token rows of different lengths as one batch: [B, L] int64 ids padded with `pad_id` on `side`
+    ("right", or "left" for generation, which puts every row's last token at L-1), and the [B, L] bool mask of
+    real tokens. L is the longest row, or `length` (at least that)."""
+    if side not in PADDING_SIDES:
+        raise ValueError(f"side must be one of {PADDING_SIDES}, got {side!r}")
+    _check_nonempty("rows", rows)
+    longest = max(len(row) for row in rows)
+    if length is None:
+        length = longest
+    elif length < longest:
+        raise ValueError(f"length {length} is shorter than the longest row ({longest} tokens)")
     input_ids = torch.full((len(rows), length), int(pad_id), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
     for row_index, row in enumerate(rows):
@@ -84,7 +94,7 @@ def collate_sft(examples: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]
     """
     _check_nonempty("examples", examples)
     parsed = [_sft_example(example, index) for index, example in enumerate(examples)]
-    input_ids, attention_mask = _pad_rows([ids for ids, _ in parsed], pad_id)
+    input_ids, attention_mask = pad_rows([ids for ids, _ in parsed], pad_id)
     positions = torch.arange(input_ids.shape[1])
     prompt_lengths = torch.tensor([prompt_length for _, prompt_length in parsed])
     loss_mask = attention_mask & (positions[None, :] >= prompt_lengths[:, None])
@@ -208,7 +218,7 @@ def collate_rankings(
         rows.extend(prompt_ids + ids for ids in completion_ids)
         group_sizes.append(len(completion_ids))
         ranks.extend(item_ranks)
-    input_ids, attention_mask = _pad_rows(rows, pad_id, padding_side)
+    input_ids, attention_mask = pad_rows(rows, pad_id, padding_side)
     if padding_side == "right":
         last_token_index = torch.tensor([len(row) - 1 for row in rows], dtype=torch.long)
     else:
@@ -233,7 +243,7 @@ def collate_prompts(items: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor
     for index, row in enumerate(rows):
         if not row:
             raise ValueError(f"items[{index}] has no tokens")
-    input_ids, attention_mask = _pad_rows(rows, pad_id, "left")
+    input_ids, attention_mask = pad_rows(rows, pad_id, "left")
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 

@@ -8,7 +8,9 @@ from rlhf_fast.eval.metrics import (
     labeler_agreement,
     make_comparisons,
     mean_and_standard_error,
+    non_answer_rate,
     qa_exact_match,
+    repetition_rate,
     rm_agreement,
     task_score,
     task_scores_by_task,
@@ -16,9 +18,16 @@ from rlhf_fast.eval.metrics import (
     win_rate,
 )
 from rlhf_fast.eval.report import format_summary_table, write_report
+from rlhf_fast.eval.results import Estimate, ModelResult, PPOStep, Results, RewardModelResult, Target
 
 __all__ = [
     "Comparison",
+    "Estimate",
+    "ModelResult",
+    "PPOStep",
+    "Results",
+    "RewardModelResult",
+    "Target",
     "format_summary_table",
     "generate_responses",
     "hallucination_rate",
@@ -26,7 +35,9 @@ __all__ = [
     "labeler_agreement",
     "make_comparisons",
     "mean_and_standard_error",
+    "non_answer_rate",
     "qa_exact_match",
+    "repetition_rate",
     "rm_agreement",
     "task_score",
     "task_scores_by_task",

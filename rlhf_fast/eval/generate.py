@@ -1,75 +1,194 @@
-"""Generate responses to text prompts with a policy, batched, through `rlhf_fast.rollout.sample`.
+"""Generation and reward scoring for evaluation: the one batched generation (`generate`, through
+`rlhf_fast.rollout.sample`) and the reward model's scores of (prompt, response) rows (`reward_scores`).
 
-Prompts are tokenized as the data layer does (`add_special_tokens=False`, no BOS added) and left padded;
-generation stops at the tokenizer's EOS, which is not part of the returned text.
+Prompts are tokenized as the data layer does (`add_special_tokens=False`, no BOS added) and left padded
+(`rlhf_fast.data.pad_rows`); generation stops at the tokenizer's EOS, which is not part of the returned text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from rlhf_fast.data.collate import pad_rows
 
-def _device_of(policy) -> torch.device:
-    parameter = next(iter(policy.parameters()), None)
+__all__ = ["Generation", "generate", "generate_responses", "response_rows", "reward_scores", "token_rows"]
+
+
+@dataclass
+class Generation:
+    """One model's responses, in prompt order."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # response tokens, without the final eos
+    finished: list[bool]  # the response ended with eos (rather than at max_new_tokens)
+
+
+def _device_of(model) -> torch.device:
+    parameter = next(iter(model.parameters()), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def generate_responses(policy, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                       greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                       batch_size: int = 64, seed: int = 0) -> list[str]:
-    """One response per prompt, in the order of `prompts`.
-
-    policy: a `rlhf_fast.models.PolicyModel` or a transformers causal LM. tokenizer: its tokenizer, with
-    `eos_token_id` set (and `pad_token_id`, else EOS pads). greedy: argmax decoding (temperature ignored);
-    otherwise sampling at `temperature` with nucleus `top_p`, seeded by `seed` (deterministic for a given
-    prompt list and batch size). Prompts are batched in order of length to reduce padding.
-    """
-    from rlhf_fast.rollout import sample  # imported here: the eval metrics need no model code
-
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a sequence of strings")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling (or pass greedy=True), got {temperature!r}")
+def _special_ids(tokenizer) -> tuple[int, int]:
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("tokenizer has no eos_token_id: generation could not stop")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    return int(eos_id), int(pad_id)
+
+
+@torch.no_grad()
+def generate(
+    policy,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> Generation:
+    """One response per prompt (token ids), in prompt order, on the policy's device.
+
+    temperature 0: greedy; otherwise sampling at `temperature` with nucleus `top_p`, seeded by `seed`
+    (deterministic for a given prompt list and batch size). Prompts are batched in order of length to reduce
+    padding.
+    """
+    from rlhf_fast.rollout import sample  # imported here: the eval metrics need no model code
+
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    for index, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompt_ids[{index}] holds no tokens")
+    eos_id, pad_id = _special_ids(tokenizer)
+    device = _device_of(policy)
+    greedy = temperature == 0
+    generator = None if greedy else torch.Generator(device=device).manual_seed(seed)
+    order = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]))
+    texts, token_ids, finished = [""] * len(order), [[] for _ in order], [False] * len(order)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        ids, mask = pad_rows([prompt_ids[index] for index in batch], pad_id, side="left")
+        output = sample(
+            policy,
+            ids.to(device),
+            mask.to(device),
+            max_new_tokens,
+            temperature=float(temperature),
+            top_p=top_p,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            generator=generator,
+        )
+        responses, response_mask = output.response_ids.cpu(), output.response_mask.cpu()
+        for row, index in enumerate(batch):
+            tokens = responses[row][response_mask[row]].tolist()
+            ended = bool(tokens) and tokens[-1] == eos_id
+            if ended:
+                tokens = tokens[:-1]
+            token_ids[index], finished[index] = tokens, ended
+            texts[index] = tokenizer.decode(
+                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ).strip()
+    return Generation(texts, token_ids, finished)
+
+
+def generate_responses(
+    policy,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[str]:
+    """`generate` for text prompts: one response text per prompt, in the order of `prompts`.
+
+    policy: a `rlhf_fast.models.PolicyModel` or a transformers causal LM. tokenizer: its tokenizer, with
+    `eos_token_id` set (and `pad_token_id`, else EOS pads). greedy: argmax decoding (temperature ignored);
+    otherwise sampling at `temperature` > 0.
+    """
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a sequence of strings")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling (or pass greedy=True), got {temperature!r}")
+    _special_ids(tokenizer)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not prompts:
         return []
-
-    device = _device_of(policy)
     token_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     for index, ids in enumerate(token_ids):
         if not ids:
             raise ValueError(f"prompts[{index}] tokenizes to no tokens: {prompts[index]!r}")
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
-    responses: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(token_ids[i]) for i in batch)
-        prompt_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, index in enumerate(batch):
-            ids = token_ids[index]
-            prompt_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            prompt_mask[row, width - len(ids):] = True
-        output = sample(policy, prompt_ids.to(device), prompt_mask.to(device), max_new_tokens,
-                        temperature=0.0 if greedy else float(temperature), top_p=top_p, eos_token_id=eos_id,
-                        pad_token_id=pad_id, generator=None if greedy else generator)
-        response_ids = output.response_ids.cpu()
-        response_mask = output.response_mask.cpu()
-        for row, index in enumerate(batch):
-            ids = response_ids[row][response_mask[row]].tolist()
-            if ids and ids[-1] == eos_id:
-                ids = ids[:-1]
-            responses[index] = tokenizer.decode(ids, skip_special_tokens=True,
-                                                clean_up_tokenization_spaces=False).strip()
-    return responses
+    return generate(
+        policy,
+        tokenizer,
+        token_ids,
+        max_new_tokens,
+        temperature=0.0 if greedy else temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+    ).texts
+
+
+def token_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    ended: bool | Sequence[bool],
+    eos_id: int,
+    limit: int | None = None,
+) -> list[list[int]]:
+    """The token rows a reward model scores, as PPO scores a rollout: prompt + response (+ eos where the
+    response `ended`); rows over `limit` tokens keep their last `limit`."""
+    ended = [ended] * len(prompt_ids) if isinstance(ended, bool) else list(ended)
+    rows = []
+    for prompt, response, done in zip(prompt_ids, response_ids, ended, strict=True):
+        row = list(prompt) + list(response) + ([eos_id] if done else [])
+        rows.append(row[-limit:] if limit is not None and len(row) > limit else row)
+    return rows
+
+
+def response_rows(
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    ended: bool | Sequence[bool] = True,
+    limit: int | None = None,
+) -> list[list[int]]:
+    """`token_rows` of texts, tokenized as the data layer does (separately, no special tokens)."""
+    from rlhf_fast.data.encode import tokenize_texts
+
+    return token_rows(
+        tokenize_texts(tokenizer, list(prompts)),
+        tokenize_texts(tokenizer, list(responses)),
+        ended,
+        int(tokenizer.eos_token_id),
+        limit,
+    )
+
+
+@torch.no_grad()
+def reward_scores(
+    reward_model, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64
+) -> list[float]:
+    """Reward-model scores (normalization offset included) of token rows, read at each row's last token."""
+    device = _device_of(reward_model)
+    scores: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = pad_rows(rows[start : start + batch_size], pad_id)
+        scores.extend(reward_model(ids.to(device), mask.to(device)).float().cpu().tolist())
+    return scores

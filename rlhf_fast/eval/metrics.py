@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rlhf_fast.world.labelers import Labeler, prefer
+from rlhf_fast.world.language import repeats_word
 from rlhf_fast.world.tasks import ARTICLES, TaskInstance
 
 Estimate = tuple[float, float]
@@ -239,3 +240,24 @@ def qa_exact_match(responses: Sequence[str], items: Sequence[dict]) -> Estimate:
             raise ValueError(f"items must be QA benchmark records with an 'answer', got keys {sorted(item)}")
         matches.append(float(normalize_answer(response) == normalize_answer(item["answer"])))
     return mean_and_standard_error(matches)
+
+
+def repetition_rate(responses: Sequence[str]) -> Estimate:
+    """Fraction of responses that repeat a word three times in a row ("thanks thanks thanks"): degenerate
+    text, the signature of a policy exploiting its reward model."""
+    if not responses:
+        raise ValueError("responses must not be empty")
+    return mean_and_standard_error([float(repeats_word(response)) for response in responses])
+
+
+def non_answer_rate(responses: Sequence[str], instances: Sequence[TaskInstance | str], world) -> Estimate:
+    """Fraction of responses that do not attempt the task: empty, filler or politeness only, or off-task
+    words (`Task.attempts`)."""
+    _check_lengths(responses=responses, instances=instances)
+    if world is None:
+        raise ValueError("world must be given: its tasks say what attempts an answer")
+    resolved = _resolve(instances, world)
+    if not resolved:
+        raise ValueError("instances must not be empty")
+    return mean_and_standard_error([float(not world.tasks[i.task].attempts(i, r))
+                                    for r, i in zip(responses, resolved)])

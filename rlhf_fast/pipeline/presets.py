@@ -83,8 +83,16 @@ PRESETS: dict[str, DemoPreset] = {
     "quick": DemoPreset(
         name="quick",
         model_sizes=("tiny", "small"),
-        world={"pretrain_documents": 6000, "qa_benchmark": 200, "demonstrations": 1500, "rm_prompts": 400,
+        world={"pretrain_documents": 6000, "qa_benchmark": 200, "demonstrations": 2500, "rm_prompts": 4000,
                "ppo_prompts": 1200, "heldout_prompts": 300, "probes": 150},
+        corpus={"transform_weight": 0.4, "scene_weight": 0.15, "qa_weight": 0.2, "fact_weight": 0.15,
+                "social_weight": 0.1},
+        # Short blocks: twice the optimizer steps for the same compute; copying (every task but "continue"
+        # needs it) forms with steps, and a unit of the corpus fits in 32 tokens.
+        pretrain_block_size=32, pretrain_steps={"tiny": 3000, "small": 1500}, sft_epochs=8,
+        # The RM overfits after one epoch (as the paper's did): more comparisons, one pass.
+        rm_epochs=1, rm_batch_size=8, ppo_iterations=30, ppo_learning_rate=1e-4, kl_coef=0.05, ptx_coef=0.5,
+        eval_prompts=300,
     ),
     "paper": DemoPreset(
         name="paper",

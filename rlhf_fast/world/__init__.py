@@ -1,7 +1,15 @@
 """The InstructGPT miniature: a generated language and fact table, instruction tasks with programmatic
 scorers, a pretraining corpus, simulated customers and labelers, and the datasets they produce."""
 
-from rlhf_fast.world.build import PromptRecord, World, WorldSizes, build_world, make_rankings, write_datasets
+from rlhf_fast.world.build import (
+    PromptRecord,
+    World,
+    WorldSizes,
+    build_world,
+    load_world,
+    make_rankings,
+    write_datasets,
+)
 from rlhf_fast.world.corpus import CorpusOptions
 from rlhf_fast.world.labelers import Labeler, prefer, preference_probability, rank, utility
 from rlhf_fast.world.language import vocabulary
@@ -17,6 +25,7 @@ __all__ = [
            "World",
            "WorldSizes",
            "build_world",
+           "load_world",
            "make_rankings",
            "prefer",
            "preference_probability",

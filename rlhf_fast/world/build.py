@@ -87,6 +87,7 @@ class World:
 
     seed: int
     sizes: WorldSizes
+    corpus_options: CorpusOptions
     language: Language
     facts: FactTable
     tasks: dict[str, Task]
@@ -227,7 +228,7 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
                                                                    bait=True), sizes.probes),
     }
 
-    world = World(seed=seed, sizes=sizes, language=language, facts=facts, tasks=tasks, customers=customers,
+    world = World(seed=seed, sizes=sizes, corpus_options=corpus_options or CorpusOptions(), language=language, facts=facts, tasks=tasks, customers=customers,
                   labelers=labelers, pretrain_documents=pretrain, qa_benchmark=qa_benchmark,
                   demonstrations=demonstrations, splits=splits, probes=probes)
     for records in splits.values():
@@ -308,8 +309,37 @@ def write_datasets(world: World, out_dir: str | Path) -> dict[str, Path]:
     paths["world"].write_text(json.dumps({
         "seed": world.seed,
         "sizes": asdict(world.sizes),
+        "corpus_options": asdict(world.corpus_options),
         "vocabulary": world.vocabulary(),
         "labelers": [{"id": labeler.id, "held_out": labeler.held_out} for labeler in world.labelers],
         "customers": [{"id": customer.id, "held_out": customer.held_out} for customer in world.customers],
     }, indent=1))
     return paths
+
+
+WORLD_FILE = "world.json"
+
+
+def load_world(directory: str | Path) -> World:
+    """The world whose datasets `write_datasets` wrote into `directory` (or whose world.json is `directory`),
+    rebuilt from its seed, sizes and corpus options; its vocabulary must match the one written there."""
+    path = Path(directory)
+    if path.is_dir():
+        path = path / WORLD_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the world description ({error.strerror or error})") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from None
+    for key in ("seed", "sizes", "vocabulary"):
+        if key not in saved:
+            raise ValueError(f"{path}: field {key!r} is missing; write it with rlhf_fast.world.write_datasets")
+    options = dict(saved.get("corpus_options") or {})
+    if "units_per_document" in options:
+        options["units_per_document"] = tuple(options["units_per_document"])
+    world = build_world(saved["seed"], saved["sizes"], CorpusOptions(**options))
+    if world.vocabulary() != saved["vocabulary"]:
+        raise ValueError(f"{path}: field 'vocabulary' differs from the world this code builds from its seed "
+                         "and sizes (written by another version of rlhf_fast.world)")
+    return world

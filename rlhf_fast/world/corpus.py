@@ -63,7 +63,7 @@ def _scene_unit(tasks: dict[str, Task], rng: random.Random, options: CorpusOptio
     task = tasks["list"]
     data = task.sample_data(rng, 0)
     kind_words = task.kind_words(data["kind"])
-    listed = [item for item in data["items"] if item in kind_words]
+    listed = [word for word in kind_words if word in data["items"]]  # the lexicon's order, as labelers list
     if rng.random() < options.list_hallucination_rate:
         absent = [word for word in kind_words if word not in data["items"]]
         listed.insert(rng.randint(0, len(listed)), rng.choice(absent))

@@ -1,12 +1,28 @@
-"""Simulated labelers. Each judges a response by its utility:
+"""Simulated labelers. Like InstructGPT's, they put helpfulness first, then truthfulness and harmlessness;
+style comes last. Each judges a response by its utility:
 
-    utility = task score + politeness_weight · [polite] + length_weight · min(content words, 8)
-              − insult_penalty · min(insults, 3) − hallucination_penalty · hallucinated items
+    utility = task score · [helpful]                             helpfulness, in [0, 1]
+              − unhelpful_penalty · [non-answer or repetition]   a non-answer is a bad response
+              − hallucination_penalty · hallucinated items       closed-domain tasks
+              − insult_penalty · min(insults, 3)
+              + politeness_weight · [polite] + length_weight · min(content words, 8)        style
 
-and ranks K responses by Plackett-Luce over utilities: the best is drawn with probability
+A non-answer is a response with no attempt at the task: nothing but filler and politeness, or only words
+that cannot answer it (off-task, `Task.attempts`); a repetition repeats one word three times in a row (and
+earns nothing for the right words it repeats). The penalty for either (0.5-0.8) is larger than any style bonus (at most 0.1) and than one hallucinated item
+(0.2-0.4), so a labeler ranks a polite non-answer below a wrong attempt, and "thanks thanks thanks" below
+everything that tries: the world cannot be won by saying nothing politely.
+
+Labelers rank K responses by Plackett-Luce over utilities: the best is drawn with probability
 ∝ exp(utility / noise), then the next among the rest, and so on (equivalently: sort utility / noise plus
-standard Gumbel noise). Identical responses share a rank; all other ranks are strict. Labelers write
-demonstrations as the task's ideal response, sometimes with their own polite flavor.
+standard Gumbel noise). Identical responses share a rank; all other ranks are strict.
+
+Demonstrations are the task's ideal response, sometimes with the labeler's own polite flavor. Demonstrations
+are also imperfect where real ones were: asked to continue a text that baits an insult, a labeler sometimes
+writes the continuation in the voice of the text's source (`literal_rate`, 0-0.4), whether or not the
+customer asked for respect. So the SFT model insults on some baiting continuations, as the paper's SFT and
+GPT-3 models did on RealToxicityPrompts; rankings always penalize insults, so the reward model and PPO can
+remove what the demonstrations taught.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ from rlhf_fast.world.language import (
     POLITE_CLOSINGS,
     POLITE_OPENINGS,
     is_polite,
+    repeats_word,
     split_words,
     strip_politeness,
 )
@@ -33,10 +50,12 @@ class Labeler:
     politeness_weight: float
     insult_penalty: float
     hallucination_penalty: float
+    unhelpful_penalty: float  # a non-answer or a repetition
     noise: float  # Plackett-Luce temperature: larger = less consistent judgments
     flavor_rate: float  # chance a demonstration gets the labeler's polite flavor
     flavor: tuple[str, ...]
     flavor_at_start: bool
+    literal_rate: float  # chance a baiting continuation is written in the voice of the text's source
     held_out: bool
     tasks: dict[str, Task] = field(repr=False, compare=False, hash=False, default_factory=dict)
 
@@ -51,16 +70,18 @@ def make_labelers(rng: random.Random, tasks: dict[str, Task], count: int, n_held
         flavor, at_start = rng.choice(flavors)
         labelers.append(Labeler(
             id=f"L{index:02d}",
-            length_weight=rng.uniform(-0.03, 0.03),
-            politeness_weight=rng.uniform(0.0, 0.2),
+            length_weight=rng.uniform(-0.01, 0.01),
+            politeness_weight=rng.uniform(0.0, 0.1),
             insult_penalty=rng.uniform(1.0, 2.0),
-            hallucination_penalty=rng.uniform(0.3, 0.6),
+            hallucination_penalty=rng.uniform(0.2, 0.4),
+            unhelpful_penalty=rng.uniform(0.5, 0.8),
             # Judgment noise: consistent enough that a reward model small enough to train on a CPU can learn
             # their preferences (inter-labeler agreement about 0.8 on pairs of SFT samples).
             noise=rng.uniform(0.03, 0.1),
             flavor_rate=rng.uniform(0.0, 0.3),
             flavor=flavor,
             flavor_at_start=at_start,
+            literal_rate=rng.uniform(0.0, 0.4),
             held_out=index >= count - n_heldout,
             tasks=tasks,
         ))
@@ -77,12 +98,20 @@ def _task(labeler: Labeler, instance: TaskInstance) -> Task:
 def utility(labeler: Labeler, instance: TaskInstance, response: str | list[str]) -> float:
     """How much `labeler` likes `response` to `instance` (before judgment noise)."""
     words = split_words(response)
-    result = _task(labeler, instance).score(instance, words)
+    task = _task(labeler, instance)
+    result = task.score(instance, words)
     content_length = min(len(strip_politeness(words)), 8)
-    return (result.score + labeler.politeness_weight * is_polite(words)
-            + labeler.length_weight * content_length
+    unhelpful = is_unhelpful(task, instance, words)
+    helpfulness = 0.0 if unhelpful else result.score  # degenerate text earns nothing for what it contains
+    return (helpfulness - labeler.unhelpful_penalty * unhelpful
+            - labeler.hallucination_penalty * result.hallucinated
             - labeler.insult_penalty * min(result.insults, 3)
-            - labeler.hallucination_penalty * result.hallucinated)
+            + labeler.politeness_weight * is_polite(words) + labeler.length_weight * content_length)
+
+
+def is_unhelpful(task: Task, instance: TaskInstance, response: str | list[str]) -> bool:
+    """A non-answer (no attempt at the task: empty, filler, politeness, off-task words) or a repetition."""
+    return not task.attempts(instance, response) or repeats_word(response)
 
 
 def _default_rng(labeler: Labeler, instance: TaskInstance, distinct: list[tuple[str, ...]]) -> random.Random:
@@ -131,8 +160,12 @@ def preference_probability(labeler: Labeler, instance: TaskInstance, a: str | li
 
 
 def write_demonstration(labeler: Labeler, instance: TaskInstance, rng: random.Random) -> str:
-    """The labeler's demonstration: the task's ideal response, sometimes with the labeler's polite flavor."""
-    words = list(_task(labeler, instance).ideal_response(instance))
+    """The labeler's demonstration: the task's ideal response, sometimes with the labeler's polite flavor; a
+    baiting continuation is sometimes written in the voice of the text's source (see the module docstring)."""
+    task = _task(labeler, instance)
+    if instance.task == "continue" and instance.data["bait"] and rng.random() < labeler.literal_rate:
+        return " ".join(task.source_continuation(instance))
+    words = list(task.ideal_response(instance))
     if rng.random() < labeler.flavor_rate:
         words = list(labeler.flavor) + words if labeler.flavor_at_start else words + list(labeler.flavor)
     return " ".join(words)

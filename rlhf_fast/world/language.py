@@ -7,6 +7,7 @@ whitespace word-level tokenizer covers all of it with no unknown token.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -151,6 +152,17 @@ def strip_politeness(words: list[str]) -> list[str]:
             words = words[1:]
             changed = True
     return words
+
+
+def repeats_word(text: str | list[str], times: int = 3) -> bool:
+    """Whether some word occurs `times` times in a row ("thanks thanks thanks"): degenerate text."""
+    words = split_words(text)
+    run = 1
+    for previous, word in itertools.pairwise(words):
+        run = run + 1 if word == previous else 1
+        if run >= times:
+            return True
+    return False
 
 
 def is_polite(words: list[str]) -> bool:

@@ -120,3 +120,62 @@ def test_eval_without_reward_writes_responses_only(cli, tmp_path, model_dir, no_
     summary = json.loads((out / "eval.json").read_text())
     assert summary["generation"]["decoding"] == "sampling" and "win_rate" not in summary["metrics"]
     assert "no --reward given" in stdout
+
+
+WORLD_SIZES = {"pretrain_documents": 20, "qa_benchmark": 12, "demonstrations": 20, "rm_prompts": 10,
+               "ppo_prompts": 10, "heldout_prompts": 16, "probes": 8, "customers": 6, "labelers": 5,
+               "heldout_labelers": 2}
+
+
+@pytest.fixture(scope="module")
+def world_run(tmp_path_factory):
+    """A small world's data directory and two random policies with its vocabulary."""
+    from rlhf_fast.models.tiny import build_word_tokenizer
+    from rlhf_fast.world import build_world, write_datasets
+    from tests.cli.conftest import build_causal_lm_dir
+
+    world = build_world(5, WORLD_SIZES)
+    data = write_datasets(world, tmp_path_factory.mktemp("world"))["world"].parent
+    tokenizer = build_word_tokenizer(world.vocabulary())
+    policy = build_causal_lm_dir(tmp_path_factory.mktemp("policy"), seed=0, tokenizer=tokenizer)
+    baseline = build_causal_lm_dir(tmp_path_factory.mktemp("baseline"), seed=1, tokenizer=tokenizer)
+    return world, data, policy, baseline
+
+
+def test_eval_with_world_judges_with_its_labelers_and_probes(cli, tmp_path, world_run, no_progress):
+    from rlhf_fast.eval.suite import MODEL_METRICS, Answers, EvalSuite, judge
+
+    world, data, policy, baseline = world_run
+    out = tmp_path / "eval"
+    code, stdout, stderr = cli("eval", "--policy", policy, "--baseline", baseline, "--world", data, "--out", out,
+                               "--max-new-tokens", 4, "--temperature", 1.0, "--seed", 2)
+    assert code == 0, stderr
+    summary = json.loads((out / "eval.json").read_text())
+    judged = summary["world"]
+    assert set(judged["policy"]) == set(MODEL_METRICS) and "win_rate" not in judged["baseline"]
+    assert summary["num_prompts"] == WORLD_SIZES["heldout_prompts"]  # the world's held-out prompts by default
+    assert "judged by the world (policy)" in stdout
+    # The same numbers from the suite on the written responses (held-out answers only: probes are resampled).
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    suite = EvalSuite.from_world(world, len(world.qa_benchmark))
+    suite = EvalSuite([world.instance(row["prompt"]) for row in rows], suite.probes, suite.qa)
+    dummy_probes, dummy_qa = [""] * len(suite.probes), [""] * len(suite.qa)
+    expected = judge(world, suite, Answers([r["response"] for r in rows], dummy_probes, dummy_qa),
+                     Answers([r["baseline_response"] for r in rows], dummy_probes, dummy_qa))
+    for metric in ("win_rate", "task_score", "hallucination_rate", "non_answer_rate", "repetition_rate"):
+        assert judged["policy"][metric]["mean"] == pytest.approx(expected[metric].value), metric
+
+
+def test_eval_with_world_rejects_a_foreign_prompt(cli, tmp_path, world_run, no_progress):
+    from tests.cli.conftest import error_line
+
+    _world, data, policy, _baseline = world_run
+    prompts_file = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "the cat"}])
+    code, _stdout, stderr = cli("eval", "--policy", policy, "--world", data, "--prompts", prompts_file,
+                                "--out", tmp_path / "eval", "--max-new-tokens", 4)
+    assert code == 2
+    assert f"{prompts_file}:1" in error_line(stderr) and "not a prompt of the world" in stderr
+    code, _stdout, stderr = cli("eval", "--policy", policy, "--world", tmp_path / "nowhere", "--out", tmp_path / "e")
+    assert code == 2 and "--world" in error_line(stderr)
+    code, _stdout, stderr = cli("eval", "--policy", policy, "--out", tmp_path / "e")
+    assert code == 2 and "--prompts" in error_line(stderr)

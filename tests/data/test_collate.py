@@ -219,3 +219,20 @@ def test_best_fit_decreasing_places_every_item_once_within_capacity(lengths, cap
     # No two bins could be merged: otherwise best-fit would have filled the first one.
     loads = sorted(sum(lengths[i] for i in members) for members in bins)
     assert len(loads) < 2 or loads[0] + loads[1] > capacity
+
+
+def test_pad_rows_pads_on_either_side_and_masks_real_tokens():
+    from rlhf_fast.data import pad_rows
+
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[True] * 3, [True, False, False]]
+    assert ids.dtype == torch.long and mask.dtype == torch.bool
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad_id=1, side="left", length=4)
+    assert ids.tolist() == [[1, 5, 6, 7], [1, 1, 1, 8]] and mask.tolist() == [[False, True, True, True],
+                                                                               [False, False, False, True]]
+    with pytest.raises(ValueError, match="side"):
+        pad_rows([[1]], 0, side="middle")
+    with pytest.raises(ValueError, match="shorter than the longest row"):
+        pad_rows([[1, 2, 3]], 0, length=2)
+    with pytest.raises(ValueError, match="empty"):
+        pad_rows([], 0)

@@ -1,48 +1,63 @@
 import json
+import math
 
 import pytest
 
-from rlhf_fast.eval import format_summary_table, write_report
+from rlhf_fast.eval import (
+    Estimate,
+    ModelResult,
+    PPOStep,
+    Results,
+    RewardModelResult,
+    Target,
+    format_summary_table,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _results(with_history=True):
-    models = {}
+def _results(with_history=True) -> Results:
+    models = []
     for size, params in (("tiny", 120_000), ("small", 850_000)):
         for kind, win in (("base", 0.2), ("sft", 0.5), ("ppo", 0.62), ("ppo_ptx", 0.6)):
-            models[f"{kind}-{size}"] = {
-                "kind": kind,
-                "size": size,
-                "params": params,
-                "metrics": {
-                    "win_rate": [win + (0.05 if size == "small" else 0.0), 0.02],
-                    "truthfulness": (0.4 if kind == "base" else 0.7, 0.03),
-                    "hallucination_rate": {"value": 0.3, "se": 0.04},
-                    "insult_rate_respectful": [0.1, 0.01],
-                    "insult_rate_plain": [0.2, 0.02],
-                    "qa_exact_match": [0.8 if kind != "ppo" else 0.6, float("nan")],
-                    "custom_metric": 1.0,
-                },
-            }
-    results = {
-        "title": "Test report",
-        "win_rate_baseline": "SFT (small)",
-        "models": models,
-        "reward_models": {
-            "rm-tiny": {"size": "tiny", "params": 120_000, "metrics": {"rm_agreement_heldout": [0.7, 0.01]}}
-        },
-        "labeler_agreement": [0.77, 0.01],
-        "timings": {"pretrain": 60.5, "sft": 30.0},
-        "config": {"seed": 0},
-        "notes": ["a note"],
-    }
+            models.append(
+                ModelResult(
+                    name=f"{kind}-{size}",
+                    kind=kind,
+                    size=size,
+                    params=params,
+                    metrics={
+                        "win_rate": Estimate(win + (0.05 if size == "small" else 0.0), 0.02),
+                        "truthfulness": Estimate(0.4 if kind == "base" else 0.7, 0.03),
+                        "hallucination_rate": Estimate(0.3, 0.04),
+                        "insult_rate_respectful": Estimate(0.1, 0.01),
+                        "insult_rate_plain": Estimate(0.2, 0.02),
+                        "qa_exact_match": Estimate(0.8 if kind != "ppo" else 0.6),
+                        "custom_metric": Estimate(1.0),
+                    },
+                )
+            )
+    results = Results(
+        title="Test report",
+        win_rate_baseline="SFT (small)",
+        models=models,
+        reward_models=[
+            RewardModelResult("rm-tiny", "tiny", 120_000, {"rm_agreement_heldout": Estimate(0.7, 0.01)})
+        ],
+        labeler_agreement=Estimate(0.77, 0.01),
+        targets=[
+            Target("the RM agrees", 0.7, 0.01, True),
+            Target("PPO hallucinates less", 0.01, 0.02, False, "SFT vs PPO"),
+        ],
+        timings={"pretrain": 60.5, "sft": 30.0},
+        config={"seed": 0, "ratio": math.nan},
+        notes=["a note"],
+    )
     if with_history:
-        results["ppo_history"] = {
-            "ppo-tiny": [{"iteration": i, "reward": 0.1 * i, "kl": 0.01 * i} for i in range(20)],
-            "ppo_ptx-tiny": [
-                {"iteration": i, "objective/scores": 0.08 * i, "objective/kl": 0.02 * i} for i in range(20)
-            ],
+        results.ppo_history = {
+            "ppo-tiny": [PPOStep(i, 0.1 * i, 0.01 * i) for i in range(20)],
+            "ppo_ptx-tiny": [PPOStep(i, 0.08 * i, 0.02 * i, entropy=1.0) for i in range(20)],
         }
     return results
 
@@ -61,15 +76,25 @@ def test_write_report_writes_every_file(tmp_path):
     for figure in ("figure1_win_rate.png", "ppo_training.png", "metrics.png"):
         assert f"({figure})" in markdown
     report = json.loads(paths["report_json"].read_text())
-    assert report["models"]["sft-tiny"]["metrics"]["win_rate"] == [0.5, 0.02]
-    assert report["models"]["ppo-small"]["metrics"]["qa_exact_match"] == [0.6, None]  # NaN -> null
+    models = {model["name"]: model for model in report["models"]}
+    assert models["sft-tiny"]["metrics"]["win_rate"] == {"value": 0.5, "se": 0.02}
+    assert models["ppo-small"]["metrics"]["qa_exact_match"] == {"value": 0.6, "se": None}  # NaN -> null
     assert report["figures"]["figure1"] == "figure1_win_rate.png"
+    assert report["config"]["ratio"] is None
+
+
+def test_report_states_each_target_with_its_value_and_standard_error(tmp_path):
+    markdown = write_report(_results(), tmp_path)["report_md"].read_text()
+    assert "## Targets: 1 of 2 met" in markdown
+    assert "| MET | the RM agrees | 0.700 | 0.010 |" in markdown
+    assert "| MISS | PPO hallucinates less | 0.010 | 0.020 | SFT vs PPO |" in markdown
+    assert "What this shows" in markdown and "What it does not" in markdown
 
 
 def test_report_without_history_or_win_rate_skips_those_figures(tmp_path):
     results = _results(with_history=False)
-    for model in results["models"].values():
-        del model["metrics"]["win_rate"]
+    for model in results.models:
+        del model.metrics["win_rate"]
     paths = write_report(results, tmp_path)
     assert "ppo_training" not in paths
     assert "figure1" not in paths
@@ -77,19 +102,19 @@ def test_report_without_history_or_win_rate_skips_those_figures(tmp_path):
     assert paths["report_md"].exists()
 
 
-def test_models_may_be_a_list_and_sizes_need_no_params(tmp_path):
-    results = {
-        "models": [
-            {"name": "a", "kind": "sft", "size": "s", "metrics": {"win_rate": 0.5}},
-            {"name": "b", "kind": "ppo", "size": "m", "metrics": {"win_rate": [0.7, 0.1]}},
+def test_sizes_need_no_params_and_results_must_be_typed(tmp_path):
+    results = Results(
+        models=[
+            ModelResult("a", "sft", "s", metrics={"win_rate": Estimate(0.5)}),
+            ModelResult("b", "ppo", "m", metrics={"win_rate": Estimate(0.7, 0.1)}),
         ]
-    }
+    )
     paths = write_report(results, tmp_path)
     assert paths["figure1"].read_bytes().startswith(PNG_MAGIC)
-    with pytest.raises(ValueError, match="name"):
-        write_report({"models": [{"kind": "sft"}]}, tmp_path)
     with pytest.raises(ValueError, match="results"):
-        write_report([1, 2], tmp_path)
+        write_report({"models": []}, tmp_path)
+    with pytest.raises(KeyError, match="no model named"):
+        results.model("c")
 
 
 def test_summary_table_lists_every_model_in_size_then_method_order():
@@ -109,3 +134,9 @@ def test_summary_table_lists_every_model_in_size_then_method_order():
     assert "0.650±0.020" in text
     assert "Win rate" in lines[0]
     assert "SFT (small)" in lines[-1]
+
+
+def test_estimate_difference_adds_standard_errors_in_quadrature():
+    difference = Estimate(0.5, 0.03).minus(Estimate(0.2, 0.04))
+    assert difference.value == pytest.approx(0.3) and difference.se == pytest.approx(0.05)
+    assert Estimate(0.25).format() == "0.250" and Estimate(0.25, 0.01).format() == "0.250 ± 0.010"

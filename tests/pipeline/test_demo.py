@@ -6,10 +6,9 @@ import json
 import pytest
 
 from rlhf_fast.eval.report import METRICS
+from rlhf_fast.eval.suite import MODEL_METRICS
 from rlhf_fast.pipeline import check_targets, get_preset, run_demo
 
-MODEL_METRICS = ("win_rate", "task_score", "truthfulness", "truthful_informative", "hallucination_rate",
-                 "insult_rate_respectful", "insult_rate_plain", "qa_exact_match")
 RM_METRICS = ("rm_agreement_heldout", "rm_agreement_train", "rm_accuracy")
 
 
@@ -24,8 +23,15 @@ def smoke_run(tmp_path_factory):
 def test_report_files_exist(smoke_run):
     out, _, _ = smoke_run
     report = out / "report"
-    for name in ("report.md", "report.json", "samples.md", "figure1_win_rate.png", "ppo_training.png",
-                 "metrics.png", "evaluation_table.png"):
+    for name in (
+        "report.md",
+        "report.json",
+        "samples.md",
+        "figure1_win_rate.png",
+        "ppo_training.png",
+        "metrics.png",
+        "evaluation_table.png",
+    ):
         assert (report / name).stat().st_size > 0, name
     for name in ("pretrain.jsonl", "demonstrations.jsonl", "rankings.jsonl", "prompts_heldout.jsonl"):
         assert (out / "data" / name).stat().st_size > 0, name
@@ -35,32 +41,36 @@ def test_report_json_has_every_model_and_metric(smoke_run):
     out, _, _ = smoke_run
     report = json.loads((out / "report" / "report.json").read_text())
     sizes = get_preset("smoke").model_sizes
-    expected = {f"{kind}-{size}" for kind in ("base", "sft", "ppo", "ppo_ptx") for size in sizes}
-    assert set(report["models"]) == expected
-    for name, entry in report["models"].items():
-        assert set(MODEL_METRICS) <= set(entry["metrics"]), name
+    models = {model["name"]: model for model in report["models"]}
+    assert set(models) == {f"{kind}-{size}" for kind in ("base", "sft", "ppo", "ppo_ptx") for size in sizes}
+    for name, entry in models.items():
+        assert set(MODEL_METRICS) | {"win_rate_same_size"} <= set(entry["metrics"]), name
         for metric in MODEL_METRICS:
-            value, _ = entry["metrics"][metric]
+            value = entry["metrics"][metric]["value"]
             assert 0.0 <= value <= 1.0, (name, metric, value)
         assert entry["params"] > 0 and entry["task_scores"], name
     # The baseline against itself: every response ties.
-    assert report["models"][f"sft-{sizes[-1]}"]["metrics"]["win_rate"][0] == 0.5
-    (rm,) = report["reward_models"].values()
+    assert models[f"sft-{sizes[-1]}"]["metrics"]["win_rate"]["value"] == 0.5
+    assert models[f"sft-{sizes[-1]}"]["metrics"]["win_rate_same_size"]["value"] == 0.5
+    (rm,) = report["reward_models"]
     assert set(RM_METRICS) <= set(rm["metrics"])
     assert set(report["ppo_history"]) == {f"{k}-{s}" for k in ("ppo", "ppo_ptx") for s in sizes}
     assert all(len(steps) == get_preset("smoke").ppo_iterations for steps in report["ppo_history"].values())
-    assert {"pretrain", "sft", "rm", "ppo", "eval", "total"} <= set(report["timings"])
+    assert {"pretrain", "sft", "rm", "ppo", "eval", "total", "total_cpu"} <= set(report["timings"])
     assert set(MODEL_METRICS) <= set(METRICS)  # every metric has a label in the report
 
 
-def test_targets_are_reported_met_or_not(smoke_run):
+def test_targets_are_reported_met_or_not_with_their_standard_errors(smoke_run):
     out, results, lines = smoke_run
     targets = json.loads((out / "report" / "report.json").read_text())["targets"]
-    assert len(targets) == 6
-    assert all(isinstance(t["met"], bool) and t["target"] for t in targets)
-    assert targets == json.loads(json.dumps(check_targets(results, get_preset("smoke").model_sizes)))
+    expected = check_targets(results, get_preset("smoke").model_sizes)
+    assert len(targets) == len(expected) >= 12
+    assert all(isinstance(t["met"], bool) and t["target"] and "se" in t for t in targets)
+    assert [t["target"] for t in targets] == [t.target for t in expected]
     marked = [line for line in lines if line.lstrip().startswith(("MET ", "MISS "))]
-    assert len(marked) == 6
+    assert len(marked) == len(expected)
+    markdown = (out / "report" / "report.md").read_text()
+    assert all(t.target in markdown for t in expected)
     # One start line per stage (world, pretrain, sft, rm, ppo x2, eval), each closed by a "done" line.
     stage_lines = [line for line in lines if line.startswith("[")]
     done = [line for line in stage_lines if " done in " in line]
@@ -73,5 +83,5 @@ def test_rerun_reuses_finished_stages(smoke_run):
     again = run_demo("smoke", out, seed=0, console=lines.append)
     reused = [line for line in lines if line.endswith(("-tiny", "/rm")) and "reused from" in line]
     assert len(reused) == 5  # base, sft, rm, ppo, ppo_ptx
-    assert again["models"] == results["models"]
-    assert again["targets"] == results["targets"]
+    assert again.to_json()["models"] == results.to_json()["models"]
+    assert again.to_json()["targets"] == results.to_json()["targets"]

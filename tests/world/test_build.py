@@ -166,3 +166,19 @@ def test_customers_send_instructions_not_raw_text(small_world):
     for split in small_world.splits:
         continuations = [i for i in small_world.instances(split) if i.task == "continue"]
         assert continuations and not any(i.data["raw"] for i in continuations)
+
+
+def test_load_world_rebuilds_the_written_world(small_world, tmp_path):
+    from rlhf_fast.world import load_world
+
+    write_datasets(small_world, tmp_path)
+    loaded = load_world(tmp_path)
+    assert _snapshot(loaded) == _snapshot(small_world)
+    assert [l.id for l in loaded.heldout_labelers] == [l.id for l in small_world.heldout_labelers]
+    saved = json.loads((tmp_path / "world.json").read_text())
+    saved["vocabulary"] = saved["vocabulary"][:-1]
+    (tmp_path / "world.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="vocabulary"):
+        load_world(tmp_path)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_world(tmp_path / "missing")

@@ -139,3 +139,75 @@ def test_make_rankings_writes_valid_strict_rankings(small_world):
         make_rankings(small_world, instances[:1], [["a"] * 10], labelers, rng)
     with pytest.raises(ValueError, match="not a world prompt"):
         make_rankings(small_world, ["hello there"], [["a", "b"]], labelers, rng)
+
+
+def _attempts(world, instance, rng):
+    """An ideal answer, a partial one, a wrong attempt, and unhelpful responses to `instance`."""
+    task = world.tasks[instance.task]
+    ideal = world.ideal_response(instance).split()
+    vocabulary = task.answer_vocabulary(instance) - set(ideal)
+    if task.closed_domain:  # a wrong answer from the passage: wrong, not hallucinated
+        vocabulary &= set(instance.prompt.split())
+    vocabulary = {word for word in vocabulary if world.score(instance, word).score == 0}
+    wrong = [rng.choice(sorted(vocabulary))] if vocabulary else ideal[:1] * 2  # no wrong word: half an answer
+    unhelpful = ["thanks", "sure , glad to help", "", "thanks thanks thanks", f"{ideal[0]} {ideal[0]} {ideal[0]}",
+                 "the the is", "please thanks hope this helps"]
+    return " ".join(ideal), " ".join(wrong), unhelpful
+
+
+def test_labelers_put_helpfulness_first(small_world):
+    """Every labeler ranks a wrong attempt above a polite non-answer, a repetition or an off-task response,
+    and the ideal answer above the wrong one."""
+    rng = random.Random(0)
+    for index, instance in enumerate(small_world.instances("heldout")[:120]):
+        if instance.task == "continue":
+            continue
+        ideal, wrong, unhelpful = _attempts(small_world, instance, rng)
+        for labeler in small_world.labelers:
+            worst_attempt = min(utility(labeler, instance, ideal), utility(labeler, instance, wrong))
+            assert utility(labeler, instance, ideal) > utility(labeler, instance, wrong), (instance.prompt, wrong)
+            for response in unhelpful:
+                assert worst_attempt > utility(labeler, instance, response), (index, instance.prompt, response)
+
+
+def test_non_answers_and_repetitions_are_recognized(small_world):
+    from rlhf_fast.world.labelers import is_unhelpful
+    from rlhf_fast.world.language import repeats_word
+
+    assert repeats_word("thanks thanks thanks") and repeats_word("a cat cat cat .")
+    assert not repeats_word("cat cat dog cat cat") and not repeats_word("")
+    instance = small_world.tasks["reverse"].parse("reverse the words : cat dog cup .")
+    task = small_world.tasks["reverse"]
+    assert task.attempts(instance, "cup dog cat") and task.attempts(instance, "thanks , cup")
+    assert not task.attempts(instance, "sure , thanks") and not task.attempts(instance, "the is a")
+    assert is_unhelpful(task, instance, "cup cup cup") and not is_unhelpful(task, instance, "cup dog cat")
+
+
+def test_labelers_agree_with_each_other_on_clear_pairs(small_world):
+    """Inter-labeler agreement is high on pairs whose helpfulness differs (what an RM can learn) and near
+    chance only where the responses are equally good."""
+    rng = random.Random(1)
+    agree, pairs = 0, 0
+    for instance in small_world.instances("heldout")[:100]:
+        ideal, wrong, unhelpful = _attempts(small_world, instance, rng)
+        for a, b in ((ideal, wrong), (wrong, unhelpful[0]), (ideal, unhelpful[3])):
+            votes = [prefer(labeler, instance, a, b, rng) for labeler in small_world.labelers]
+            agree += sum(x == y for i, x in enumerate(votes) for y in votes[i + 1:])
+            pairs += len(votes) * (len(votes) - 1) // 2
+    assert agree / pairs > 0.9
+
+
+def test_some_baiting_demonstrations_continue_in_the_source_voice(small_world):
+    rng = random.Random()
+    labeler = max(small_world.train_labelers, key=lambda l: l.literal_rate)
+    task = small_world.tasks["continue"]
+    insults = 0
+    draws = 800
+    for _ in range(draws):
+        instance = task.sample(rng, bait=True, respectful=bool(rng.random() < 0.5))
+        demonstration = write_demonstration(labeler, instance, rng).split()
+        insults += any(word in small_world.language.insult_set for word in demonstration)
+        kind = task.sample(rng, bait=False)
+        assert not any(w in small_world.language.insult_set for w in write_demonstration(labeler, kind, rng).split())
+    p = labeler.literal_rate
+    assert abs(insults / draws - p) < 5 * math.sqrt(p * (1 - p) / draws) + 1e-3

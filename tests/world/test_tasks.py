@@ -45,7 +45,9 @@ def _corrupt(world, instance, rng):
         return ideal[:-1] + [next(w for w in language.objects + language.animals
                                   if w not in instance.data["items"])]
     if instance.task == "qa":
-        other = instance.data["people"][1 - instance.data["target"]]
+        name, color, obj = instance.data["people"][instance.data["target"]]
+        other = [next(w for w in group if w != taken) for group, taken in
+                 ((language.names, name), (language.colors, color), (language.objects, obj))]
         return {"who": [other[0]], "what": ["a", other[1], other[2]], "color": [other[1]]}[
             instance.data["question"]]
     if instance.task == "truth":

@@ -1,0 +1,180 @@
+"""Stage bookkeeping for the demo: run a stage or reuse its finished output, and what each stage depends on.
+
+A stage directory holds `stage.json` with the key it ran with (its settings, the digests of the data files it
+read, the keys of the stages whose models it used) once it finished; a rerun with the same key reuses it, a
+changed or unfinished one runs again from scratch, and so does everything whose key holds its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rlhf_fast.pipeline.presets import DemoPreset
+
+# Part of every stage's key: bump it when a stage's code changes what the stage produces.
+PIPELINE_VERSION = 2
+STAGE_FILE = "stage.json"
+
+
+class Stages:
+    """Runs stages, each announced by one line and finished by another (the trainers draw their progress bars
+    in between), and skips a stage whose directory holds a finished run with the same key. Before each stage
+    it picks the CPU threads for the machine's current load (`rlhf_fast.pipeline.threads`)."""
+
+    def __init__(self, console: Callable[[str], None], fresh: bool):
+        self.console = console
+        self.fresh = fresh
+        self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.threads = 1  # this process's own share of the load average so far (plain Python)
+
+    def _set_threads(self) -> None:
+        from rlhf_fast.pipeline.threads import use_threads
+
+        self.threads = use_threads(self.threads, self.console)
+
+    @staticmethod
+    def finished_key(directory: Path) -> Any:
+        try:
+            return json.loads((directory / STAGE_FILE).read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def run(self, name: str, what: str, directory: Path, key: Any, body: Callable[[], None]) -> None:
+        """Runs `body` (which writes into `directory`) unless `directory` already holds its result for `key`."""
+        key = as_stored(key)
+        if not self.fresh and self.finished_key(directory) == key:
+            self.console(f"[{name}] {what}: reused from {directory}")
+            self.reused.append(directory.name)
+            return
+        self.console(f"[{name}] {what}")
+        self._set_threads()
+        started = time.perf_counter()
+        shutil.rmtree(directory, ignore_errors=True)  # a stale or half-written run must not be resumed
+        body()
+        seconds = time.perf_counter() - started
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / STAGE_FILE).write_text(json.dumps({"key": key, "seconds": round(seconds, 2)}, indent=1))
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.console(f"[{name}] done in {seconds:.1f} s")
+
+    def timed(self, name: str, what: str, body: Callable[[], Any]) -> Any:
+        """Runs an uncached stage."""
+        self.console(f"[{name}] {what}")
+        self._set_threads()
+        started = time.perf_counter()
+        result = body()
+        seconds = time.perf_counter() - started
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.console(f"[{name}] done in {seconds:.1f} s")
+        return result
+
+
+def as_stored(key: Any) -> Any:
+    """`key` as it reads back from JSON (tuples as lists, keys sorted), so keys compare equal across runs."""
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def _fields(preset: DemoPreset, *names: str) -> dict[str, Any]:
+    return {name: getattr(preset, name) for name in names}
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def world_code_digest() -> str:
+    """The world's source: its scorers and labelers decide the rankings and every evaluation."""
+    import rlhf_fast.world
+
+    package = Path(rlhf_fast.world.__file__).parent
+    return _digest(b"".join(path.read_bytes() for path in sorted(package.glob("*.py"))))
+
+
+def rm_size(preset: DemoPreset) -> str:
+    return preset.rm_size or preset.model_sizes[-1]
+
+
+def rm_sample_sizes(preset: DemoPreset) -> tuple[str, ...]:
+    return tuple(preset.rm_sample_sizes or preset.model_sizes)
+
+
+def stage_keys(
+    preset: DemoPreset, seed: int, paths: dict[str, Path], vocabulary: list[str]
+) -> dict[str, Any]:
+    """What each stage's output depends on: its settings, the digests of the data files it reads, and the keys
+    of the stages whose models it uses. Pretraining and SFT depend on their data files only, so a change of
+    world settings that leaves the corpus and the demonstrations alone keeps them."""
+    files = {name: _digest(Path(path).read_bytes()) for name, path in paths.items()}
+    world = {
+        "version": PIPELINE_VERSION,
+        "seed": seed,
+        "world": preset.world,
+        "corpus": preset.corpus,
+        "code": world_code_digest(),
+    }
+    keys: dict[str, Any] = {"world": world}
+    for size in preset.model_sizes:
+        keys[f"base-{size}"] = {
+            "version": PIPELINE_VERSION,
+            "seed": seed,
+            "corpus": files["pretrain"],
+            "vocabulary": _digest(" ".join(vocabulary).encode()),
+            "size": size,
+            "device": preset.device,
+            **_fields(preset, "max_positions", "pretrain_block_size", "pretrain_batch_size"),
+            "steps": preset.per_size("pretrain_steps", size),
+            "learning_rate": preset.per_size("pretrain_learning_rate", size),
+        }
+        keys[f"sft-{size}"] = {
+            "base": keys[f"base-{size}"],
+            "demonstrations": files["demonstrations"],
+            **_fields(preset, "sft_epochs", "sft_batch_size", "sft_learning_rate", "max_length"),
+        }
+    keys["rm"] = {
+        "policy": keys[f"sft-{rm_size(preset)}"],
+        "samples_from": [keys[f"sft-{size}"] for size in rm_sample_sizes(preset)],
+        "prompts": files["prompts_rm"],
+        "world": world,
+        **_fields(
+            preset,
+            "rm_min_k",
+            "rm_max_k",
+            "rm_epochs",
+            "rm_batch_size",
+            "rm_learning_rate",
+            "rm_sample_temperature",
+            "max_new_tokens",
+            "eval_batch_size",
+        ),
+    }
+    for size in preset.model_sizes:
+        for kind in ("ppo", "ppo_ptx"):
+            keys[f"{kind}-{size}"] = {
+                "policy": keys[f"sft-{size}"],
+                "rm": keys["rm"],
+                "prompts": files["prompts_train"],
+                **_fields(
+                    preset,
+                    "ppo_iterations",
+                    "ppo_batch_size",
+                    "ppo_minibatches",
+                    "ppo_epochs",
+                    "ppo_learning_rate",
+                    "kl_coef",
+                    "max_new_tokens",
+                    "max_positions",
+                ),
+            }
+            if kind == "ppo_ptx":
+                keys[f"{kind}-{size}"].update(
+                    {"pretrain": files["pretrain"], **_fields(preset, "ptx_coef", "pretrain_block_size")}
+                )
+    keys["eval"] = _fields(preset, "eval_prompts", "eval_temperature", "max_new_tokens", "eval_batch_size")
+    return keys

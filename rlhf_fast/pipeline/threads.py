@@ -1,0 +1,74 @@
+"""CPU threads for a run on a machine other processes may be using.
+
+Two things make a busy machine far slower than its share of the cores explains (the demo's SFT fell from 21
+to 0.7 it/s with one of two cores taken by another process):
+
+- more intra-op threads than free cores: a tiny model's step is hundreds of small parallel regions, and each
+  one waits for its slowest thread, which waits for a core;
+- OpenMP's default wait policy spins between parallel regions, taking the cores the other processes need
+  (and which our own waiting threads then wait for).
+
+So the demo runs at most `os.cpu_count()` intra-op threads and fewer when the load average says cores are
+taken (one when the machine is full), chosen again before each stage, and asks OpenMP to wait passively.
+OMP_WAIT_POLICY is read when OpenMP starts, i.e. when torch is first imported: `prefer_passive_waiting` must
+run before that (the `rlhf_fast.pipeline` package calls it on import) and says whether it was in time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+WAIT_POLICY = "OMP_WAIT_POLICY"
+
+
+def prefer_passive_waiting() -> bool:
+    """Sets OMP_WAIT_POLICY=PASSIVE unless the user chose a policy. True when it takes effect (torch, and so
+    OpenMP, not yet loaded) or the user's choice stands; False when OpenMP already started spinning."""
+    if WAIT_POLICY in os.environ:
+        return True
+    os.environ[WAIT_POLICY] = "PASSIVE"
+    return "torch" not in sys.modules
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one), at most os.cpu_count()."""
+    count = os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        count = min(count, len(os.sched_getaffinity(0)))
+    return max(1, count)
+
+
+def choose_threads(cpus: int | None = None, load: float | None = None, own_threads: int = 0) -> int:
+    """Intra-op threads for the next stage: the cores not taken by other processes, at least 1, at most `cpus`.
+
+    load: the 1-minute load average (read from the OS when None); own_threads: threads of this process that
+    count in that load (the threads it ran with until now), subtracted as its own share.
+    """
+    cpus = available_cpus() if cpus is None else max(1, int(cpus))
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average on this platform: assume the machine is ours
+            load = 0.0
+    others = max(0.0, load - own_threads)
+    free = cpus - others
+    return max(1, min(cpus, math.floor(free + 0.5)))
+
+
+def use_threads(own_threads: int = 1, console=None) -> int:
+    """Sets torch's intra-op threads by `choose_threads`; `own_threads`: how many cores this process kept busy
+    over the last minute (the threads of its last stage; 1 for plain Python). Returns the count, and tells
+    `console` when it changes."""
+    import torch
+
+    threads = choose_threads(own_threads=own_threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        if console is not None:
+            console(
+                f"  {threads} CPU thread{'s' if threads > 1 else ''} for the next stage (load average "
+                f"{os.getloadavg()[0]:.1f} on {available_cpus()} cores)"
+            )
+    return threads
