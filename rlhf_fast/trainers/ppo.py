@@ -445,7 +445,7 @@ class PPOTrainer(RunLoop):
     # ------------------------------------------------------------------------------------- data on the host
     def prompt_batch(self, iteration: int) -> dict[str, torch.Tensor]:
         """This rank's prompts of `iteration`, left-padded to a width shared by all ranks, on the device."""
-        from rlhf_fast.data import collate_prompts
+        from rlhf_fast.data import pad_rows
 
         epoch, position = divmod(iteration, self.iterations_per_epoch)
         order = epoch_order(len(self.prompts), self.config.seed, epoch)
@@ -455,10 +455,7 @@ class PPOTrainer(RunLoop):
         mine = [self.prompts[i] for i in rank_share(global_rows, self.ctx)]
         if max(len(p) for p in mine) > width:
             raise ValueError(f"a prompt is longer than max_prompt_length={width}")
-        batch = collate_prompts(mine, self.pad_token_id)
-        pad = width - batch["input_ids"].shape[1]
-        input_ids = nn.functional.pad(batch["input_ids"], (pad, 0), value=self.pad_token_id)
-        attention_mask = nn.functional.pad(batch["attention_mask"], (pad, 0), value=False)
+        input_ids, attention_mask = pad_rows(mine, self.pad_token_id, "left", length=width)
         return {"prompt_ids": self._to_device(input_ids), "prompt_mask": self._to_device(attention_mask)}
 
     def pretrain_batches(self) -> torch.Tensor | None:

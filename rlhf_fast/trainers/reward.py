@@ -215,6 +215,8 @@ class RewardTrainer(EpochTrainer):
     def normalize(self, reference: Sequence[Any] | None = None, batch_size: int = 64) -> float:
         """Sets the model's offset so that `reference` (default: `normalization_data`) scores mean 0; returns
         the offset. Items are SFT examples (`input_ids`) or token id sequences."""
+        from rlhf_fast.data import pad_rows
+
         reference = list(reference) if reference is not None else self.normalization_data
         if not reference:
             raise ValueError("normalize needs a reference set: pass normalization_data= or reference=")
@@ -228,12 +230,7 @@ class RewardTrainer(EpochTrainer):
                 list(getattr(item, "input_ids", item) if not isinstance(item, dict) else item["input_ids"])
                 for item in mine[start : start + batch_size]
             ]
-            length = max(len(row) for row in rows)
-            input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-            for index, row in enumerate(rows):
-                input_ids[index, : len(row)] = torch.as_tensor(row)
-                attention_mask[index, : len(row)] = True
+            input_ids, attention_mask = pad_rows(rows, self.pad_token_id)
             scores = self.model(input_ids.to(self.ctx.device), attention_mask.to(self.ctx.device))
             totals += torch.stack(
                 [
