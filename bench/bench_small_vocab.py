@@ -104,7 +104,9 @@ def main() -> None:
     for tokens in (256, 2560):  # one 8 x 32 minibatch; one 32 x 80 batch
         inputs = logprob_inputs(tokens)
         calls = max(1, 20_000 // tokens)
-        times = interleaved({n: (lambda c=c: c(inputs)) for n, c in contenders.items()}, args.rounds, calls)
+        times = interleaved(
+            {n: (lambda c=c, inputs=inputs: c(inputs)) for n, c in contenders.items()}, args.rounds, calls
+        )
         report(
             f"log-prob + entropy, forward + backward, N = {tokens}, V = {VOCAB} "
             f"(N*V*4 = {tokens * VOCAB * 4 / 2**20:.0f} MiB)",
