@@ -219,9 +219,11 @@ def clear_graphs(policy: nn.Module | None = None) -> None:
 class TokenSelector:
     """Picks the next token from fp32 logits without reading anything back to the host.
 
-    Sampling uses the Gumbel-max trick: ``argmax(log p + G)`` with ``G = -log(-log U)`` i.i.d. per token picks
-    token i with probability p_i with elementwise ops and one argmax (no ``multinomial``, which may read back to
-    the host). Filtered tokens carry log-probability -inf and never win.
+    Sampling inverts the CDF: one uniform U per row, scaled by the row's total mass c_V, picks the first token
+    whose cumulative probability c_i exceeds it (``cumsum`` + ``searchsorted``: no ``multinomial``, which may
+    read back to the host, and all capturable in a CUDA graph). A [B, V] Gumbel draw with two logs per entry
+    (Gumbel-max) picks from the same distribution at 3-4x the cost per step. Filtered tokens have probability 0,
+    an empty interval of the CDF, and are never picked.
     """
 
     def __init__(self, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
@@ -266,11 +268,8 @@ class TokenSelector:
         if self.greedy:
             tokens = scaled.argmax(dim=-1)
         else:
-            uniform = torch.rand(scaled.shape, generator=self.generator, device=scaled.device)
-            # U = 0 is a possible draw and would give G = -inf: clamping keeps G finite (within about -4.5..17).
-            gumbel = uniform.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
             filtered = self.filtered(scaled) if self.filters else scaled
-            tokens = (filtered + gumbel).argmax(dim=-1)
+            tokens = self.inverse_cdf_sample(filtered)
             if self.filtered_logprobs:
                 distribution = filtered
         logprobs = entropy = None
@@ -281,6 +280,18 @@ class TokenSelector:
             if want_entropy:
                 entropy = _entropy_of_log_probs(log_probs)
         return tokens, logprobs, entropy
+
+
+    def inverse_cdf_sample(self, filtered: torch.Tensor) -> torch.Tensor:
+        """[B, V] (filtered) scaled logits -> [B] int64 tokens drawn from their softmax, one uniform per row."""
+        cdf = torch.softmax(filtered, dim=-1).cumsum_(dim=-1)
+        total = cdf[:, -1:]
+        uniform = torch.rand(total.shape, generator=self.generator, device=filtered.device)
+        tokens = torch.searchsorted(cdf, uniform * total, right=True)
+        # U·c_V may round up to c_V, past every interval: take then the last token with mass (the first to reach
+        # c_V), never a filtered token after it.
+        last = torch.searchsorted(cdf, total.contiguous())
+        return torch.minimum(tokens, last).squeeze(-1)
 
 
 def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float, keep: torch.Tensor | None = None) -> torch.Tensor:

@@ -173,6 +173,20 @@ def test_selector_filters_match_reference(generator):
             assert torch.equal(kept[row], expected), (temperature, top_k, top_p, row)
 
 
+@pytest.mark.parametrize("uniform", [0.0, 1.0])
+def test_inverse_cdf_ends_pick_tokens_with_mass(uniform, generator, monkeypatch):
+    """U = 0 picks the first token with mass and U·c_V rounded up to c_V the last: never a filtered one."""
+    logits = torch.randn(16, 37, generator=generator) * 3
+    selector = TokenSelector(temperature=1.0, top_k=5, top_p=1.0, generator=generator)
+    filtered = selector.filtered(logits)
+    monkeypatch.setattr(sampler.torch, "rand", lambda shape, **_: torch.full(shape, uniform))
+    tokens = selector.inverse_cdf_sample(filtered)
+    kept = torch.isfinite(filtered)
+    positions = torch.arange(logits.shape[-1]).expand_as(logits)
+    end = torch.where(kept, positions, -1).amax(-1) if uniform else torch.where(kept, positions, 99).amin(-1)
+    assert torch.equal(tokens, end)
+
+
 def test_sampled_logprobs_match_teacher_forcing(generator):
     """The sampler's log-probs are what the scoring pass recomputes over the finished sequences."""
     model = build_causal_lm("qwen2", seed_of(generator), dtype=torch.float64)
