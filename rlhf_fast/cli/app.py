@@ -460,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, or a usage error (argparse printed it)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else USER_ERROR)
 
-    from rlhf_fast.cli.train import TrainingAborted
+    from rlhf_fast.cli.training_job import TrainingAborted
     from rlhf_fast.config import ConfigError
     from rlhf_fast.data.errors import DataError
 
