@@ -62,7 +62,7 @@ from rlhf_fast.trainers._common import (
     trainable_parameters,
 )
 from rlhf_fast.trainers._modules import PolicyLogprobs, ValueScores
-from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
+from rlhf_fast.trainers.checkpoint import CheckpointManager
 from rlhf_fast.trainers.distributed import (
     init_distributed,
     is_fsdp,
@@ -70,6 +70,7 @@ from rlhf_fast.trainers.distributed import (
     unsharded,
     wrap_model,
 )
+from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_fast.trainers.phases import phase
 from rlhf_fast.trainers.ppo_batch import (

@@ -34,7 +34,7 @@ from rlhf_fast.trainers._common import (
     guarded_step,
     rank_share,
 )
-from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
+from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything
 from rlhf_fast.trainers.phases import phase
 

@@ -37,7 +37,7 @@ from rlhf_fast.models.loading import (
     resolve_pad_token_id,
 )
 from rlhf_fast.trainers._modules import PolicyLogprobs
-from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
+from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.distributed import init_distributed, seed_everything
 from rlhf_fast.trainers.phases import phase
 
