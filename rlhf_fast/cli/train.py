@@ -21,7 +21,6 @@ from rlhf_fast.cli.common import (
     model_max_positions,
     note,
     run_config_class,
-    same_vocabulary,
 )
 from rlhf_fast.cli.training_job import (
     Execute,
@@ -204,6 +203,8 @@ def _reward_tokenizer(reward_dir: str, tokenizer, reencode: bool):
     """The reward model's own tokenizer when it differs from the policy's and `reencode_for_reward` is on (PPO
     then decodes and re-encodes the responses for scoring), else None; a differing one without it is an error."""
     from transformers import AutoTokenizer
+
+    from rlhf_fast.models.loading import same_vocabulary
 
     try:
         reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
