@@ -16,10 +16,17 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from rlhf_fast.models.loading import DTYPES, LoRAConfig
+from rlhf_fast.models.loading import DTYPES, LoRAConfig, Precision
 from rlhf_fast.ops import set_value_checks
 from rlhf_fast.trainers.checkpoint import CheckpointManager, models_finite
-from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor, wrap_model
+from rlhf_fast.trainers.distributed import (
+    DistributedContext,
+    init_distributed,
+    is_fsdp,
+    local_tensor,
+    seed_everything,
+    wrap_model,
+)
 from rlhf_fast.trainers.lock import lock_output_dir
 from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
@@ -455,15 +462,28 @@ class RunLoop:
 class EpochTrainer(RunLoop):
     """The epoch / step schedule the SFT and reward trainers share: data order per epoch (step i of the run
     is batch i mod steps_per_epoch of epoch i div steps_per_epoch), evaluation cadence and step metrics. A
-    subclass sets `config`, `ctx`, `train_data`, `eval_data` and the class attributes below, calls
-    `_set_up_training` with the module it trains, and provides the hooks (`_train_batch`, `_step_metrics`,
-    `_eval_metrics`, `_export`, ...)."""
+    subclass calls `_start` (config, process group, seeds, data, tokenizer, precision), sets the class
+    attributes below, calls `_set_up_training` with the module it trains, and provides the hooks
+    (`_train_batch`, `_step_metrics`, `_eval_metrics`, `_export`, ...)."""
 
     _progress_keys = ("train/loss",)
     _eval_log_key: str = "eval/loss"  # a step whose metrics hold this key is always logged
     _items_name: str = "examples"  # in the error for an epoch too small for the processes
     _item_name: str = "example"
     _checkpoint_name: str = "model"  # the model's key in the checkpoint
+
+    def _start(self, config, train_data: Sequence, eval_data: Sequence | None, tokenizer) -> None:
+        """The checked config, the process group and seeds, the data as lists, the tokenizer and the precision."""
+        config.check()
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        self.config = config
+        self.ctx = init_distributed(config.device)
+        seed_everything(config.seed + self.ctx.rank)
+        self.train_data = list(train_data)
+        self.eval_data = list(eval_data) if eval_data is not None else []
+        self.tokenizer = tokenizer
+        self.precision = Precision.from_config(config, self.ctx.device)
 
     # ----------------------------------------------------------------------------------------- hooks
     def _trained_model(self) -> nn.Module:

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from rlhf_fast.models.loading import (
-    Precision,
     autocast_forward,
     check_token_ids,
     load_reward_model,
@@ -35,7 +34,6 @@ from rlhf_fast.trainers._common import (
     rank_share,
 )
 from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
-from rlhf_fast.trainers.distributed import init_distributed, seed_everything
 from rlhf_fast.trainers.phases import phase
 
 
@@ -114,17 +112,8 @@ class RewardTrainer(EpochTrainer):
         tokenizer=None,
         pad_token_id: int | None = None,
     ):
-        config.check()
-        if len(train_data) == 0:
-            raise ValueError("train_data is empty")
-        self.config = config
-        self.ctx = init_distributed(config.device)
-        seed_everything(config.seed + self.ctx.rank)
-        self.train_data = list(train_data)
-        self.eval_data = list(eval_data) if eval_data is not None else []
+        self._start(config, train_data, eval_data, tokenizer)
         self.normalization_data = list(normalization_data) if normalization_data is not None else []
-        self.tokenizer = tokenizer
-        self.precision = Precision.from_config(config, self.ctx.device)
         self.model = prepare_trained(load_reward_model(model), self.precision)
         autocast_forward(self.model, self.ctx.device.type, self.precision.dtype)
         self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.model.config)

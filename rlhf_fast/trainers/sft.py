@@ -29,7 +29,6 @@ from rlhf_fast.trainers._common import (
     set_residual_dropout,
 )
 from rlhf_fast.models.loading import (
-    Precision,
     autocast_forward,
     check_token_ids,
     load_policy,
@@ -38,7 +37,6 @@ from rlhf_fast.models.loading import (
 )
 from rlhf_fast.trainers._modules import PolicyLogprobs
 from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
-from rlhf_fast.trainers.distributed import init_distributed, seed_everything
 from rlhf_fast.trainers.phases import phase
 
 
@@ -99,16 +97,7 @@ class SFTTrainer(EpochTrainer):
         tokenizer=None,
         pad_token_id: int | None = None,
     ):
-        config.check()
-        if len(train_data) == 0:
-            raise ValueError("train_data is empty")
-        self.config = config
-        self.ctx = init_distributed(config.device)
-        seed_everything(config.seed + self.ctx.rank)
-        self.train_data = list(train_data)
-        self.eval_data = list(eval_data) if eval_data is not None else []
-        self.tokenizer = tokenizer
-        self.precision = Precision.from_config(config, self.ctx.device)
+        self._start(config, train_data, eval_data, tokenizer)
         self.policy = prepare_trained(load_policy(policy), self.precision)
         self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.policy.config)
         if config.residual_dropout is not None:
