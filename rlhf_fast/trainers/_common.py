@@ -459,6 +459,17 @@ class RunLoop:
         return last
 
 
+def check_epoch_settings(config) -> None:
+    """The checks the SFT and reward configs share: batch sizes, epochs and learning rate."""
+    for name in ("batch_size", "epochs", "eval_batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.micro_batch_size is not None and config.micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1 or None, got {config.micro_batch_size}")
+    if config.learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
+
+
 class EpochTrainer(RunLoop):
     """The epoch / step schedule the SFT and reward trainers share: data order per epoch (step i of the run
     is batch i mod steps_per_epoch of epoch i div steps_per_epoch), evaluation cadence and step metrics. A

@@ -27,6 +27,7 @@ from rlhf_fast.models.loading import (
     resolve_pad_token_id,
 )
 from rlhf_fast.trainers._common import (
+    check_epoch_settings,
     EpochTrainer,
     RunConfig,
     gradient_sync,
@@ -57,13 +58,7 @@ class RewardConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("batch_size", "epochs", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_epoch_settings(self)
 
 
 def _field(item: Any, name: str):
