@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf_fast.trainers._common import RunConfig
+from rlhf_fast.trainers.run_config import RunConfig
 
 
 @dataclasses.dataclass

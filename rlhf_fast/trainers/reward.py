@@ -26,10 +26,9 @@ from rlhf_fast.models.loading import (
     prepare_trained,
     resolve_pad_token_id,
 )
+from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
 from rlhf_fast.trainers._common import (
-    check_epoch_settings,
     EpochTrainer,
-    RunConfig,
     gradient_sync,
     guarded_step,
     rank_share,

@@ -20,10 +20,9 @@ import torch
 
 from rlhf_fast.models import packed_causal_mask
 from rlhf_fast.ops import value_checks
+from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
 from rlhf_fast.trainers._common import (
-    check_epoch_settings,
     EpochTrainer,
-    RunConfig,
     gradient_sync,
     guarded_step,
     rank_share,
