@@ -232,34 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     training = _training_options()
 
-    sft = commands.add_parser(
-        "sft",
-        parents=[training],
-        help="supervised fine-tuning on demonstrations",
-        description="Fine-tune a causal LM on {prompt, response} demonstrations.",
+    sft_about = "Fine-tune a causal LM on {prompt, response} demonstrations."
+    rm_about = (
+        "Train a reward model on {prompt, completions, ranks} rankings (or {prompt, chosen, rejected} pairs)."
     )
-    _sft_inputs(sft)
-    sft.set_defaults(handler="sft")
-
-    rm = commands.add_parser(
-        "rm",
-        parents=[training],
-        help="train a reward model on K-wise rankings",
-        description="Train a reward model on {prompt, completions, ranks} rankings "
-        "(or {prompt, chosen, rejected} pairs).",
+    ppo_about = (
+        "Optimize the policy against the reward model with PPO; with --pretrain, PPO-ptx mixes in the "
+        "pretraining loss."
     )
-    _rm_inputs(rm)
-    rm.set_defaults(handler="rm")
-
-    ppo = commands.add_parser(
-        "ppo",
-        parents=[training],
-        help="PPO (PPO-ptx with --pretrain) against a reward model",
-        description="Optimize the policy against the reward model with PPO; with "
-        "--pretrain, PPO-ptx mixes in the pretraining loss.",
+    trainers = (
+        ("sft", _sft_inputs, "supervised fine-tuning on demonstrations", sft_about),
+        ("rm", _rm_inputs, "train a reward model on K-wise rankings", rm_about),
+        ("ppo", _ppo_inputs, "PPO (PPO-ptx with --pretrain) against a reward model", ppo_about),
     )
-    _ppo_inputs(ppo)
-    ppo.set_defaults(handler="ppo")
+    for name, add_inputs, summary, description in trainers:
+        command = commands.add_parser(name, parents=[training], help=summary, description=description)
+        add_inputs(command)
+        command.set_defaults(handler=name)
 
     evaluate = commands.add_parser(
         "eval",
@@ -460,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, or a usage error (argparse printed it)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else USER_ERROR)
 
-    from rlhf_fast.cli.train import TrainingAborted
+    from rlhf_fast.cli.training_job import TrainingAborted
     from rlhf_fast.config import ConfigError
     from rlhf_fast.data.errors import DataError
 

@@ -69,9 +69,6 @@ def check_file(flag: str, path: str | os.PathLike, what: str = "a JSONL file") -
     return path
 
 
-REWARD_HEAD_FILE = "score_head.safetensors"  # RewardModel.head_file; named here to avoid importing the models
-
-
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # the weights `from_pretrained` reads
 UNSAFE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # A tokenizer saved with `save_pretrained` leaves at least one of these.
@@ -92,10 +89,13 @@ def check_model_dir(flag: str, path: str | os.PathLike, *, reward: bool = False)
             directory = directory / "final"  # the output directory of an earlier `rlhf-fast` run
         else:
             raise CLIError(f"{flag} {path}: not a Hugging Face model directory (no config.json)")
-    if reward and not (directory / REWARD_HEAD_FILE).is_file():
-        raise CLIError(
-            f"{flag} {path}: not a reward model (no {REWARD_HEAD_FILE}); train one with `rlhf-fast rm`"
-        )
+    if reward:
+        from rlhf_fast.models.reward import RewardModel  # here: the other commands' checks need no torch
+
+        if not (directory / RewardModel.head_file).is_file():
+            raise CLIError(
+                f"{flag} {path}: not a reward model (no {RewardModel.head_file}); train one with `rlhf-fast rm`"
+            )
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
         unsafe = [name for name in UNSAFE_WEIGHT_FILES if (directory / name).is_file()]
         found = f"only {', '.join(unsafe)}, which is read by unpickling; " if unsafe else ""
@@ -173,10 +173,6 @@ def model_max_positions(flag: str, model_dir: str) -> int | None:
     except Exception as error:  # noqa: BLE001
         raise CLIError(f"{flag} {model_dir}: cannot read config.json ({_one_line(error)})") from None
     return max_positions(config)
-
-
-def same_vocabulary(first, second) -> bool:
-    return first.get_vocab() == second.get_vocab()
 
 
 def one_line(text: object) -> str:

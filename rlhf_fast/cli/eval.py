@@ -33,7 +33,6 @@ from rlhf_fast.cli.common import (
     note,
     output_lines,
     read_dataset,
-    same_vocabulary,
     say,
 )
 
@@ -65,6 +64,7 @@ def reward_rows(
     """The token rows the reward model scores: with the policy's own vocabulary the exact token ids; otherwise
     the texts tokenized with the reward model's tokenizer (`rlhf_fast.eval.generate.response_rows`)."""
     from rlhf_fast.eval.generate import response_rows, token_rows
+    from rlhf_fast.models.loading import same_vocabulary
 
     if reward_tokenizer is tokenizer or same_vocabulary(reward_tokenizer, tokenizer):
         eos = int(reward_tokenizer.eos_token_id)
@@ -155,6 +155,8 @@ def run_eval(args) -> int:
     suite = _world_suite(world, args.world, kept_prompts) if world is not None else None
     baseline_tokenizer = baseline_ids = None
     if baseline_dir is not None:
+        from rlhf_fast.models.loading import same_vocabulary
+
         baseline_tokenizer = load_tokenizer("--baseline", baseline_dir)
         if same_vocabulary(baseline_tokenizer, tokenizer):
             _prompt_limit(

@@ -179,15 +179,9 @@ def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
     Block-diagonal causal: same document and k <= q. A padding position attends only to itself, so no
     softmax row is empty (an all-False row would give NaN), and no real token attends to padding.
     """
-    if document_ids.dim() != 2:
-        raise ValueError(f"document_ids must be [B, L], got shape {tuple(document_ids.shape)}")
-    length = document_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    same_document = document_ids[:, :, None] == document_ids[:, None, :]
-    real = document_ids >= 0
-    allowed = same_document & causal & real[:, :, None]
-    diagonal = torch.eye(length, dtype=torch.bool, device=document_ids.device)
-    return allowed | (diagonal & ~real[:, :, None])
+    from rlhf_fast.models.masks import packed_causal_allowed  # masks live in models/ (loaded only when used)
+
+    return packed_causal_allowed(document_ids)
 
 
 def collate_rankings(

@@ -196,6 +196,16 @@ def _check_records(records: Iterable, expected: type, name: str = "records") -> 
     return records
 
 
+def _checked(
+    records: Iterable, expected: type, policy: str | TruncationPolicy, limit_name: str, limit: int
+) -> tuple[TruncationPolicy, list, list[SourceLocation], TruncationReport]:
+    """An encoder's checked inputs: (the policy, the records as a list, their sources, an empty report)."""
+    policy = TruncationPolicy.parse(policy)
+    _check_positive(limit_name, limit)
+    records = _check_records(records, expected)
+    return policy, records, _sources(records), TruncationReport(total=len(records))
+
+
 class _Items:
     """Sequence behaviour over the `items` of an encoded result."""
 
@@ -240,14 +250,10 @@ def encode_demonstrations(
     policy: str | TruncationPolicy = TruncationPolicy.ERROR,
 ) -> EncodedDemonstrations:
     """Tokenizes demonstrations into SFT examples of at most `max_length` tokens (response + eos whole)."""
-    policy = TruncationPolicy.parse(policy)
-    _check_positive("max_length", max_length)
-    records = _check_records(records, Demonstration)
+    policy, records, sources, report = _checked(records, Demonstration, policy, "max_length", max_length)
     eos = _eos_id(tokenizer)
-    sources = _sources(records)
     prompts = tokenize_texts(tokenizer, [record.prompt for record in records])
     responses = tokenize_texts(tokenizer, [record.response for record in records])
-    report = TruncationReport(total=len(records))
     examples = []
     for prompt_ids, response_ids, source in zip(prompts, responses, sources):
         fit = plan_fit(len(prompt_ids), [len(response_ids)], max_length, policy, ["response"])
@@ -301,14 +307,10 @@ def encode_rankings(
     A ranking is kept or skipped whole (dropping one completion would change what the labeler ranked); under
     "truncate_prompt" the prompt is cut to fit the longest completion.
     """
-    policy = TruncationPolicy.parse(policy)
-    _check_positive("max_length", max_length)
-    records = _check_records(records, Ranking)
+    policy, records, sources, report = _checked(records, Ranking, policy, "max_length", max_length)
     eos = _eos_id(tokenizer)
-    sources = _sources(records)
     prompts = tokenize_texts(tokenizer, [record.prompt for record in records])
     flat_completions = tokenize_texts(tokenizer, [text for record in records for text in record.completions])
-    report = TruncationReport(total=len(records))
     items = []
     offset = 0
     for record, prompt_ids, source in zip(records, prompts, sources):
@@ -358,11 +360,9 @@ def encode_prompts(
     policy: str | TruncationPolicy = TruncationPolicy.ERROR,
 ) -> EncodedPrompts:
     """Tokenizes prompts to at most `max_prompt_length` tokens ("truncate_prompt" keeps the last ones)."""
-    policy = TruncationPolicy.parse(policy)
-    _check_positive("max_prompt_length", max_prompt_length)
-    records = _check_records(records, PromptRecord)
-    sources = _sources(records)
-    report = TruncationReport(total=len(records))
+    policy, records, sources, report = _checked(
+        records, PromptRecord, policy, "max_prompt_length", max_prompt_length
+    )
     items = []
     for prompt_ids, source in zip(tokenize_texts(tokenizer, [record.prompt for record in records]), sources):
         fit = plan_fit(len(prompt_ids), [], max_prompt_length, policy, limit_name="max_prompt_length")

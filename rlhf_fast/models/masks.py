@@ -57,9 +57,10 @@ def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return additive_mask(allowed, dtype)
 
 
-def packed_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, L] document ids (-1 = padding) -> [B, 1, L, L] additive block-diagonal causal mask: a query sees the
-    keys of its own document at or before it; a padding position sees only itself (no empty softmax row)."""
+def packed_causal_allowed(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] document ids (-1 = padding) -> [B, L, L] bool, True where query q may attend to key k: a query
+    sees the keys of its own document at or before it; a padding position sees only itself (no empty softmax
+    row, which would give NaN), and no real token sees padding."""
     if document_ids.dim() != 2:
         raise ValueError(f"document_ids must be [B, L], got shape {tuple(document_ids.shape)}")
     length = document_ids.shape[1]
@@ -67,7 +68,13 @@ def packed_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.
     real = document_ids >= 0
     allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & causal & real[:, :, None]
     diagonal = torch.eye(length, dtype=torch.bool, device=document_ids.device)
-    return additive_mask(allowed | (diagonal & ~real[:, :, None]), dtype)
+    return allowed | (diagonal & ~real[:, :, None])
+
+
+def packed_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] document ids (-1 = padding) -> [B, 1, L, L] additive block-diagonal causal mask
+    (`packed_causal_allowed`)."""
+    return additive_mask(packed_causal_allowed(document_ids), dtype)
 
 
 def attention_inputs(

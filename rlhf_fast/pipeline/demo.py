@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from rlhf_fast.eval.results import Estimate, ModelResult, PPOStep, Results, RewardModelResult
+from rlhf_fast.eval.results import Estimate, PPOStep, Results, RewardModelResult
+from rlhf_fast.pipeline.evaluation import evaluate, parameter_count, sample_from_policies
 from rlhf_fast.pipeline.presets import DemoPreset, get_preset
-from rlhf_fast.pipeline.stages import Stages, as_stored, rm_sample_sizes, rm_size, stage_keys
+from rlhf_fast.pipeline.stages import Stages, rm_sample_sizes, rm_size, stage_keys
 from rlhf_fast.pipeline.targets import check_targets
 
 KINDS = ("base", "sft", "ppo", "ppo_ptx")
@@ -81,79 +80,6 @@ class RewardModelSummary:
     rankings: int
     validation_rankings: int
     validation_accuracy: float
-
-
-@dataclass
-class Evaluation:
-    """What `evaluate` measures: every model's metrics, the RM's agreement with labelers, and the samples."""
-
-    models: list[ModelResult]
-    reward_model_agreement: dict[str, Estimate]
-    labeler_agreement: Estimate
-    samples: dict[str, list]  # model name -> [(instance, response)] on the held-out prompts
-
-
-def _use_fused_gelu(model) -> None:
-    """GPT-2's "gelu_new" is the tanh-approximated GELU written as six elementwise ops; "gelu_pytorch_tanh" is
-    the same function in one kernel (about a fifth of a CPU training step here). The saved config names it, so
-    every later stage loads the fused one too."""
-    from transformers.activations import ACT2FN
-
-    if model.config.activation_function != "gelu_new":
-        return
-    model.config.activation_function = "gelu_pytorch_tanh"
-    for block in model.transformer.h:
-        block.mlp.act = ACT2FN["gelu_pytorch_tanh"]
-
-
-def _parameter_count(directory: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(directory.glob("*.safetensors")):  # a reward model keeps its head in a file of its own
-        with safe_open(str(path), framework="pt") as handle:
-            total += sum(torch.Size(handle.get_slice(name).get_shape()).numel() for name in handle.keys())  # noqa: SIM118 (safe_open is not a dict)
-    return total
-
-
-def _sample_from_policies(
-    policy_dirs: list[Path],
-    tokenizer,
-    prompts: list[str],
-    per_prompt: list[int],
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    batch_size: int,
-) -> list[list[str]]:
-    """`per_prompt[i]` samples for prompt i, shared round-robin between the policies in `policy_dirs` (the first
-    policy takes the remainder), as InstructGPT's comparisons came from several models."""
-    from rlhf_fast.eval.generate import generate_responses
-    from rlhf_fast.models import PolicyModel
-
-    samples: list[list[str]] = [[] for _ in prompts]
-    for index, directory in enumerate(policy_dirs):
-        counts = [
-            count // len(policy_dirs) + (1 if index < count % len(policy_dirs) else 0) for count in per_prompt
-        ]
-        flat = [prompt for prompt, count in zip(prompts, counts) for _ in range(count)]
-        if not flat:
-            continue
-        policy = PolicyModel.from_pretrained(directory).eval()
-        responses = generate_responses(
-            policy,
-            tokenizer,
-            flat,
-            max_new_tokens,
-            temperature=temperature,
-            batch_size=batch_size,
-            seed=seed + index,
-        )
-        start = 0
-        for bucket, count in zip(samples, counts):
-            bucket.extend(responses[start : start + count])
-            start += count
-    return samples
 
 
 # ---- stages ------------------------------------------------------------------------------------------------
@@ -241,7 +167,6 @@ def pretrain_base_models(run: DemoRun) -> None:
                 eos_token_id=tokenizer.eos_token_id,
                 bos_token_id=tokenizer.bos_token_id,
             )
-            _use_fused_gelu(model)
             SFTTrainer(config, model, examples, tokenizer=tokenizer).train()
 
         run.stages.run(
@@ -295,7 +220,7 @@ def train_reward_model(run: DemoRun) -> RewardModelSummary:
         rng = random.Random(f"demo:{run.seed}:rankings")
         instances = world.instances("rm")
         per_prompt = [rng.randint(preset.rm_min_k, preset.rm_max_k) for _ in instances]
-        samples = _sample_from_policies(
+        samples = sample_from_policies(
             [run.model_dirs[f"sft-{s}"] for s in rm_sample_sizes(preset)],
             run.tokenizer,
             [i.prompt for i in instances],
@@ -408,98 +333,6 @@ def _ppo_history(metrics_path: Path) -> list[PPOStep]:
     return history
 
 
-def _answers(run: DemoRun, name: str, suite, fresh: bool):
-    """The model's answers to the suite, kept in out/eval/<name>.json while its settings match."""
-    from rlhf_fast.eval.suite import Answers, respond
-    from rlhf_fast.models import PolicyModel
-
-    key = as_stored(
-        {"model": run.keys[name], "world": run.keys["world"], "eval": run.keys["eval"], "seed": run.seed}
-    )
-    cache = run.out / "eval" / f"{name}.json"
-    if not fresh and cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return Answers.from_json(cached["responses"])
-    policy = PolicyModel.from_pretrained(run.model_dirs[name]).eval()
-    answers = respond(
-        policy,
-        run.tokenizer,
-        suite,
-        max_new_tokens=run.preset.max_new_tokens,
-        temperature=run.preset.eval_temperature,
-        batch_size=run.preset.eval_batch_size,
-        seed=run.seed,
-    )
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "responses": answers.to_json()}))
-    return answers
-
-
-def _reward_model_agreement(run: DemoRun) -> tuple[dict[str, Estimate], Estimate]:
-    """The RM's agreement with held-out (and training) labelers, and the labelers' agreement with each other,
-    on pairs of samples of the models the RM's training samples came from, for held-out prompts."""
-    from rlhf_fast.eval import labeler_agreement, make_comparisons, rm_agreement
-    from rlhf_fast.eval.generate import response_rows, reward_scores
-    from rlhf_fast.models import RewardModel
-
-    preset, world = run.preset, run.world
-    rng = random.Random(f"demo:{run.seed}:comparisons")
-    prompts = world.instances("heldout")[: preset.rm_comparison_prompts]
-    samples = _sample_from_policies(
-        [run.model_dirs[f"sft-{size}"] for size in rm_sample_sizes(preset)],
-        run.tokenizer,
-        [i.prompt for i in prompts],
-        [3] * len(prompts),
-        preset.max_new_tokens,
-        preset.rm_sample_temperature,
-        run.seed + 99,
-        preset.eval_batch_size,
-    )
-    comparisons = make_comparisons(prompts, samples, rng)
-    reward_model = RewardModel.from_pretrained(run.rm_dir).eval()
-
-    def reward_fn(prompt_texts: list[str], responses: list[str]) -> list[float]:
-        rows = response_rows(run.tokenizer, prompt_texts, responses)
-        return reward_scores(reward_model, rows, run.tokenizer.pad_token_id, preset.eval_batch_size)
-
-    agreement = {
-        "rm_agreement_heldout": Estimate.of(rm_agreement(reward_fn, comparisons, world.heldout_labelers)),
-        "rm_agreement_train": Estimate.of(rm_agreement(reward_fn, comparisons, world.train_labelers)),
-    }
-    return agreement, Estimate.of(
-        labeler_agreement(comparisons, world.heldout_labelers, world.train_labelers)
-    )
-
-
-def evaluate(run: DemoRun, fresh: bool = False) -> Evaluation:
-    """Every model answers the suite once; held-out labelers judge the win rate against the largest SFT model
-    (Figure 1) and against the SFT model of its own size; the world's scorers give the rest."""
-    from rlhf_fast.eval.suite import EvalSuite, judge, task_scores, win_rate
-
-    suite = EvalSuite.from_world(run.world, run.preset.eval_prompts)
-    answers = {name: _answers(run, name, suite, fresh) for name in run.model_dirs}
-    baseline = answers[f"sft-{run.sizes[-1]}"]
-    models = []
-    for name, directory in run.model_dirs.items():
-        kind, size = name.rsplit("-", 1)
-        metrics = judge(run.world, suite, answers[name], baseline)
-        metrics["win_rate_same_size"] = win_rate(run.world, suite, answers[name], answers[f"sft-{size}"])
-        models.append(
-            ModelResult(
-                name=name,
-                kind=kind,
-                size=size,
-                params=_parameter_count(directory),
-                metrics=metrics,
-                task_scores=task_scores(run.world, suite, answers[name]),
-            )
-        )
-    agreement, labelers = _reward_model_agreement(run)
-    samples = {name: list(zip(suite.heldout, given.heldout)) for name, given in answers.items()}
-    return Evaluation(models, agreement, labelers, samples)
-
-
 # ---- report ------------------------------------------------------------------------------------------------
 def _notes(preset: DemoPreset, reused: list[str]) -> list[str]:
     temperature = (
@@ -596,7 +429,7 @@ def run_demo(
             RewardModelResult(
                 name=f"rm-{rm_size(preset)}",
                 size=rm_size(preset),
-                params=_parameter_count(run.rm_dir),
+                params=parameter_count(run.rm_dir),
                 metrics={
                     **evaluation.reward_model_agreement,
                     "rm_accuracy": Estimate(rm_summary.validation_accuracy),

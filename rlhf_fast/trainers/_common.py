@@ -1,25 +1,31 @@
 """Pieces the three trainers share: optimizer and schedule, the guarded optimizer step (a non-finite step is
-skipped on the device, without reading anything back), the consecutive-bad-step counter, the data order, the
-config checks, `RunLoop` (resume, logging, checkpoint cadence, final checkpoint and export: the one run loop of
-all three trainers) and `EpochTrainer` (the epoch / batch schedule of the SFT and reward trainers).
+skipped on the device, without reading anything back), the consecutive-bad-step counter, the data order,
+`RunLoop` (resume, logging, checkpoint cadence, final checkpoint and export: the one run loop of all three
+trainers) and `EpochTrainer` (the epoch / batch schedule of the SFT and reward trainers). The configs'
+shared fields and checks are in `rlhf_fast.trainers.run_config`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from rlhf_fast.models.loading import DTYPES, LoRAConfig
+from rlhf_fast.models.loading import Precision
 from rlhf_fast.ops import set_value_checks
 from rlhf_fast.trainers.checkpoint import CheckpointManager, models_finite
-from rlhf_fast.trainers.distributed import DistributedContext, is_fsdp, local_tensor, wrap_model
+from rlhf_fast.trainers.distributed import (
+    DistributedContext,
+    init_distributed,
+    is_fsdp,
+    local_tensor,
+    seed_everything,
+    wrap_model,
+)
 from rlhf_fast.trainers.lock import lock_output_dir
 from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
@@ -220,60 +226,6 @@ def set_residual_dropout(model: nn.Module, probability: float) -> int:
     return changed
 
 
-def nonfinite_fields(config, prefix: str = "") -> list[str]:
-    """`name=value` of every float in a config dataclass (nested dataclasses, tuples and lists included) that
-    is NaN or infinite."""
-    found = []
-    for field in dataclasses.fields(config):
-        found += _nonfinite(getattr(config, field.name), prefix + field.name)
-    return found
-
-
-def _nonfinite(value, name: str) -> list[str]:
-    if isinstance(value, float):
-        return [] if math.isfinite(value) else [f"{name}={value}"]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return nonfinite_fields(value, name + ".")
-    if isinstance(value, (list, tuple)):
-        return [found for i, item in enumerate(value) for found in _nonfinite(item, f"{name}[{i}]")]
-    return []
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Fields every trainer shares: where the run lives, how it checkpoints and resumes, how it fails."""
-
-    seed: int = 0
-    output_dir: str = "runs/rlhf_fast"
-    save_every: int = 100  # steps (PPO: iterations) between checkpoints; 0 = only at the end
-    resume: bool = False  # continue from <output_dir>/checkpoints/last (or previous) if there is one
-    max_bad_steps: int = 10  # consecutive non-finite steps (PPO: iterations) before aborting
-    log_every: int = 1
-    device: str = "auto"  # "auto": cuda:<local rank> when CUDA is available, else cpu
-    fsdp: bool = False  # shard the trained models with FSDP2 (fully_shard per transformer block)
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    # Models' precision: "auto" = bfloat16 on CUDA, float32 on a CPU; trained weights stay float32 (autocast)
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False  # recompute each block's activations in backward
-    lora: LoRAConfig | None = None  # train LoRA adapters (peft) instead of the full weights
-
-    def check(self) -> None:
-        bad = nonfinite_fields(self)
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: every number in the config must be finite")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
-        if self.max_bad_steps < 1:
-            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
-
-
 class RunLoop:
     """The run loop all three trainers share: resume from the newest usable checkpoint, one step at a time
     (metrics read back once per step), the consecutive-bad-step counter, logging, the checkpoint cadence, and
@@ -455,15 +407,28 @@ class RunLoop:
 class EpochTrainer(RunLoop):
     """The epoch / step schedule the SFT and reward trainers share: data order per epoch (step i of the run
     is batch i mod steps_per_epoch of epoch i div steps_per_epoch), evaluation cadence and step metrics. A
-    subclass sets `config`, `ctx`, `train_data`, `eval_data` and the class attributes below, calls
-    `_set_up_training` with the module it trains, and provides the hooks (`_train_batch`, `_step_metrics`,
-    `_eval_metrics`, `_export`, ...)."""
+    subclass calls `_start` (config, process group, seeds, data, tokenizer, precision), sets the class
+    attributes below, calls `_set_up_training` with the module it trains, and provides the hooks
+    (`_train_batch`, `_step_metrics`, `_eval_metrics`, `_export`, ...)."""
 
     _progress_keys = ("train/loss",)
     _eval_log_key: str = "eval/loss"  # a step whose metrics hold this key is always logged
     _items_name: str = "examples"  # in the error for an epoch too small for the processes
     _item_name: str = "example"
     _checkpoint_name: str = "model"  # the model's key in the checkpoint
+
+    def _start(self, config, train_data: Sequence, eval_data: Sequence | None, tokenizer) -> None:
+        """The checked config, the process group and seeds, the data as lists, the tokenizer and the precision."""
+        config.check()
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        self.config = config
+        self.ctx = init_distributed(config.device)
+        seed_everything(config.seed + self.ctx.rank)
+        self.train_data = list(train_data)
+        self.eval_data = list(eval_data) if eval_data is not None else []
+        self.tokenizer = tokenizer
+        self.precision = Precision.from_config(config, self.ctx.device)
 
     # ----------------------------------------------------------------------------------------- hooks
     def _trained_model(self) -> nn.Module:

@@ -8,6 +8,7 @@ Backends: nccl for CUDA devices, gloo for CPU.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -163,6 +164,26 @@ def is_fsdp(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without FSDP2
         return False
     return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def unsharded(root: nn.Module):
+    """Gathers every FSDP2 shard group of `root` for the duration (a no-op without FSDP): for code that reads
+    the weights directly, outside the modules' forward hooks, like the sampler (the whole model is unsharded
+    while it runs)."""
+    groups = [module for module in root.modules() if is_fsdp(module)]
+    blocks = [module for module in groups if module is not root]
+    for module in blocks:  # the prefill runs the blocks' forward: keep them gathered afterwards
+        module.set_reshard_after_forward(False, recurse=False)
+    for module in groups:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in blocks:
+            module.set_reshard_after_forward(True, recurse=False)
+        for module in groups:
+            module.reshard()
 
 
 def local_tensor(value: torch.Tensor) -> torch.Tensor:

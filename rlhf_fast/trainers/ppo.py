@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf_fast.models import last_token_index
 from rlhf_fast.models.loading import (
     Precision,
     WithoutAdapters,
@@ -48,12 +48,10 @@ from rlhf_fast.models.loading import (
     shared_base_value_model,
     store_frozen,
 )
-from rlhf_fast.models import last_token_index
 from rlhf_fast.ops import gae, ppo_losses, value_checks
 from rlhf_fast.rollout import sample
 from rlhf_fast.trainers._common import (
     BadStepCounter,
-    RunConfig,
     RunLoop,
     epoch_order,
     gradient_sync,
@@ -64,212 +62,30 @@ from rlhf_fast.trainers._common import (
     trainable_parameters,
 )
 from rlhf_fast.trainers._modules import PolicyLogprobs, ValueScores
-from rlhf_fast.trainers.checkpoint import CheckpointManager, export_pretrained, meta_skeleton
+from rlhf_fast.trainers.checkpoint import CheckpointManager
 from rlhf_fast.trainers.distributed import (
     init_distributed,
     is_fsdp,
-    local_tensor,
     seed_everything,
+    unsharded,
     wrap_model,
 )
+from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
+from rlhf_fast.trainers.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_fast.trainers.phases import phase
-
-
-@dataclasses.dataclass
-class PPOConfig(RunConfig):
-    """PPO / PPO-ptx hyperparameters, named as in InstructGPT and CleanRL.
-
-    PPO-ptx is on when the trainer is given pretraining data. `ptx_coef` multiplies the per-token mean NLL
-    of `ptx_batch_size` pretraining rows (every token of each block), added to the PPO loss of each optimizer
-    step, whose policy term is itself a per-token mean. The paper's γ = 27.8 multiplies the log-likelihood of
-    its pretraining batch in an objective whose RL term is per episode, so the two numbers have different units:
-    27.8 is the default for fidelity, not a value known to transfer; tune it against the alignment tax.
-    """
-
-    learning_rate: float = 9.65e-6
-    value_learning_rate: float | None = None  # None: learning_rate
-    batch_size: int = 512  # prompts (episodes) per iteration, over all processes
-    num_minibatches: int = 8
-    ppo_epochs: int = 4
-    epochs: int = 1  # passes over the prompt set (ignored when max_iterations is set)
-    max_iterations: int | None = None
-    warmup: int = 10  # iterations of linear LR warmup
-    lr_schedule: str = "constant"
-    max_new_tokens: int = 64
-    # Left-pad prompts to this width. None: on CUDA the longest prompt of the set (static shapes, so the sampler's
-    # CUDA graph is captured once), on a CPU the longest of each batch.
-    max_prompt_length: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    # Replay the sampler's decode step as a CUDA graph (None: on CUDA). The graph is captured (a device sync) at
-    # the first iteration with a new prompt width and reused after.
-    sample_cuda_graph: bool | None = None
-    kl_coef: float = 0.02  # β
-    target_kl: float | None = (
-        None  # set: adaptive KL controller (Ziegler et al.) towards this KL per sequence
-    )
-    horizon: int = 10000  # the adaptive controller's horizon, in episodes
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    clip_coef: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    ptx_coef: float = 27.8  # γ of PPO-ptx: × per-token mean NLL over ptx_batch_size rows (see above)
-    ptx_batch_size: int | None = (
-        None  # pretraining rows per optimizer step, all processes; None: minibatch size
-    )
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
-    # CLI: a reward model whose tokenizer differs from the policy's scores decoded and re-encoded text
-    # (the trainer does so whenever it is given a differing `reward_tokenizer`)
-    reencode_for_reward: bool = False
-    # Use the sampler's log-probs (and entropy) as the old log-probs instead of a policy forward over the
-    # rollout. Off by default: the recomputed log-probs make the first ratio exactly 1 and the KL of a policy
-    # equal to its reference exactly 0. Measured on a float32 CPU run (bench/RESULTS.md): mean |sampler −
-    # recomputed| ≈ 2e-7 (`rollout/logprob_mismatch`, logged every iteration), and skipping the forward saves
-    # about 5% of an iteration. bf16 / fp16 decode steps round differently from the batched forward.
-    rollout_logprobs: bool = False
-    # The sampler reads back whether every row has ended every this many decode steps and stops early
-    # (one host synchronization each time). None: 8 on a CPU (a read costs nothing there), 0 on a GPU
-    # (0 = never: the decode loop stays free of host synchronization).
-    sample_stop_check_every: int | None = None
-    output_dir: str = "runs/ppo"
-
-    def check(self) -> None:
-        super().check()
-        for name in ("batch_size", "num_minibatches", "ppo_epochs", "epochs", "max_new_tokens", "horizon"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.num_minibatches:
-            raise ValueError(
-                f"batch_size {self.batch_size} must be a multiple of num_minibatches {self.num_minibatches}"
-            )
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
-            raise ValueError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.target_kl is not None and not self.target_kl > 0:
-            raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
-        if self.sample_stop_check_every is not None and self.sample_stop_check_every < 0:
-            raise ValueError(f"sample_stop_check_every must be >= 0 or None, got {self.sample_stop_check_every}")
-
-
-class FixedKLController:
-    """A constant KL coefficient β."""
-
-    def __init__(self, kl_coef: float, device: torch.device):
-        self.value = torch.tensor(float(kl_coef), device=device)
-
-    def update(self, current_kl: torch.Tensor, n_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"value": float(self.value)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value.fill_(state["value"])
-
-
-class AdaptiveKLController(FixedKLController):
-    """Ziegler et al. (2019): β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon), on the device."""
-
-    def __init__(self, kl_coef: float, target: float, horizon: int, device: torch.device):
-        super().__init__(kl_coef, device)
-        self.target, self.horizon = float(target), int(horizon)
-
-    def update(self, current_kl: torch.Tensor, n_steps: int) -> None:
-        proportional_error = torch.clamp(current_kl / self.target - 1.0, -0.2, 0.2)
-        self.value.mul_(1.0 + proportional_error * (n_steps / self.horizon))
-
-
-# Update metrics averaged over the optimizer steps of an iteration: key -> `ppo_losses` output (None: other).
-UPDATE_METRICS = {
-    "loss/policy": "policy_loss",
-    "loss/value": "value_loss",
-    "policy/approx_kl": "approx_kl",
-    "policy/clipfrac": "clipfrac",
-    "policy/ratio": "ratio_mean",
-    "val/clipfrac": "value_clipfrac",
-    "loss/ptx": None,
-    "train/grad_norm": None,  # of policy and value together, before clipping
-    "train/policy_grad_norm": None,
-    "train/value_grad_norm": None,
-    "train/skipped": None,
-}
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One rollout batch, every field [B, ...]."""
-
-    sequences: torch.Tensor  # [B, P+T] int64: prompt (left-padded) + response
-    attention_mask: torch.Tensor  # [B, P+T] bool
-    response_ids: torch.Tensor  # [B, T] int64
-    response_mask: torch.Tensor  # [B, T] bool, True up to and including EOS
-    logprobs: torch.Tensor  # [B, T] float32, the sampling policy's log-probs (at the sampling temperature)
-    values: torch.Tensor  # [B, T] float32, the value of the state before each response token
-    rewards: torch.Tensor  # [B, T] float32
-    kl: torch.Tensor  # [B, T] float32, k1 estimate of KL(policy || reference) per token
-    entropy: torch.Tensor  # [B, T] float32
-    scores: torch.Tensor  # [B] float32, reward-model score (after the missing-EOS penalty)
-    has_eos: torch.Tensor  # [B] bool
-
-    def gathered(self, ctx) -> Rollout:
-        """Every rank's rows, in rank order (all ranks must hold the same shapes)."""
-        return Rollout(
-            **{f.name: ctx.all_gather_rows(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        )
-
-    def rows(self, index: torch.Tensor) -> Rollout:
-        return Rollout(
-            **{f.name: getattr(self, f.name).index_select(0, index) for f in dataclasses.fields(self)}
-        )
-
-
-def _whiten(x: torch.Tensor, valid: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    from rlhf_fast.ops.gae import whiten_masked
-
-    whitened = whiten_masked(x, valid)
-    if not shift_mean:
-        mean = torch.where(valid, x, 0).sum() / valid.sum().clamp(min=1)
-        whitened = torch.where(valid, whitened + mean, 0)
-    return whitened
-
-
-def _token_ids(prompt: Any) -> list[int]:
-    """A prompt's ids: an `EncodedPrompt`, a mapping with `input_ids`, or an id sequence / 1-D tensor."""
-    if isinstance(prompt, dict):
-        prompt = prompt["input_ids"]
-    prompt = getattr(prompt, "input_ids", prompt)
-    return prompt.tolist() if isinstance(prompt, torch.Tensor) else [int(token) for token in prompt]
-
-
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return torch.where(valid, x, 0).sum() / valid.sum().clamp(min=1)
-
-
-def _masked_var(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    mean = _masked_mean(x, valid)
-    return _masked_mean((x - mean) ** 2, valid)
-
-
-def _logprob_mismatch(
-    sampled: torch.Tensor, recomputed: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, max) over valid tokens of |sampler log-prob − log-prob recomputed by the training forward|, 0-dim."""
-    gap = torch.where(valid, (sampled - recomputed).abs(), 0.0)
-    return _masked_mean(gap, valid), gap.max()
-
-
-def _clip_gradients(parameters: Sequence[nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """Clips the gradients of one model to `max_norm` (None or <= 0: no clipping); returns the norm before."""
-    limit = float("inf") if max_norm is None or max_norm <= 0 else float(max_norm)
-    with_grad = [p for p in parameters if p.grad is not None]
-    if not with_grad:
-        return torch.zeros((), device=parameters[0].device if parameters else None)
-    return local_tensor(torch.nn.utils.clip_grad_norm_(with_grad, limit)).detach()
+from rlhf_fast.trainers.ppo_batch import (
+    UPDATE_METRICS,
+    PretrainRows,
+    Rollout,
+    clip_gradients,
+    logprob_mismatch,
+    masked_mean,
+    masked_var,
+    minibatches,
+    token_ids,
+    whiten,
+)
+from rlhf_fast.trainers.ppo_config import PPOConfig
 
 
 class PPOTrainer(RunLoop):
@@ -325,7 +141,7 @@ class PPOTrainer(RunLoop):
                 f"batch_size {config.batch_size} must be a multiple of num_minibatches × processes "
                 f"= {config.num_minibatches * ctx.world_size}"
             )
-        self.prompts = [_token_ids(prompt) for prompt in prompts]
+        self.prompts = [token_ids(prompt) for prompt in prompts]
         longest_prompt = max((len(p) for p in self.prompts), default=0)
         if any(not prompt for prompt in self.prompts):
             raise ValueError("prompts holds an empty prompt: every prompt needs at least one token")
@@ -345,14 +161,18 @@ class PPOTrainer(RunLoop):
         if self.shares_reference:
             self.ref_policy = self.policy
         else:
-            self.ref_policy = load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy)
+            self.ref_policy = (
+                load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy)
+            )
             store_frozen(self.ref_policy.to(device), precision.dtype)
         self.reward_model = reward_model.to(device) if isinstance(reward_model, nn.Module) else reward_model
         if isinstance(self.reward_model, nn.Module):
             self.reward_model.requires_grad_(False).eval()
         if value_model is None and precision.lora is not None and isinstance(reward_model, RewardModel):
             store_frozen(self.reward_model, precision.dtype)
-            value_model = shared_base_value_model(self.reward_model, precision)  # a LoRA head on the RM's base
+            value_model = shared_base_value_model(
+                self.reward_model, precision
+            )  # a LoRA head on the RM's base
         else:
             if value_model is None:  # copied before the reward model is stored in the compute dtype
                 value_model = (
@@ -379,6 +199,7 @@ class PPOTrainer(RunLoop):
         self.pretrain_data = (
             None if pretrain_data is None else torch.as_tensor(pretrain_data, dtype=torch.long)
         )
+        self.pretrain_rows = PretrainRows(config.seed + 1)
 
         # Models as the iteration calls them: trained ones wrapped for DDP / FSDP2.
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and ctx.is_distributed else None
@@ -391,7 +212,9 @@ class PPOTrainer(RunLoop):
         )
         for module in (self.policy_module, self.value_module, self.ref_module):
             autocast_forward(module, device.type, precision.dtype)
-        self.reward_module = self.reward_model  # a RewardModel or any (input_ids, attention_mask) -> [B] callable
+        self.reward_module = (
+            self.reward_model
+        )  # a RewardModel or any (input_ids, attention_mask) -> [B] callable
         if isinstance(self.reward_module, nn.Module):
             autocast_forward(self.reward_module, device.type, precision.dtype)
         self.policy_train = wrap_model(self.policy_module, ctx, fsdp=config.fsdp)
@@ -440,18 +263,18 @@ class PPOTrainer(RunLoop):
         self.checkpoints = CheckpointManager(config.output_dir, ctx)
         self.bad_steps = BadStepCounter(config.max_bad_steps, what="iteration")
         self.iteration_index = 0
-        self.ptx_position = 0
 
     # ------------------------------------------------------------------------------------- data on the host
     def prompt_batch(self, iteration: int) -> dict[str, torch.Tensor]:
         """This rank's prompts of `iteration`, left-padded to a width shared by all ranks, on the device."""
         from rlhf_fast.data import pad_rows
 
+        cfg = self.config
         epoch, position = divmod(iteration, self.iterations_per_epoch)
-        order = epoch_order(len(self.prompts), self.config.seed, epoch)
-        global_rows = order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
-        width = self.config.max_prompt_length or self.static_prompt_width or max(
-            len(self.prompts[i]) for i in global_rows)
+        order = epoch_order(len(self.prompts), cfg.seed, epoch)
+        global_rows = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+        longest = max(len(self.prompts[i]) for i in global_rows)
+        width = cfg.max_prompt_length or self.static_prompt_width or longest
         mine = [self.prompts[i] for i in rank_share(global_rows, self.ctx)]
         if max(len(p) for p in mine) > width:
             raise ValueError(f"a prompt is longer than max_prompt_length={width}")
@@ -464,24 +287,10 @@ class PPOTrainer(RunLoop):
         if self.pretrain_data is None:
             return None
         config = self.config
-        steps = config.ppo_epochs * config.num_minibatches
         rows = config.ptx_batch_size or config.batch_size // config.num_minibatches
-        if rows % self.ctx.world_size:
-            raise ValueError(
-                f"ptx_batch_size {rows} must be a multiple of the {self.ctx.world_size} processes"
-            )
-        total = len(self.pretrain_data)
-        indices = []
-        for _ in range(steps * rows):
-            epoch, position = divmod(self.ptx_position, total)
-            if position == 0 or not hasattr(self, "_ptx_order") or self._ptx_order[0] != epoch:
-                self._ptx_order = (epoch, epoch_order(total, config.seed + 1, epoch))
-            indices.append(self._ptx_order[1][position])
-            self.ptx_position += 1
-        blocks = self.pretrain_data[torch.tensor(indices)].view(steps, rows, -1)
-        share = rows // self.ctx.world_size
-        mine = blocks[:, self.ctx.rank * share : (self.ctx.rank + 1) * share]
-        return self._to_device(mine.contiguous())
+        steps = config.ppo_epochs * config.num_minibatches
+        blocks = self.pretrain_rows.take(self.pretrain_data, steps, rows, self.ctx)
+        return self._to_device(blocks)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.ctx.device.type == "cuda":
@@ -507,10 +316,9 @@ class PPOTrainer(RunLoop):
         self, sequences: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, P+T] policy tokens -> [B, L'] reward-model tokens (right-padded) and their mask, on the device."""
-        ids, mask = reencode_for_reward(
-            sequences.cpu(), attention_mask.cpu(), self.config.max_new_tokens, self.eos_token_id,
-            self.tokenizer, self.reward_tokenizer,
-        )  # fmt: skip
+        on_host = (sequences.cpu(), attention_mask.cpu())
+        tokenizers = (self.tokenizer, self.reward_tokenizer)
+        ids, mask = reencode_for_reward(*on_host, self.config.max_new_tokens, self.eos_token_id, *tokenizers)
         return self._to_device(ids), self._to_device(mask)
 
     @torch.no_grad()
@@ -527,24 +335,6 @@ class PPOTrainer(RunLoop):
             call(root)
             root.reshard()  # a root keeps its weights gathered after forward; the optimizer needs the shards
 
-    @contextlib.contextmanager
-    def _sampling(self):
-        """Under FSDP2 the sampler reads the policy's weights directly, outside the modules' forward hooks:
-        gather every shard group around it (the whole policy is unsharded while it generates)."""
-        groups = [module for module in self.policy_module.modules() if is_fsdp(module)]
-        blocks = [module for module in groups if module is not self.policy_module]
-        for module in blocks:  # the prefill runs the blocks' forward: keep them gathered afterwards
-            module.set_reshard_after_forward(False, recurse=False)
-        for module in groups:
-            module.unshard()
-        try:
-            yield
-        finally:
-            for module in blocks:
-                module.set_reshard_after_forward(True, recurse=False)
-            for module in groups:
-                module.reshard()
-
     # -------------------------------------------------------------------------------------- one iteration
     @property
     def rollout_logprobs(self) -> bool:
@@ -559,7 +349,23 @@ class PPOTrainer(RunLoop):
     @property
     def _distribution(self) -> dict[str, Any]:
         """The sampling distribution the policy's log-probs are taken under (temperature, top-k, top-p)."""
-        return {"temperature": self.config.temperature, "top_k": self.config.top_k, "top_p": self.config.top_p}
+        cfg = self.config
+        return {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+
+    @property
+    def _sample_options(self) -> dict[str, Any]:
+        """The sampler's options: the distribution, the special tokens, what it returns and how it runs."""
+        return {
+            **self._distribution,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "generator": self.sample_generator,
+            "return_logprobs": True,
+            "return_entropy": self.rollout_logprobs,
+            "filtered_logprobs": True,
+            "stop_check_every": self.sample_stop_check_every,
+            "use_cuda_graph": self.config.sample_cuda_graph,
+        }
 
     def iteration(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pretrain_blocks: torch.Tensor | None = None
@@ -572,35 +378,29 @@ class PPOTrainer(RunLoop):
         with value_checks(False):  # no host sync inside the iteration
             # 1. Rollout: sample responses with the current policy (log-probs and entropy of the distribution
             #    sampled from, top-k / top-p included, computed from the logits each step already has).
-            with phase("rollout"), self._sampling():
-                out = sample(self.policy, prompt_ids, prompt_mask, cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                             generator=self.sample_generator, return_logprobs=True,
-                             return_entropy=self.rollout_logprobs, filtered_logprobs=True,
-                             stop_check_every=self.sample_stop_check_every,
-                             use_cuda_graph=cfg.sample_cuda_graph)  # fmt: skip
+            with phase("rollout"), unsharded(self.policy_module):
+                out = sample(self.policy, prompt_ids, prompt_mask, cfg.max_new_tokens, **self._sample_options)
             sequences, response_ids, response_mask = out.sequences, out.response_ids, out.response_mask
             attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
             steps = response_ids.shape[1]
+            scored = (sequences, attention_mask, response_ids)  # what the models score, and at which tokens
 
             # 2. Score: reference, policy (old log-probs, entropy, k1 KL), values and reward, no gradients.
             #    With `rollout_logprobs` the sampler's log-probs are the old log-probs: no policy forward.
             with torch.no_grad(), phase("score"):
                 with phase("score/reference"):
                     # The reference's own (unfiltered) distribution: KL(sampling policy ‖ reference).
-                    ref_logprobs = self.ref_module(sequences, attention_mask, response_ids, mask=response_mask,
-                                                   temperature=cfg.temperature).logprobs  # fmt: skip
+                    ref_logprobs = self.ref_module(
+                        *scored, mask=response_mask, temperature=cfg.temperature
+                    ).logprobs
                 if self.rollout_logprobs:
                     logprobs, entropy, kl = out.logprobs, out.entropy, out.logprobs - ref_logprobs
                     mismatch = None  # measured at the first minibatch, whose forward sees the same weights
                 else:
                     with phase("score/policy"):
-                        logprobs, entropy, kl = self.policy_module(
-                            sequences, attention_mask, response_ids, mask=response_mask,
-                            ref_logprobs=ref_logprobs, return_entropy=True, **self._distribution,
-                        )  # fmt: skip
-                    mismatch = _logprob_mismatch(out.logprobs, logprobs, response_mask)
+                        options = {"ref_logprobs": ref_logprobs, "return_entropy": True, **self._distribution}
+                        logprobs, entropy, kl = self.policy_module(*scored, mask=response_mask, **options)
+                    mismatch = logprob_mismatch(out.logprobs, logprobs, response_mask)
                 with phase("score/value"):
                     values = self.value_module(sequences, attention_mask, steps)
                 with phase("score/reward"):
@@ -615,20 +415,21 @@ class PPOTrainer(RunLoop):
                 last = last_token_index(response_mask)
                 rewards = (-self.kl_controller.value * kl).scatter_add(1, last[:, None], scores[:, None])
                 # From here on every rank holds the whole batch: GAE, whitening and minibatches are global.
-                data = Rollout(sequences, attention_mask, response_ids, response_mask, logprobs, values, rewards,
-                               kl, entropy, scores, has_eos).gathered(ctx)  # fmt: skip
+                per_token = (logprobs, values, rewards, kl, entropy)
+                data = Rollout(*scored, response_mask, *per_token, scores, has_eos).gathered(ctx)
                 rewards_finite = torch.isfinite(data.rewards).all()
                 if cfg.whiten_rewards:
-                    data.rewards = _whiten(data.rewards, data.response_mask, shift_mean=False)
+                    data.rewards = whiten(data.rewards, data.response_mask, shift_mean=False)
 
                 # 4. GAE, advantages whitened over the valid tokens of the batch.
-                advantages, returns = gae(data.rewards, data.values, data.response_mask, gamma=cfg.gamma,
-                                          lam=cfg.gae_lambda, whiten=cfg.whiten_advantages)  # fmt: skip
+                gae_options = {"gamma": cfg.gamma, "lam": cfg.gae_lambda, "whiten": cfg.whiten_advantages}
+                advantages, returns = gae(data.rewards, data.values, data.response_mask, **gae_options)
 
             # 5. Minibatch epochs: one optimizer step per minibatch (policy + value + ptx).
             with phase("update"):
-                sums, updates, first_mismatch = self._update(data, advantages, returns, rewards_finite,
-                                                             pretrain_blocks)  # fmt: skip
+                sums, updates, first_mismatch = self._update(
+                    data, advantages, returns, rewards_finite, pretrain_blocks
+                )
             if mismatch is None:
                 mismatch = first_mismatch
 
@@ -639,29 +440,37 @@ class PPOTrainer(RunLoop):
             }
             valid = data.response_mask
             kl_per_sequence = data.kl.sum(dim=1).mean()
-            returns_variance = _masked_var(returns, valid)
-            explained = 1 - _masked_var(returns - data.values, valid) / returns_variance.clamp(min=1e-12)
-            metrics.update({
+            returns_variance = masked_var(returns, valid)
+            explained = 1 - masked_var(returns - data.values, valid) / returns_variance.clamp(min=1e-12)
+            # Undefined when the returns are constant (e.g. every score equal and no KL yet): logged as 0.
+            explained = torch.where(returns_variance > 0, explained, 0.0)
+            rlhf_reward = (data.scores - self.kl_controller.value * data.kl.sum(dim=1)).mean()
+            metrics |= {
                 "objective/scores": data.scores.mean(),
                 "objective/kl": kl_per_sequence,
                 "objective/kl_coef": self.kl_controller.value.clone(),
-                "objective/rlhf_reward": (data.scores - self.kl_controller.value * data.kl.sum(dim=1)).mean(),
-                "policy/entropy": _masked_mean(data.entropy, valid),
-                # Undefined when the returns are constant (e.g. every score equal and no KL yet): logged as 0.
-                "val/explained_variance": torch.where(returns_variance > 0, explained, 0.0),
-                "val/mean": _masked_mean(data.values, valid),
+                "objective/rlhf_reward": rlhf_reward,
+                "policy/entropy": masked_mean(data.entropy, valid),
+                "val/explained_variance": explained,
+                "val/mean": masked_mean(data.values, valid),
                 "episode/length": valid.sum(dim=1).float().mean(),
                 "episode/eos_fraction": data.has_eos.float().mean(),
                 "rollout/logprob_mismatch": mismatch[0],
                 "rollout/logprob_mismatch_max": mismatch[1],
                 "train/nonfinite_rewards": (~rewards_finite).float(),
                 "train/response_tokens": valid.sum().float(),
-            })  # fmt: skip
+            }
             self.kl_controller.update(kl_per_sequence, n_steps=len(data.scores))
             return metrics
 
-    def _update(self, data: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
-                rewards_finite: torch.Tensor, pretrain_blocks: torch.Tensor | None):  # fmt: skip
+    def _update(
+        self,
+        data: Rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        rewards_finite: torch.Tensor,
+        pretrain_blocks: torch.Tensor | None,
+    ):
         """The minibatch epochs. Returns (summed update metrics, optimizer steps, the log-prob mismatch (mean,
         max) between the rollout and the first minibatch's forward, which runs on the sampling weights)."""
         cfg, ctx = self.config, self.ctx
@@ -669,7 +478,10 @@ class PPOTrainer(RunLoop):
         updates = 0
         mismatch = None
         steps = data.response_ids.shape[1]
-        for rows, mine in self._minibatches(len(data.scores)):
+        batches = minibatches(
+            len(data.scores), cfg.num_minibatches, cfg.ppo_epochs, self.shuffle_generator, ctx
+        )
+        for rows, mine in batches:
             mb = data.rows(mine)
             # Masked means over this rank's tokens, rescaled to the mean over the minibatch's tokens.
             minibatch_tokens = data.response_mask.index_select(0, rows).sum().clamp(min=1)
@@ -679,26 +491,28 @@ class PPOTrainer(RunLoop):
             if pretrain_blocks is not None:
                 ptx_loss = self._ptx_backward(pretrain_blocks[updates])
 
-            new = self.policy_train(mb.sequences, mb.attention_mask, mb.response_ids, mask=mb.response_mask,
-                                    **self._distribution)  # fmt: skip
+            new = self.policy_train(
+                mb.sequences, mb.attention_mask, mb.response_ids, mask=mb.response_mask, **self._distribution
+            )
             if updates == 0:
-                mismatch = _logprob_mismatch(mb.logprobs, new.logprobs.detach(), mb.response_mask)
+                mismatch = logprob_mismatch(mb.logprobs, new.logprobs.detach(), mb.response_mask)
             new_values = self.value_train(mb.sequences, mb.attention_mask, steps)
-            losses = ppo_losses(new.logprobs, mb.logprobs, advantages.index_select(0, mine),
-                                mb.response_mask, new_values, mb.values, returns.index_select(0, mine),
-                                clip_coef=cfg.clip_coef, value_clip=cfg.value_clip)  # fmt: skip
+            policy_terms = (new.logprobs, mb.logprobs, advantages.index_select(0, mine), mb.response_mask)
+            value_terms = (new_values, mb.values, returns.index_select(0, mine))
+            clips = {"clip_coef": cfg.clip_coef, "value_clip": cfg.value_clip}
+            losses = ppo_losses(*policy_terms, *value_terms, **clips)
             loss = (losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]) * token_share
             loss.backward()
             total = loss + cfg.ptx_coef * ptx_loss  # checked for finiteness with the gradients
             # Each model clipped on its own (InstructGPT trains the value function apart): a value-loss spike
             # cannot shrink the policy step. The step is skipped when either norm is not finite.
-            policy_norm = _clip_gradients(self.policy_parameters, cfg.max_grad_norm)
-            value_norm = _clip_gradients(self.value_parameters, cfg.max_grad_norm)
+            policy_norm = clip_gradients(self.policy_parameters, cfg.max_grad_norm)
+            value_norm = clip_gradients(self.value_parameters, cfg.max_grad_norm)
             norms_finite = torch.isfinite(policy_norm) & torch.isfinite(value_norm)
+            bad = ~(rewards_finite & norms_finite)
             _, skipped = guarded_step(
-                self.optimizer, self.parameters, total, ctx, max_grad_norm=None,
-                extra_bad=~(rewards_finite & norms_finite),
-            )  # fmt: skip
+                self.optimizer, self.parameters, total, ctx, max_grad_norm=None, extra_bad=bad
+            )
 
             weight = token_share / ctx.world_size  # summed over ranks: the minibatch's token mean
             for key, name in UPDATE_METRICS.items():
@@ -711,17 +525,6 @@ class PPOTrainer(RunLoop):
             sums["train/skipped"] += skipped / ctx.world_size
             updates += 1
         return sums, updates, mismatch
-
-    def _minibatches(self, batch: int):
-        """(rows of the minibatch, this rank's share of them) for every optimizer step of an iteration: the
-        same permutation on every rank (a device generator, so no host round trip)."""
-        minibatch = batch // self.config.num_minibatches
-        share = minibatch // self.ctx.world_size
-        for _ in range(self.config.ppo_epochs):
-            order = torch.randperm(batch, generator=self.shuffle_generator, device=self.ctx.device)
-            for start in range(0, batch, minibatch):
-                rows = order[start : start + minibatch]
-                yield rows, rows[self.ctx.rank * share : (self.ctx.rank + 1) * share]
 
     def _ptx_backward(self, blocks: torch.Tensor) -> torch.Tensor:
         """PPO-ptx: backpropagates ptx_coef × the pretraining NLL of `blocks` [rows, L] (gradients accumulate
@@ -743,6 +546,11 @@ class PPOTrainer(RunLoop):
         self.global_step = value
 
     @property
+    def ptx_position(self) -> int:
+        """Pretraining rows taken so far (PPO-ptx's cursor)."""
+        return self.pretrain_rows.position
+
+    @property
     def total_steps(self) -> int:
         return self.total_iterations
 
@@ -759,7 +567,7 @@ class PPOTrainer(RunLoop):
         return {"ptx_position": self.ptx_position, "kl_controller": self.kl_controller.state_dict()}
 
     def _load_run_state(self, state: dict) -> None:
-        self.ptx_position = state["ptx_position"]
+        self.pretrain_rows.position = state["ptx_position"]
         self.kl_controller.load_state_dict(state["kl_controller"])
 
     def _run_step(self, index: int) -> dict[str, torch.Tensor]:
@@ -780,15 +588,9 @@ class PPOTrainer(RunLoop):
         }
 
     def _export(self) -> None:
-        export_pretrained(
-            self.policy,
-            Path(self.config.output_dir) / "final",
-            self.ctx,
-            tokenizer=self.tokenizer,
-            skeleton=self._skeleton,
-            prefix="policy.",
-            state_source=self.policy_module,
-        )
+        final = Path(self.config.output_dir) / "final"
+        options = {"tokenizer": self.tokenizer, "skeleton": self._skeleton, "prefix": "policy."}
+        export_pretrained(self.policy, final, self.ctx, state_source=self.policy_module, **options)
 
 
 __all__ = ["AdaptiveKLController", "FixedKLController", "PPOConfig", "PPOTrainer"]

@@ -20,22 +20,20 @@ from typing import Any
 import torch
 
 from rlhf_fast.models.loading import (
-    Precision,
     autocast_forward,
     check_token_ids,
     load_reward_model,
     prepare_trained,
     resolve_pad_token_id,
 )
+from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
 from rlhf_fast.trainers._common import (
     EpochTrainer,
-    RunConfig,
     gradient_sync,
     guarded_step,
     rank_share,
 )
-from rlhf_fast.trainers.checkpoint import export_pretrained, meta_skeleton
-from rlhf_fast.trainers.distributed import init_distributed, seed_everything
+from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.phases import phase
 
 
@@ -59,13 +57,7 @@ class RewardConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("batch_size", "epochs", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_epoch_settings(self)
 
 
 def _field(item: Any, name: str):
@@ -114,17 +106,8 @@ class RewardTrainer(EpochTrainer):
         tokenizer=None,
         pad_token_id: int | None = None,
     ):
-        config.check()
-        if len(train_data) == 0:
-            raise ValueError("train_data is empty")
-        self.config = config
-        self.ctx = init_distributed(config.device)
-        seed_everything(config.seed + self.ctx.rank)
-        self.train_data = list(train_data)
-        self.eval_data = list(eval_data) if eval_data is not None else []
+        self._start(config, train_data, eval_data, tokenizer)
         self.normalization_data = list(normalization_data) if normalization_data is not None else []
-        self.tokenizer = tokenizer
-        self.precision = Precision.from_config(config, self.ctx.device)
         self.model = prepare_trained(load_reward_model(model), self.precision)
         autocast_forward(self.model, self.ctx.device.type, self.precision.dtype)
         self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.model.config)

@@ -366,7 +366,7 @@ def test_lora_reward_model_learns_and_exports_merged_with_its_offset(tmp_path):
 
 
 def test_export_loads_strictly_a_missing_key_is_an_error():
-    from rlhf_fast.trainers.checkpoint import load_strictly
+    from rlhf_fast.trainers.export import load_strictly
 
     model = toy.policy()
     state = dict(model.state_dict())
