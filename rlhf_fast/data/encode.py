@@ -23,7 +23,7 @@ Every function returns its items with a `TruncationReport` that counts what was 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -206,6 +206,38 @@ def _checked(
     return policy, records, _sources(records), TruncationReport(total=len(records))
 
 
+def _fit_prompt(
+    prompt_ids: list[int],
+    targets: Mapping[str, list[int]],
+    limit: int,
+    policy: TruncationPolicy,
+    report: TruncationReport,
+    source: SourceLocation,
+    limit_name: str = "max_length",
+) -> list[int] | None:
+    """The prompt ids a record keeps under `policy` (None: skipped, counted in `report`).
+
+    Raises `DataError` for a record that does not fit under "error", and for a prompt or target (named by
+    its field) that tokenizes to nothing.
+    """
+    names = list(targets)
+    fit = plan_fit(
+        len(prompt_ids), [len(ids) for ids in targets.values()], limit, policy, names, limit_name=limit_name
+    )
+    if fit.outcome == "error":
+        raise DataError.at(source, fit.field, fit.reason, kind="too_long")
+    if fit.outcome == "skip":
+        report.add(SKIPPED_TOO_LONG, source)
+        return None
+    if fit.outcome == "truncate":
+        report.add(TRUNCATED_PROMPT, source, len(prompt_ids) - fit.prompt_keep)
+        prompt_ids = prompt_ids[len(prompt_ids) - fit.prompt_keep :]
+    for name, ids in {"prompt": prompt_ids, **targets}.items():
+        if not ids:
+            raise DataError.at(source, name, "tokenizes to no tokens", kind="empty_text")
+    return prompt_ids
+
+
 class _Items:
     """Sequence behaviour over the `items` of an encoded result."""
 
@@ -256,18 +288,9 @@ def encode_demonstrations(
     responses = tokenize_texts(tokenizer, [record.response for record in records])
     examples = []
     for prompt_ids, response_ids, source in zip(prompts, responses, sources):
-        fit = plan_fit(len(prompt_ids), [len(response_ids)], max_length, policy, ["response"])
-        if fit.outcome == "error":
-            raise DataError.at(source, fit.field, fit.reason, kind="too_long")
-        if fit.outcome == "skip":
-            report.add(SKIPPED_TOO_LONG, source)
+        prompt_ids = _fit_prompt(prompt_ids, {"response": response_ids}, max_length, policy, report, source)
+        if prompt_ids is None:
             continue
-        if fit.outcome == "truncate":
-            report.add(TRUNCATED_PROMPT, source, len(prompt_ids) - fit.prompt_keep)
-            prompt_ids = prompt_ids[len(prompt_ids) - fit.prompt_keep :]
-        if not prompt_ids or not response_ids:
-            field_name = "prompt" if not prompt_ids else "response"
-            raise DataError.at(source, field_name, "tokenizes to no tokens", kind="empty_text")
         examples.append(SFTExample(prompt_ids + response_ids + [eos], len(prompt_ids), source))
     report.kept = len(examples)
     return EncodedDemonstrations(examples, report)
@@ -316,21 +339,10 @@ def encode_rankings(
     for record, prompt_ids, source in zip(records, prompts, sources):
         completions = flat_completions[offset : offset + record.k]
         offset += record.k
-        names = [f"completions[{index}]" for index in range(record.k)]
-        fit = plan_fit(len(prompt_ids), [len(ids) for ids in completions], max_length, policy, names)
-        if fit.outcome == "error":
-            raise DataError.at(source, fit.field, fit.reason, kind="too_long")
-        if fit.outcome == "skip":
-            report.add(SKIPPED_TOO_LONG, source)
+        targets = {f"completions[{index}]": ids for index, ids in enumerate(completions)}
+        prompt_ids = _fit_prompt(prompt_ids, targets, max_length, policy, report, source)
+        if prompt_ids is None:
             continue
-        if fit.outcome == "truncate":
-            report.add(TRUNCATED_PROMPT, source, len(prompt_ids) - fit.prompt_keep)
-            prompt_ids = prompt_ids[len(prompt_ids) - fit.prompt_keep :]
-        if not prompt_ids:
-            raise DataError.at(source, "prompt", "tokenizes to no tokens", kind="empty_text")
-        for name, ids in zip(names, completions):
-            if not ids:
-                raise DataError.at(source, name, "tokenizes to no tokens", kind="empty_text")
         items.append(
             EncodedRanking(prompt_ids, tuple(ids + [eos] for ids in completions), record.ranks, source)
         )
@@ -365,17 +377,11 @@ def encode_prompts(
     )
     items = []
     for prompt_ids, source in zip(tokenize_texts(tokenizer, [record.prompt for record in records]), sources):
-        fit = plan_fit(len(prompt_ids), [], max_prompt_length, policy, limit_name="max_prompt_length")
-        if fit.outcome == "error":
-            raise DataError.at(source, fit.field, fit.reason, kind="too_long")
-        if fit.outcome == "skip":
-            report.add(SKIPPED_TOO_LONG, source)
+        prompt_ids = _fit_prompt(
+            prompt_ids, {}, max_prompt_length, policy, report, source, limit_name="max_prompt_length"
+        )
+        if prompt_ids is None:
             continue
-        if fit.outcome == "truncate":
-            report.add(TRUNCATED_PROMPT, source, len(prompt_ids) - fit.prompt_keep)
-            prompt_ids = prompt_ids[len(prompt_ids) - fit.prompt_keep :]
-        if not prompt_ids:
-            raise DataError.at(source, "prompt", "tokenizes to no tokens", kind="empty_text")
         items.append(EncodedPrompt(prompt_ids, source))
     report.kept = len(items)
     return EncodedPrompts(items, report)

@@ -377,7 +377,7 @@ def _parse_demonstration(value: dict[str, Any], source: SourceLocation, tokenize
     return Demonstration(prompt, response, source)
 
 
-def _parse_ranking(value: dict[str, Any], source: SourceLocation) -> Ranking:
+def _parse_ranking(value: dict[str, Any], source: SourceLocation, tokenizer=None) -> Ranking:
     prompt = _require(value, "prompt", source, str, "a string")
     if "chosen" in value or "rejected" in value:
         for ranked_field in ("completions", "ranks"):
@@ -419,66 +419,57 @@ def _parse_prompt(value: dict[str, Any], source: SourceLocation, tokenizer) -> P
     return PromptRecord(_require(value, "prompt", source, str, "a string"), source)
 
 
-def _parse_pretrain(value: dict[str, Any], source: SourceLocation) -> PretrainText:
+def _parse_pretrain(value: dict[str, Any], source: SourceLocation, tokenizer=None) -> PretrainText:
     return PretrainText(_require(value, "text", source, str, "a string"), source)
 
 
-def read_demonstrations(
-    path: str | os.PathLike,
-    *,
-    on_bad_record: str = "error",
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_record_bytes: int = MAX_RECORD_BYTES,
-) -> LoadResult[Demonstration]:
-    """Reads SFT demonstrations. `tokenizer` is needed only for chat records (its chat template)."""
-    return _read(
-        path,
-        lambda value, source: _parse_demonstration(value, source, tokenizer),
-        DEMONSTRATION_FIELDS,
-        on_bad_record,
-        max_record_bytes,
-    )
+def _reader(parse: Callable[..., RecordT], fields: frozenset[str], name: str, doc: str):
+    """One public reader per format: the same keyword arguments, its own parser and field set."""
+
+    def read(
+        path: str | os.PathLike,
+        *,
+        on_bad_record: str = "error",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        max_record_bytes: int = MAX_RECORD_BYTES,
+    ) -> LoadResult[RecordT]:
+        return _read(
+            path,
+            lambda value, source: parse(value, source, tokenizer),
+            fields,
+            on_bad_record,
+            max_record_bytes,
+        )
+
+    read.__name__ = read.__qualname__ = name
+    read.__doc__ = doc
+    return read
 
 
-def read_rankings(
-    path: str | os.PathLike,
-    *,
-    on_bad_record: str = "error",
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_record_bytes: int = MAX_RECORD_BYTES,
-) -> LoadResult[Ranking]:
-    """Reads K-wise rankings and preference pairs. `tokenizer` is accepted for symmetry and unused."""
-    del tokenizer
-    return _read(path, _parse_ranking, RANKING_FIELDS, on_bad_record, max_record_bytes)
-
-
-def read_prompts(
-    path: str | os.PathLike,
-    *,
-    on_bad_record: str = "error",
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_record_bytes: int = MAX_RECORD_BYTES,
-) -> LoadResult[PromptRecord]:
-    """Reads prompts. `tokenizer` is needed only for chat records (its chat template)."""
-    return _read(
-        path,
-        lambda value, source: _parse_prompt(value, source, tokenizer),
-        PROMPT_FIELDS,
-        on_bad_record,
-        max_record_bytes,
-    )
-
-
-def read_pretrain_text(
-    path: str | os.PathLike,
-    *,
-    on_bad_record: str = "error",
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_record_bytes: int = MAX_RECORD_BYTES,
-) -> LoadResult[PretrainText]:
-    """Reads pretraining documents. `tokenizer` is accepted for symmetry and unused."""
-    del tokenizer
-    return _read(path, _parse_pretrain, PRETRAIN_FIELDS, on_bad_record, max_record_bytes)
+read_demonstrations = _reader(
+    _parse_demonstration,
+    DEMONSTRATION_FIELDS,
+    "read_demonstrations",
+    "Reads SFT demonstrations. `tokenizer` is needed only for chat records (its chat template).",
+)
+read_rankings = _reader(
+    _parse_ranking,
+    RANKING_FIELDS,
+    "read_rankings",
+    "Reads K-wise rankings and preference pairs. `tokenizer` is accepted for symmetry and unused.",
+)
+read_prompts = _reader(
+    _parse_prompt,
+    PROMPT_FIELDS,
+    "read_prompts",
+    "Reads prompts. `tokenizer` is needed only for chat records (its chat template).",
+)
+read_pretrain_text = _reader(
+    _parse_pretrain,
+    PRETRAIN_FIELDS,
+    "read_pretrain_text",
+    "Reads pretraining documents. `tokenizer` is accepted for symmetry and unused.",
+)
 
 
 # --------------------------------------------------------------------------------------------- writing
