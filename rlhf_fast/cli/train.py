@@ -47,27 +47,34 @@ __all__ = ["run_ppo", "run_rm", "run_sft"]
 # ----------------------------------------------------------------------------------------------------- sft
 
 
+def _epoch_run_inputs(args, config_class, sequence: str, inputs: list[tuple[str, str, str | None]]):
+    """What `sft` and `rm` read before training, checked: (model dir, output dir, run config, tokenizer,
+    length limit of one `sequence`, datasets). `inputs` are (flag, format, path or None)."""
+    model_dir = check_model_dir("--model", args.model)
+    for flag, _, path in inputs:
+        if path is not None:
+            check_file(flag, path)
+    out = output_dir(args)
+    config = load_run_config(
+        run_config_class(config_class, DataOptions), args, resume_config=resume_from(args)
+    )
+    tokenizer = load_tokenizer("--model", model_dir)
+    limit = length_limit(
+        config.data.max_length, model_max_positions("--model", model_dir), "--model", sequence
+    )
+    datasets = read_all(inputs, tokenizer, config.data)
+    return model_dir, out, config, tokenizer, limit, datasets
+
+
 @holding_resources
 def run_sft(args, execute: Execute | None = None) -> int:
     from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 
-    model_dir = check_model_dir("--model", args.model)
-    check_file("--data", args.data)
-    if args.eval_data is not None:
-        check_file("--eval-data", args.eval_data)
-    out = output_dir(args)
-    config = load_run_config(run_config_class(SFTConfig, DataOptions), args, resume_config=resume_from(args))
-    tokenizer = load_tokenizer("--model", model_dir)
-    limit = length_limit(
-        config.data.max_length,
-        model_max_positions("--model", model_dir),
-        "--model",
+    model_dir, out, config, tokenizer, limit, datasets = _epoch_run_inputs(
+        args,
+        SFTConfig,
         "prompt + response + eos",
-    )
-    datasets = read_all(
         [("--data", "demonstrations", args.data), ("--eval-data", "demonstrations", args.eval_data)],
-        tokenizer,
-        config.data,
     )
     limits = {dataset.flag: limit for dataset in datasets}
     job = Job(
@@ -110,33 +117,15 @@ def run_sft(args, execute: Execute | None = None) -> int:
 def run_rm(args, execute: Execute | None = None) -> int:
     from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
 
-    model_dir = check_model_dir("--model", args.model)
-    for flag, path in (
-        ("--data", args.data),
-        ("--eval-data", args.eval_data),
-        ("--reference", args.reference),
-    ):
-        if path is not None:
-            check_file(flag, path)
-    out = output_dir(args)
-    config = load_run_config(
-        run_config_class(RewardConfig, DataOptions), args, resume_config=resume_from(args)
-    )
-    tokenizer = load_tokenizer("--model", model_dir)
-    limit = length_limit(
-        config.data.max_length,
-        model_max_positions("--model", model_dir),
-        "--model",
+    model_dir, out, config, tokenizer, limit, datasets = _epoch_run_inputs(
+        args,
+        RewardConfig,
         "prompt + completion + eos",
-    )
-    datasets = read_all(
         [
             ("--data", "rankings", args.data),
             ("--eval-data", "rankings", args.eval_data),
             ("--reference", "demonstrations", args.reference),
         ],
-        tokenizer,
-        config.data,
     )
     by_flag = {dataset.flag: dataset for dataset in datasets}
     limits = {dataset.flag: limit for dataset in datasets}
