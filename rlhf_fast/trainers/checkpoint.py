@@ -499,23 +499,8 @@ class CheckpointManager:
             )
         return data.trainer_state, data.extra
 
-    def load(
-        self,
-        path: Path,
-        *,
-        models: Mapping[str, nn.Module],
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        generators: Mapping[str, torch.Generator] | None = None,
-        optimizer_model: nn.Module | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Verifies, reads and restores the checkpoint at `path`; returns (trainer_state, extra)."""
-        data = read_checkpoint(path, list(models), self.ctx.rank, self.ctx.world_size)
-        return self.apply(
-            data,
-            models=models,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            generators=generators,
-            optimizer_model=optimizer_model,
-        )
+    def load(self, path: Path, **restore: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Verifies, reads and restores the checkpoint at `path` (`restore`: the keywords of `apply`);
+        returns (trainer_state, extra)."""
+        data = read_checkpoint(path, list(restore["models"]), self.ctx.rank, self.ctx.world_size)
+        return self.apply(data, **restore)
