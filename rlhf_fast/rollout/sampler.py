@@ -25,6 +25,7 @@ tokens with or without the graph and leaves the caller's generator where the eag
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import weakref
 from collections import OrderedDict
@@ -142,21 +143,17 @@ def prepare(
     prompt_length: int,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_id: int | Sequence[int] | None,
-    pad_token_id: int,
-    return_logprobs: bool = False,
     device: torch.device | str | None = None,
+    **settings,
 ) -> bool:
-    """Captures the decode-step CUDA graph that ``sample`` uses for ``[batch_size, prompt_length]`` prompts and these
-    settings (the same keyword arguments as ``sample``), so that a timed loop starts with replays.
+    """Captures the decode-step CUDA graph that ``sample`` uses for ``[batch_size, prompt_length]`` prompts and
+    these settings, so that a timed loop starts with replays.
 
-    Capture synchronizes the device; call this before the region that must not. It runs one generation on
-    dummy prompts with its own generator: callers' generators and the global RNG state are left untouched.
-    device: where the prompts will be (default: the LM head's device). Returns True when a graph is ready, False
-    where ``sample`` uses none (CPU tensors, ``max_new_tokens == 1``, sampling on a torch without
+    settings: ``sample``'s keyword arguments (its defaults for those left out) except ``generator`` and
+    ``use_cuda_graph``. Capture synchronizes the device; call this before the region that must not. It runs one
+    generation on dummy prompts with its own generator: callers' generators and the global RNG state are left
+    untouched. device: where the prompts will be (default: the LM head's device). Returns True when a graph is
+    ready, False where ``sample`` uses none (CPU tensors, ``max_new_tokens == 1``, sampling on a torch without
     ``CUDAGraph.register_generator_state``).
     """
     hf_model, weight, _ = _resolve_policy(policy)
@@ -170,14 +167,20 @@ def prepare(
     device = weight.device if device is None else torch.device(device)
     ids = torch.zeros((batch_size, prompt_length), dtype=torch.long, device=device)
     mask = torch.ones_like(ids, dtype=torch.bool)
-    selector = TokenSelector(temperature=temperature, top_k=top_k, top_p=top_p, generator=None)
-    if device.type not in _GRAPH_DEVICE_TYPES or max_new_tokens == 1 or not _graph_can_sample(selector):
-        return False
     noise = torch.Generator(device=device)
     noise.manual_seed(0)
-    sample(policy, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-           eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=noise, return_logprobs=return_logprobs,
-           use_cuda_graph=True)  # fmt: skip
+    # Bound against sample's own signature: one home for the settings' names and defaults.
+    call = inspect.signature(sample).bind(
+        policy, ids, mask, max_new_tokens, generator=noise, use_cuda_graph=True, **settings
+    )
+    call.apply_defaults()
+    chosen = call.arguments
+    selector = TokenSelector(
+        temperature=chosen["temperature"], top_k=chosen["top_k"], top_p=chosen["top_p"], generator=None
+    )
+    if device.type not in _GRAPH_DEVICE_TYPES or max_new_tokens == 1 or not _graph_can_sample(selector):
+        return False
+    sample(*call.args, **call.kwargs)
     return _tensor_signature(hf_model) is not None
 
 
