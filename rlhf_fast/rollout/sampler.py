@@ -1,14 +1,13 @@
-"""Batched on-device sampling with a static KV cache and no host synchronization in the decode loop.
+"""Batched on-device sampling with a static KV cache and no host synchronization in the decode loop: ``sample``,
+``prepare`` and ``clear_graphs``.
 
 Shape of one call: a prefill over the ``[B, P]`` prompts, then ``T - 1`` decode steps, each feeding one token per
 row. Everything the loop changes lives in preallocated device buffers updated in place (the token fed next, its
 position, the key mask, the write index, the finished flags, the outputs), so one decode step is a fixed sequence
-of kernels over fixed addresses: on CUDA it is captured as a CUDA graph and replayed.
-
-The KV cache is transformers' ``StaticCache`` (transformers 5.x): each layer holds ``[B, kv_heads, P + T, d_head]``
-buffers and a device-side write counter that it advances in place, which keeps its updates graph-capturable. The
-attention mask is ours: a 4D additive mask ``[B, 1, q, P + T]`` that transformers passes through unchanged, with
-padded keys masked and each padded prompt query allowed to see itself (so no softmax row is empty).
+of kernels over fixed addresses: on CUDA it is captured as a CUDA graph and replayed. The buffers, the KV cache,
+the prefill and the step are in ``decode.py``; how a step picks its token (temperature, top-k / top-p,
+inverse-CDF sampling) is in ``selection.py``. This module checks the arguments, runs the loop eagerly or as graph
+replays, and keeps the captured graphs.
 
 CUDA graphs are captured once and reused. Capturing synchronizes the device, so the captured decode step, its KV
 cache and its loop buffers are kept per model (at most ``MAX_GRAPHS_PER_MODEL``, least recently used dropped),
@@ -26,46 +25,24 @@ tokens with or without the graph and leaves the caller's generator where the eag
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, StaticCache
+from transformers import PreTrainedModel
 
 from rlhf_fast.models._common import max_positions
-from rlhf_fast.models.masks import causal_mask, position_ids_from_mask
-from rlhf_fast.rollout.fast_decode import fast_decode_step
+from rlhf_fast.rollout.decode import SampleOutput, _DecodeBuffers, _DecodeProgram
+from rlhf_fast.rollout.selection import TokenSelector
 
 # Captured decode steps kept per model; each holds a KV cache of [B, kv_heads, P + T, d_head] per layer.
 MAX_GRAPHS_PER_MODEL = 4
 # Device types whose tensors may take the graph path (the tests add "cpu" to run it under an emulated graph).
 _GRAPH_DEVICE_TYPES = ("cuda",)
-
-
-@dataclass
-class SampleOutput:
-    """The result of ``sample``.
-
-    sequences:     [B, P + T] int64, the prompt (as given, left padded) followed by the response.
-    response_ids:  [B, T] int64, the sampled tokens; ``pad_token_id`` after a row's EOS.
-    response_mask: [B, T] bool, True up to and including the row's first EOS.
-    logprobs:      [B, T] float32 or None, log-prob of each sampled token under the temperature-scaled
-                   distribution, before top-k / top-p filtering by default, or under the filtered and
-                   renormalized distribution the token was drawn from with ``filtered_logprobs=True``; 0 where
-                   ``response_mask`` is False. With ``temperature=0`` (greedy), under the unscaled distribution.
-    entropy:       [B, T] float32 or None (``return_entropy``), the entropy of the same distribution at each
-                   step, from the logits the step already has; 0 where ``response_mask`` is False.
-    """
-
-    sequences: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor | None
-    entropy: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -125,7 +102,7 @@ def sample(
             f"maximum of {limit} positions; truncate the prompts or lower max_new_tokens"
         )
     selector = TokenSelector(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                             filtered_logprobs=filtered_logprobs)
+                             filtered_logprobs=filtered_logprobs)  # fmt: skip
     eos_ids = _check_eos(eos_token_id)
     if not isinstance(stop_check_every, int) or isinstance(stop_check_every, bool) or stop_check_every < 0:
         raise ValueError(f"stop_check_every must be an int >= 0 (0 = never), got {stop_check_every!r}")
@@ -149,7 +126,7 @@ def sample(
             backbone=hf_model.base_model, weight=weight, bias=bias, config=config, selector=selector,
             eos_ids=eos_ids, pad_token_id=pad_token_id, return_logprobs=return_logprobs,
             return_entropy=return_entropy, stop_check_every=stop_check_every if eos_ids else 0,
-        )
+        )  # fmt: skip
         signature = _tensor_signature(hf_model) if use_cuda_graph else None
         if signature is not None:
             return _sample_with_graph(program, hf_model, signature, prompt_ids, prompt_mask, max_new_tokens)
@@ -166,39 +143,44 @@ def prepare(
     prompt_length: int,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_id: int | Sequence[int] | None,
-    pad_token_id: int,
-    return_logprobs: bool = False,
     device: torch.device | str | None = None,
+    **settings,
 ) -> bool:
-    """Captures the decode-step CUDA graph that ``sample`` uses for ``[batch_size, prompt_length]`` prompts and these
-    settings (the same keyword arguments as ``sample``), so that a timed loop starts with replays.
+    """Captures the decode-step CUDA graph that ``sample`` uses for ``[batch_size, prompt_length]`` prompts and
+    these settings, so that a timed loop starts with replays.
 
-    Capture synchronizes the device; call this before the region that must not. It runs one generation on
-    dummy prompts with its own generator: callers' generators and the global RNG state are left untouched.
-    device: where the prompts will be (default: the LM head's device). Returns True when a graph is ready, False
-    where ``sample`` uses none (CPU tensors, ``max_new_tokens == 1``, sampling on a torch without
+    settings: ``sample``'s keyword arguments (its defaults for those left out) except ``generator`` and
+    ``use_cuda_graph``. Capture synchronizes the device; call this before the region that must not. It runs one
+    generation on dummy prompts with its own generator: callers' generators and the global RNG state are left
+    untouched. device: where the prompts will be (default: the LM head's device). Returns True when a graph is
+    ready, False where ``sample`` uses none (CPU tensors, ``max_new_tokens == 1``, sampling on a torch without
     ``CUDAGraph.register_generator_state``).
     """
     hf_model, weight, _ = _resolve_policy(policy)
-    for name, value in (("batch_size", batch_size), ("prompt_length", prompt_length),
-                        ("max_new_tokens", max_new_tokens)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("prompt_length", prompt_length),
+        ("max_new_tokens", max_new_tokens),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     device = weight.device if device is None else torch.device(device)
     ids = torch.zeros((batch_size, prompt_length), dtype=torch.long, device=device)
     mask = torch.ones_like(ids, dtype=torch.bool)
-    selector = TokenSelector(temperature=temperature, top_k=top_k, top_p=top_p, generator=None)
-    if device.type not in _GRAPH_DEVICE_TYPES or max_new_tokens == 1 or not _graph_can_sample(selector):
-        return False
     noise = torch.Generator(device=device)
     noise.manual_seed(0)
-    sample(policy, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-           eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=noise, return_logprobs=return_logprobs,
-           use_cuda_graph=True)
+    # Bound against sample's own signature: one home for the settings' names and defaults.
+    call = inspect.signature(sample).bind(
+        policy, ids, mask, max_new_tokens, generator=noise, use_cuda_graph=True, **settings
+    )
+    call.apply_defaults()
+    chosen = call.arguments
+    selector = TokenSelector(
+        temperature=chosen["temperature"], top_k=chosen["top_k"], top_p=chosen["top_p"], generator=None
+    )
+    if device.type not in _GRAPH_DEVICE_TYPES or max_new_tokens == 1 or not _graph_can_sample(selector):
+        return False
+    sample(*call.args, **call.kwargs)
     return _tensor_signature(hf_model) is not None
 
 
@@ -214,279 +196,6 @@ def clear_graphs(policy: nn.Module | None = None) -> None:
     for graphs in dropped:
         for entry in graphs.entries.values():
             _release(entry)
-
-
-class TokenSelector:
-    """Picks the next token from fp32 logits without reading anything back to the host.
-
-    Sampling inverts the CDF: one uniform U per row, scaled by the row's total mass c_V, picks the first token
-    whose cumulative probability c_i exceeds it (``cumsum`` + ``searchsorted``: no ``multinomial``, which may
-    read back to the host, and all capturable in a CUDA graph). A [B, V] Gumbel draw with two logs per entry
-    (Gumbel-max) picks from the same distribution at 3-4x the cost per step. Filtered tokens have probability 0,
-    an empty interval of the CDF, and are never picked.
-    """
-
-    def __init__(self, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
-                 filtered_logprobs: bool = False):
-        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                or not 0 <= temperature < float("inf")):
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
-        self.temperature = float(temperature)
-        self.top_k = top_k
-        self.top_p = float(top_p)
-        self.generator = generator
-        self.filtered_logprobs = bool(filtered_logprobs)
-
-    @property
-    def filters(self) -> bool:
-        """Whether top-k or top-p removes tokens from the sampled distribution."""
-        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def scaled(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, V] fp32 -> the temperature-scaled logits."""
-        return logits if self.greedy or self.temperature == 1.0 else logits / self.temperature
-
-    def filtered(self, scaled: torch.Tensor) -> torch.Tensor:
-        """Top-k then top-p on scaled logits [..., V]; removed tokens get -inf."""
-        return filter_logits(scaled, self.top_k, self.top_p)
-
-    def __call__(
-        self, logits: torch.Tensor, want_logprobs: bool, want_entropy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """logits: [B, V] fp32 -> (tokens [B] int64, log-probs [B] fp32 of those tokens or None, entropy [B]
-        fp32 or None), log-prob and entropy under the unfiltered or (``filtered_logprobs``) filtered distribution."""
-        scaled = self.scaled(logits)
-        distribution = scaled
-        if self.greedy:
-            tokens = scaled.argmax(dim=-1)
-        else:
-            filtered = self.filtered(scaled) if self.filters else scaled
-            tokens = self.inverse_cdf_sample(filtered)
-            if self.filtered_logprobs:
-                distribution = filtered
-        logprobs = entropy = None
-        if want_logprobs or want_entropy:
-            log_probs = torch.log_softmax(distribution, dim=-1)  # one kernel (logsumexp takes several)
-            if want_logprobs:
-                logprobs = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
-            if want_entropy:
-                entropy = _entropy_of_log_probs(log_probs)
-        return tokens, logprobs, entropy
-
-
-    def inverse_cdf_sample(self, filtered: torch.Tensor) -> torch.Tensor:
-        """[B, V] (filtered) scaled logits -> [B] int64 tokens drawn from their softmax, one uniform per row."""
-        cdf = torch.softmax(filtered, dim=-1).cumsum_(dim=-1)
-        total = cdf[:, -1:]
-        uniform = torch.rand(total.shape, generator=self.generator, device=filtered.device)
-        tokens = torch.searchsorted(cdf, uniform * total, right=True)
-        # U·c_V may round up to c_V, past every interval: take then the last token with mass (the first to reach
-        # c_V), never a filtered token after it.
-        last = torch.searchsorted(cdf, total.contiguous())
-        return torch.minimum(tokens, last).squeeze(-1)
-
-
-def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-k then top-p on scaled logits [..., V] (as transformers' ``generate``); removed tokens get -inf.
-
-    keep: optional [...] token ids that stay whatever the filter says (a sampled token scored again, whose
-    logit may sit on the filter's edge after a different summation order)."""
-    vocab = scaled.shape[-1]
-    drop = None
-    if 0 < top_k < vocab:
-        kth_largest = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
-        drop = scaled < kth_largest
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # A token is dropped when the tokens ranked above it already reach top_p; the top one always stays.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop_sorted[..., 0] = False
-        dropped = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        drop = dropped if drop is None else drop | dropped
-    if drop is None:
-        return scaled
-    if keep is not None:
-        drop = drop.scatter(-1, keep[..., None], False)
-    return scaled.masked_fill(drop, float("-inf"))
-
-
-def entropy_of_logits(logits: torch.Tensor, log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy [...] of softmax(logits [..., V]); -inf logits (filtered tokens) contribute nothing."""
-    if log_normalizer is None:
-        log_normalizer = torch.logsumexp(logits, dim=-1)
-    return _entropy_of_log_probs(logits - log_normalizer[..., None])
-
-
-def _entropy_of_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
-    probs = log_probs.exp()
-    return -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
-
-
-def _graph_can_sample(selector: TokenSelector) -> bool:
-    """Sampling inside a graph needs a generator registered with it (``register_generator_state``)."""
-    return selector.greedy or hasattr(torch.cuda.CUDAGraph, "register_generator_state")
-
-
-class _DecodeBuffers:
-    """Every tensor the decode step reads or writes, at fixed addresses: the KV cache, the loop state, the outputs.
-
-    ``response_width`` columns of outputs: ``T`` for a one-off call, ``P + T`` for a cached graph (which then serves
-    any split of the same total length).
-    """
-
-    def __init__(self, *, config, batch: int, total_len: int, response_width: int, compute_dtype: torch.dtype,
-                 device: torch.device):
-        self.total_len = total_len
-        self.mask_min = torch.finfo(compute_dtype).min
-        self.cache = StaticCache(config=config, max_cache_len=total_len)
-        # Outputs.
-        self.response_ids = torch.empty((batch, response_width), dtype=torch.long, device=device)
-        self.response_mask = torch.empty((batch, response_width), dtype=torch.bool, device=device)
-        self.logprobs = torch.empty((batch, response_width), dtype=torch.float32, device=device)
-        self.entropy = torch.empty((batch, response_width), dtype=torch.float32, device=device)
-        # Loop state.
-        self.finished = torch.empty(batch, dtype=torch.bool, device=device)
-        self.next_input = torch.empty((batch, 1), dtype=torch.long, device=device)
-        self.next_position = torch.empty((batch, 1), dtype=torch.long, device=device)
-        self.step_index = torch.empty(1, dtype=torch.long, device=device)  # response column written next
-        self.cache_index = torch.empty(1, dtype=torch.long, device=device)  # cache slot fed next
-        self.decode_mask = torch.empty((batch, 1, 1, total_len), dtype=compute_dtype, device=device)  # additive
-
-    def reset(self, prompt_mask: torch.Tensor, pad_token_id: int) -> None:
-        """The state before the prefill of these prompts, written in place (device-side only)."""
-        prompt_len = prompt_mask.shape[1]
-        self.cache.reset()
-        self.response_ids.fill_(pad_token_id)
-        self.response_mask.zero_()
-        self.logprobs.zero_()
-        self.entropy.zero_()
-        self.finished.zero_()
-        self.next_input.zero_()
-        self.next_position.copy_(prompt_mask.sum(-1, keepdim=True))  # first response token's position
-        self.step_index.zero_()
-        self.cache_index.fill_(prompt_len)
-        # Decode steps see the real prompt keys; prompt padding and not-yet-written slots stay masked.
-        self.decode_mask.fill_(self.mask_min)
-        self.decode_mask[:, 0, 0, :prompt_len].masked_fill_(prompt_mask, 0.0)
-
-
-class _DecodeProgram:
-    """The prefill and the decode step of one model and sampling setting, acting on ``_DecodeBuffers``."""
-
-    def __init__(self, *, backbone, weight, bias, config, selector, eos_ids, pad_token_id, return_logprobs,
-                 return_entropy=False, stop_check_every=0):
-        self.backbone, self.weight, self.bias, self.config = backbone, weight, bias, config
-        self.selector, self.eos_ids, self.pad_token_id = selector, eos_ids, pad_token_id
-        self.return_logprobs, self.return_entropy = return_logprobs, return_entropy
-        self.stop_check_every = stop_check_every
-        # The attention mask is added to the scores, so it takes the backbone's dtype (not necessarily the head's).
-        self.compute_dtype = backbone.get_input_embeddings().weight.dtype
-        self.mask_min = torch.finfo(self.compute_dtype).min
-        self.fast_step = fast_decode_step(backbone)
-
-    def buffers(self, batch: int, total_len: int, response_width: int, device: torch.device) -> _DecodeBuffers:
-        return _DecodeBuffers(config=self.config, batch=batch, total_len=total_len, response_width=response_width,
-                              compute_dtype=self.compute_dtype, device=device)
-
-    def graph_key(self, batch: int, total_len: int, device: torch.device) -> tuple:
-        """Everything besides the model's tensors that fixes the captured kernels and their shapes."""
-        selector = self.selector
-        autocast = torch.is_autocast_enabled(device.type)
-        return (
-            batch, total_len, device, self.compute_dtype, self.weight.dtype, self.fast_step is not None,
-            getattr(self.config, "_attn_implementation", None), selector.temperature, selector.top_k,
-            selector.top_p, selector.filtered_logprobs, self.eos_ids, self.pad_token_id, self.return_logprobs,
-            self.return_entropy, autocast, torch.get_autocast_dtype(device.type) if autocast else None,
-        )
-
-    def _hidden(self, buffers, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        output = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=buffers.cache,
-            use_cache=True,
-        )
-        return output.last_hidden_state
-
-    def _emit(self, buffers: _DecodeBuffers, last_hidden: torch.Tensor) -> None:
-        """From the hidden state [B, d] at each row's newest token: choose, record, and advance."""
-        logits = nn.functional.linear(last_hidden.to(self.weight.dtype), self.weight, self.bias).float()
-        tokens, logprobs, entropy = self.selector(logits, self.return_logprobs, self.return_entropy)
-        alive = ~buffers.finished
-        tokens = torch.where(alive, tokens, self.pad_token_id)
-        buffers.response_ids.index_copy_(1, buffers.step_index, tokens[:, None])
-        buffers.response_mask.index_copy_(1, buffers.step_index, alive[:, None])
-        if logprobs is not None:
-            buffers.logprobs.index_copy_(1, buffers.step_index, torch.where(alive, logprobs, 0.0)[:, None])
-        if entropy is not None:
-            buffers.entropy.index_copy_(1, buffers.step_index, torch.where(alive, entropy, 0.0)[:, None])
-        for eos in self.eos_ids:
-            buffers.finished |= tokens == eos
-        buffers.next_input.copy_(tokens[:, None])
-        buffers.step_index += 1
-
-    def prefill(self, buffers: _DecodeBuffers, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
-        """The prompts through the model into the cache, and the first response token. prompt_mask: [B, P] bool."""
-        prompt_len, total_len = prompt_ids.shape[1], buffers.total_len
-        device = prompt_ids.device
-        # The prompts' causal mask, its keys widened to the whole cache (slots not yet written stay masked).
-        mask = nn.functional.pad(causal_mask(prompt_mask, self.compute_dtype), (0, total_len - prompt_len),
-                                 value=self.mask_min)  # fmt: skip
-        hidden = self._hidden(buffers, prompt_ids, mask, position_ids_from_mask(prompt_mask))
-        last_real = (prompt_mask.long() * torch.arange(prompt_len, device=device)).argmax(-1)
-        self._emit(buffers, hidden[torch.arange(hidden.shape[0], device=device), last_real])
-
-    def step(self, buffers: _DecodeBuffers) -> None:
-        """One decode step: feed ``next_input`` at slot ``cache_index``, choose the next token."""
-        buffers.decode_mask.index_fill_(3, buffers.cache_index, 0.0)
-        if self.fast_step is not None:
-            layers = buffers.cache.layers
-            hidden = self.fast_step(
-                buffers.next_input, buffers.next_position, buffers.decode_mask, buffers.cache_index,
-                [layer.keys for layer in layers], [layer.values for layer in layers],
-            )
-        else:
-            hidden = self._hidden(buffers, buffers.next_input, buffers.decode_mask, buffers.next_position)[:, -1]
-        self._emit(buffers, hidden)
-        buffers.next_position += 1
-        buffers.cache_index += 1
-
-    def output(self, buffers: _DecodeBuffers, prompt_ids: torch.Tensor, max_new_tokens: int,
-               copy: bool) -> SampleOutput:
-        """The first ``max_new_tokens`` output columns; copied when the buffers outlive the call."""
-        columns = slice(0, max_new_tokens)
-        response_ids = buffers.response_ids[:, columns]
-        response_mask = buffers.response_mask[:, columns]
-        logprobs = buffers.logprobs[:, columns] if self.return_logprobs else None
-        entropy = buffers.entropy[:, columns] if self.return_entropy else None
-        if copy:
-            response_ids, response_mask = response_ids.clone(), response_mask.clone()
-            logprobs = logprobs.clone() if logprobs is not None else None
-            entropy = entropy.clone() if entropy is not None else None
-        return SampleOutput(
-            sequences=torch.cat([prompt_ids, response_ids], dim=1),
-            response_ids=response_ids,
-            response_mask=response_mask,
-            logprobs=logprobs,
-            entropy=entropy,
-        )
-
-    def all_finished(self, buffers: _DecodeBuffers, steps_done: int) -> bool:
-        """Every ``stop_check_every`` steps: whether every row has finished (a host read); False otherwise."""
-        every = self.stop_check_every
-        return every > 0 and steps_done % every == 0 and bool(buffers.finished.all())
 
 
 # ---------------------------------------------------------------------------------------------- the eager loop
@@ -508,6 +217,11 @@ def _run_eager(program: _DecodeProgram, buffers: _DecodeBuffers, steps: int) -> 
 
 
 # -------------------------------------------------------------------------------------------- the CUDA graph
+def _graph_can_sample(selector: TokenSelector) -> bool:
+    """Sampling inside a graph needs a generator registered with it (``register_generator_state``)."""
+    return selector.greedy or hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
 class _CapturedDecode:
     """A decode step captured as a CUDA graph, with the buffers it reads and writes and the generator it draws
     from. Holds no reference to the model (the model's weights are read by address)."""
@@ -576,8 +290,9 @@ def _forget(model: nn.Module, key: tuple, stream) -> None:
         _release(entry)
 
 
-def _sample_with_graph(program: _DecodeProgram, model: nn.Module, signature: tuple, prompt_ids, prompt_mask,
-                       max_new_tokens: int) -> SampleOutput:
+def _sample_with_graph(
+    program: _DecodeProgram, model: nn.Module, signature: tuple, prompt_ids, prompt_mask, max_new_tokens: int
+) -> SampleOutput:
     batch, prompt_len = prompt_ids.shape
     device = prompt_ids.device
     total_len = prompt_len + max_new_tokens
@@ -591,9 +306,7 @@ def _sample_with_graph(program: _DecodeProgram, model: nn.Module, signature: tup
     if not program.selector.greedy:
         source = program.selector.generator or _default_generator(device)
         entry.noise.set_state(source.get_state())
-        program.selector = TokenSelector(temperature=program.selector.temperature, top_k=program.selector.top_k,
-                                         top_p=program.selector.top_p, generator=entry.noise,
-                                         filtered_logprobs=program.selector.filtered_logprobs)
+        program.selector = program.selector.drawing_from(entry.noise)
     try:
         with _on_device(device):  # capture and replay use the current device's streams
             prompt_mask = prompt_mask.bool()
@@ -637,8 +350,9 @@ def _warm_up(program: _DecodeProgram, buffers: _DecodeBuffers, stream: torch.cud
     stream.wait_stream(side)
 
 
-def _capture_decode_step(program: _DecodeProgram, buffers: _DecodeBuffers,
-                         noise: torch.Generator) -> torch.cuda.CUDAGraph:
+def _capture_decode_step(
+    program: _DecodeProgram, buffers: _DecodeBuffers, noise: torch.Generator
+) -> torch.cuda.CUDAGraph:
     """Records one decode step (capture runs nothing; it synchronizes the device)."""
     graph = torch.cuda.CUDAGraph()
     if not program.selector.greedy:
@@ -668,7 +382,9 @@ def _resolve_policy(policy) -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor
         policy = policy.module
     hf_model = getattr(policy, "hf_model", policy)
     if not isinstance(hf_model, PreTrainedModel) or hf_model.get_output_embeddings() is None:
-        raise ValueError(f"policy must be a PolicyModel or a transformers causal LM, got {type(policy).__name__}")
+        raise ValueError(
+            f"policy must be a PolicyModel or a transformers causal LM, got {type(policy).__name__}"
+        )
     if hf_model.base_model is hf_model:
         raise ValueError(f"policy ({type(hf_model).__name__}) has no separate decoder stack")
     head = hf_model.get_output_embeddings()
@@ -677,7 +393,9 @@ def _resolve_policy(policy) -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor
 
 def _check_prompt(prompt_ids, prompt_mask) -> tuple[int, int]:
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
-        raise ValueError(f"prompt_ids must be a [B, P] tensor, got {getattr(prompt_ids, 'shape', prompt_ids)!r}")
+        raise ValueError(
+            f"prompt_ids must be a [B, P] tensor, got {getattr(prompt_ids, 'shape', prompt_ids)!r}"
+        )
     if prompt_ids.dtype != torch.long:
         raise ValueError(f"prompt_ids must be int64, got {prompt_ids.dtype}")
     if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.shape != prompt_ids.shape:
@@ -691,7 +409,9 @@ def _check_prompt(prompt_ids, prompt_mask) -> tuple[int, int]:
         raise ValueError(f"prompt_mask is on {prompt_mask.device} but prompt_ids is on {prompt_ids.device}")
     batch, prompt_len = prompt_ids.shape
     if batch == 0 or prompt_len == 0:
-        raise ValueError(f"prompt_ids must have at least one row and one column, got shape {(batch, prompt_len)}")
+        raise ValueError(
+            f"prompt_ids must have at least one row and one column, got shape {(batch, prompt_len)}"
+        )
     return batch, prompt_len
 
 
@@ -713,4 +433,6 @@ def _check_attention(config) -> None:
         )
     layer_types = getattr(config, "layer_types", None) or ()
     if any(kind != "full_attention" for kind in layer_types):
-        raise ValueError(f"the sampler supports full-attention layers only, the model has layer_types={layer_types}")
+        raise ValueError(
+            f"the sampler supports full-attention layers only, the model has layer_types={layer_types}"
+        )
