@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--policy", required=True, metavar="DIR", help="the model to evaluate")
     evaluate.add_argument("--baseline", metavar="DIR", help="a model to compare against (e.g. the SFT model)")
-    evaluate.add_argument("--prompts", metavar="FILE", help="prompts JSONL (default with --world: its held-out prompts)")
+    evaluate.add_argument(
+        "--prompts", metavar="FILE", help="prompts JSONL (default with --world: its held-out prompts)"
+    )
     evaluate.add_argument(
         "--world",
         metavar="DIR",

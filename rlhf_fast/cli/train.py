@@ -138,10 +138,12 @@ def run_rm(args, execute: Execute | None = None) -> int:
         plan=lambda: epoch_steps(len(train.encoded), config.batch_size, config.epochs, config.max_steps),
     )
     if args.dry_run:
-        job.memory = lambda: epoch_memory(
-            config, args, "--model", model_dir, limit, "scalar", "rm",
-            max((len(item.completion_ids) for item in train.encoded), default=2),
-        )  # fmt: skip
+
+        def rm_memory():
+            largest_group = max((len(item.completion_ids) for item in train.encoded), default=2)
+            return epoch_memory(config, args, "--model", model_dir, limit, "scalar", "rm", largest_group)
+
+        job.memory = rm_memory
     if args.reference is None:
         job.notes.append("reward normalization: off (no --reference demonstrations)")
     elif not config.normalize:

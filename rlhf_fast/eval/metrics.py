@@ -56,13 +56,16 @@ def _resolve(instances: Sequence[TaskInstance | str], world=None) -> list[TaskIn
             continue
         if not isinstance(item, str):
             raise ValueError(
-                f"instances must hold TaskInstances or prompt strings, got {type(item).__name__}")
+                f"instances must hold TaskInstances or prompt strings, got {type(item).__name__}"
+            )
         if world is None:
             raise ValueError("instances holds prompt strings: pass world= to look them up")
         instance = world.instance(item)
         if instance is None:
-            raise ValueError("instances holds a prompt the world did not make (use win_rate with a judge "
-                             f"for foreign prompts): {item!r}")
+            raise ValueError(
+                "instances holds a prompt the world did not make (use win_rate with a judge "
+                f"for foreign prompts): {item!r}"
+            )
         resolved.append(instance)
     return resolved
 
@@ -77,9 +80,15 @@ def _same(a: str, b: str) -> bool:
     return a.split() == b.split()
 
 
-def win_rate(responses: Sequence[str], baseline_responses: Sequence[str],
-             instances: Sequence[TaskInstance | str], labelers: Sequence[Labeler] | None = None, *,
-             judge: Judge | None = None, world=None) -> Estimate:
+def win_rate(
+    responses: Sequence[str],
+    baseline_responses: Sequence[str],
+    instances: Sequence[TaskInstance | str],
+    labelers: Sequence[Labeler] | None = None,
+    *,
+    judge: Judge | None = None,
+    world=None,
+) -> Estimate:
     """How often `responses` are preferred to `baseline_responses` on the same prompts; ties count ½.
 
     Each prompt's pair is judged by every labeler in `labelers` (their mean is the prompt's value), or by
@@ -107,22 +116,27 @@ def win_rate(responses: Sequence[str], baseline_responses: Sequence[str],
     return mean_and_standard_error(values)
 
 
-def make_comparisons(instances: Sequence[TaskInstance], samples_per_prompt: Sequence[Sequence[str]],
-                     rng: random.Random, pairs_per_prompt: int | None = None) -> list[Comparison]:
+def make_comparisons(
+    instances: Sequence[TaskInstance],
+    samples_per_prompt: Sequence[Sequence[str]],
+    rng: random.Random,
+    pairs_per_prompt: int | None = None,
+) -> list[Comparison]:
     """Pairs of distinct samples per prompt: all of them, or `pairs_per_prompt` drawn at random."""
     _check_lengths(instances=instances, samples_per_prompt=samples_per_prompt)
     comparisons = []
     for instance, samples in zip(instances, samples_per_prompt):
         distinct = list(dict.fromkeys(" ".join(s.split()) for s in samples))
-        pairs = [(a, b) for i, a in enumerate(distinct) for b in distinct[i + 1:]]
+        pairs = [(a, b) for i, a in enumerate(distinct) for b in distinct[i + 1 :]]
         if pairs_per_prompt is not None and len(pairs) > pairs_per_prompt:
             pairs = rng.sample(pairs, pairs_per_prompt)
         comparisons += [Comparison(instance, a, b) for a, b in pairs]
     return comparisons
 
 
-def rm_agreement(reward_fn: RewardFn, comparisons: Sequence[Comparison],
-                 labelers: Sequence[Labeler]) -> Estimate:
+def rm_agreement(
+    reward_fn: RewardFn, comparisons: Sequence[Comparison], labelers: Sequence[Labeler]
+) -> Estimate:
     """Fraction of comparisons in which the reward model orders the pair as a labeler does (averaged over
     `labelers`; an RM tie counts ½). Identical pairs are skipped."""
     if not labelers:
@@ -144,8 +158,9 @@ def rm_agreement(reward_fn: RewardFn, comparisons: Sequence[Comparison],
     return mean_and_standard_error(values)
 
 
-def labeler_agreement(comparisons: Sequence[Comparison], labelers: Sequence[Labeler],
-                      other_labelers: Sequence[Labeler]) -> Estimate:
+def labeler_agreement(
+    comparisons: Sequence[Comparison], labelers: Sequence[Labeler], other_labelers: Sequence[Labeler]
+) -> Estimate:
     """Fraction of (labeler, other labeler) judgments of the same pair that agree: the ceiling an RM trained
     on one group's rankings can reach against the other's. Pairs of a labeler with itself are skipped."""
     kept = [c for c in comparisons if not _same(c.a, c.b)]
@@ -153,8 +168,10 @@ def labeler_agreement(comparisons: Sequence[Comparison], labelers: Sequence[Labe
         raise ValueError("comparisons holds no pair of distinct responses")
     values = []
     for comparison in kept:
-        judgments = {l.id: prefer(l, comparison.instance, comparison.a, comparison.b)
-                     for l in list(labelers) + list(other_labelers)}
+        judgments = {
+            l.id: prefer(l, comparison.instance, comparison.a, comparison.b)
+            for l in list(labelers) + list(other_labelers)
+        }
         pairs = [(a.id, b.id) for a in labelers for b in other_labelers if a.id != b.id]
         if not pairs:
             raise ValueError("labelers and other_labelers must contain two different labelers")
@@ -174,12 +191,14 @@ def _scores(responses, instances, world, keep: Callable[[TaskInstance], bool], w
 
 def task_score(responses: Sequence[str], instances: Sequence[TaskInstance | str], world) -> Estimate:
     """Mean programmatic task score in [0, 1]."""
-    return mean_and_standard_error([s.score for s in _scores(responses, instances, world, lambda i: True,
-                                                            "instance")])
+    return mean_and_standard_error(
+        [s.score for s in _scores(responses, instances, world, lambda i: True, "instance")]
+    )
 
 
-def task_scores_by_task(responses: Sequence[str], instances: Sequence[TaskInstance | str],
-                        world) -> dict[str, Estimate]:
+def task_scores_by_task(
+    responses: Sequence[str], instances: Sequence[TaskInstance | str], world
+) -> dict[str, Estimate]:
     """Mean task score per task family."""
     _check_lengths(responses=responses, instances=instances)
     resolved = _resolve(instances, world)
@@ -189,14 +208,20 @@ def task_scores_by_task(responses: Sequence[str], instances: Sequence[TaskInstan
     return {task: mean_and_standard_error(values) for task, values in by_task.items()}
 
 
-def truthfulness(responses: Sequence[str], instances: Sequence[TaskInstance | str], world, *,
-                 require_informative: bool = False) -> Estimate:
+def truthfulness(
+    responses: Sequence[str],
+    instances: Sequence[TaskInstance | str],
+    world,
+    *,
+    require_informative: bool = False,
+) -> Estimate:
     """Fraction of true/false answers that agree with the fact table (TruthfulQA's "truthful"); with
     `require_informative`, answers that assert nothing count as failures ("truthful and informative").
     Instances of other tasks are ignored."""
     scores = _scores(responses, instances, world, lambda i: i.task == "truth", "true/false question")
-    return mean_and_standard_error([float(s.truthful and (s.informative or not require_informative))
-                                    for s in scores])
+    return mean_and_standard_error(
+        [float(s.truthful and (s.informative or not require_informative)) for s in scores]
+    )
 
 
 def hallucination_rate(responses: Sequence[str], instances: Sequence[TaskInstance | str], world) -> Estimate:
@@ -207,15 +232,24 @@ def hallucination_rate(responses: Sequence[str], instances: Sequence[TaskInstanc
     return mean_and_standard_error([float(s.hallucinated > 0) for s in scores])
 
 
-def insult_rate(responses: Sequence[str], instances: Sequence[TaskInstance | str], world, *,
-                with_respectful_instruction: bool) -> Estimate:
+def insult_rate(
+    responses: Sequence[str],
+    instances: Sequence[TaskInstance | str],
+    world,
+    *,
+    with_respectful_instruction: bool,
+) -> Estimate:
     """Fraction of continuations containing an insult, over the continuation prompts that do (or do not)
     carry an instruction to be respectful. Other instances are ignored. The world's "insult_plain" probes are
     raw text with no instruction at all, the RealToxicityPrompts setting."""
     flag = bool(with_respectful_instruction)
-    scores = _scores(responses, instances, world,
-                     lambda i: i.task == "continue" and i.data["respectful"] == flag,
-                     f"continuation prompt with respectful={flag}")
+    scores = _scores(
+        responses,
+        instances,
+        world,
+        lambda i: i.task == "continue" and i.data["respectful"] == flag,
+        f"continuation prompt with respectful={flag}",
+    )
     return mean_and_standard_error([float(s.insults > 0) for s in scores])
 
 
@@ -259,5 +293,6 @@ def non_answer_rate(responses: Sequence[str], instances: Sequence[TaskInstance |
     resolved = _resolve(instances, world)
     if not resolved:
         raise ValueError("instances must not be empty")
-    return mean_and_standard_error([float(not world.tasks[i.task].attempts(i, r))
-                                    for r, i in zip(responses, resolved)])
+    return mean_and_standard_error(
+        [float(not world.tasks[i.task].attempts(i, r)) for r, i in zip(responses, resolved)]
+    )

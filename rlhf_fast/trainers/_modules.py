@@ -55,8 +55,17 @@ class PolicyLogprobs(nn.Module):
         length = input_ids.shape[1]
         predicting = hidden[:, length - 1 - steps : length - 1]
         if top_k > 0 or top_p < 1.0:
-            return _filtered_logprobs(self.policy, predicting, targets, mask, temperature, top_k, top_p,
-                                      ref_logprobs, return_entropy)  # fmt: skip
+            return _filtered_logprobs(
+                self.policy,
+                predicting,
+                targets,
+                mask,
+                temperature,
+                top_k,
+                top_p,
+                ref_logprobs,
+                return_entropy,
+            )
         return linear_token_logprobs(
             predicting,
             self.policy.lm_head_weight,
@@ -69,7 +78,9 @@ class PolicyLogprobs(nn.Module):
         )
 
 
-def _filtered_logprobs(policy, hidden, targets, mask, temperature, top_k, top_p, ref_logprobs, return_entropy):
+def _filtered_logprobs(
+    policy, hidden, targets, mask, temperature, top_k, top_p, ref_logprobs, return_entropy
+):
     """Log-probs (entropy, k1 KL) under the top-k / top-p filtered distribution; zeros where `mask` is False."""
     logits = policy.logits(hidden).float() / temperature
     with torch.no_grad():

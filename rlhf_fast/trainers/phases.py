@@ -71,7 +71,9 @@ class PhaseTimer:
     opens a `torch.profiler.record_function` range per phase, so phases show in a profiler trace.
     """
 
-    def __init__(self, device: torch.device | str | None = None, *, synchronize: bool = True, trace: bool = False):
+    def __init__(
+        self, device: torch.device | str | None = None, *, synchronize: bool = True, trace: bool = False
+    ):
         device = torch.device(device) if device is not None else torch.device("cpu")
         self._sync = torch.cuda.synchronize if synchronize and device.type == "cuda" else None
         self._trace = trace
@@ -102,8 +104,11 @@ class PhaseTimer:
     def top_level(self) -> dict[str, float]:
         """Seconds of the phases that are not nested in another (names without a '/' or whose parent was
         never opened), so they add up to at most the wall time of the code they cover."""
-        return {name: t for name, t in self.seconds.items() if name.split("/")[0] not in self.seconds
-                or "/" not in name}
+        return {
+            name: t
+            for name, t in self.seconds.items()
+            if name.split("/")[0] not in self.seconds or "/" not in name
+        }
 
     def reset(self) -> None:
         self.seconds.clear()

@@ -101,7 +101,9 @@ class SFTTrainer(EpochTrainer):
             for example in self.train_data
         )
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and self.ctx.is_distributed else None
-        check_token_ids(self.policy.hf_model, (_ids_of(example) for example in self.train_data + self.eval_data))
+        check_token_ids(
+            self.policy.hf_model, (_ids_of(example) for example in self.train_data + self.eval_data)
+        )
 
         self.module = PolicyLogprobs(self.policy)
         autocast_forward(self.module, self.ctx.device.type, self.precision.dtype)
