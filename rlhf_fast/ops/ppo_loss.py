@@ -185,19 +185,14 @@ def _backward(
     grad_value_clipfrac,
     grad_valid_count,
 ):
-    logprobs, old_logprobs, advantages, mask, values, old_values, returns, valid_count = ctx.saved_tensors
+    # The forward's tensor inputs, then valid_count: the backward op's arguments after the two gradients.
+    saved = ctx.saved_tensors
+    logprobs, values = saved[0], saved[4]
     zero = logprobs.new_zeros((), dtype=output_dtype(logprobs.dtype))
     grad_logprobs, grad_values = _ppo_losses_backward_op(
         zero if grad_policy_loss is None else grad_policy_loss,
         zero if grad_value_loss is None else grad_value_loss,
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        values,
-        old_values,
-        returns,
-        valid_count,
+        *saved,
         ctx.clip_coef,
         ctx.value_clip,
     )

@@ -44,7 +44,7 @@ from rlhf_fast.ops.logprob.op import (
     token_logprobs_forward,
 )
 from rlhf_fast.ops.logprob.reference import linear_token_logprobs_reference, token_logprobs_reference
-from rlhf_fast.ops.logprob.spec import TokenLogprobs
+from rlhf_fast.ops.logprob.spec import LogprobSpec, TokenLogprobs
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -60,19 +60,13 @@ __all__ = [
 ]
 
 
-def _check_common(
-    name: str,
-    reference: torch.Tensor,
-    leading: torch.Size,
-    vocab: int,
-    targets,
-    ref_logprobs,
-    mask,
-    temperature,
-    kl_estimator,
-    return_entropy,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Checks the arguments both public functions share; returns (mask as bool or None, ref_logprobs detached)."""
+def _checked_spec(name: str, reference: torch.Tensor, vocab: int, given: LogprobSpec) -> LogprobSpec:
+    """Checks the arguments both public functions share, `given` as the caller passed them (`reference` is
+    logits or hidden); returns the spec the ops take: mask bool or None, ref_logprobs detached, temperature
+    a float."""
+    targets, mask, ref_logprobs = given.targets, given.mask, given.ref_logprobs
+    temperature, kl_estimator, return_entropy = given.temperature, given.kl_estimator, given.want_entropy
+    leading = reference.shape[:-1]
     check_tensor("targets", targets)
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
@@ -108,7 +102,15 @@ def _check_common(
             )
     if ref_logprobs is not None and ref_logprobs.requires_grad:
         ref_logprobs = ref_logprobs.detach()
-    return mask, ref_logprobs
+    return LogprobSpec(targets, mask, ref_logprobs, float(temperature), kl_estimator, return_entropy)
+
+
+def _outputs(forward_outputs: tuple[torch.Tensor, ...], spec: LogprobSpec) -> TokenLogprobs:
+    """The public result from a forward op's (logprobs, entropy, kl, lse), leaving out what was not asked for."""
+    logp, entropy, kl, _ = forward_outputs
+    return TokenLogprobs(
+        logp, entropy if spec.want_entropy else None, kl if spec.ref_logprobs is not None else None
+    )
 
 
 def token_logprobs(
@@ -136,22 +138,9 @@ def token_logprobs(
         raise ValueError("logits must have a vocabulary dimension, got a 0-dim tensor")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
-    mask, ref_logprobs = _check_common(
-        "logits",
-        logits,
-        logits.shape[:-1],
-        logits.shape[-1],
-        targets,
-        ref_logprobs,
-        mask,
-        temperature,
-        kl_estimator,
-        return_entropy,
-    )
-    logp, entropy, kl, _ = token_logprobs_forward(
-        logits, targets, mask, ref_logprobs, float(temperature), kl_estimator, return_entropy
-    )
-    return TokenLogprobs(logp, entropy if return_entropy else None, kl if ref_logprobs is not None else None)
+    given = LogprobSpec(targets, mask, ref_logprobs, temperature, kl_estimator, return_entropy)
+    spec = _checked_spec("logits", logits, logits.shape[-1], given)
+    return _outputs(token_logprobs_forward(logits, *spec.op_args()), spec)
 
 
 def linear_token_logprobs(
@@ -191,19 +180,6 @@ def linear_token_logprobs(
         if bias.dtype != weight.dtype:
             raise ValueError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}")
     check_same_device("hidden", hidden, weight=weight, bias=bias)
-    mask, ref_logprobs = _check_common(
-        "hidden",
-        hidden,
-        hidden.shape[:-1],
-        weight.shape[0],
-        targets,
-        ref_logprobs,
-        mask,
-        temperature,
-        kl_estimator,
-        return_entropy,
-    )
-    logp, entropy, kl, _ = linear_token_logprobs_forward(
-        hidden, weight, bias, targets, mask, ref_logprobs, float(temperature), kl_estimator, return_entropy
-    )
-    return TokenLogprobs(logp, entropy if return_entropy else None, kl if ref_logprobs is not None else None)
+    given = LogprobSpec(targets, mask, ref_logprobs, temperature, kl_estimator, return_entropy)
+    spec = _checked_spec("hidden", hidden, weight.shape[0], given)
+    return _outputs(linear_token_logprobs_forward(hidden, weight, bias, *spec.op_args()), spec)

@@ -7,7 +7,7 @@ bundles from their arguments in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -51,6 +51,10 @@ class LogprobSpec:
 
     def flat_valid(self) -> torch.Tensor | None:
         return None if self.mask is None else self.mask.reshape(-1).bool()
+
+    def op_args(self) -> tuple:
+        """The fields in order, as the forward ops' schemas end (op.py)."""
+        return tuple(getattr(self, field.name) for field in fields(self))
 
     def flattened(self) -> LogprobSpec:
         """The same call over [N] rows."""

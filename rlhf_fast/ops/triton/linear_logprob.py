@@ -5,8 +5,9 @@ The [N, V] logits are never stored whole.
 Forward, two launches:
   1. `_partial_stats_kernel`, grid (row blocks, vocabulary splits): each program computes its logit tiles
      z = (h @ Wᵀ + b) / τ with tl.dot over d, and folds each tile into per-row online-softmax statistics
-     (running max m, s0 = Σ e^{z−m}, s1 = Σ e^{z−m}(z−m), and the target's logit if it falls in the split).
-     Splitting the vocabulary keeps every SM busy when there are few row blocks.
+     (running max m, s0 = Σ e^{z−m}, s1 = Σ e^{z−m}(z−m): logprob.py's `online_softmax_update`, and the
+     target's logit if it falls in the split). Splitting the vocabulary keeps every SM busy when there are
+     few row blocks.
   2. `_combine_kernel` merges the splits' statistics per row into lse, log p_y, entropy and KL.
 
 Backward, per vocabulary chunk of C columns (so the extra memory is one [N, C] buffer, not [N, V]):
@@ -28,8 +29,15 @@ import triton
 import triton.language as tl
 
 from rlhf_fast.ops._backend import triton_interpreting
-from rlhf_fast.ops._contract import KL_CODES
-from rlhf_fast.ops.triton.logprob import kl_and_slope, logprob_coefficient, mask_arg, row_vector
+from rlhf_fast.ops.triton.logprob import (
+    forward_outputs,
+    gradient_rows,
+    kl_and_slope,
+    kl_kind,
+    logprob_coefficient,
+    online_softmax_update,
+    row_inputs,
+)
 
 if TYPE_CHECKING:
     from rlhf_fast.ops.logprob.spec import LogprobGrads, LogprobSpec
@@ -42,28 +50,22 @@ COLUMN_QUANTUM = 256
 
 @triton.jit
 def _logit_tile(
-    H,
-    W,
-    BIAS,
+    lm_head,
     rows,
     cols,
-    stride_hn,
-    stride_hd,
-    stride_wv,
-    stride_wd,
     inv_temp,
     D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """(h[rows] @ W[cols]ᵀ + b[cols]) / τ as a float32 [BLOCK_M, BLOCK_N] tile; rows and cols must be in range."""
+    """(h[rows] @ W[cols]ᵀ + b[cols]) / τ as a float32 [len(rows), len(cols)] tile, for
+    lm_head = (H, W, BIAS, stride_hn, stride_hd, stride_wv, stride_wd); rows and cols must be in range."""
+    H, W, BIAS, stride_hn, stride_hd, stride_wv, stride_wd = lm_head
     offs_k = tl.arange(0, BLOCK_K)
     h_ptrs = H + rows[:, None] * stride_hn + offs_k[None, :] * stride_hd
     w_ptrs = W + cols[None, :] * stride_wv + offs_k[:, None] * stride_wd
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         if D % BLOCK_K == 0:
             h = tl.load(h_ptrs)
@@ -131,38 +133,17 @@ def _partial_stats_kernel(
         return
     safe_rows = tl.where(row_in, rows, 0)
     targets = tl.load(TARGETS + rows, mask=valid, other=-1).to(tl.int64)
+    lm_head = (H, W, BIAS, stride_hn, stride_hd, stride_wv, stride_wd)
     for tile in range(SPLIT_COLS // BLOCK_N):
         cols = split.to(tl.int64) * SPLIT_COLS + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_in = cols < V
         z = _logit_tile(
-            H,
-            W,
-            BIAS,
-            safe_rows,
-            tl.where(col_in, cols, 0),
-            stride_hn,
-            stride_hd,
-            stride_wv,
-            stride_wd,
-            inv_temp,
-            D,
-            HAS_BIAS,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            DOT_PRECISION,
+            lm_head, safe_rows, tl.where(col_in, cols, 0), inv_temp, D, HAS_BIAS, BLOCK_K, DOT_PRECISION
         )
         z = tl.where(col_in[None, :], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, 1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        exps = tl.exp(z - safe_max[:, None])
-        rescale = tl.exp(running_max - safe_max)
-        if WANT_ENTROPY:
-            shifted = exps * tl.where(exps > 0.0, z - safe_max[:, None], 0.0)
-            shift = tl.where(running_max == float("-inf"), 0.0, running_max - safe_max)
-            sum_shifted = rescale * (sum_shifted + shift * sum_exp) + tl.sum(shifted, 1)
-        sum_exp = sum_exp * rescale + tl.sum(exps, 1)
-        running_max = new_max
+        running_max, sum_exp, sum_shifted = online_softmax_update(
+            running_max, sum_exp, sum_shifted, z, 1, WANT_ENTROPY
+        )
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), 1)
     tl.store(out, running_max, mask=row_in)
     tl.store(out + plane, sum_exp, mask=row_in)
@@ -288,23 +269,9 @@ def _grad_logits_kernel(
     )
     lse = tl.load(LSE + safe_rows)
     targets = tl.load(TARGETS + rows, mask=valid, other=-1).to(tl.int64)
+    lm_head = (H, W, BIAS, stride_hn, stride_hd, stride_wv, stride_wd)
     z = _logit_tile(
-        H,
-        W,
-        BIAS,
-        safe_rows,
-        tl.where(col_in, cols, 0),
-        stride_hn,
-        stride_hd,
-        stride_wv,
-        stride_wd,
-        inv_temp,
-        D,
-        HAS_BIAS,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        DOT_PRECISION,
+        lm_head, safe_rows, tl.where(col_in, cols, 0), inv_temp, D, HAS_BIAS, BLOCK_K, DOT_PRECISION
     )
     log_probs = z - lse[:, None]
     probs = tl.exp(log_probs)
@@ -383,22 +350,15 @@ def linear_token_logprobs_forward_triton(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LogprobSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [..., d], weight [V, d], bias [V] -> (logprobs, entropy or [0], kl or [0], lse), float32 [N]."""
-    targets, mask, ref_logprobs = spec.targets, spec.mask, spec.ref_logprobs
-    temperature, kl_estimator, want_entropy = spec.temperature, spec.kl_estimator, spec.want_entropy
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows, vocab, width = flat_hidden.shape[0], weight.shape[0], weight.shape[1]
     device = hidden.device
-    logp = torch.empty(rows, dtype=torch.float32, device=device)
-    lse = torch.empty_like(logp)
-    entropy = torch.empty(rows if want_entropy else 0, dtype=torch.float32, device=device)
-    kl_kind = KL_CODES[kl_estimator] if ref_logprobs is not None else 0
-    kl = torch.empty(rows if kl_kind else 0, dtype=torch.float32, device=device)
+    logp, entropy, kl, lse = forward_outputs(rows, spec, device)
     if rows == 0:
         return logp, entropy, kl, lse
     num_splits, split_cols = _vocabulary_splits(rows, vocab, device)
     partials = torch.empty(4, num_splits, rows, dtype=torch.float32, device=device)
-    flat_targets = targets.reshape(-1).contiguous()
-    flat_mask = mask_arg(mask)
+    flat_targets, flat_mask, ref = row_inputs(spec, logp)
     _launch(
         _partial_stats_kernel,
         hidden.dtype,
@@ -414,17 +374,16 @@ def linear_token_logprobs_forward_triton(
         flat_hidden.stride(1),
         weight.stride(0),
         weight.stride(1),
-        1.0 / temperature,
+        spec.inv_temp,
         V=vocab,
         D=width,
         SPLIT_COLS=split_cols,
         HAS_BIAS=bias is not None,
-        HAS_MASK=mask is not None,
-        WANT_ENTROPY=want_entropy,
+        HAS_MASK=spec.mask is not None,
+        WANT_ENTROPY=spec.want_entropy,
         DOT_PRECISION=_dot_precision(hidden.dtype),
     )
     block = 128 if num_splits <= 16 else 32
-    ref = logp if ref_logprobs is None else ref_logprobs.reshape(-1).float().contiguous()
     _combine_kernel[(triton.cdiv(rows, block),)](
         partials,
         flat_mask,
@@ -435,9 +394,9 @@ def linear_token_logprobs_forward_triton(
         lse,
         rows,
         num_splits,
-        HAS_MASK=mask is not None,
-        WANT_ENTROPY=want_entropy,
-        KL_KIND=kl_kind,
+        HAS_MASK=spec.mask is not None,
+        WANT_ENTROPY=spec.want_entropy,
+        KL_KIND=kl_kind(spec),
         SPLITS_POW2=triton.next_power_of_2(num_splits),
         BLOCK=block,
         num_warps=4,
@@ -455,10 +414,6 @@ def linear_token_logprobs_backward_triton(
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_hidden or [0], grad_weight or [0], grad_bias or [0]) in the inputs' dtypes."""
-    targets, mask, ref_logprobs = spec.targets, spec.mask, spec.ref_logprobs
-    temperature, kl_estimator = spec.temperature, spec.kl_estimator
-    grad_logprobs, grad_entropy, grad_kl = grads.grad_logprobs, grads.grad_entropy, grads.grad_kl
-    logprobs, entropy, lse = grads.logprobs, grads.entropy, grads.lse
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows, vocab, width = flat_hidden.shape[0], weight.shape[0], weight.shape[1]
     want_bias = bias is not None and need_weight
@@ -470,7 +425,7 @@ def linear_token_logprobs_backward_triton(
             grad_weight.zero_()
         return _finish_grads(grad_hidden, hidden, grad_weight, grad_bias, weight)
 
-    kl_kind = KL_CODES[kl_estimator] if (ref_logprobs is not None and grad_kl is not None) else 0
+    with_entropy, kind = grads.grad_entropy is not None, kl_kind(spec, grads)
     chunk_cols = max(
         COLUMN_QUANTUM, GRAD_CHUNK_BYTES // (rows * hidden.element_size()) // COLUMN_QUANTUM * COLUMN_QUANTUM
     )
@@ -480,21 +435,19 @@ def linear_token_logprobs_backward_triton(
         "V": vocab,
         "D": width,
         "HAS_BIAS": bias is not None,
-        "HAS_MASK": mask is not None,
-        "HAS_GRAD_ENTROPY": grad_entropy is not None,
-        "KL_KIND": kl_kind,
+        "HAS_MASK": spec.mask is not None,
+        "HAS_GRAD_ENTROPY": with_entropy,
+        "KL_KIND": kind,
         "WANT_GRAD_BIAS": want_bias,
         "GROUP_M": 8,
         "DOT_PRECISION": _dot_precision(hidden.dtype),
     }
-    flat_targets, flat_mask = targets.reshape(-1).contiguous(), mask_arg(mask)
-    ref = logprobs if ref_logprobs is None else ref_logprobs.reshape(-1).float().contiguous()
-    grad_logp, grad_ent = row_vector(grad_logprobs, lse), row_vector(grad_entropy, lse)
-    grad_kl_flat = row_vector(grad_kl if kl_kind else None, lse)
-    entropy_arg = entropy if grad_entropy is not None else lse
+    flat_targets, flat_mask, ref = row_inputs(spec, grads.logprobs)
+    grad_logp, grad_ent, grad_kl_flat = gradient_rows(grads, kind)
+    entropy_arg = grads.entropy if with_entropy else grads.lse
     for col_begin in range(0, vocab, chunk_cols):
         cols = min(chunk_cols, vocab - col_begin)
-        grads = grads_chunk[:, :cols]
+        chunk = grads_chunk[:, :cols]
         _launch(
             _grad_logits_kernel,
             hidden.dtype,
@@ -507,13 +460,13 @@ def linear_token_logprobs_backward_triton(
             flat_targets,
             flat_mask,
             ref,
-            logprobs.reshape(-1),
+            grads.logprobs.reshape(-1),
             entropy_arg.reshape(-1),
-            lse.reshape(-1),
+            grads.lse.reshape(-1),
             grad_logp,
             grad_ent,
             grad_kl_flat,
-            grads,
+            chunk,
             grad_bias[col_begin : col_begin + cols] if want_bias else None,
             rows,
             col_begin,
@@ -522,15 +475,15 @@ def linear_token_logprobs_backward_triton(
             flat_hidden.stride(1),
             weight.stride(0),
             weight.stride(1),
-            grads.stride(0),
-            1.0 / temperature,
+            chunk.stride(0),
+            spec.inv_temp,
             **common,
         )
         weight_chunk = weight[col_begin : col_begin + cols]
         if need_weight:
-            torch.mm(grads.T, flat_hidden, out=grad_weight[col_begin : col_begin + cols])
+            torch.mm(chunk.T, flat_hidden, out=grad_weight[col_begin : col_begin + cols])
         if need_hidden:
-            grad_hidden = _accumulate_matmul(grad_hidden, grads, weight_chunk)
+            grad_hidden = _accumulate_matmul(grad_hidden, chunk, weight_chunk)
     return _finish_grads(grad_hidden, hidden, grad_weight, grad_bias, weight)
 
 

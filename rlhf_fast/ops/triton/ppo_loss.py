@@ -72,6 +72,16 @@ def _load(ptr, rows, cols, stride0, stride1, valid, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _store_gradient(OUT, index, in_range, valid, grad, GRAD_LOSS, VALID_COUNT, IS_FP64: tl.constexpr):
+    """The backward's per-token gradient into OUT: grad · (d loss / d mean) / count where valid, else 0."""
+    # d mean / d token = 1 / count; an all-masked batch has no token to receive it.
+    inverse_count = 1.0 / tl.maximum(tl.load(VALID_COUNT), 1).to(tl.float64)
+    scale = _to_acc(tl.load(GRAD_LOSS).to(tl.float64) * inverse_count, IS_FP64)
+    grad = tl.where(valid, grad * scale, 0.0)
+    tl.store(OUT + index, grad.to(OUT.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
 def _tokens_kernel(
     LOGPROBS,
     OLD_LOGPROBS,
@@ -129,11 +139,9 @@ def _tokens_kernel(
         logprob, old_logprob, advantage, ratio_low, ratio_high
     )
     if BACKWARD:
-        # d mean / d token = 1 / count; an all-masked batch has no token to receive it.
-        inverse_count = 1.0 / tl.maximum(tl.load(VALID_COUNT), 1).to(tl.float64)
-        policy_scale = _to_acc(tl.load(GRAD_POLICY_LOSS).to(tl.float64) * inverse_count, IS_FP64)
-        grad_logprob = tl.where(valid, grad_logprob * policy_scale, 0.0)
-        tl.store(OUT_POLICY + index, grad_logprob.to(OUT_POLICY.dtype.element_ty), mask=in_range)
+        _store_gradient(
+            OUT_POLICY, index, in_range, valid, grad_logprob, GRAD_POLICY_LOSS, VALID_COUNT, IS_FP64
+        )
     else:
         tl.store(OUT_POLICY + 0 * num_programs + program, tl.sum(tl.where(valid, loss, 0.0), 0))
         tl.store(OUT_POLICY + 1 * num_programs + program, tl.sum(tl.where(valid, approx_kl, 0.0), 0))
@@ -148,10 +156,9 @@ def _tokens_kernel(
             value, old_value, target, _from_bits(value_clip_bits, IS_FP64)
         )
         if BACKWARD:
-            inverse_count = 1.0 / tl.maximum(tl.load(VALID_COUNT), 1).to(tl.float64)
-            value_scale = _to_acc(tl.load(GRAD_VALUE_LOSS).to(tl.float64) * inverse_count, IS_FP64)
-            grad_value = tl.where(valid, grad_value * value_scale, 0.0)
-            tl.store(OUT_VALUE + index, grad_value.to(OUT_VALUE.dtype.element_ty), mask=in_range)
+            _store_gradient(
+                OUT_VALUE, index, in_range, valid, grad_value, GRAD_VALUE_LOSS, VALID_COUNT, IS_FP64
+            )
         else:
             tl.store(OUT_POLICY + 3 * num_programs + program, tl.sum(tl.where(valid, value_loss, 0.0), 0))
             tl.store(OUT_VALUE + 2 * num_programs + program, tl.sum((valid & value_clipped).to(tl.int32), 0))

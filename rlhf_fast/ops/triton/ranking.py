@@ -105,13 +105,10 @@ def _launch(rewards, ranks, margins, ends, margin, *outputs, backward: bool) -> 
 
 
 def ranking_forward_triton(
-    rewards: torch.Tensor,
-    group_sizes: torch.Tensor,
-    ranks: torch.Tensor | None,
-    margins: torch.Tensor | None,
-    margin: float,
+    rewards, group_sizes, ranks, margins, margin
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64), as the rlhf_fast::ranking_loss_forward op."""
+    """(loss, accuracy, prompt_weights [P], prompt_ends [P] int64), as the rlhf_fast::ranking_loss_forward op
+    (whose signature declares the arguments' types)."""
     dtype = output_dtype(rewards.dtype)
     num_prompts = group_sizes.shape[0]
     ends = torch.cumsum(group_sizes, 0, dtype=torch.int64)
