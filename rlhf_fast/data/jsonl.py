@@ -154,74 +154,49 @@ def _iter_json_objects(
     with open(path, "rb") as file:
         for line_number, raw in _lines(file, max_record_bytes):
             source = SourceLocation(path, line_number)
-            if isinstance(raw, int):
+            record = _json_object(source, raw, max_record_bytes)
+            if record is not None:
                 saw_record = True
-                yield (
-                    source,
-                    DataError.at(
-                        source,
-                        WHOLE_RECORD,
-                        f"the record is {raw} bytes, more than the limit of {max_record_bytes} "
-                        "(data.max_record_bytes)",
-                        kind="record_too_large",
-                    ),
-                )
-                continue
-            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 byte-order mark
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                saw_record = True
-                yield (
-                    source,
-                    DataError.at(
-                        source,
-                        WHOLE_RECORD,
-                        f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})",
-                        kind="invalid_utf8",
-                    ),
-                )
-                continue
-            if not text.strip():
-                continue
-            saw_record = True
-            try:
-                value = json.loads(text, object_pairs_hook=_unique_keys)
-            except _BadKey as error:
-                yield source, DataError.at(source, error.key, error.reason, kind=error.kind)
-                continue
-            except json.JSONDecodeError as error:
-                yield (
-                    source,
-                    DataError.at(
-                        source,
-                        WHOLE_RECORD,
-                        f"malformed JSON: {error.msg} at column {error.colno}",
-                        kind="malformed_json",
-                    ),
-                )
-                continue
-            except RecursionError:
-                yield (
-                    source,
-                    DataError.at(source, WHOLE_RECORD, "JSON nested too deeply", kind="malformed_json"),
-                )
-                continue
-            if not isinstance(value, dict):
-                yield (
-                    source,
-                    DataError.at(
-                        source,
-                        WHOLE_RECORD,
-                        f"expected a JSON object, got {_json_type(value)}",
-                        kind="not_an_object",
-                    ),
-                )
-                continue
-            yield source, value
+                yield source, record
     if not saw_record:
         raise DataError(path, 0, WHOLE_RECORD, "the file is empty (no JSON records)", kind="empty_file")
+
+
+def _json_object(
+    source: SourceLocation, raw: bytes | int, max_record_bytes: int
+) -> dict[str, Any] | DataError | None:
+    """The JSON object on one line (`raw`: its bytes, or its length when over the limit), the DataError that
+    says why it is not one, or None for a blank line."""
+
+    def bad(message: str, kind: str) -> DataError:
+        return DataError.at(source, WHOLE_RECORD, message, kind=kind)
+
+    if isinstance(raw, int):
+        return bad(
+            f"the record is {raw} bytes, more than the limit of {max_record_bytes} (data.max_record_bytes)",
+            "record_too_large",
+        )
+    if source.line == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 byte-order mark
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return bad(
+            f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})", "invalid_utf8"
+        )
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except _BadKey as error:
+        return DataError.at(source, error.key, error.reason, kind=error.kind)
+    except json.JSONDecodeError as error:
+        return bad(f"malformed JSON: {error.msg} at column {error.colno}", "malformed_json")
+    except RecursionError:
+        return bad("JSON nested too deeply", "malformed_json")
+    if not isinstance(value, dict):
+        return bad(f"expected a JSON object, got {_json_type(value)}", "not_an_object")
+    return value
 
 
 def _read(
