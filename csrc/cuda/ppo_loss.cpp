@@ -10,26 +10,10 @@
 #include <optional>
 #include <tuple>
 
+#include "dtype.h"
 #include "kernels/ppo_loss.cuh"
 
 namespace {
-
-rlhf_fast::PpoInputType input_type_of(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return rlhf_fast::PpoInputType::kFloat32;
-    case at::kDouble:
-      return rlhf_fast::PpoInputType::kFloat64;
-    case at::kBFloat16:
-      return rlhf_fast::PpoInputType::kBFloat16;
-    case at::kHalf:
-      return rlhf_fast::PpoInputType::kFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "ppo_losses: logprobs must be float32/float64/bfloat16/float16, got ", dtype);
-  return rlhf_fast::PpoInputType::kFloat32;  // unreachable
-}
 
 at::ScalarType output_dtype(const at::Tensor& logprobs) {
   return logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -76,7 +60,7 @@ Problem describe(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
     d.old_values = attach_float(*old_values, rlhf_fast::kOldValues, "old_values");
     d.returns = attach_float(*returns, rlhf_fast::kReturns, "returns");
   }
-  d.input_type = input_type_of(logprobs.scalar_type());
+  d.input_type = rlhf_fast::input_type_of(logprobs.scalar_type(), "ppo_losses", "logprobs");
   d.batch = logprobs.size(0);
   d.steps = logprobs.size(1);
   d.clip_coef = clip_coef;

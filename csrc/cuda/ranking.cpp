@@ -9,26 +9,10 @@
 
 #include <optional>
 
+#include "dtype.h"
 #include "kernels/ranking.cuh"
 
 namespace {
-
-rlhf_fast::RankingInputType input_type_of(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return rlhf_fast::RankingInputType::kFloat32;
-    case at::kDouble:
-      return rlhf_fast::RankingInputType::kFloat64;
-    case at::kBFloat16:
-      return rlhf_fast::RankingInputType::kBFloat16;
-    case at::kHalf:
-      return rlhf_fast::RankingInputType::kFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "ranking_loss: rewards must be float32/float64/bfloat16/float16, got ", dtype);
-  return rlhf_fast::RankingInputType::kFloat32;  // unreachable
-}
 
 at::ScalarType acc_dtype(const at::Tensor& rewards) {
   return rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -51,7 +35,7 @@ rlhf_fast::RankingProblem make_problem(const at::Tensor& rewards, const at::Tens
   rlhf_fast::RankingProblem problem{};
   problem.rewards = rewards.data_ptr();
   problem.rewards_stride = rewards.stride(0);
-  problem.input_type = input_type_of(rewards.scalar_type());
+  problem.input_type = rlhf_fast::input_type_of(rewards.scalar_type(), "ranking_loss", "rewards");
   if (ranks.defined()) {
     problem.ranks = ranks.data_ptr();
     problem.ranks_stride = ranks.stride(0);
