@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "dtype.h"
 
 namespace {
 
@@ -78,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, co
   const auto values_c = values.to(rewards.scalar_type()).contiguous();
   const auto mask_c = mask.to(at::kBool).contiguous();
   const int64_t batch = rewards.size(0), steps = rewards.size(1);
-  const auto out_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto out_dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   auto advantages = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   auto returns = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "gae_forward_cpu", [&] {

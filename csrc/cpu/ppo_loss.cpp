@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "dtype.h"
 #include "kernels/ppo_loss_token.h"
 
 namespace {
@@ -140,7 +141,7 @@ ForwardOutputs ppo_losses_forward_cpu(const at::Tensor& logprobs, const at::Tens
   });
   // An all-masked batch divides zeros by 1: every output is 0, never NaN.
   const double inverse_count = 1.0 / static_cast<double>(std::max<int64_t>(sums.valid, 1));
-  const auto options = logprobs.options().dtype(logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto options = logprobs.options().dtype(rlhf_fast::accumulate_dtype(logprobs.scalar_type()));
   auto mean = [&](double sum) { return at::scalar_tensor(sum * inverse_count, options); };
   return {mean(sums.policy_loss),
           mean(static_cast<double>(sums.clipped)),

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "dtype.h"
 #include "kernels/constants.h"
 
 namespace {
@@ -169,10 +170,6 @@ Inputs<scalar_t, at::opmath_type<scalar_t>> make_inputs(const at::Tensor& reward
           ends.data_ptr<int64_t>()};
 }
 
-at::ScalarType output_dtype(const at::Tensor& rewards) {
-  return rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_common(const at::Tensor& rewards, const std::optional<at::Tensor>& ranks,
                   const std::optional<at::Tensor>& margins) {
   TORCH_CHECK(rewards.dim() == 1, "ranking_loss: rewards must be [ΣK]");
@@ -193,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward_
     const std::optional<at::Tensor>& margins, double margin) {
   check_common(rewards, ranks, margins);
   TORCH_CHECK(group_sizes.dim() == 1, "ranking_loss: group_sizes must be [P]");
-  const auto dtype = output_dtype(rewards);
+  const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   const int64_t num_prompts = group_sizes.size(0);
   const auto ends = at::cumsum(group_sizes.to(at::kLong), 0).contiguous();
   const auto ranks_c = contiguous_ranks(ranks);
@@ -239,7 +236,7 @@ at::Tensor ranking_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
   TORCH_CHECK(prompt_weights.dim() == 1 && prompt_ends.sizes() == prompt_weights.sizes(),
               "ranking_loss: prompt_weights and prompt_ends must both be [P]");
   TORCH_CHECK(grad_loss.numel() == 1, "ranking_loss: grad_loss must hold one value");
-  const auto dtype = output_dtype(rewards);
+  const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   const int64_t num_prompts = prompt_ends.size(0);
   const auto ends = prompt_ends.to(at::kLong).contiguous();
   const auto weights = prompt_weights.to(dtype).contiguous();

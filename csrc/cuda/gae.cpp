@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward_cuda(const at::Tensor& rewards, c
   const bool integer_mask = mask.scalar_type() == at::kBool || at::isIntegralType(mask.scalar_type(), false);
   const at::Tensor mask_in = integer_mask ? mask : mask.ne(0);
 
-  const auto out_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto out_dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   auto advantages = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   auto returns = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   if (rewards.numel() == 0) return {advantages, returns};

@@ -15,10 +15,6 @@
 
 namespace {
 
-at::ScalarType output_dtype(const at::Tensor& logprobs) {
-  return logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The problem description plus the tensors it points into that this file created (a bool copy of an
 // integer mask), kept alive until the launch is enqueued.
 struct Problem {
@@ -79,7 +75,7 @@ ForwardOutputs ppo_losses_forward_cuda(const at::Tensor& logprobs, const at::Ten
   const c10::cuda::CUDAGuard device_guard(logprobs.device());
   const Problem problem =
       describe(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip);
-  const auto options = logprobs.options().dtype(output_dtype(logprobs));
+  const auto options = logprobs.options().dtype(rlhf_fast::accumulate_dtype(logprobs.scalar_type()));
   // Separate allocations: a custom op's outputs may not alias one another.
   at::Tensor policy_loss = at::empty({}, options), clipfrac = at::empty({}, options);
   at::Tensor approx_kl = at::empty({}, options), ratio_mean = at::empty({}, options);
@@ -116,8 +112,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_losses_backward_cuda(
                 " must be on the device of logprobs");
     return scalar.to(dtype).contiguous();
   };
-  const at::Tensor grad_policy = on_device(grad_policy_loss, output_dtype(logprobs), "grad_policy_loss");
-  const at::Tensor grad_value = on_device(grad_value_loss, output_dtype(logprobs), "grad_value_loss");
+  const auto grad_dtype = rlhf_fast::accumulate_dtype(logprobs.scalar_type());
+  const at::Tensor grad_policy = on_device(grad_policy_loss, grad_dtype, "grad_policy_loss");
+  const at::Tensor grad_value = on_device(grad_value_loss, grad_dtype, "grad_value_loss");
   const at::Tensor count = on_device(valid_count, at::kLong, "valid_count");
 
   at::Tensor grad_logprobs = at::empty(logprobs.sizes(), logprobs.options());

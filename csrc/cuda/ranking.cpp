@@ -14,10 +14,6 @@
 
 namespace {
 
-at::ScalarType acc_dtype(const at::Tensor& rewards) {
-  return rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The kernels read int32 or int64 indices; other integer types are widened once.
 at::Tensor as_index(const at::Tensor& values) {
   const auto dtype = values.scalar_type();
@@ -62,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor> prepare_extras(const at::Tensor& rewards, con
   if (margins) {
     TORCH_CHECK(margins->sizes() == rewards.sizes(), "ranking_loss: margins must be shaped like rewards");
     check_device(rewards, *margins, "margins");
-    margins_in = margins->scalar_type() == acc_dtype(rewards) ? *margins : margins->to(acc_dtype(rewards));
+    const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
+    margins_in = margins->scalar_type() == dtype ? *margins : margins->to(dtype);
   }
   return {ranks_in, margins_in};
 }
@@ -77,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward_
   const at::Tensor sizes_in = as_index(group_sizes);
   const int64_t num_prompts = group_sizes.size(0);
 
-  const auto options = rewards.options().dtype(acc_dtype(rewards));
+  const auto options = rewards.options().dtype(rlhf_fast::accumulate_dtype(rewards.scalar_type()));
   auto loss = at::empty({}, options);
   auto accuracy = at::empty({}, options);
   auto weights = at::empty({num_prompts}, options);
@@ -114,7 +111,7 @@ at::Tensor ranking_loss_backward_cuda(const at::Tensor& grad_loss, const at::Ten
   check_device(rewards, prompt_ends, "prompt_ends");
   const c10::cuda::CUDAGuard device_guard(rewards.device());
   const auto [ranks_in, margins_in] = prepare_extras(rewards, ranks, margins);
-  const auto dtype = acc_dtype(rewards);
+  const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   const at::Tensor grad_in = grad_loss.to(dtype).contiguous();
   const at::Tensor weights_in = prompt_weights.to(dtype).contiguous();
   const at::Tensor ends_in = prompt_ends.to(at::kLong).contiguous();
