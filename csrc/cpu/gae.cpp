@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "checks/gae.h"
 #include "cpu/parallel.h"
 #include "dtype.h"
 
@@ -72,9 +73,7 @@ void whiten_valid(acc_t* advantages, const bool* mask, int64_t numel, double eps
 std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                                    const at::Tensor& mask, double gamma, double lam,
                                                    bool whiten, double whiten_eps) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T]");
-  TORCH_CHECK(values.sizes() == rewards.sizes() && mask.sizes() == rewards.sizes(),
-              "rewards, values and mask must share one shape");
+  rlhf_fast::check_gae_args(rewards, values, mask);
   const auto rewards_c = rewards.contiguous();
   const auto values_c = values.to(rewards.scalar_type()).contiguous();
   const auto mask_c = mask.to(at::kBool).contiguous();

@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks/ppo_loss.h"
 #include "cpu/parallel.h"
 #include "dtype.h"
 #include "kernels/ppo_loss_token.h"
@@ -51,27 +52,17 @@ struct Inputs {
 Inputs prepare_inputs(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
                       const at::Tensor& mask, const std::optional<at::Tensor>& values,
                       const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns) {
-  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T]");
-  const auto dtype = logprobs.scalar_type();
-  const bool has_values = values.has_value() && values->defined();
-  TORCH_CHECK(has_values == (old_values.has_value() && old_values->defined()) &&
-                  has_values == (returns.has_value() && returns->defined()),
-              "values, old_values and returns must be given together");
-  auto prepare = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sizes() == logprobs.sizes(), name, " must have the shape of logprobs");
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must have the dtype of logprobs");
-    return t.contiguous();
-  };
+  const bool has_values =
+      rlhf_fast::check_ppo_losses_args(logprobs, old_logprobs, advantages, mask, values, old_values, returns);
   Inputs in;
   in.logprobs = logprobs.contiguous();
-  in.old_logprobs = prepare(old_logprobs, "old_logprobs");
-  in.advantages = prepare(advantages, "advantages");
-  TORCH_CHECK(mask.sizes() == logprobs.sizes(), "mask must have the shape of logprobs");
+  in.old_logprobs = old_logprobs.contiguous();
+  in.advantages = advantages.contiguous();
   in.mask = mask.to(at::kBool).contiguous();
   if (has_values) {
-    in.values = prepare(*values, "values");
-    in.old_values = prepare(*old_values, "old_values");
-    in.returns = prepare(*returns, "returns");
+    in.values = values->contiguous();
+    in.old_values = old_values->contiguous();
+    in.returns = returns->contiguous();
   }
   return in;
 }

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks/gae.h"
 #include "dtype.h"
 #include "kernels/gae.cuh"
 
@@ -14,9 +15,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> gae_forward_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                                     const at::Tensor& mask, double gamma, double lam,
                                                     bool whiten, double whiten_eps) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T]");
-  TORCH_CHECK(values.sizes() == rewards.sizes() && mask.sizes() == rewards.sizes(),
-              "rewards, values and mask must share one shape");
+  rlhf_fast::check_gae_args(rewards, values, mask);
   TORCH_CHECK(rewards.is_cuda() && values.device() == rewards.device() && mask.device() == rewards.device(),
               "rewards, values and mask must be on the same CUDA device");
   const c10::cuda::CUDAGuard device_guard(rewards.device());

@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "checks/ppo_loss.h"
 #include "dtype.h"
 #include "kernels/ppo_loss.cuh"
 
@@ -26,35 +27,26 @@ Problem describe(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
                  const at::Tensor& mask, const std::optional<at::Tensor>& values,
                  const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns,
                  double clip_coef, double value_clip) {
-  TORCH_CHECK(logprobs.dim() == 2, "ppo_losses: logprobs must be [B, T]");
+  const bool has_values =
+      rlhf_fast::check_ppo_losses_args(logprobs, old_logprobs, advantages, mask, values, old_values, returns);
   TORCH_CHECK(logprobs.is_cuda(), "ppo_losses: logprobs must be a CUDA tensor");
-  const bool has_values = values.has_value() && values->defined();
-  TORCH_CHECK(has_values == (old_values.has_value() && old_values->defined()) &&
-                  has_values == (returns.has_value() && returns->defined()),
-              "ppo_losses: values, old_values and returns must be given together");
   Problem problem;
   auto& d = problem.description;
   auto attach = [&](const at::Tensor& tensor, rlhf_fast::PpoTensor index, const char* name) {
-    TORCH_CHECK(tensor.sizes() == logprobs.sizes(), "ppo_losses: ", name, " must have the shape of logprobs");
     TORCH_CHECK(tensor.device() == logprobs.device(), "ppo_losses: ", name, " must be on the device of logprobs");
     d.strides[index][0] = tensor.stride(0);
     d.strides[index][1] = tensor.stride(1);
     return tensor.data_ptr();
   };
-  auto attach_float = [&](const at::Tensor& tensor, rlhf_fast::PpoTensor index, const char* name) {
-    TORCH_CHECK(tensor.scalar_type() == logprobs.scalar_type(), "ppo_losses: ", name,
-                " must have the dtype of logprobs");
-    return static_cast<const void*>(attach(tensor, index, name));
-  };
-  d.logprobs = attach_float(logprobs, rlhf_fast::kLogprobs, "logprobs");
-  d.old_logprobs = attach_float(old_logprobs, rlhf_fast::kOldLogprobs, "old_logprobs");
-  d.advantages = attach_float(advantages, rlhf_fast::kAdvantages, "advantages");
+  d.logprobs = attach(logprobs, rlhf_fast::kLogprobs, "logprobs");
+  d.old_logprobs = attach(old_logprobs, rlhf_fast::kOldLogprobs, "old_logprobs");
+  d.advantages = attach(advantages, rlhf_fast::kAdvantages, "advantages");
   problem.mask = mask.scalar_type() == at::kBool ? mask : mask.ne(0);
   d.mask = static_cast<const bool*>(attach(problem.mask, rlhf_fast::kMask, "mask"));
   if (has_values) {
-    d.values = attach_float(*values, rlhf_fast::kValues, "values");
-    d.old_values = attach_float(*old_values, rlhf_fast::kOldValues, "old_values");
-    d.returns = attach_float(*returns, rlhf_fast::kReturns, "returns");
+    d.values = attach(*values, rlhf_fast::kValues, "values");
+    d.old_values = attach(*old_values, rlhf_fast::kOldValues, "old_values");
+    d.returns = attach(*returns, rlhf_fast::kReturns, "returns");
   }
   d.input_type = rlhf_fast::input_type_of(logprobs.scalar_type(), "ppo_losses", "logprobs");
   d.batch = logprobs.size(0);

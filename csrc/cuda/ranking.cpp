@@ -9,6 +9,7 @@
 
 #include <optional>
 
+#include "checks/ranking.h"
 #include "dtype.h"
 #include "kernels/ranking.cuh"
 
@@ -48,15 +49,12 @@ rlhf_fast::RankingProblem make_problem(const at::Tensor& rewards, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> prepare_extras(const at::Tensor& rewards, const std::optional<at::Tensor>& ranks,
                                                   const std::optional<at::Tensor>& margins) {
-  TORCH_CHECK(rewards.dim() == 1 && rewards.is_cuda(), "ranking_loss: rewards must be a [ΣK] CUDA tensor");
   at::Tensor ranks_in, margins_in;
   if (ranks) {
-    TORCH_CHECK(ranks->sizes() == rewards.sizes(), "ranking_loss: ranks must be shaped like rewards");
     check_device(rewards, *ranks, "ranks");
     ranks_in = as_index(*ranks);
   }
   if (margins) {
-    TORCH_CHECK(margins->sizes() == rewards.sizes(), "ranking_loss: margins must be shaped like rewards");
     check_device(rewards, *margins, "margins");
     const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
     margins_in = margins->scalar_type() == dtype ? *margins : margins->to(dtype);
@@ -67,7 +65,8 @@ std::tuple<at::Tensor, at::Tensor> prepare_extras(const at::Tensor& rewards, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward_cuda(
     const at::Tensor& rewards, const at::Tensor& group_sizes, const std::optional<at::Tensor>& ranks,
     const std::optional<at::Tensor>& margins, double margin) {
-  TORCH_CHECK(group_sizes.dim() == 1, "ranking_loss: group_sizes must be [P]");
+  rlhf_fast::check_ranking_forward_args(rewards, group_sizes, ranks, margins);
+  TORCH_CHECK(rewards.is_cuda(), "ranking_loss: rewards must be a CUDA tensor");
   check_device(rewards, group_sizes, "group_sizes");
   const c10::cuda::CUDAGuard device_guard(rewards.device());
   const auto [ranks_in, margins_in] = prepare_extras(rewards, ranks, margins);
@@ -103,9 +102,8 @@ at::Tensor ranking_loss_backward_cuda(const at::Tensor& grad_loss, const at::Ten
                                       const std::optional<at::Tensor>& ranks,
                                       const std::optional<at::Tensor>& margins, double margin,
                                       const at::Tensor& prompt_weights, const at::Tensor& prompt_ends) {
-  TORCH_CHECK(grad_loss.numel() == 1, "ranking_loss: grad_loss must hold one value");
-  TORCH_CHECK(prompt_weights.dim() == 1 && prompt_ends.sizes() == prompt_weights.sizes(),
-              "ranking_loss: prompt_weights and prompt_ends must both be [P]");
+  rlhf_fast::check_ranking_backward_args(grad_loss, rewards, ranks, margins, prompt_weights, prompt_ends);
+  TORCH_CHECK(rewards.is_cuda(), "ranking_loss: rewards must be a CUDA tensor");
   check_device(rewards, grad_loss, "grad_loss");
   check_device(rewards, prompt_weights, "prompt_weights");
   check_device(rewards, prompt_ends, "prompt_ends");
