@@ -7,7 +7,9 @@
 #include <cmath>
 #include <vector>
 
+#include "checks/gae.h"
 #include "cpu/parallel.h"
+#include "dtype.h"
 
 namespace {
 
@@ -71,14 +73,12 @@ void whiten_valid(acc_t* advantages, const bool* mask, int64_t numel, double eps
 std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                                    const at::Tensor& mask, double gamma, double lam,
                                                    bool whiten, double whiten_eps) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T]");
-  TORCH_CHECK(values.sizes() == rewards.sizes() && mask.sizes() == rewards.sizes(),
-              "rewards, values and mask must share one shape");
+  rlhf_fast::check_gae_args(rewards, values, mask);
   const auto rewards_c = rewards.contiguous();
   const auto values_c = values.to(rewards.scalar_type()).contiguous();
   const auto mask_c = mask.to(at::kBool).contiguous();
   const int64_t batch = rewards.size(0), steps = rewards.size(1);
-  const auto out_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto out_dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   auto advantages = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   auto returns = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "gae_forward_cpu", [&] {

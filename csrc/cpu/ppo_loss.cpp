@@ -11,7 +11,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks/ppo_loss.h"
 #include "cpu/parallel.h"
+#include "dtype.h"
 #include "kernels/ppo_loss_token.h"
 
 namespace {
@@ -50,27 +52,17 @@ struct Inputs {
 Inputs prepare_inputs(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
                       const at::Tensor& mask, const std::optional<at::Tensor>& values,
                       const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns) {
-  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T]");
-  const auto dtype = logprobs.scalar_type();
-  const bool has_values = values.has_value() && values->defined();
-  TORCH_CHECK(has_values == (old_values.has_value() && old_values->defined()) &&
-                  has_values == (returns.has_value() && returns->defined()),
-              "values, old_values and returns must be given together");
-  auto prepare = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sizes() == logprobs.sizes(), name, " must have the shape of logprobs");
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must have the dtype of logprobs");
-    return t.contiguous();
-  };
+  const bool has_values =
+      rlhf_fast::check_ppo_losses_args(logprobs, old_logprobs, advantages, mask, values, old_values, returns);
   Inputs in;
   in.logprobs = logprobs.contiguous();
-  in.old_logprobs = prepare(old_logprobs, "old_logprobs");
-  in.advantages = prepare(advantages, "advantages");
-  TORCH_CHECK(mask.sizes() == logprobs.sizes(), "mask must have the shape of logprobs");
+  in.old_logprobs = old_logprobs.contiguous();
+  in.advantages = advantages.contiguous();
   in.mask = mask.to(at::kBool).contiguous();
   if (has_values) {
-    in.values = prepare(*values, "values");
-    in.old_values = prepare(*old_values, "old_values");
-    in.returns = prepare(*returns, "returns");
+    in.values = values->contiguous();
+    in.old_values = old_values->contiguous();
+    in.returns = returns->contiguous();
   }
   return in;
 }
@@ -140,7 +132,7 @@ ForwardOutputs ppo_losses_forward_cpu(const at::Tensor& logprobs, const at::Tens
   });
   // An all-masked batch divides zeros by 1: every output is 0, never NaN.
   const double inverse_count = 1.0 / static_cast<double>(std::max<int64_t>(sums.valid, 1));
-  const auto options = logprobs.options().dtype(logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto options = logprobs.options().dtype(rlhf_fast::accumulate_dtype(logprobs.scalar_type()));
   auto mean = [&](double sum) { return at::scalar_tensor(sum * inverse_count, options); };
   return {mean(sums.policy_loss),
           mean(static_cast<double>(sums.clipped)),
@@ -151,42 +143,23 @@ ForwardOutputs ppo_losses_forward_cpu(const at::Tensor& logprobs, const at::Tens
           at::scalar_tensor(sums.valid, logprobs.options().dtype(at::kLong))};
 }
 
-template <typename scalar_t, typename acc_t>
-void policy_gradient(const Inputs& in, acc_t scale, double clip_coef, scalar_t* grad_logprobs) {
-  const scalar_t* logprobs = in.logprobs.const_data_ptr<scalar_t>();
-  const scalar_t* old_logprobs = in.old_logprobs.const_data_ptr<scalar_t>();
-  const scalar_t* advantages = in.advantages.const_data_ptr<scalar_t>();
-  const bool* mask = in.mask.const_data_ptr<bool>();
-  const auto ratio_low = static_cast<acc_t>(1.0 - clip_coef), ratio_high = static_cast<acc_t>(1.0 + clip_coef);
-  at::parallel_for(0, in.logprobs.numel(), grain_for(kNanosecondsPerToken), [&](int64_t begin, int64_t end) {
+// The backward pass of a per-token loss of three inputs a, b, c: grad[i] = scale · token_grad(a[i], b[i], c[i])
+// on the valid tokens and 0 on the masked ones.
+template <typename scalar_t, typename acc_t, typename TokenGrad>
+void masked_gradient(const at::Tensor& mask, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                     acc_t scale, const TokenGrad& token_grad, scalar_t* grad) {
+  const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+  const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+  const scalar_t* c_data = c.const_data_ptr<scalar_t>();
+  const bool* valid = mask.const_data_ptr<bool>();
+  at::parallel_for(0, a.numel(), grain_for(kNanosecondsPerToken), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      acc_t grad = 0;
-      if (mask[i]) {
-        grad = scale * policy_token<acc_t>(static_cast<acc_t>(logprobs[i]), static_cast<acc_t>(old_logprobs[i]),
-                                           static_cast<acc_t>(advantages[i]), ratio_low, ratio_high)
-                           .grad_logprob;
+      acc_t value = 0;
+      if (valid[i]) {
+        value = scale * token_grad(static_cast<acc_t>(a_data[i]), static_cast<acc_t>(b_data[i]),
+                                   static_cast<acc_t>(c_data[i]));
       }
-      grad_logprobs[i] = static_cast<scalar_t>(grad);
-    }
-  });
-}
-
-template <typename scalar_t, typename acc_t>
-void value_gradient(const Inputs& in, acc_t scale, double value_clip, scalar_t* grad_values) {
-  const scalar_t* values = in.values.const_data_ptr<scalar_t>();
-  const scalar_t* old_values = in.old_values.const_data_ptr<scalar_t>();
-  const scalar_t* returns = in.returns.const_data_ptr<scalar_t>();
-  const bool* mask = in.mask.const_data_ptr<bool>();
-  const auto clip = static_cast<acc_t>(value_clip);
-  at::parallel_for(0, in.values.numel(), grain_for(kNanosecondsPerToken), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t grad = 0;
-      if (mask[i]) {
-        grad = scale * value_token<acc_t>(static_cast<acc_t>(values[i]), static_cast<acc_t>(old_values[i]),
-                                          static_cast<acc_t>(returns[i]), clip)
-                           .grad_value;
-      }
-      grad_values[i] = static_cast<scalar_t>(grad);
+      grad[i] = static_cast<scalar_t>(value);
     }
   });
 }
@@ -204,11 +177,21 @@ std::tuple<at::Tensor, at::Tensor> ppo_losses_backward_cpu(
                                      : at::empty({0}, logprobs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "ppo_losses_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    policy_gradient<scalar_t, acc_t>(in, static_cast<acc_t>(grad_policy_loss.item<double>() * inverse_count),
-                                     clip_coef, grad_logprobs.mutable_data_ptr<scalar_t>());
+    const auto ratio_low = static_cast<acc_t>(1.0 - clip_coef), ratio_high = static_cast<acc_t>(1.0 + clip_coef);
+    const auto policy_grad = [&](acc_t logprob, acc_t old_logprob, acc_t advantage) {
+      return policy_token<acc_t>(logprob, old_logprob, advantage, ratio_low, ratio_high).grad_logprob;
+    };
+    masked_gradient(in.mask, in.logprobs, in.old_logprobs, in.advantages,
+                    static_cast<acc_t>(grad_policy_loss.item<double>() * inverse_count), policy_grad,
+                    grad_logprobs.mutable_data_ptr<scalar_t>());
     if (in.has_values()) {
-      value_gradient<scalar_t, acc_t>(in, static_cast<acc_t>(grad_value_loss.item<double>() * inverse_count),
-                                      value_clip, grad_values.mutable_data_ptr<scalar_t>());
+      const auto clip = static_cast<acc_t>(value_clip);
+      const auto value_grad = [&](acc_t value, acc_t old_value, acc_t target) {
+        return value_token<acc_t>(value, old_value, target, clip).grad_value;
+      };
+      masked_gradient(in.mask, in.values, in.old_values, in.returns,
+                      static_cast<acc_t>(grad_value_loss.item<double>() * inverse_count), value_grad,
+                      grad_values.mutable_data_ptr<scalar_t>());
     }
   });
   return {grad_logprobs, grad_values};

@@ -17,7 +17,9 @@
 #include <optional>
 #include <vector>
 
+#include "checks/ranking.h"
 #include "cpu/parallel.h"
+#include "dtype.h"
 #include "kernels/constants.h"
 
 namespace {
@@ -169,17 +171,6 @@ Inputs<scalar_t, at::opmath_type<scalar_t>> make_inputs(const at::Tensor& reward
           ends.data_ptr<int64_t>()};
 }
 
-at::ScalarType output_dtype(const at::Tensor& rewards) {
-  return rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_common(const at::Tensor& rewards, const std::optional<at::Tensor>& ranks,
-                  const std::optional<at::Tensor>& margins) {
-  TORCH_CHECK(rewards.dim() == 1, "ranking_loss: rewards must be [ΣK]");
-  TORCH_CHECK(!ranks || ranks->sizes() == rewards.sizes(), "ranking_loss: ranks must be shaped like rewards");
-  TORCH_CHECK(!margins || margins->sizes() == rewards.sizes(), "ranking_loss: margins must be shaped like rewards");
-}
-
 at::Tensor contiguous_ranks(const std::optional<at::Tensor>& ranks) {
   return ranks ? ranks->to(at::kLong).contiguous() : at::Tensor();
 }
@@ -191,9 +182,8 @@ at::Tensor contiguous_margins(const std::optional<at::Tensor>& margins, at::Scal
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward_cpu(
     const at::Tensor& rewards, const at::Tensor& group_sizes, const std::optional<at::Tensor>& ranks,
     const std::optional<at::Tensor>& margins, double margin) {
-  check_common(rewards, ranks, margins);
-  TORCH_CHECK(group_sizes.dim() == 1, "ranking_loss: group_sizes must be [P]");
-  const auto dtype = output_dtype(rewards);
+  rlhf_fast::check_ranking_forward_args(rewards, group_sizes, ranks, margins);
+  const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   const int64_t num_prompts = group_sizes.size(0);
   const auto ends = at::cumsum(group_sizes.to(at::kLong), 0).contiguous();
   const auto ranks_c = contiguous_ranks(ranks);
@@ -235,11 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward_
 at::Tensor ranking_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& rewards,
                                      const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& margins,
                                      double margin, const at::Tensor& prompt_weights, const at::Tensor& prompt_ends) {
-  check_common(rewards, ranks, margins);
-  TORCH_CHECK(prompt_weights.dim() == 1 && prompt_ends.sizes() == prompt_weights.sizes(),
-              "ranking_loss: prompt_weights and prompt_ends must both be [P]");
-  TORCH_CHECK(grad_loss.numel() == 1, "ranking_loss: grad_loss must hold one value");
-  const auto dtype = output_dtype(rewards);
+  rlhf_fast::check_ranking_backward_args(grad_loss, rewards, ranks, margins, prompt_weights, prompt_ends);
+  const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   const int64_t num_prompts = prompt_ends.size(0);
   const auto ends = prompt_ends.to(at::kLong).contiguous();
   const auto weights = prompt_weights.to(dtype).contiguous();

@@ -6,44 +6,27 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks/gae.h"
+#include "dtype.h"
 #include "kernels/gae.cuh"
 
 namespace {
 
-rlhf_fast::GaeInputType input_type_of(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return rlhf_fast::GaeInputType::kFloat32;
-    case at::kDouble:
-      return rlhf_fast::GaeInputType::kFloat64;
-    case at::kBFloat16:
-      return rlhf_fast::GaeInputType::kBFloat16;
-    case at::kHalf:
-      return rlhf_fast::GaeInputType::kFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "gae_forward: rewards must be float32/float64/bfloat16/float16, got ", dtype);
-  return rlhf_fast::GaeInputType::kFloat32;  // unreachable
-}
-
 std::tuple<at::Tensor, at::Tensor> gae_forward_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                                     const at::Tensor& mask, double gamma, double lam,
                                                     bool whiten, double whiten_eps) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T]");
-  TORCH_CHECK(values.sizes() == rewards.sizes() && mask.sizes() == rewards.sizes(),
-              "rewards, values and mask must share one shape");
+  rlhf_fast::check_gae_args(rewards, values, mask);
   TORCH_CHECK(rewards.is_cuda() && values.device() == rewards.device() && mask.device() == rewards.device(),
               "rewards, values and mask must be on the same CUDA device");
   const c10::cuda::CUDAGuard device_guard(rewards.device());
 
-  const auto input_type = input_type_of(rewards.scalar_type());
+  const auto input_type = rlhf_fast::input_type_of(rewards.scalar_type(), "gae_forward", "rewards");
   // The kernel reads any strides; only a dtype mismatch or a floating mask costs a conversion.
   const at::Tensor values_in = values.scalar_type() == rewards.scalar_type() ? values : values.to(rewards.scalar_type());
   const bool integer_mask = mask.scalar_type() == at::kBool || at::isIntegralType(mask.scalar_type(), false);
   const at::Tensor mask_in = integer_mask ? mask : mask.ne(0);
 
-  const auto out_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto out_dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   auto advantages = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   auto returns = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   if (rewards.numel() == 0) return {advantages, returns};

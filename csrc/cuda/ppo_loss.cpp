@@ -10,30 +10,11 @@
 #include <optional>
 #include <tuple>
 
+#include "checks/ppo_loss.h"
+#include "dtype.h"
 #include "kernels/ppo_loss.cuh"
 
 namespace {
-
-rlhf_fast::PpoInputType input_type_of(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return rlhf_fast::PpoInputType::kFloat32;
-    case at::kDouble:
-      return rlhf_fast::PpoInputType::kFloat64;
-    case at::kBFloat16:
-      return rlhf_fast::PpoInputType::kBFloat16;
-    case at::kHalf:
-      return rlhf_fast::PpoInputType::kFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "ppo_losses: logprobs must be float32/float64/bfloat16/float16, got ", dtype);
-  return rlhf_fast::PpoInputType::kFloat32;  // unreachable
-}
-
-at::ScalarType output_dtype(const at::Tensor& logprobs) {
-  return logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // The problem description plus the tensors it points into that this file created (a bool copy of an
 // integer mask), kept alive until the launch is enqueued.
@@ -46,37 +27,28 @@ Problem describe(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
                  const at::Tensor& mask, const std::optional<at::Tensor>& values,
                  const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns,
                  double clip_coef, double value_clip) {
-  TORCH_CHECK(logprobs.dim() == 2, "ppo_losses: logprobs must be [B, T]");
+  const bool has_values =
+      rlhf_fast::check_ppo_losses_args(logprobs, old_logprobs, advantages, mask, values, old_values, returns);
   TORCH_CHECK(logprobs.is_cuda(), "ppo_losses: logprobs must be a CUDA tensor");
-  const bool has_values = values.has_value() && values->defined();
-  TORCH_CHECK(has_values == (old_values.has_value() && old_values->defined()) &&
-                  has_values == (returns.has_value() && returns->defined()),
-              "ppo_losses: values, old_values and returns must be given together");
   Problem problem;
   auto& d = problem.description;
   auto attach = [&](const at::Tensor& tensor, rlhf_fast::PpoTensor index, const char* name) {
-    TORCH_CHECK(tensor.sizes() == logprobs.sizes(), "ppo_losses: ", name, " must have the shape of logprobs");
     TORCH_CHECK(tensor.device() == logprobs.device(), "ppo_losses: ", name, " must be on the device of logprobs");
     d.strides[index][0] = tensor.stride(0);
     d.strides[index][1] = tensor.stride(1);
     return tensor.data_ptr();
   };
-  auto attach_float = [&](const at::Tensor& tensor, rlhf_fast::PpoTensor index, const char* name) {
-    TORCH_CHECK(tensor.scalar_type() == logprobs.scalar_type(), "ppo_losses: ", name,
-                " must have the dtype of logprobs");
-    return static_cast<const void*>(attach(tensor, index, name));
-  };
-  d.logprobs = attach_float(logprobs, rlhf_fast::kLogprobs, "logprobs");
-  d.old_logprobs = attach_float(old_logprobs, rlhf_fast::kOldLogprobs, "old_logprobs");
-  d.advantages = attach_float(advantages, rlhf_fast::kAdvantages, "advantages");
+  d.logprobs = attach(logprobs, rlhf_fast::kLogprobs, "logprobs");
+  d.old_logprobs = attach(old_logprobs, rlhf_fast::kOldLogprobs, "old_logprobs");
+  d.advantages = attach(advantages, rlhf_fast::kAdvantages, "advantages");
   problem.mask = mask.scalar_type() == at::kBool ? mask : mask.ne(0);
   d.mask = static_cast<const bool*>(attach(problem.mask, rlhf_fast::kMask, "mask"));
   if (has_values) {
-    d.values = attach_float(*values, rlhf_fast::kValues, "values");
-    d.old_values = attach_float(*old_values, rlhf_fast::kOldValues, "old_values");
-    d.returns = attach_float(*returns, rlhf_fast::kReturns, "returns");
+    d.values = attach(*values, rlhf_fast::kValues, "values");
+    d.old_values = attach(*old_values, rlhf_fast::kOldValues, "old_values");
+    d.returns = attach(*returns, rlhf_fast::kReturns, "returns");
   }
-  d.input_type = input_type_of(logprobs.scalar_type());
+  d.input_type = rlhf_fast::input_type_of(logprobs.scalar_type(), "ppo_losses", "logprobs");
   d.batch = logprobs.size(0);
   d.steps = logprobs.size(1);
   d.clip_coef = clip_coef;
@@ -95,7 +67,7 @@ ForwardOutputs ppo_losses_forward_cuda(const at::Tensor& logprobs, const at::Ten
   const c10::cuda::CUDAGuard device_guard(logprobs.device());
   const Problem problem =
       describe(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_coef, value_clip);
-  const auto options = logprobs.options().dtype(output_dtype(logprobs));
+  const auto options = logprobs.options().dtype(rlhf_fast::accumulate_dtype(logprobs.scalar_type()));
   // Separate allocations: a custom op's outputs may not alias one another.
   at::Tensor policy_loss = at::empty({}, options), clipfrac = at::empty({}, options);
   at::Tensor approx_kl = at::empty({}, options), ratio_mean = at::empty({}, options);
@@ -132,8 +104,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_losses_backward_cuda(
                 " must be on the device of logprobs");
     return scalar.to(dtype).contiguous();
   };
-  const at::Tensor grad_policy = on_device(grad_policy_loss, output_dtype(logprobs), "grad_policy_loss");
-  const at::Tensor grad_value = on_device(grad_value_loss, output_dtype(logprobs), "grad_value_loss");
+  const auto grad_dtype = rlhf_fast::accumulate_dtype(logprobs.scalar_type());
+  const at::Tensor grad_policy = on_device(grad_policy_loss, grad_dtype, "grad_policy_loss");
+  const at::Tensor grad_value = on_device(grad_value_loss, grad_dtype, "grad_value_loss");
   const at::Tensor count = on_device(valid_count, at::kLong, "valid_count");
 
   at::Tensor grad_logprobs = at::empty(logprobs.sizes(), logprobs.options());

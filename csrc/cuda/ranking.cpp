@@ -9,30 +9,11 @@
 
 #include <optional>
 
+#include "checks/ranking.h"
+#include "dtype.h"
 #include "kernels/ranking.cuh"
 
 namespace {
-
-rlhf_fast::RankingInputType input_type_of(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return rlhf_fast::RankingInputType::kFloat32;
-    case at::kDouble:
-      return rlhf_fast::RankingInputType::kFloat64;
-    case at::kBFloat16:
-      return rlhf_fast::RankingInputType::kBFloat16;
-    case at::kHalf:
-      return rlhf_fast::RankingInputType::kFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "ranking_loss: rewards must be float32/float64/bfloat16/float16, got ", dtype);
-  return rlhf_fast::RankingInputType::kFloat32;  // unreachable
-}
-
-at::ScalarType acc_dtype(const at::Tensor& rewards) {
-  return rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // The kernels read int32 or int64 indices; other integer types are widened once.
 at::Tensor as_index(const at::Tensor& values) {
@@ -51,7 +32,7 @@ rlhf_fast::RankingProblem make_problem(const at::Tensor& rewards, const at::Tens
   rlhf_fast::RankingProblem problem{};
   problem.rewards = rewards.data_ptr();
   problem.rewards_stride = rewards.stride(0);
-  problem.input_type = input_type_of(rewards.scalar_type());
+  problem.input_type = rlhf_fast::input_type_of(rewards.scalar_type(), "ranking_loss", "rewards");
   if (ranks.defined()) {
     problem.ranks = ranks.data_ptr();
     problem.ranks_stride = ranks.stride(0);
@@ -68,17 +49,15 @@ rlhf_fast::RankingProblem make_problem(const at::Tensor& rewards, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> prepare_extras(const at::Tensor& rewards, const std::optional<at::Tensor>& ranks,
                                                   const std::optional<at::Tensor>& margins) {
-  TORCH_CHECK(rewards.dim() == 1 && rewards.is_cuda(), "ranking_loss: rewards must be a [ΣK] CUDA tensor");
   at::Tensor ranks_in, margins_in;
   if (ranks) {
-    TORCH_CHECK(ranks->sizes() == rewards.sizes(), "ranking_loss: ranks must be shaped like rewards");
     check_device(rewards, *ranks, "ranks");
     ranks_in = as_index(*ranks);
   }
   if (margins) {
-    TORCH_CHECK(margins->sizes() == rewards.sizes(), "ranking_loss: margins must be shaped like rewards");
     check_device(rewards, *margins, "margins");
-    margins_in = margins->scalar_type() == acc_dtype(rewards) ? *margins : margins->to(acc_dtype(rewards));
+    const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
+    margins_in = margins->scalar_type() == dtype ? *margins : margins->to(dtype);
   }
   return {ranks_in, margins_in};
 }
@@ -86,14 +65,15 @@ std::tuple<at::Tensor, at::Tensor> prepare_extras(const at::Tensor& rewards, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward_cuda(
     const at::Tensor& rewards, const at::Tensor& group_sizes, const std::optional<at::Tensor>& ranks,
     const std::optional<at::Tensor>& margins, double margin) {
-  TORCH_CHECK(group_sizes.dim() == 1, "ranking_loss: group_sizes must be [P]");
+  rlhf_fast::check_ranking_forward_args(rewards, group_sizes, ranks, margins);
+  TORCH_CHECK(rewards.is_cuda(), "ranking_loss: rewards must be a CUDA tensor");
   check_device(rewards, group_sizes, "group_sizes");
   const c10::cuda::CUDAGuard device_guard(rewards.device());
   const auto [ranks_in, margins_in] = prepare_extras(rewards, ranks, margins);
   const at::Tensor sizes_in = as_index(group_sizes);
   const int64_t num_prompts = group_sizes.size(0);
 
-  const auto options = rewards.options().dtype(acc_dtype(rewards));
+  const auto options = rewards.options().dtype(rlhf_fast::accumulate_dtype(rewards.scalar_type()));
   auto loss = at::empty({}, options);
   auto accuracy = at::empty({}, options);
   auto weights = at::empty({num_prompts}, options);
@@ -122,15 +102,14 @@ at::Tensor ranking_loss_backward_cuda(const at::Tensor& grad_loss, const at::Ten
                                       const std::optional<at::Tensor>& ranks,
                                       const std::optional<at::Tensor>& margins, double margin,
                                       const at::Tensor& prompt_weights, const at::Tensor& prompt_ends) {
-  TORCH_CHECK(grad_loss.numel() == 1, "ranking_loss: grad_loss must hold one value");
-  TORCH_CHECK(prompt_weights.dim() == 1 && prompt_ends.sizes() == prompt_weights.sizes(),
-              "ranking_loss: prompt_weights and prompt_ends must both be [P]");
+  rlhf_fast::check_ranking_backward_args(grad_loss, rewards, ranks, margins, prompt_weights, prompt_ends);
+  TORCH_CHECK(rewards.is_cuda(), "ranking_loss: rewards must be a CUDA tensor");
   check_device(rewards, grad_loss, "grad_loss");
   check_device(rewards, prompt_weights, "prompt_weights");
   check_device(rewards, prompt_ends, "prompt_ends");
   const c10::cuda::CUDAGuard device_guard(rewards.device());
   const auto [ranks_in, margins_in] = prepare_extras(rewards, ranks, margins);
-  const auto dtype = acc_dtype(rewards);
+  const auto dtype = rlhf_fast::accumulate_dtype(rewards.scalar_type());
   const at::Tensor grad_in = grad_loss.to(dtype).contiguous();
   const at::Tensor weights_in = prompt_weights.to(dtype).contiguous();
   const at::Tensor ends_in = prompt_ends.to(at::kLong).contiguous();

@@ -19,12 +19,11 @@
 // leaves the final normalization pass to one block (or needs a hand-made barrier, which is a cooperative
 // launch without the guarantee of co-residency), so it is slower or unsafe.
 #include "kernels/gae.cuh"
+#include "kernels/input_type.cuh"
 
 #include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <atomic>
@@ -39,11 +38,6 @@ constexpr int kThreads = 256;
 constexpr int kItems = 4;
 constexpr int kTile = kThreads * kItems;
 constexpr int kMaxDevices = 64;
-
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
 
 // Masks arrive in their own integer width (bool, int8 ... int64): "valid" is a nonzero bit pattern.
 __device__ __forceinline__ bool load_valid(const unsigned char* __restrict__ mask, int64_t offset, int itemsize) {
@@ -261,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<acc_t>)
 }
 
 template <typename input_t, typename acc_t>
-cudaError_t whiten_grid_blocks(int64_t batch, int* blocks) {
+cudaError_t whiten_grid_blocks(ElementTypes<input_t, acc_t>, int64_t batch, int* blocks) {
   // The co-resident block count depends only on the kernel and the device: cache it per device.
   static std::atomic<int> resident_cache[kMaxDevices];
   int device = 0;
@@ -287,7 +281,8 @@ cudaError_t whiten_grid_blocks(int64_t batch, int* blocks) {
 }
 
 template <typename input_t, typename acc_t>
-cudaError_t launch_typed(const GaeProblem& problem, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t launch_typed(ElementTypes<input_t, acc_t> types, const GaeProblem& problem, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream) {
   const Layout layout{problem.rewards_stride[0], problem.rewards_stride[1], problem.values_stride[0],
                       problem.values_stride[1],  problem.mask_stride[0],    problem.mask_stride[1],
                       problem.mask_itemsize,     problem.batch,             problem.steps,
@@ -308,7 +303,7 @@ cudaError_t launch_typed(const GaeProblem& problem, void* workspace, size_t work
   }
 
   int grid = 0;
-  cudaError_t status = whiten_grid_blocks<input_t, acc_t>(problem.batch, &grid);
+  cudaError_t status = whiten_grid_blocks(types, problem.batch, &grid);
   if (status != cudaSuccess) return status;
   if (workspace == nullptr || workspace_bytes < static_cast<size_t>(grid) * 3 * sizeof(double))
     return cudaErrorInvalidValue;
@@ -332,23 +327,8 @@ cudaError_t gae_workspace_bytes(const GaeProblem& problem, size_t* bytes) {
   *bytes = 0;
   if (!problem.whiten || problem.batch <= 0 || problem.steps <= 0) return cudaSuccess;
   int grid = 0;
-  cudaError_t status = cudaSuccess;
-  switch (problem.input_type) {
-    case GaeInputType::kFloat32:
-      status = whiten_grid_blocks<float, float>(problem.batch, &grid);
-      break;
-    case GaeInputType::kFloat64:
-      status = whiten_grid_blocks<double, double>(problem.batch, &grid);
-      break;
-    case GaeInputType::kBFloat16:
-      status = whiten_grid_blocks<__nv_bfloat16, float>(problem.batch, &grid);
-      break;
-    case GaeInputType::kFloat16:
-      status = whiten_grid_blocks<__half, float>(problem.batch, &grid);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  const cudaError_t status = dispatch_input_type(
+      problem.input_type, [&](auto types) { return whiten_grid_blocks(types, problem.batch, &grid); });
   if (status == cudaSuccess) *bytes = static_cast<size_t>(grid) * 3 * sizeof(double);
   return status;
 }
@@ -358,17 +338,9 @@ cudaError_t gae_launch(const GaeProblem& problem, void* workspace, size_t worksp
   if (problem.mask_itemsize != 1 && problem.mask_itemsize != 2 && problem.mask_itemsize != 4 &&
       problem.mask_itemsize != 8)
     return cudaErrorInvalidValue;
-  switch (problem.input_type) {
-    case GaeInputType::kFloat32:
-      return launch_typed<float, float>(problem, workspace, workspace_bytes, stream);
-    case GaeInputType::kFloat64:
-      return launch_typed<double, double>(problem, workspace, workspace_bytes, stream);
-    case GaeInputType::kBFloat16:
-      return launch_typed<__nv_bfloat16, float>(problem, workspace, workspace_bytes, stream);
-    case GaeInputType::kFloat16:
-      return launch_typed<__half, float>(problem, workspace, workspace_bytes, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_input_type(problem.input_type, [&](auto types) {
+    return launch_typed(types, problem, workspace, workspace_bytes, stream);
+  });
 }
 
 }  // namespace rlhf_fast

@@ -11,9 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace rlhf_fast {
+#include "kernels/input_type.h"
 
-enum class GaeInputType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+namespace rlhf_fast {
 
 struct GaeProblem {
   // [B, T] inputs with element strides {row, column}; rewards and values share `input_type`.
@@ -24,7 +24,7 @@ struct GaeProblem {
   int64_t values_stride[2];
   int64_t mask_stride[2];
   int mask_itemsize;
-  GaeInputType input_type;
+  InputType input_type;
   int64_t batch;
   int64_t steps;
   double gamma;

@@ -8,6 +8,7 @@
 //
 // Backward: elementwise, recomputing the ratio; 1/count comes from the forward's valid_count on the device,
 // so nothing is read back to the host.
+#include "kernels/input_type.cuh"
 #include "kernels/ppo_loss.cuh"
 #include "kernels/ppo_loss_token.h"
 
@@ -27,11 +28,6 @@ using ppo_loss::value_token;
 constexpr int kThreads = 256;
 constexpr int kTokensPerThread = 4;  // aimed for; blocks are capped at kBlocksPerMultiprocessor per SM
 constexpr int kBlocksPerMultiprocessor = 4;
-
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
 
 __device__ __forceinline__ void store(float* out, float x) { *out = x; }
 __device__ __forceinline__ void store(double* out, double x) { *out = x; }
@@ -215,60 +211,30 @@ cudaError_t grid_size(int64_t numel, int blocks_per_multiprocessor, int* blocks)
   return cudaSuccess;
 }
 
-// Calls `launcher.template run<scalar_t, acc_t>()` for the problem's input dtype.
-template <typename Launcher>
-cudaError_t dispatch_dtype(PpoInputType input_type, const Launcher& launcher) {
-  switch (input_type) {
-    case PpoInputType::kFloat32:
-      return launcher.template run<float, float>();
-    case PpoInputType::kFloat64:
-      return launcher.template run<double, double>();
-    case PpoInputType::kBFloat16:
-      return launcher.template run<__nv_bfloat16, float>();
-    case PpoInputType::kFloat16:
-      return launcher.template run<__half, float>();
-  }
-  return cudaErrorInvalidValue;
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_forward(ElementTypes<scalar_t, acc_t>, const PpoLossProblem& problem, const PpoLossOutputs& outputs,
+                           Partial* partials, unsigned int* blocks_done, int blocks, cudaStream_t stream) {
+  const auto kernel = problem.values != nullptr ? forward_kernel<scalar_t, acc_t, true>
+                                                : forward_kernel<scalar_t, acc_t, false>;
+  kernel<<<blocks, kThreads, 0, stream>>>(typed<scalar_t>(problem), static_cast<acc_t>(1.0 - problem.clip_coef),
+                                          static_cast<acc_t>(1.0 + problem.clip_coef),
+                                          static_cast<acc_t>(problem.value_clip), partials, blocks_done, outputs);
+  return cudaGetLastError();
 }
 
-struct ForwardLauncher {
-  const PpoLossProblem& problem;
-  const PpoLossOutputs& outputs;
-  Partial* partials;
-  unsigned int* blocks_done;
-  int blocks;
-  cudaStream_t stream;
-
-  template <typename scalar_t, typename acc_t>
-  cudaError_t run() const {
-    const auto kernel = problem.values != nullptr ? forward_kernel<scalar_t, acc_t, true>
-                                                  : forward_kernel<scalar_t, acc_t, false>;
-    kernel<<<blocks, kThreads, 0, stream>>>(typed<scalar_t>(problem), static_cast<acc_t>(1.0 - problem.clip_coef),
-                                            static_cast<acc_t>(1.0 + problem.clip_coef),
-                                            static_cast<acc_t>(problem.value_clip), partials, blocks_done, outputs);
-    return cudaGetLastError();
-  }
-};
-
-struct BackwardLauncher {
-  const PpoLossProblem& problem;
-  const PpoLossGradients& gradients;
-  int blocks;
-  cudaStream_t stream;
-
-  template <typename scalar_t, typename acc_t>
-  cudaError_t run() const {
-    const auto kernel = problem.values != nullptr ? backward_kernel<scalar_t, acc_t, true>
-                                                  : backward_kernel<scalar_t, acc_t, false>;
-    kernel<<<blocks, kThreads, 0, stream>>>(
-        typed<scalar_t>(problem), static_cast<acc_t>(1.0 - problem.clip_coef),
-        static_cast<acc_t>(1.0 + problem.clip_coef), static_cast<acc_t>(problem.value_clip),
-        static_cast<const acc_t*>(gradients.grad_policy_loss), static_cast<const acc_t*>(gradients.grad_value_loss),
-        gradients.valid_count, static_cast<scalar_t*>(gradients.grad_logprobs),
-        static_cast<scalar_t*>(gradients.grad_values));
-    return cudaGetLastError();
-  }
-};
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_backward(ElementTypes<scalar_t, acc_t>, const PpoLossProblem& problem,
+                            const PpoLossGradients& gradients, int blocks, cudaStream_t stream) {
+  const auto kernel = problem.values != nullptr ? backward_kernel<scalar_t, acc_t, true>
+                                                : backward_kernel<scalar_t, acc_t, false>;
+  kernel<<<blocks, kThreads, 0, stream>>>(
+      typed<scalar_t>(problem), static_cast<acc_t>(1.0 - problem.clip_coef),
+      static_cast<acc_t>(1.0 + problem.clip_coef), static_cast<acc_t>(problem.value_clip),
+      static_cast<const acc_t*>(gradients.grad_policy_loss), static_cast<const acc_t*>(gradients.grad_value_loss),
+      gradients.valid_count, static_cast<scalar_t*>(gradients.grad_logprobs),
+      static_cast<scalar_t*>(gradients.grad_values));
+  return cudaGetLastError();
+}
 
 }  // namespace
 
@@ -291,7 +257,9 @@ cudaError_t ppo_losses_forward_launch(const PpoLossProblem& problem, const PpoLo
   auto* blocks_done = reinterpret_cast<unsigned int*>(partials + blocks);
   status = cudaMemsetAsync(blocks_done, 0, sizeof(unsigned int), stream);
   if (status != cudaSuccess) return status;
-  return dispatch_dtype(problem.input_type, ForwardLauncher{problem, outputs, partials, blocks_done, blocks, stream});
+  return dispatch_input_type(problem.input_type, [&](auto types) {
+    return launch_forward(types, problem, outputs, partials, blocks_done, blocks, stream);
+  });
 }
 
 cudaError_t ppo_losses_backward_launch(const PpoLossProblem& problem, const PpoLossGradients& gradients,
@@ -301,7 +269,9 @@ cudaError_t ppo_losses_backward_launch(const PpoLossProblem& problem, const PpoL
   int blocks = 0;
   const cudaError_t status = grid_size(numel, 4 * kBlocksPerMultiprocessor, &blocks);
   if (status != cudaSuccess) return status;
-  return dispatch_dtype(problem.input_type, BackwardLauncher{problem, gradients, blocks, stream});
+  return dispatch_input_type(problem.input_type, [&](auto types) {
+    return launch_backward(types, problem, gradients, blocks, stream);
+  });
 }
 
 }  // namespace rlhf_fast

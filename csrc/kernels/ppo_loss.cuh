@@ -13,9 +13,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace rlhf_fast {
+#include "kernels/input_type.h"
 
-enum class PpoInputType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+namespace rlhf_fast {
 
 // Index of each input in PpoLossProblem::strides.
 enum PpoTensor : int { kLogprobs = 0, kOldLogprobs, kAdvantages, kMask, kValues, kOldValues, kReturns, kNumTensors };
@@ -31,7 +31,7 @@ struct PpoLossProblem {
   const void* old_values;
   const void* returns;
   int64_t strides[kNumTensors][2];  // element strides {row, column}, indexed by PpoTensor
-  PpoInputType input_type;
+  InputType input_type;
   int64_t batch;
   int64_t steps;
   double clip_coef;

@@ -8,6 +8,7 @@
 // Determinism: every sum has a fixed order (warp butterflies, then one block reducing per-prompt partials in
 // prompt order with cub::BlockReduce), so results do not depend on scheduling. The multi-block forward uses
 // a last-block-done ticket only to decide *which* block reduces, not the order of the sum.
+#include "kernels/input_type.cuh"
 #include "kernels/ranking.cuh"
 
 #include <cub/block/block_reduce.cuh>
@@ -27,11 +28,6 @@ constexpr int kBackwardWarps = kBackwardThreads / kWarp;
 constexpr int kHalfGroup = kRankingMaxGroup / 2;
 static_assert(kRankingMaxGroup == 16 && kRankingMaxGroup * kRankingMaxGroup <= 8 * kWarp,
               "the pair loop assumes at most 8 steps of 32 pairs and two lanes per completion");
-
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
 
 template <typename T>
 __device__ __forceinline__ T narrow(float x);
@@ -308,8 +304,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
 }
 
 template <typename input_t, typename acc_t>
-cudaError_t forward_typed(const RankingProblem& problem, const RankingForwardOutputs& outputs, void* workspace,
-                          cudaStream_t stream) {
+cudaError_t forward_typed(ElementTypes<input_t, acc_t>, const RankingProblem& problem,
+                          const RankingForwardOutputs& outputs, void* workspace, cudaStream_t stream) {
   const acc_t margin = static_cast<acc_t>(problem.margin);
   if (problem.num_prompts <= kRankingSingleBlockMaxPrompts) {
     ranking_forward_single_block<input_t, acc_t><<<1, kForwardThreads, 0, stream>>>(problem, margin, outputs);
@@ -327,8 +323,8 @@ cudaError_t forward_typed(const RankingProblem& problem, const RankingForwardOut
 }
 
 template <typename input_t, typename acc_t>
-cudaError_t backward_typed(const RankingProblem& problem, const void* grad_loss, const void* weights,
-                           const int64_t* ends, void* grad_rewards, cudaStream_t stream) {
+cudaError_t backward_typed(ElementTypes<input_t, acc_t>, const RankingProblem& problem, const void* grad_loss,
+                           const void* weights, const int64_t* ends, void* grad_rewards, cudaStream_t stream) {
   if (problem.num_prompts == 0) return cudaSuccess;
   const int64_t blocks = (problem.num_prompts + kBackwardWarps - 1) / kBackwardWarps;
   ranking_backward_kernel<input_t, acc_t><<<static_cast<unsigned int>(blocks), kBackwardThreads, 0, stream>>>(
@@ -355,35 +351,18 @@ cudaError_t ranking_forward_launch(const RankingProblem& problem, const RankingF
   if (!valid_problem(problem) || (problem.group_sizes_itemsize != 4 && problem.group_sizes_itemsize != 8)) {
     return cudaErrorInvalidValue;
   }
-  switch (problem.input_type) {
-    case RankingInputType::kFloat32:
-      return forward_typed<float, float>(problem, outputs, workspace, stream);
-    case RankingInputType::kFloat64:
-      return forward_typed<double, double>(problem, outputs, workspace, stream);
-    case RankingInputType::kBFloat16:
-      return forward_typed<__nv_bfloat16, float>(problem, outputs, workspace, stream);
-    case RankingInputType::kFloat16:
-      return forward_typed<__half, float>(problem, outputs, workspace, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_input_type(problem.input_type, [&](auto types) {
+    return forward_typed(types, problem, outputs, workspace, stream);
+  });
 }
 
 cudaError_t ranking_backward_launch(const RankingProblem& problem, const void* grad_loss,
                                     const void* prompt_weights, const int64_t* prompt_ends, void* grad_rewards,
                                     cudaStream_t stream) {
   if (!valid_problem(problem)) return cudaErrorInvalidValue;
-  switch (problem.input_type) {
-    case RankingInputType::kFloat32:
-      return backward_typed<float, float>(problem, grad_loss, prompt_weights, prompt_ends, grad_rewards, stream);
-    case RankingInputType::kFloat64:
-      return backward_typed<double, double>(problem, grad_loss, prompt_weights, prompt_ends, grad_rewards, stream);
-    case RankingInputType::kBFloat16:
-      return backward_typed<__nv_bfloat16, float>(problem, grad_loss, prompt_weights, prompt_ends, grad_rewards,
-                                                  stream);
-    case RankingInputType::kFloat16:
-      return backward_typed<__half, float>(problem, grad_loss, prompt_weights, prompt_ends, grad_rewards, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_input_type(problem.input_type, [&](auto types) {
+    return backward_typed(types, problem, grad_loss, prompt_weights, prompt_ends, grad_rewards, stream);
+  });
 }
 
 }  // namespace rlhf_fast

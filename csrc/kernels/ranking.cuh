@@ -16,10 +16,9 @@
 #include <cstdint>
 
 #include "kernels/constants.h"
+#include "kernels/input_type.h"
 
 namespace rlhf_fast {
-
-enum class RankingInputType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 constexpr int64_t kRankingSingleBlockMaxPrompts = 512;
 
@@ -27,7 +26,7 @@ constexpr int64_t kRankingSingleBlockMaxPrompts = 512;
 struct RankingProblem {
   const void* rewards;  // [num_completions] of input_type, element stride rewards_stride
   int64_t rewards_stride;
-  RankingInputType input_type;
+  InputType input_type;
   const void* ranks;  // [num_completions] int32 or int64 (ranks_itemsize 4 or 8), or nullptr: best first
   int64_t ranks_stride;
   int ranks_itemsize;
