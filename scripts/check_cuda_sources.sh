@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
-PYTHON=${PYTHON:-.venv/bin/python}
+TORCH_PYTHON=${TORCH_PYTHON:-.venv/bin/python}
 CXX=${CXX:-g++}
 if [ ! -x "$NVCC" ]; then
   echo "check_cuda_sources: nvcc not found; skipped" >&2
@@ -33,9 +33,9 @@ if [ ! -f "$cuda_include/cuda_runtime.h" ]; then
 fi
 if ! command -v "$CXX" >/dev/null; then
   echo "check_cuda_sources: $CXX not found; bindings not checked" >&2
-elif ! torch_includes=$("$PYTHON" -c \
+elif ! torch_includes=$("$TORCH_PYTHON" -c \
        "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))" 2>/dev/null); then
-  echo "check_cuda_sources: no torch importable by $PYTHON; bindings not checked" >&2
+  echo "check_cuda_sources: no torch importable by $TORCH_PYTHON; bindings not checked" >&2
 else
   # A CPU torch wheel lacks this one header, generated at torch's build time; the bindings need none of its macros.
   mkdir -p "$out/stub/c10/cuda/impl"
