@@ -25,7 +25,6 @@ follow the trajectory of one (exactly, when the sampling itself is deterministic
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,17 +35,11 @@ from torch import nn
 from rlhf_fast.models import last_token_index
 from rlhf_fast.models.loading import (
     Precision,
-    WithoutAdapters,
     adapters_disabled,
-    autocast_forward,
-    load_policy,
-    prepare_trained,
     reencode_for_reward,
     resolve_eos_token_id,
     resolve_pad_token_id,
     same_vocabulary,
-    shared_base_value_model,
-    store_frozen,
 )
 from rlhf_fast.ops import gae, ppo_losses, value_checks
 from rlhf_fast.rollout import sample
@@ -61,14 +54,11 @@ from rlhf_fast.trainers._common import (
     rank_share,
     trainable_parameters,
 )
-from rlhf_fast.trainers._modules import PolicyLogprobs, ValueScores
 from rlhf_fast.trainers.checkpoint import CheckpointManager
 from rlhf_fast.trainers.distributed import (
     init_distributed,
-    is_fsdp,
     seed_everything,
     unsharded,
-    wrap_model,
 )
 from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.kl_control import AdaptiveKLController, FixedKLController
@@ -86,6 +76,7 @@ from rlhf_fast.trainers.ppo_batch import (
     whiten,
 )
 from rlhf_fast.trainers.ppo_config import PPOConfig
+from rlhf_fast.trainers.ppo_models import build_ppo_models, iteration_modules, reshard_frozen_after_forward
 
 
 class PPOTrainer(RunLoop):
@@ -130,7 +121,6 @@ class PPOTrainer(RunLoop):
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
     ):
-        from rlhf_fast.models import RewardModel, ValueModel
 
         config.check()
         self.config = config
@@ -156,37 +146,10 @@ class PPOTrainer(RunLoop):
         self.precision = precision = Precision.from_config(config, device)
         if precision.lora is not None and config.fsdp and ctx.is_distributed:
             raise ValueError("lora with fsdp is not supported: LoRA trains on one device or under DDP")
-        self.policy = prepare_trained(load_policy(policy), precision)
-        self.shares_reference = precision.lora is not None and ref_policy is None
-        if self.shares_reference:
-            self.ref_policy = self.policy
-        else:
-            self.ref_policy = (
-                load_policy(ref_policy) if ref_policy is not None else copy.deepcopy(self.policy)
-            )
-            store_frozen(self.ref_policy.to(device), precision.dtype)
-        self.reward_model = reward_model.to(device) if isinstance(reward_model, nn.Module) else reward_model
-        if isinstance(self.reward_model, nn.Module):
-            self.reward_model.requires_grad_(False).eval()
-        if value_model is None and precision.lora is not None and isinstance(reward_model, RewardModel):
-            store_frozen(self.reward_model, precision.dtype)
-            value_model = shared_base_value_model(
-                self.reward_model, precision
-            )  # a LoRA head on the RM's base
-        else:
-            if value_model is None:  # copied before the reward model is stored in the compute dtype
-                value_model = (
-                    ValueModel.from_reward_model(reward_model)
-                    if isinstance(reward_model, RewardModel)
-                    else ValueModel.from_policy(self.policy)
-                )
-                value_model.requires_grad_(True)  # the copy of a frozen reward model must still train
-            value_model = prepare_trained(value_model, precision)
-            if isinstance(self.reward_model, RewardModel):
-                store_frozen(self.reward_model, precision.dtype)
-        self.value_model = value_model
-        for model in (self.policy, self.ref_policy, self.value_model):
-            model.eval()  # no dropout anywhere in PPO: the ratio and the KL need a deterministic forward
+        models = build_ppo_models(policy, reward_model, ref_policy, value_model, precision, device)
+        self.policy, self.ref_policy = models.policy, models.ref_policy
+        self.reward_model, self.value_model = models.reward_model, models.value_model
+        self.shares_reference = models.shares_reference
         self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.policy.config)
         self.eos_token_id = resolve_eos_token_id(eos_token_id, tokenizer, self.policy.config)
         # A reward model with its own tokenizer scores re-encoded text (see `score`).
@@ -203,32 +166,14 @@ class PPOTrainer(RunLoop):
 
         # Models as the iteration calls them: trained ones wrapped for DDP / FSDP2.
         self._skeleton = meta_skeleton(self.policy) if config.fsdp and ctx.is_distributed else None
-        self.policy_module = PolicyLogprobs(self.policy)
-        self.value_module = ValueScores(self.value_model)
-        self.ref_module = (
-            WithoutAdapters(PolicyLogprobs(self.policy), self.policy)
-            if self.shares_reference
-            else PolicyLogprobs(self.ref_policy)
-        )
-        for module in (self.policy_module, self.value_module, self.ref_module):
-            autocast_forward(module, device.type, precision.dtype)
-        self.reward_module = (
-            self.reward_model
-        )  # a RewardModel or any (input_ids, attention_mask) -> [B] callable
-        if isinstance(self.reward_module, nn.Module):
-            autocast_forward(self.reward_module, device.type, precision.dtype)
-        self.policy_train = wrap_model(self.policy_module, ctx, fsdp=config.fsdp)
-        self.value_train = wrap_model(self.value_module, ctx, fsdp=config.fsdp)
-        if config.fsdp and ctx.is_distributed:
-            wrap_model(self.ref_module, ctx, fsdp=True)
-            if isinstance(self.reward_module, nn.Module):
-                wrap_model(self.reward_module, ctx, fsdp=True)
+        modules = iteration_modules(models, precision, ctx, config.fsdp)
+        self.policy_module, self.value_module = modules.policy, modules.value
+        self.ref_module, self.reward_module = modules.reference, modules.reward
+        self.policy_train, self.value_train = modules.policy_train, modules.value_train
         self.trained = nn.ModuleDict({"policy": self.policy_module, "value": self.value_module})
         if config.fsdp and ctx.is_distributed:
             self._initialize_fsdp_roots()
-            for frozen in (self.ref_module, self.reward_module):
-                if is_fsdp(frozen):  # never backpropagated: free the root's gathered weights after forward
-                    frozen.set_reshard_after_forward(True, recurse=False)
+            reshard_frozen_after_forward(modules)
 
         self.policy_parameters = trainable_parameters(self.policy_module)
         self.value_parameters = trainable_parameters(self.value_module)
