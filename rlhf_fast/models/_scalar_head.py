@@ -40,10 +40,14 @@ class ScalarHeadModel(nn.Module):
     config_file: ClassVar[str] = "head_config.json"
     format_name: ClassVar[str] = "rlhf_fast.scalar_head"
 
-    def __init__(self, backbone: PreTrainedModel, head: nn.Linear | None = None, *, head_init_std: float = 0.0):
+    def __init__(
+        self, backbone: PreTrainedModel, head: nn.Linear | None = None, *, head_init_std: float = 0.0
+    ):
         super().__init__()
         if not isinstance(backbone, PreTrainedModel):
-            raise ValueError(f"backbone must be a transformers PreTrainedModel, got {type(backbone).__name__}")
+            raise ValueError(
+                f"backbone must be a transformers PreTrainedModel, got {type(backbone).__name__}"
+            )
         if backbone.get_output_embeddings() is not None and backbone.base_model is not backbone:
             raise ValueError(
                 f"backbone is a {type(backbone).__name__} with an LM head; pass its base model "
@@ -110,7 +114,9 @@ class ScalarHeadModel(nn.Module):
         path = check_directory("path", path)
         head_path = os.path.join(path, cls.head_file)
         if not os.path.isfile(head_path):
-            raise ValueError(f"path={path!r} has no {cls.head_file}; was it saved by {cls.__name__}.save_pretrained?")
+            raise ValueError(
+                f"path={path!r} has no {cls.head_file}; was it saved by {cls.__name__}.save_pretrained?"
+            )
         backbone = AutoModel.from_pretrained(path, **load_kwargs(dtype, trust_remote_code))
         tensors = load_file(head_path)
         head = nn.Linear(tensors["weight"].shape[1], 1)
@@ -126,7 +132,10 @@ class ScalarHeadModel(nn.Module):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.backbone.save_pretrained(directory)
-        head_state = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.head.state_dict().items()}
+        head_state = {
+            name: t.detach().to("cpu", torch.float32).contiguous()
+            for name, t in self.head.state_dict().items()
+        }
         save_file(head_state, os.path.join(directory, self.head_file), metadata={"format": "pt"})
         with open(os.path.join(directory, self.config_file), "w") as f:
             json.dump({"format": self.format_name, "version": 1, **self._head_config()}, f, indent=2)
@@ -159,7 +168,11 @@ class ScalarHeadModel(nn.Module):
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [...] float32 (the head, computed in float32)."""
-        return nn.functional.linear(hidden.to(self.head.weight.dtype), self.head.weight, self.head.bias).squeeze(-1).float()
+        return (
+            nn.functional.linear(hidden.to(self.head.weight.dtype), self.head.weight, self.head.bias)
+            .squeeze(-1)
+            .float()
+        )
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

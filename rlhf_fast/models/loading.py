@@ -440,6 +440,7 @@ def check_token_ids(model, sequences) -> None:
                 f"vocabulary [0, {vocab}): was the data encoded with this model's tokenizer?"
             )
 
+
 __all__ = [
     "DTYPES",
     "LoRAConfig",

@@ -31,9 +31,13 @@ class PolicyModel(nn.Module):
     def __init__(self, hf_model: PreTrainedModel):
         super().__init__()
         if not isinstance(hf_model, PreTrainedModel):
-            raise ValueError(f"hf_model must be a transformers PreTrainedModel, got {type(hf_model).__name__}")
+            raise ValueError(
+                f"hf_model must be a transformers PreTrainedModel, got {type(hf_model).__name__}"
+            )
         if hf_model.get_output_embeddings() is None:
-            raise ValueError(f"hf_model ({type(hf_model).__name__}) has no LM head; load it with AutoModelForCausalLM")
+            raise ValueError(
+                f"hf_model ({type(hf_model).__name__}) has no LM head; load it with AutoModelForCausalLM"
+            )
         _check_plain_lm_head(hf_model.config)
         self.hf_model = hf_model
         backbone_of(hf_model)  # fails early on a model without a separate decoder stack

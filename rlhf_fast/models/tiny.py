@@ -46,8 +46,11 @@ def tiny_causal_lm(
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     if max_positions < 2:
         raise ValueError(f"max_positions must be at least 2, got {max_positions}")
-    for name, token_id in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id),
-                           ("eos_token_id", eos_token_id)):
+    for name, token_id in (
+        ("pad_token_id", pad_token_id),
+        ("bos_token_id", bos_token_id),
+        ("eos_token_id", eos_token_id),
+    ):
         if token_id is not None and not 0 <= token_id < vocab_size:
             raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {vocab_size})")
     config = GPT2Config(
@@ -93,7 +96,9 @@ def build_word_tokenizer(
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if add_bos_token:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])]
+            single=f"{BOS_TOKEN} $A",
+            pair=f"{BOS_TOKEN} $A $B",
+            special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
         )
     kwargs = {"model_max_length": model_max_length} if model_max_length is not None else {}
     return PreTrainedTokenizerFast(

@@ -48,7 +48,7 @@ def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
 
     def step(input_ids, position_ids, mask, cache_index, keys, values) -> torch.Tensor:
         batch = input_ids.shape[0]
-        hidden = (F.embedding(input_ids, backbone.wte.weight) + F.embedding(position_ids, backbone.wpe.weight))
+        hidden = F.embedding(input_ids, backbone.wte.weight) + F.embedding(position_ids, backbone.wpe.weight)
         hidden = hidden.view(batch, width)
         for block, layer_keys, layer_values in zip(blocks, keys, values):
             attn, mlp = block.attn, block.mlp
@@ -57,7 +57,9 @@ def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
             query, key, value = qkv.unbind(1)  # each [B, H, 1, hd]
             layer_keys.index_copy_(2, cache_index, key)
             layer_values.index_copy_(2, cache_index, value)
-            out = F.scaled_dot_product_attention(query, layer_keys, layer_values, attn_mask=mask, scale=attn.scaling)
+            out = F.scaled_dot_product_attention(
+                query, layer_keys, layer_values, attn_mask=mask, scale=attn.scaling
+            )
             hidden = torch.addmm(attn.c_proj.bias, out.reshape(batch, width), attn.c_proj.weight).add_(hidden)
             x = F.layer_norm(hidden, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
             x = activation(torch.addmm(mlp.c_fc.bias, x, mlp.c_fc.weight))
@@ -68,7 +70,9 @@ def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
 
 
 # Backbone class -> (is this configuration supported, build the step).
-FAST_DECODE_STEPS: dict[type, tuple[Callable[[torch.nn.Module], bool], Callable[[torch.nn.Module], DecodeStep]]] = {
+FAST_DECODE_STEPS: dict[
+    type, tuple[Callable[[torch.nn.Module], bool], Callable[[torch.nn.Module], DecodeStep]]
+] = {
     GPT2Model: (_gpt2_supported, _gpt2_step),
 }
 
