@@ -155,22 +155,10 @@ def run_eval(args) -> int:
     suite = _world_suite(world, args.world, kept_prompts) if world is not None else None
     baseline_tokenizer = baseline_ids = None
     if baseline_dir is not None:
-        from rlhf_fast.models.loading import same_vocabulary
-
         baseline_tokenizer = load_tokenizer("--baseline", baseline_dir)
-        if same_vocabulary(baseline_tokenizer, tokenizer):
-            _prompt_limit(
-                "--baseline", baseline_dir, limit, args.max_new_tokens
-            )  # the same prompts fit it too
-            baseline_ids = [item.input_ids for item in prompts.encoded.items]
-        else:
-            baseline_limit = _prompt_limit("--baseline", baseline_dir, args.max_length, args.max_new_tokens)
-            baseline_prompts = Dataset("--prompts", "prompts", prompts.path, prompts.loaded)
-            baseline_prompts.loaded = dataclasses.replace(prompts.loaded, records=kept_prompts)
-            # Every prompt the policy answers must reach the baseline too: nothing may be skipped here.
-            baseline_policy = "truncate_prompt" if truncation == "skip" else truncation
-            encode_dataset(baseline_prompts, baseline_tokenizer, baseline_limit, baseline_policy)
-            baseline_ids = [item.input_ids for item in baseline_prompts.encoded.items]
+        baseline_ids = _baseline_prompt_ids(
+            args, baseline_dir, baseline_tokenizer, tokenizer, prompts, kept_prompts, limit, truncation
+        )
     reward_tokenizer = reward_limit = None
     if reward_dir is not None:
         try:
@@ -192,16 +180,55 @@ def run_eval(args) -> int:
         "max_prompt_length": limit,
     }
     policy_ids = [item.input_ids for item in prompts.encoded.items]
-    generations: dict[str, Generation] = {}
-    answers: dict[str, Answers] = {}
-    scores: dict[str, list[float]] = {}
     models = [("policy", policy_dir, tokenizer, policy_ids)]
     if baseline_dir is not None:
         models.append(("baseline", baseline_dir, baseline_tokenizer, baseline_ids))
-    from rlhf_fast.eval.generate import generate, reward_scores
-    from rlhf_fast.eval.suite import respond
-    from rlhf_fast.models import PolicyModel, RewardModel
+    generations, answers = _generate(args, models, suite, device)
+    scores: dict[str, list[float]] = {}
+    if reward_dir is not None:
+        scores = _score(
+            args, reward_dir, reward_tokenizer, reward_limit, models, generations, prompt_texts, device
+        )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
+    results = _results(args, policy_dir, baseline_dir, reward_dir, settings, generations, scores)
+    if suite is not None:
+        results["world"] = _world_metrics(world, suite, answers)
+    _write(out, prompt_texts, generations, scores)
+    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    _print_summary(out, results, generations)
+    return 0
+
+
+def _baseline_prompt_ids(
+    args, baseline_dir, baseline_tokenizer, tokenizer, prompts, kept_prompts, limit: int, truncation: str
+) -> list[list[int]]:
+    """The kept prompts as the baseline reads them: the policy's ids when both share a vocabulary, else the
+    same texts encoded with the baseline's tokenizer (never skipping one the policy answers)."""
+    from rlhf_fast.models.loading import same_vocabulary
+
+    if same_vocabulary(baseline_tokenizer, tokenizer):
+        _prompt_limit("--baseline", baseline_dir, limit, args.max_new_tokens)  # the same prompts fit it too
+        return [item.input_ids for item in prompts.encoded.items]
+    baseline_limit = _prompt_limit("--baseline", baseline_dir, args.max_length, args.max_new_tokens)
+    baseline_prompts = Dataset("--prompts", "prompts", prompts.path, prompts.loaded)
+    baseline_prompts.loaded = dataclasses.replace(prompts.loaded, records=kept_prompts)
+    # Every prompt the policy answers must reach the baseline too: nothing may be skipped here.
+    baseline_policy = "truncate_prompt" if truncation == "skip" else truncation
+    encode_dataset(baseline_prompts, baseline_tokenizer, baseline_limit, baseline_policy)
+    return [item.input_ids for item in baseline_prompts.encoded.items]
+
+
+def _generate(args, models, suite, device) -> tuple[dict[str, Generation], dict[str, Answers]]:
+    """Each (name, directory, tokenizer, prompt ids) model's responses to the prompts, and with a world its
+    answers to the world's probes; one model in memory at a time."""
+    from rlhf_fast.eval.generate import generate
+    from rlhf_fast.eval.suite import respond
+    from rlhf_fast.models import PolicyModel
+
+    generations: dict[str, Generation] = {}
+    answers: dict[str, Answers] = {}
     for name, directory, model_tokenizer, ids in models:
         model = load_weights(f"--{name}", directory, PolicyModel.from_pretrained).to(device).eval()
         generations[name] = generate(
@@ -226,26 +253,24 @@ def run_eval(args) -> int:
                 heldout=generations[name].texts,
             )
         del model
-    if reward_dir is not None:
-        reward_model = load_weights("--reward", reward_dir, RewardModel.from_pretrained).to(device).eval()
-        for name, _, model_tokenizer, ids in models:
-            rows = reward_rows(
-                ids, generations[name], model_tokenizer, reward_tokenizer, prompt_texts, reward_limit
-            )
-            scores[name] = reward_scores(
-                reward_model, rows, int(reward_tokenizer.pad_token_id), args.batch_size
-            )
-        del reward_model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return generations, answers
 
-    results = _results(args, policy_dir, baseline_dir, reward_dir, settings, generations, scores)
-    if suite is not None:
-        results["world"] = _world_metrics(world, suite, answers)
-    _write(out, prompt_texts, generations, scores)
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    _print_summary(out, results, generations)
-    return 0
+
+def _score(
+    args, reward_dir, reward_tokenizer, reward_limit, models, generations, prompt_texts, device
+) -> dict[str, list[float]]:
+    """The reward model's score of each model's responses."""
+    from rlhf_fast.eval.generate import reward_scores
+    from rlhf_fast.models import RewardModel
+
+    reward_model = load_weights("--reward", reward_dir, RewardModel.from_pretrained).to(device).eval()
+    scores = {}
+    for name, _, model_tokenizer, ids in models:
+        rows = reward_rows(
+            ids, generations[name], model_tokenizer, reward_tokenizer, prompt_texts, reward_limit
+        )
+        scores[name] = reward_scores(reward_model, rows, int(reward_tokenizer.pad_token_id), args.batch_size)
+    return scores
 
 
 def _load_world(directory: str):
