@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from rlhf_fast.trainers.distributed import (
     seed_everything,
     wrap_model,
 )
+from rlhf_fast.trainers.export import export_pretrained
 from rlhf_fast.trainers.lock import lock_output_dir
 from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
@@ -416,6 +418,7 @@ class EpochTrainer(RunLoop):
     _items_name: str = "examples"  # in the error for an epoch too small for the processes
     _item_name: str = "example"
     _checkpoint_name: str = "model"  # the model's key in the checkpoint
+    _export_prefix: str = ""  # the trained model's key prefix inside the checkpointed module
 
     def _start(self, config, train_data: Sequence, eval_data: Sequence | None, tokenizer) -> None:
         """The checked config, the process group and seeds, the data as lists, the tokenizer and the precision."""
@@ -438,6 +441,18 @@ class EpochTrainer(RunLoop):
     def _checkpointed_model(self) -> nn.Module:
         """The module saved in (and restored from) the checkpoint, also the optimizer's model."""
         raise NotImplementedError
+
+    def _export(self) -> None:
+        """The trained model to `<output_dir>/final` (under FSDP2 gathered from the checkpointed module)."""
+        export_pretrained(
+            self._trained_model(),
+            Path(self.config.output_dir) / "final",
+            self.ctx,
+            tokenizer=self.tokenizer,
+            skeleton=self._skeleton,
+            prefix=self._export_prefix,
+            state_source=self._checkpointed_model(),
+        )
 
     def _train_batch(self, batch: list[int]) -> dict[str, torch.Tensor]:
         """One optimizer step on a global batch (indices into `train_data`); device-tensor metrics."""

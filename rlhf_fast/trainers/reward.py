@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,15 +25,15 @@ from rlhf_fast.models.loading import (
     prepare_trained,
     resolve_pad_token_id,
 )
-from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
 from rlhf_fast.trainers._common import (
     EpochTrainer,
     gradient_sync,
     guarded_step,
     rank_share,
 )
-from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
+from rlhf_fast.trainers.export import meta_skeleton
 from rlhf_fast.trainers.phases import phase
+from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
 
 
 @dataclasses.dataclass
@@ -259,15 +258,6 @@ class RewardTrainer(EpochTrainer):
         bias = self.normalize()
         log.log(self.global_step, {"normalization/bias": bias})
         return {"normalization/bias": bias}
-
-    def _export(self) -> None:
-        export_pretrained(
-            self.model,
-            Path(self.config.output_dir) / "final",
-            self.ctx,
-            tokenizer=self.tokenizer,
-            skeleton=self._skeleton,
-        )
 
 
 def _ranking_ids(items):

@@ -13,21 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf_fast.models import packed_causal_mask
-from rlhf_fast.ops import value_checks
-from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
-from rlhf_fast.trainers._common import (
-    EpochTrainer,
-    gradient_sync,
-    guarded_step,
-    rank_share,
-    set_residual_dropout,
-)
 from rlhf_fast.models.loading import (
     autocast_forward,
     check_token_ids,
@@ -35,9 +25,18 @@ from rlhf_fast.models.loading import (
     prepare_trained,
     resolve_pad_token_id,
 )
+from rlhf_fast.ops import value_checks
+from rlhf_fast.trainers._common import (
+    EpochTrainer,
+    gradient_sync,
+    guarded_step,
+    rank_share,
+    set_residual_dropout,
+)
 from rlhf_fast.trainers._modules import PolicyLogprobs
-from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
+from rlhf_fast.trainers.export import meta_skeleton
 from rlhf_fast.trainers.phases import phase
+from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
 
 
 @dataclasses.dataclass
@@ -80,6 +79,7 @@ class SFTTrainer(EpochTrainer):
     _eval_log_key = "eval/loss"
     _items_name, _item_name = "examples", "example"
     _checkpoint_name = "policy"
+    _export_prefix = "policy."  # `module` holds the policy under this name
 
     def __init__(
         self,
@@ -214,17 +214,6 @@ class SFTTrainer(EpochTrainer):
 
     def _checkpointed_model(self):
         return self.module
-
-    def _export(self) -> None:
-        export_pretrained(
-            self.policy,
-            Path(self.config.output_dir) / "final",
-            self.ctx,
-            tokenizer=self.tokenizer,
-            skeleton=self._skeleton,
-            prefix="policy.",
-            state_source=self.module,
-        )
 
 
 def _ids_of(example) -> Sequence[int]:
