@@ -9,7 +9,7 @@ so it is only stripped to decide whether a field is empty.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from rlhf_fast.data.errors import DataError, SourceLocation
@@ -72,24 +72,33 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+class _Record:
+    """What every record shares: its `_text_fields` must be non-empty Unicode strings, and `to_dict` gives its
+    fields as JSON values, all but `source`."""
+
+    _text_fields: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in self._text_fields:
+            _check_text(self.source, name, getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "source"}
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
+
+
 @dataclass(frozen=True)
-class Demonstration:
+class Demonstration(_Record):
     """A prompt and the labeler-written response (SFT data)."""
 
     prompt: str
     response: str
     source: SourceLocation | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        _check_text(self.source, "prompt", self.prompt)
-        _check_text(self.source, "response", self.response)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "response": self.response}
+    _text_fields = ("prompt", "response")
 
 
 @dataclass(frozen=True)
-class Ranking:
+class Ranking(_Record):
     """K completions of one prompt ranked by a labeler: `ranks[i]` is completion i's rank, 0 = best.
 
     Ties share a rank. Rank values only matter through their order (they need not be contiguous), but at
@@ -171,33 +180,20 @@ class Ranking:
     def k(self) -> int:
         return len(self.completions)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "completions": list(self.completions), "ranks": list(self.ranks)}
-
 
 @dataclass(frozen=True)
-class PromptRecord:
+class PromptRecord(_Record):
     """A prompt for PPO rollouts or evaluation."""
 
     prompt: str
     source: SourceLocation | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        _check_text(self.source, "prompt", self.prompt)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt}
+    _text_fields = ("prompt",)
 
 
 @dataclass(frozen=True)
-class PretrainText:
+class PretrainText(_Record):
     """A document of the pretraining mix (PPO-ptx, and the demo's base-model pretraining)."""
 
     text: str
     source: SourceLocation | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        _check_text(self.source, "text", self.text)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text}
+    _text_fields = ("text",)
