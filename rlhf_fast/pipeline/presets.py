@@ -92,7 +92,15 @@ PRESETS: dict[str, DemoPreset] = {
         pretrain_block_size=32, pretrain_steps={"tiny": 3000, "small": 1500}, sft_epochs=8,
         # Unlike the paper's 6B RM, this one underfits after one pass (validation accuracy still rises through
         # the third epoch): four passes lift its held-out agreement from about 0.64 to about 0.70.
-        rm_epochs=4, rm_batch_size=8, ppo_iterations=30, ppo_learning_rate=1e-4, kl_coef=0.05, ptx_coef=0.5,
+        rm_epochs=4, rm_batch_size=8,
+        # PPO is limited by what the RM gets wrong, not by what it knows: best-of-6 SFT samples by RM score lift
+        # held-out labelers' utility from 0.59 to 0.78 (seed 0), but the RM barely penalizes an extra or
+        # repeated word (its training samples, the SFT models', seldom have them) and may overvalue a polite
+        # closing severalfold. The longer PPO optimizes, the more it exploits that (60 iterations: 21% of
+        # samples repeat a word, win rate 0.43). Batches of 64 halve the gradient's variance, whose noise let
+        # the policy drift (KL 3-4 nats without gain), and kl_coef 0.2 prices a word off the SFT distribution
+        # above what the RM pays for it; measured, each alone helps less than both.
+        ppo_iterations=30, ppo_batch_size=64, ppo_learning_rate=1e-4, kl_coef=0.2, ptx_coef=0.5,
         eval_prompts=300,
     ),
     "paper": DemoPreset(

@@ -234,3 +234,38 @@ def test_explained_variance_is_finite_when_returns_are_constant(tmp_path):
     metrics = one_iteration(trainer)
     assert metrics["val/explained_variance"] == 0.0
     assert all(math.isfinite(value) for value in metrics.values()), metrics
+
+
+def test_rollout_scores_equal_the_reward_models_scores_of_the_same_text(tmp_path):
+    """PPO optimizes what evaluation measures: the score of a sampled row (left-padded prompt, response, eos,
+    padding) equals the reward model's score of the decoded prompt and response, encoded as its training data."""
+    from rlhf_fast.eval.generate import response_rows, reward_scores
+    from rlhf_fast.models import RewardModel
+
+    torch.manual_seed(0)
+    tokenizer = toy.tokenizer()
+    reward_model = RewardModel.from_policy(toy.policy(seed=3)).eval()
+    trainer = PPOTrainer(
+        PPOConfig(batch_size=8, num_minibatches=2, max_new_tokens=6, output_dir=str(tmp_path)),
+        toy.policy(),
+        reward_model,
+        toy.prompts(16),
+        tokenizer=tokenizer,
+    )
+    batch = trainer.prompt_batch(0)
+    out = sample(trainer.policy, batch["prompt_ids"], batch["prompt_mask"], 6, **trainer._sample_options)
+    scores = trainer.score(out.sequences, torch.cat([batch["prompt_mask"].bool(), out.response_mask], dim=1))
+
+    eos = tokenizer.eos_token_id
+    prompts, responses, ended = [], [], []
+    for prompt, prompt_mask, response, response_mask in zip(
+        batch["prompt_ids"], batch["prompt_mask"], out.response_ids, out.response_mask
+    ):
+        ids = response[response_mask].tolist()
+        ended.append(bool(ids) and ids[-1] == eos)
+        prompts.append(tokenizer.decode(prompt[prompt_mask.bool()].tolist()))
+        responses.append(tokenizer.decode(ids[:-1] if ended[-1] else ids))
+    assert any(ended) and any(response for response in responses)
+    rows = response_rows(tokenizer, prompts, responses, ended=ended)
+    expected = reward_scores(reward_model, rows, tokenizer.pad_token_id)
+    assert scores.tolist() == pytest.approx(expected, abs=1e-5)
