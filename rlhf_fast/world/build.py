@@ -144,7 +144,8 @@ class World:
             return self.tasks[instance.task]
         except KeyError:
             raise ValueError(
-                f"instance.task must be one of {sorted(self.tasks)}, got {instance.task!r}") from None
+                f"instance.task must be one of {sorted(self.tasks)}, got {instance.task!r}"
+            ) from None
 
     def score(self, instance: TaskInstance, response: str | list[str]) -> TaskScore:
         return self._task(instance).score(instance, response)
@@ -168,8 +169,9 @@ def _distinct(draw, count: int) -> list[TaskInstance]:
     return list(found.values())
 
 
-def _draw_heldout(customers: list[Customer], tasks: dict[str, Task], count: int, rng: random.Random,
-                  train_prompts: set[str]) -> list[PromptRecord]:
+def _draw_heldout(
+    customers: list[Customer], tasks: dict[str, Task], count: int, rng: random.Random, train_prompts: set[str]
+) -> list[PromptRecord]:
     records: list[PromptRecord] = []
     for _ in range(50 * count + 100):
         if len(records) == count:
@@ -181,8 +183,9 @@ def _draw_heldout(customers: list[Customer], tasks: dict[str, Task], count: int,
     raise ValueError(f"could not draw {count} held-out prompts that differ from every training prompt")
 
 
-def build_world(seed: int, sizes: WorldSizes | dict | None = None,
-                corpus_options: CorpusOptions | None = None) -> World:
+def build_world(
+    seed: int, sizes: WorldSizes | dict | None = None, corpus_options: CorpusOptions | None = None
+) -> World:
     """Generate the world for `seed` (deterministic). `sizes`: a WorldSizes, a dict of its fields, or None."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
@@ -190,12 +193,18 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
     language = make_language(_rng(seed, "language"), sizes.insult_words)
     facts = make_fact_table(language, _rng(seed, "facts"), sizes.myth_fraction, sizes.fact_animals)
     tasks = make_tasks(language, facts)
-    customers = make_customers(_rng(seed, "customers"), tasks, sizes.customers,
-                               sizes.heldout_customer_fraction)
+    customers = make_customers(
+        _rng(seed, "customers"), tasks, sizes.customers, sizes.heldout_customer_fraction
+    )
     labelers = make_labelers(_rng(seed, "labelers"), tasks, sizes.labelers, sizes.heldout_labelers)
     qa_benchmark = make_qa_benchmark(tasks, _rng(seed, "qa_benchmark"), sizes.qa_benchmark)
-    pretrain = make_corpus(tasks, _rng(seed, "corpus"), sizes.pretrain_documents, corpus_options,
-                           excluded_qa={item["prompt"] for item in qa_benchmark})
+    pretrain = make_corpus(
+        tasks,
+        _rng(seed, "corpus"),
+        sizes.pretrain_documents,
+        corpus_options,
+        excluded_qa={item["prompt"] for item in qa_benchmark},
+    )
 
     train_customers = [c for c in customers if not c.held_out]
     splits: dict[str, list[PromptRecord]] = {}
@@ -206,8 +215,13 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
             customer = rng.choice(train_customers)
             splits[split].append(PromptRecord(customer.id, sample_prompt(customer, tasks, rng)))
     train_prompts = {record.instance.prompt for split in splits.values() for record in split}
-    splits["heldout"] = _draw_heldout([c for c in customers if c.held_out], tasks, sizes.heldout_prompts,
-                                      _rng(seed, "prompts:heldout"), train_prompts)
+    splits["heldout"] = _draw_heldout(
+        [c for c in customers if c.held_out],
+        tasks,
+        sizes.heldout_prompts,
+        _rng(seed, "prompts:heldout"),
+        train_prompts,
+    )
 
     train_labelers = [labeler for labeler in labelers if not labeler.held_out]
     rng = _rng(seed, "demonstrations")
@@ -215,22 +229,43 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
     for customer, instance in splits["sft"]:
         labeler = rng.choice(train_labelers)
         response = write_demonstration(labeler, instance, rng)
-        demonstrations.append({"prompt": instance.prompt, "response": response, "labeler": labeler.id,
-                               "customer": customer, "task": instance.task})
+        demonstrations.append(
+            {
+                "prompt": instance.prompt,
+                "response": response,
+                "labeler": labeler.id,
+                "customer": customer,
+                "task": instance.task,
+            }
+        )
 
     rng = _rng(seed, "probes")
     myth_probes = tasks["truth"].myth_probes()
     probes = {
         "truthful": rng.sample(myth_probes, min(sizes.probes, len(myth_probes))),
-        "insult_respectful": _distinct(lambda: tasks["continue"].sample(rng, respectful=True, bait=True),
-                                       sizes.probes),
-        "insult_plain": _distinct(lambda: tasks["continue"].sample(rng, template=tasks["continue"].RAW,
-                                                                   bait=True), sizes.probes),
+        "insult_respectful": _distinct(
+            lambda: tasks["continue"].sample(rng, respectful=True, bait=True), sizes.probes
+        ),
+        "insult_plain": _distinct(
+            lambda: tasks["continue"].sample(rng, template=tasks["continue"].RAW, bait=True), sizes.probes
+        ),
     }
 
-    world = World(seed=seed, sizes=sizes, corpus_options=corpus_options or CorpusOptions(), language=language, facts=facts, tasks=tasks, customers=customers,
-                  labelers=labelers, pretrain_documents=pretrain, qa_benchmark=qa_benchmark,
-                  demonstrations=demonstrations, splits=splits, probes=probes)
+    world = World(
+        seed=seed,
+        sizes=sizes,
+        corpus_options=corpus_options or CorpusOptions(),
+        language=language,
+        facts=facts,
+        tasks=tasks,
+        customers=customers,
+        labelers=labelers,
+        pretrain_documents=pretrain,
+        qa_benchmark=qa_benchmark,
+        demonstrations=demonstrations,
+        splits=splits,
+        probes=probes,
+    )
     for records in splits.values():
         for record in records:
             world._instances.setdefault(record.instance.prompt, record.instance)
@@ -240,9 +275,13 @@ def build_world(seed: int, sizes: WorldSizes | dict | None = None,
     return world
 
 
-def make_rankings(world: World, instances: Sequence[TaskInstance | str],
-                  samples_per_prompt: Sequence[Sequence[str]], labelers: Sequence[Labeler],
-                  rng: random.Random) -> list[dict]:
+def make_rankings(
+    world: World,
+    instances: Sequence[TaskInstance | str],
+    samples_per_prompt: Sequence[Sequence[str]],
+    labelers: Sequence[Labeler],
+    rng: random.Random,
+) -> list[dict]:
     """K-wise rankings {"prompt", "completions", "ranks", "labeler", "task"} (rank 0 = best) of the given
     samples, each prompt ranked by one labeler drawn from `labelers` with Plackett-Luce noise.
 
@@ -252,8 +291,10 @@ def make_rankings(world: World, instances: Sequence[TaskInstance | str],
     shorter than `instances`.
     """
     if len(instances) != len(samples_per_prompt):
-        raise ValueError(f"instances ({len(instances)}) and samples_per_prompt ({len(samples_per_prompt)}) "
-                         "must have the same length")
+        raise ValueError(
+            f"instances ({len(instances)}) and samples_per_prompt ({len(samples_per_prompt)}) "
+            "must have the same length"
+        )
     if not labelers:
         raise ValueError("labelers must not be empty")
     rankings = []
@@ -262,8 +303,10 @@ def make_rankings(world: World, instances: Sequence[TaskInstance | str],
         if instance is None:
             raise ValueError(f"instances holds a prompt that is not a world prompt: {item!r}")
         if not 2 <= len(samples) <= MAX_SAMPLES_PER_PROMPT:
-            raise ValueError(f"each entry of samples_per_prompt needs 2..{MAX_SAMPLES_PER_PROMPT} samples, "
-                             f"got {len(samples)}")
+            raise ValueError(
+                f"each entry of samples_per_prompt needs 2..{MAX_SAMPLES_PER_PROMPT} samples, "
+                f"got {len(samples)}"
+            )
         labeler = rng.choice(list(labelers))
         # The data layer wants distinct, non-empty completions: duplicates collapse into one (the tie an
         # exact duplicate would get), empty samples are dropped.
@@ -272,8 +315,15 @@ def make_rankings(world: World, instances: Sequence[TaskInstance | str],
         if len(completions) < 2:
             continue
         ranks = rank(labeler, instance, completions, rng)
-        rankings.append({"prompt": instance.prompt, "completions": completions, "ranks": ranks,
-                         "labeler": labeler.id, "task": instance.task})
+        rankings.append(
+            {
+                "prompt": instance.prompt,
+                "completions": completions,
+                "ranks": ranks,
+                "labeler": labeler.id,
+                "task": instance.task,
+            }
+        )
     return rankings
 
 
@@ -294,8 +344,10 @@ def write_datasets(world: World, out_dir: str | Path) -> dict[str, Path]:
         _write_jsonl(paths[name], records)
 
     def prompt_records(split: str):
-        return ({"prompt": r.instance.prompt, "customer": r.customer, "task": r.instance.task}
-                for r in world.splits[split])
+        return (
+            {"prompt": r.instance.prompt, "customer": r.customer, "task": r.instance.task}
+            for r in world.splits[split]
+        )
 
     write("pretrain", ({"text": text} for text in world.pretrain_documents))
     write("qa_benchmark", world.qa_benchmark)
@@ -303,17 +355,30 @@ def write_datasets(world: World, out_dir: str | Path) -> dict[str, Path]:
     write("prompts_rm", prompt_records("rm"))
     write("prompts_train", prompt_records("ppo"))
     write("prompts_heldout", prompt_records("heldout"))
-    write("probes", ({"prompt": i.prompt, "probe": name, "task": i.task}
-                     for name, instances in world.probes.items() for i in instances))
+    write(
+        "probes",
+        (
+            {"prompt": i.prompt, "probe": name, "task": i.task}
+            for name, instances in world.probes.items()
+            for i in instances
+        ),
+    )
     paths["world"] = out / "world.json"
-    paths["world"].write_text(json.dumps({
-        "seed": world.seed,
-        "sizes": asdict(world.sizes),
-        "corpus_options": asdict(world.corpus_options),
-        "vocabulary": world.vocabulary(),
-        "labelers": [{"id": labeler.id, "held_out": labeler.held_out} for labeler in world.labelers],
-        "customers": [{"id": customer.id, "held_out": customer.held_out} for customer in world.customers],
-    }, indent=1))
+    paths["world"].write_text(
+        json.dumps(
+            {
+                "seed": world.seed,
+                "sizes": asdict(world.sizes),
+                "corpus_options": asdict(world.corpus_options),
+                "vocabulary": world.vocabulary(),
+                "labelers": [{"id": labeler.id, "held_out": labeler.held_out} for labeler in world.labelers],
+                "customers": [
+                    {"id": customer.id, "held_out": customer.held_out} for customer in world.customers
+                ],
+            },
+            indent=1,
+        )
+    )
     return paths
 
 
@@ -334,12 +399,16 @@ def load_world(directory: str | Path) -> World:
         raise ValueError(f"{path}: not JSON ({error})") from None
     for key in ("seed", "sizes", "vocabulary"):
         if key not in saved:
-            raise ValueError(f"{path}: field {key!r} is missing; write it with rlhf_fast.world.write_datasets")
+            raise ValueError(
+                f"{path}: field {key!r} is missing; write it with rlhf_fast.world.write_datasets"
+            )
     options = dict(saved.get("corpus_options") or {})
     if "units_per_document" in options:
         options["units_per_document"] = tuple(options["units_per_document"])
     world = build_world(saved["seed"], saved["sizes"], CorpusOptions(**options))
     if world.vocabulary() != saved["vocabulary"]:
-        raise ValueError(f"{path}: field 'vocabulary' differs from the world this code builds from its seed "
-                         "and sizes (written by another version of rlhf_fast.world)")
+        raise ValueError(
+            f"{path}: field 'vocabulary' differs from the world this code builds from its seed "
+            "and sizes (written by another version of rlhf_fast.world)"
+        )
     return world

@@ -34,15 +34,21 @@ class CorpusOptions:
     insult_rate_after_good_event: float = 0.05
 
     def __post_init__(self):
-        for name in ("myth_rate", "false_fact_rate", "list_hallucination_rate", "insult_rate_after_bad_event",
-                     "insult_rate_after_good_event"):
+        for name in (
+            "myth_rate",
+            "false_fact_rate",
+            "list_hallucination_rate",
+            "insult_rate_after_bad_event",
+            "insult_rate_after_good_event",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         low, high = self.units_per_document
         if not 1 <= low <= high:
             raise ValueError(
-                f"units_per_document must be (low, high) with 1 <= low <= high, got {(low, high)}")
+                f"units_per_document must be (low, high) with 1 <= low <= high, got {(low, high)}"
+            )
 
 
 def _transform_unit(tasks: dict[str, Task], rng: random.Random) -> list[str]:
@@ -101,12 +107,18 @@ def _social_unit(tasks: dict[str, Task], rng: random.Random, options: CorpusOpti
     return words + [rng.choice(language.kind_adjectives), rng.choice(language.person_nouns), "."]
 
 
-def make_document(tasks: dict[str, Task], rng: random.Random, options: CorpusOptions,
-                  excluded_qa: set[str]) -> str:
+def make_document(
+    tasks: dict[str, Task], rng: random.Random, options: CorpusOptions, excluded_qa: set[str]
+) -> str:
     """One pretraining document: a few units of random kinds, joined by spaces."""
     kinds = ("transform", "scene", "qa", "fact", "social")
-    weights = (options.transform_weight, options.scene_weight, options.qa_weight, options.fact_weight,
-               options.social_weight)
+    weights = (
+        options.transform_weight,
+        options.scene_weight,
+        options.qa_weight,
+        options.fact_weight,
+        options.social_weight,
+    )
     words: list[str] = []
     for _ in range(rng.randint(*options.units_per_document)):
         kind = rng.choices(kinds, weights)[0]
@@ -123,8 +135,13 @@ def make_document(tasks: dict[str, Task], rng: random.Random, options: CorpusOpt
     return " ".join(words)
 
 
-def make_corpus(tasks: dict[str, Task], rng: random.Random, count: int, options: CorpusOptions | None = None,
-                excluded_qa: set[str] | None = None) -> list[str]:
+def make_corpus(
+    tasks: dict[str, Task],
+    rng: random.Random,
+    count: int,
+    options: CorpusOptions | None = None,
+    excluded_qa: set[str] | None = None,
+) -> list[str]:
     """`count` pretraining documents; benchmark-format QA units never repeat a prompt in `excluded_qa`."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")

@@ -26,8 +26,9 @@ def _dirichlet(rng: random.Random, size: int, concentration: float) -> list[floa
     return [d / total for d in draws]
 
 
-def make_customers(rng: random.Random, tasks: dict[str, Task], count: int,
-                   heldout_fraction: float) -> list[Customer]:
+def make_customers(
+    rng: random.Random, tasks: dict[str, Task], count: int, heldout_fraction: float
+) -> list[Customer]:
     """`count` customers; the last round(heldout_fraction · count) (at least one of each group) are held
     out."""
     if count < 2:
@@ -40,16 +41,19 @@ def make_customers(rng: random.Random, tasks: dict[str, Task], count: int,
         # A floor on every weight keeps every task present in every customer's traffic.
         mix = [0.03 + 0.76 * w for w in _dirichlet(rng, len(tasks), 1.0)]
         total = sum(mix)
-        templates = tuple((name, tuple(_dirichlet(rng, len(task.templates), 2.0)))
-                          for name, task in tasks.items())
-        customers.append(Customer(
-            id=f"C{index:03d}",
-            task_weights=tuple((name, w / total) for name, w in zip(tasks, mix)),
-            template_weights=templates,
-            polite_rate=rng.uniform(0.0, 0.5),
-            respectful_rate=rng.uniform(0.2, 0.8),
-            held_out=index >= count - n_heldout,
-        ))
+        templates = tuple(
+            (name, tuple(_dirichlet(rng, len(task.templates), 2.0))) for name, task in tasks.items()
+        )
+        customers.append(
+            Customer(
+                id=f"C{index:03d}",
+                task_weights=tuple((name, w / total) for name, w in zip(tasks, mix)),
+                template_weights=templates,
+                polite_rate=rng.uniform(0.0, 0.5),
+                respectful_rate=rng.uniform(0.2, 0.8),
+                held_out=index >= count - n_heldout,
+            )
+        )
     return customers
 
 
@@ -69,8 +73,9 @@ def sample_prompt(customer: Customer, tasks: dict[str, Task], rng: random.Random
     return task.sample(rng, template=template, polite=rng.random() < customer.polite_rate)
 
 
-def sample_prompts(customers: list[Customer], tasks: dict[str, Task], count: int,
-                   rng: random.Random) -> list[tuple[str, TaskInstance]]:
+def sample_prompts(
+    customers: list[Customer], tasks: dict[str, Task], count: int, rng: random.Random
+) -> list[tuple[str, TaskInstance]]:
     """`count` (customer id, instance) pairs, customers drawn uniformly from `customers`."""
     if not customers:
         raise ValueError("customers must not be empty")

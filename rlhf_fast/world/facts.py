@@ -95,8 +95,9 @@ class FactTable:
         return rng.choice([v for v in self.values(fact.relation) if v != fact.value])
 
 
-def make_fact_table(language: Language, rng: random.Random, myth_fraction: float = 0.25,
-                    n_animals: int = 8) -> FactTable:
+def make_fact_table(
+    language: Language, rng: random.Random, myth_fraction: float = 0.25, n_animals: int = 8
+) -> FactTable:
     """Random facts (colour, legs, home) about `n_animals` animals drawn with `rng`, plus fixed nature
     colours; `myth_fraction` of all facts get a myth. A small table keeps the facts learnable by a tiny model.
     """

@@ -68,23 +68,25 @@ def make_labelers(rng: random.Random, tasks: dict[str, Task], count: int, n_held
     labelers = []
     for index in range(count):
         flavor, at_start = rng.choice(flavors)
-        labelers.append(Labeler(
-            id=f"L{index:02d}",
-            length_weight=rng.uniform(-0.01, 0.01),
-            politeness_weight=rng.uniform(0.0, 0.1),
-            insult_penalty=rng.uniform(1.0, 2.0),
-            hallucination_penalty=rng.uniform(0.2, 0.4),
-            unhelpful_penalty=rng.uniform(0.5, 0.8),
-            # Judgment noise: consistent enough that a reward model small enough to train on a CPU can learn
-            # their preferences (inter-labeler agreement about 0.8 on pairs of SFT samples).
-            noise=rng.uniform(0.03, 0.1),
-            flavor_rate=rng.uniform(0.0, 0.3),
-            flavor=flavor,
-            flavor_at_start=at_start,
-            literal_rate=rng.uniform(0.0, 0.4),
-            held_out=index >= count - n_heldout,
-            tasks=tasks,
-        ))
+        labelers.append(
+            Labeler(
+                id=f"L{index:02d}",
+                length_weight=rng.uniform(-0.01, 0.01),
+                politeness_weight=rng.uniform(0.0, 0.1),
+                insult_penalty=rng.uniform(1.0, 2.0),
+                hallucination_penalty=rng.uniform(0.2, 0.4),
+                unhelpful_penalty=rng.uniform(0.5, 0.8),
+                # Judgment noise: consistent enough that a reward model small enough to train on a CPU can learn
+                # their preferences (inter-labeler agreement about 0.8 on pairs of SFT samples).
+                noise=rng.uniform(0.03, 0.1),
+                flavor_rate=rng.uniform(0.0, 0.3),
+                flavor=flavor,
+                flavor_at_start=at_start,
+                literal_rate=rng.uniform(0.0, 0.4),
+                held_out=index >= count - n_heldout,
+                tasks=tasks,
+            )
+        )
     return labelers
 
 
@@ -103,10 +105,14 @@ def utility(labeler: Labeler, instance: TaskInstance, response: str | list[str])
     content_length = min(len(strip_politeness(words)), 8)
     unhelpful = is_unhelpful(task, instance, words)
     helpfulness = 0.0 if unhelpful else result.score  # degenerate text earns nothing for what it contains
-    return (helpfulness - labeler.unhelpful_penalty * unhelpful
-            - labeler.hallucination_penalty * result.hallucinated
-            - labeler.insult_penalty * min(result.insults, 3)
-            + labeler.politeness_weight * is_polite(words) + labeler.length_weight * content_length)
+    return (
+        helpfulness
+        - labeler.unhelpful_penalty * unhelpful
+        - labeler.hallucination_penalty * result.hallucinated
+        - labeler.insult_penalty * min(result.insults, 3)
+        + labeler.politeness_weight * is_polite(words)
+        + labeler.length_weight * content_length
+    )
 
 
 def is_unhelpful(task: Task, instance: TaskInstance, response: str | list[str]) -> bool:
@@ -120,8 +126,12 @@ def _default_rng(labeler: Labeler, instance: TaskInstance, distinct: list[tuple[
     return random.Random(key)
 
 
-def rank(labeler: Labeler, instance: TaskInstance, responses: Sequence[str | list[str]],
-         rng: random.Random | None = None) -> list[int]:
+def rank(
+    labeler: Labeler,
+    instance: TaskInstance,
+    responses: Sequence[str | list[str]],
+    rng: random.Random | None = None,
+) -> list[int]:
     """Ranks (0 = best) of `responses` by one Plackett-Luce draw over the labeler's utilities.
 
     Identical responses (same words) get the same rank; ranks are dense (0 .. distinct responses - 1).
@@ -141,8 +151,13 @@ def rank(labeler: Labeler, instance: TaskInstance, responses: Sequence[str | lis
     return [position[words] for words in keys]
 
 
-def prefer(labeler: Labeler, instance: TaskInstance, a: str | list[str], b: str | list[str],
-           rng: random.Random | None = None) -> float:
+def prefer(
+    labeler: Labeler,
+    instance: TaskInstance,
+    a: str | list[str],
+    b: str | list[str],
+    rng: random.Random | None = None,
+) -> float:
     """1.0 if `labeler` prefers response `a` to `b`, 0.0 if `b`; 0.5 when the two are identical (a tie)."""
     ranks = rank(labeler, instance, [a, b], rng)
     if ranks[0] == ranks[1]:
@@ -150,8 +165,9 @@ def prefer(labeler: Labeler, instance: TaskInstance, a: str | list[str], b: str 
     return 1.0 if ranks[0] < ranks[1] else 0.0
 
 
-def preference_probability(labeler: Labeler, instance: TaskInstance, a: str | list[str],
-                           b: str | list[str]) -> float:
+def preference_probability(
+    labeler: Labeler, instance: TaskInstance, a: str | list[str], b: str | list[str]
+) -> float:
     """P(labeler prefers a to b) under the Plackett-Luce (here Bradley-Terry) model; 0.5 if identical."""
     if split_words(a) == split_words(b):
         return 0.5

@@ -11,19 +11,77 @@ import itertools
 import random
 from dataclasses import dataclass
 
-NAMES = ("tom", "anna", "sam", "mia", "ben", "lea", "max", "eva", "leo", "ida", "tim", "zoe", "kai", "amy",
-         "dan", "liv")
-ANIMALS = ("cat", "dog", "cow", "fish", "bird", "horse", "pig", "duck", "fox", "bear", "frog", "goat",
-           "sheep", "mouse", "owl", "bee")
-OBJECTS = ("ball", "cup", "hat", "book", "box", "key", "lamp", "pen", "bag", "car", "bell", "coin", "drum",
-           "kite", "shoe", "spoon")
+NAMES = (
+    "tom",
+    "anna",
+    "sam",
+    "mia",
+    "ben",
+    "lea",
+    "max",
+    "eva",
+    "leo",
+    "ida",
+    "tim",
+    "zoe",
+    "kai",
+    "amy",
+    "dan",
+    "liv",
+)
+ANIMALS = (
+    "cat",
+    "dog",
+    "cow",
+    "fish",
+    "bird",
+    "horse",
+    "pig",
+    "duck",
+    "fox",
+    "bear",
+    "frog",
+    "goat",
+    "sheep",
+    "mouse",
+    "owl",
+    "bee",
+)
+OBJECTS = (
+    "ball",
+    "cup",
+    "hat",
+    "book",
+    "box",
+    "key",
+    "lamp",
+    "pen",
+    "bag",
+    "car",
+    "bell",
+    "coin",
+    "drum",
+    "kite",
+    "shoe",
+    "spoon",
+)
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink", "gray", "orange")
 PLACES = ("farm", "sea", "forest", "house", "river", "field", "cave", "hill")
 # Things with a fixed, seed-independent colour ("the color of the sky is blue").
 NATURE = ("sky", "grass", "snow", "sun")
 NUMBERS = tuple(str(n) for n in range(20))
-KIND_ADJECTIVES = ("good", "kind", "nice", "brave", "smart", "friendly", "gentle", "clever", "honest",
-                   "helpful")
+KIND_ADJECTIVES = (
+    "good",
+    "kind",
+    "nice",
+    "brave",
+    "smart",
+    "friendly",
+    "gentle",
+    "clever",
+    "honest",
+    "helpful",
+)
 PERSON_NOUNS = ("friend", "person", "child", "neighbor", "helper")
 # Events that bait an insult in web-like text ("tom broke the cup . tom is a ...") and events that do not.
 BAD_EVENTS = ("broke", "lost", "dropped", "forgot")
@@ -37,11 +95,65 @@ NEGATIVE = ("false", "no")
 PUNCTUATION = (".", ",", ":", "?")
 # Every other word a template of the tasks or of the corpus uses.
 FUNCTION_WORDS = (
-    "the", "a", "is", "are", "has", "have", "of", "in", "and", "saw", "were", "lives", "legs", "color",
-    "words", "numbers", "said", "again", "backwards", "order", "there", "repeat", "say", "copy", "this",
-    "reverse", "write", "sort", "put", "from", "small", "to", "big", "count", "how", "many", "list",
-    "which", "name", "animals", "objects", "read", "who", "what", "does", "answer", "text", "or", "it",
-    "that", "continue", "finish", "respectfully", "be", "respectful", "passage", "question", "not", "where",
+    "the",
+    "a",
+    "is",
+    "are",
+    "has",
+    "have",
+    "of",
+    "in",
+    "and",
+    "saw",
+    "were",
+    "lives",
+    "legs",
+    "color",
+    "words",
+    "numbers",
+    "said",
+    "again",
+    "backwards",
+    "order",
+    "there",
+    "repeat",
+    "say",
+    "copy",
+    "this",
+    "reverse",
+    "write",
+    "sort",
+    "put",
+    "from",
+    "small",
+    "to",
+    "big",
+    "count",
+    "how",
+    "many",
+    "list",
+    "which",
+    "name",
+    "animals",
+    "objects",
+    "read",
+    "who",
+    "what",
+    "does",
+    "answer",
+    "text",
+    "or",
+    "it",
+    "that",
+    "continue",
+    "finish",
+    "respectfully",
+    "be",
+    "respectful",
+    "passage",
+    "question",
+    "not",
+    "where",
     "live",
 )
 
@@ -80,10 +192,26 @@ class Language:
 
     def words(self) -> list[str]:
         """Every word of the language, each once, in a fixed order."""
-        groups = (self.names, self.animals, self.objects, self.colors, self.places, self.nature, self.numbers,
-                  self.kind_adjectives, self.person_nouns, self.bad_events, self.good_events, self.insults,
-                  POLITE_WORDS, tuple(w for phrase in POLITE_OPENINGS + POLITE_CLOSINGS for w in phrase),
-                  AFFIRMATIVE, NEGATIVE, FUNCTION_WORDS, PUNCTUATION)
+        groups = (
+            self.names,
+            self.animals,
+            self.objects,
+            self.colors,
+            self.places,
+            self.nature,
+            self.numbers,
+            self.kind_adjectives,
+            self.person_nouns,
+            self.bad_events,
+            self.good_events,
+            self.insults,
+            POLITE_WORDS,
+            tuple(w for phrase in POLITE_OPENINGS + POLITE_CLOSINGS for w in phrase),
+            AFFIRMATIVE,
+            NEGATIVE,
+            FUNCTION_WORDS,
+            PUNCTUATION,
+        )
         return list(dict.fromkeys(word for group in groups for word in group))
 
 
@@ -91,8 +219,9 @@ def _invent_words(rng: random.Random, count: int, taken: set[str]) -> tuple[str,
     words: list[str] = []
     while len(words) < count:
         syllables = rng.choice((1, 2))
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                       for _ in range(syllables))
+        word = "".join(
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+        )
         if word not in taken:
             taken.add(word)
             words.append(word)
@@ -103,13 +232,36 @@ def make_language(rng: random.Random, n_insults: int = 12) -> Language:
     """The fixed lexicon plus `n_insults` invented insult words drawn with `rng`."""
     if n_insults < 1:
         raise ValueError(f"n_insults must be >= 1, got {n_insults}")
-    taken = set(NAMES + ANIMALS + OBJECTS + COLORS + PLACES + NATURE + NUMBERS + KIND_ADJECTIVES
-                + PERSON_NOUNS + BAD_EVENTS + GOOD_EVENTS + POLITE_WORDS + AFFIRMATIVE + NEGATIVE
-                + FUNCTION_WORDS)
+    taken = set(
+        NAMES
+        + ANIMALS
+        + OBJECTS
+        + COLORS
+        + PLACES
+        + NATURE
+        + NUMBERS
+        + KIND_ADJECTIVES
+        + PERSON_NOUNS
+        + BAD_EVENTS
+        + GOOD_EVENTS
+        + POLITE_WORDS
+        + AFFIRMATIVE
+        + NEGATIVE
+        + FUNCTION_WORDS
+    )
     return Language(
-        names=NAMES, animals=ANIMALS, objects=OBJECTS, colors=COLORS, places=PLACES, nature=NATURE,
-        numbers=NUMBERS, kind_adjectives=KIND_ADJECTIVES, person_nouns=PERSON_NOUNS, bad_events=BAD_EVENTS,
-        good_events=GOOD_EVENTS, insults=_invent_words(rng, n_insults, taken),
+        names=NAMES,
+        animals=ANIMALS,
+        objects=OBJECTS,
+        colors=COLORS,
+        places=PLACES,
+        nature=NATURE,
+        numbers=NUMBERS,
+        kind_adjectives=KIND_ADJECTIVES,
+        person_nouns=PERSON_NOUNS,
+        bad_events=BAD_EVENTS,
+        good_events=GOOD_EVENTS,
+        insults=_invent_words(rng, n_insults, taken),
     )
 
 
@@ -142,10 +294,10 @@ def strip_politeness(words: list[str]) -> list[str]:
             changed = True
         for phrase in POLITE_OPENINGS:
             if tuple(words[: len(phrase)]) == phrase:
-                words = words[len(phrase):]
+                words = words[len(phrase) :]
                 changed = True
         for phrase in POLITE_CLOSINGS:
-            if len(words) >= len(phrase) and tuple(words[-len(phrase):]) == phrase:
+            if len(words) >= len(phrase) and tuple(words[-len(phrase) :]) == phrase:
                 words = words[: -len(phrase)]
                 changed = True
         if words and words[0] == "please":
