@@ -69,6 +69,8 @@ class DemoPreset:
         return value
 
 
+# The presets stay compact, a group of related settings per line, so each one reads in a few lines.
+# fmt: off
 PRESETS: dict[str, DemoPreset] = {
     "smoke": DemoPreset(
         name="smoke",
@@ -114,6 +116,7 @@ PRESETS: dict[str, DemoPreset] = {
         eval_prompts=1000, rm_comparison_prompts=1000,
     ),
 }
+# fmt: on
 
 
 def get_preset(name: str) -> DemoPreset:
