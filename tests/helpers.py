@@ -1,6 +1,13 @@
-"""Shared test utilities: which backends can run here, per-dtype tolerances, ragged/holed masks."""
+"""Shared test utilities: which backends can run here, per-dtype tolerances, ragged/holed masks, another
+process holding an output directory's lock."""
 
 from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -39,3 +46,27 @@ def ragged_mask(batch: int, steps: int, generator: torch.Generator, *, holes: bo
     if all_masked_row and batch > 1:
         mask[int(torch.randint(0, batch, (1,), generator=generator))] = False
     return mask
+
+
+# Another process holding the lock as `rlhf_fast.trainers.lock.lock_output_dir` does (flock + its pid and host),
+# without the package's import time.
+_LOCK_HOLDER = (
+    "import fcntl, json, os, socket, sys, time\n"
+    "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())\n"
+    "print('held', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(directory: Path) -> Iterator[subprocess.Popen]:
+    """A process that holds `directory`'s output lock until the block ends (then it is killed, SIGKILL)."""
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(directory)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

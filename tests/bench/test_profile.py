@@ -13,12 +13,7 @@ from rlhf_fast.trainers.phases import phase
 from tests.trainers.toy import make_trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def assert_adds_up(report) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.cli.conftest import demonstrations, error_line, write_lines
+from tests.helpers import lock_held_by_another_process
 
 GOOD = {"prompt": "w1 w2", "response": "w3"}
 
@@ -202,25 +203,12 @@ def test_log_after_a_kill_during_the_export_reads_as_one_run(
 def test_a_second_run_in_the_same_out_is_refused(cli, tmp_path, model_dir, data_dir, no_progress):
     out = tmp_path / "run"
     out.mkdir()
-    script = (
-        "import fcntl, json, os, socket, sys, time\n"
-        "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())\n"
-        "print('held', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline().strip() == b"held"
+    with lock_held_by_another_process(out) as holder:
         code, _out, err = cli(*_short_sft(model_dir, data_dir, out))
         message = error_line(err)
         assert code == 2
         assert str(out) in message and str(holder.pid) in message and socket.gethostname() in message
         assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(cli, tmp_path, model_dir, data_dir, no_progress):

@@ -19,6 +19,7 @@ from rlhf_fast.trainers import NonFiniteError
 from rlhf_fast.trainers.checkpoint import CheckpointManager, load_safetensors
 from rlhf_fast.trainers.distributed import init_distributed
 from tests.trainers import toy
+from tests.helpers import lock_held_by_another_process
 from tests.trainers.conftest import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -406,26 +407,11 @@ def test_log_after_a_stop_at_the_end_equals_an_uninterrupted_run(kind, stop, tmp
 def test_a_second_run_in_one_output_directory_is_refused(tmp_path):
     from rlhf_fast.trainers.lock import OutputLocked, lock_output_dir
 
-    # Another process holding the lock as `lock_output_dir` does (flock + its pid and host), without the
-    # package's import time.
-    script = (
-        "import fcntl, json, os, socket, sys, time\n"
-        "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())\n"
-        "print('held', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline().strip() == b"held"
+    with lock_held_by_another_process(tmp_path) as holder:
         trainer = toy.make_trainer("sft", tmp_path, max_steps=1)
         with pytest.raises(OutputLocked, match=f"process {holder.pid} on host "):
             trainer.train()
         assert not (tmp_path / "metrics.jsonl").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     with lock_output_dir(tmp_path):  # the holder died (SIGKILL): its lock is taken over
         pass
 
