@@ -34,6 +34,11 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
   m.def(
       "ranking_loss(Tensor rewards, Tensor group_sizes, Tensor? ranks, Tensor? margins, float margin)"
       " -> (Tensor, Tensor)");
+
+  // Tanh-approximated GELU (rlhf_fast/ops/gelu.py): CPU kernels (csrc/cpu/gelu.cpp), autograd in C++
+  // (csrc/autograd/gelu.cpp); CUDA tensors take torch's own kernel.
+  m.def("gelu_tanh(Tensor input) -> Tensor");
+  m.def("gelu_tanh_backward(Tensor grad_output, Tensor input) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

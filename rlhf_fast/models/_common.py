@@ -7,6 +7,9 @@ import os
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+from rlhf_fast.ops.gelu import gelu_tanh
 
 
 def max_positions(config: PretrainedConfig) -> int | None:
@@ -53,24 +56,29 @@ def backbone_hidden_states(
 
 
 def use_fused_activations(model: torch.nn.Module) -> int:
-    """Replaces transformers' tanh-approximated GELUs written as several elementwise ops ("gelu_new",
-    "gelu_fast": GPT-2 and its kin) with the same function in one kernel (``GELUTanh``,
-    ``F.gelu(approximate="tanh")``), in place. Outputs agree to rounding; on a CPU the activation was about a
-    fifth of a small GPT-2's training step. The config then names the fused function ("gelu_pytorch_tanh"), so a
-    saved model loads with it everywhere. Returns the number of modules replaced."""
-    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
-
+    """Replaces transformers' tanh-approximated GELUs ("gelu_new" and "gelu_fast" written as several
+    elementwise ops, GPT-2 and its kin; "gelu_pytorch_tanh") with ``FusedGELUTanh``: the same function as one
+    op (``rlhf_fast.ops.gelu``), in place. Outputs agree to rounding; on a CPU the activation was about a fifth
+    of a small GPT-2's training step. The config then names the one-kernel function ("gelu_pytorch_tanh"),
+    so a saved model loads with it everywhere. Returns the number of modules replaced."""
     replaced = 0
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) in (NewGELUActivation, FastGELUActivation):
-                setattr(parent, name, GELUTanh())
+            if type(child) in (NewGELUActivation, FastGELUActivation, GELUTanh):
+                setattr(parent, name, FusedGELUTanh())
                 replaced += 1
     config = getattr(model, "config", None)
     for field in ("activation_function", "hidden_act"):
         if replaced and getattr(config, field, None) in _MULTI_OP_TANH_GELUS:
             setattr(config, field, "gelu_pytorch_tanh")
     return replaced
+
+
+class FusedGELUTanh(GELUTanh):
+    """transformers' ``GELUTanh`` computed by ``rlhf_fast.ops.gelu.gelu_tanh``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(input)
 
 
 _MULTI_OP_TANH_GELUS = ("gelu_new", "gelu_fast")

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModel
 
 from rlhf_fast.models import PolicyModel, RewardModel, ValueModel, build_word_tokenizer, last_token_index
+from rlhf_fast.models._common import use_fused_activations
 from tests.helpers import fresh_generator
 from tests.models.archs import ARCHITECTURES, build_causal_lm, left_padded_prompts
 
@@ -69,8 +70,10 @@ def test_normalization_offset_applied_and_persisted(tmp_path, generator):
     reloaded = RewardModel.from_pretrained(tmp_path / "rm")
     assert reloaded.normalization_bias == reward_model.normalization_bias
     torch.testing.assert_close(reloaded(ids, mask), normalized, atol=0, rtol=0)
-    # transformers opens the backbone directory as a base model.
+    # transformers opens the backbone directory as a base model (with the activation kernel ours run, the
+    # same hidden states bit for bit).
     backbone = AutoModel.from_pretrained(tmp_path / "rm")
+    use_fused_activations(backbone)
     torch.testing.assert_close(backbone(input_ids=ids, attention_mask=mask,
                                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state,
                                reward_model.hidden_states(ids, mask), atol=0, rtol=0)

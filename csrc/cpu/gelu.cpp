@@ -1,0 +1,183 @@
+// Tanh-approximated GELU (GPT-2's "gelu_new", torch's approximate="tanh") on the CPU, forward and backward,
+// definition in rlhf_fast/ops/gelu.py:
+//
+//   gelu(x) = ½·x·(1 + tanh(u)), u = √(2/π)·(x + 0.044715·x³)   =   x·σ(2u)
+//   gelu'(x) = σ(2u) + x·σ(2u)·(1 − σ(2u))·2·√(2/π)·(1 + 3·0.044715·x²)
+//
+// so an element costs one exponential each way. The float loops are written for the compiler to vectorize
+// (a polynomial e^z, no library call, no branch) and built once per instruction set (target_clones: AVX-512,
+// AVX2+FMA, baseline x86-64), the loader picking the clone for the CPU it runs on. bfloat16 and float16 go
+// through the float loops a block at a time; float64 runs std::exp per element (the tests' dtype).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
+#define RLHF_FAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define RLHF_FAST_VECTOR_CLONES
+#endif
+
+namespace {
+
+using rlhf_fast::cpu::grain_for;
+
+// One thread's time per element, either direction (see cpu/parallel.h).
+constexpr double kNanosecondsPerElement = 0.5;
+constexpr double kBeta = 0.7978845608028654;  // √(2/π)
+constexpr double kKappa = 0.044715;
+
+// e^z for z in [−87, 88] (the callers clamp): z = n·ln 2 + r with |r| ≤ ½ln 2, e^r by Cephes' expf
+// polynomial (relative error about 1e-7), 2^n written into the exponent bits.
+inline float exp_clamped(float z) {
+  constexpr float kRoundingShift = 12582912.0f;  // 1.5·2^23: adding and subtracting it rounds to an integer
+  const float n = (z * 1.44269504088896341f + kRoundingShift) - kRoundingShift;
+  const float r = (z - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e_r = p * r * r + r + 1.0f;
+  const float two_to_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return e_r * two_to_n;
+}
+
+// σ(2u) as 1 / (1 + e^(−2u)); clamping keeps e^(−2u) finite and normal. Below the clamp (2u < −88) σ is
+// set to 0, so gelu(x) is 0 for very negative x (and NaN at −inf) as in the tanh form.
+inline float sigmoid_of_twice_u(float x) {
+  const float two_u = 2.0f * static_cast<float>(kBeta) * (x + static_cast<float>(kKappa) * x * x * x);
+  const float z = std::min(std::max(-two_u, -87.0f), 88.0f);
+  const float s = 1.0f / (1.0f + exp_clamped(z));
+  return -two_u >= 88.0f ? 0.0f : s;
+}
+
+RLHF_FAST_VECTOR_CLONES
+void forward_f32(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * sigmoid_of_twice_u(x[i]);
+}
+
+RLHF_FAST_VECTOR_CLONES
+void backward_f32(const float* grad, const float* x, float* grad_x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float s = sigmoid_of_twice_u(v);
+    const float du = 2.0f * static_cast<float>(kBeta) * (1.0f + 3.0f * static_cast<float>(kKappa) * v * v);
+    grad_x[i] = grad[i] * (s + v * s * (1.0f - s) * du);
+  }
+}
+
+double sigmoid_of_twice_u(double x) {
+  const double two_u = 2.0 * kBeta * (x + kKappa * x * x * x);
+  return 1.0 / (1.0 + std::exp(-two_u));
+}
+
+void forward_f64(const double* x, double* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * sigmoid_of_twice_u(x[i]);
+}
+
+void backward_f64(const double* grad, const double* x, double* grad_x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    const double s = sigmoid_of_twice_u(v);
+    grad_x[i] = grad[i] * (s + v * s * (1.0 - s) * 2.0 * kBeta * (1.0 + 3.0 * kKappa * v * v));
+  }
+}
+
+// bfloat16 / float16: blocks widened to float, run through the float loop, narrowed back.
+constexpr int64_t kBlock = 256;
+
+template <typename scalar_t>
+void forward_reduced(const scalar_t* x, scalar_t* y, int64_t n) {
+  float in[kBlock], out[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t count = std::min(kBlock, n - start);
+    for (int64_t i = 0; i < count; ++i) in[i] = static_cast<float>(x[start + i]);
+    forward_f32(in, out, count);
+    for (int64_t i = 0; i < count; ++i) y[start + i] = static_cast<scalar_t>(out[i]);
+  }
+}
+
+template <typename scalar_t>
+void backward_reduced(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x, int64_t n) {
+  float g[kBlock], in[kBlock], out[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t count = std::min(kBlock, n - start);
+    for (int64_t i = 0; i < count; ++i) {
+      g[i] = static_cast<float>(grad[start + i]);
+      in[i] = static_cast<float>(x[start + i]);
+    }
+    backward_f32(g, in, out, count);
+    for (int64_t i = 0; i < count; ++i) grad_x[start + i] = static_cast<scalar_t>(out[i]);
+  }
+}
+
+// One overload per element type, so the dispatch below picks the loop by argument type.
+void forward_loop(const float* x, float* y, int64_t n) { forward_f32(x, y, n); }
+void forward_loop(const double* x, double* y, int64_t n) { forward_f64(x, y, n); }
+template <typename scalar_t>
+void forward_loop(const scalar_t* x, scalar_t* y, int64_t n) { forward_reduced(x, y, n); }
+
+void backward_loop(const float* grad, const float* x, float* grad_x, int64_t n) { backward_f32(grad, x, grad_x, n); }
+void backward_loop(const double* grad, const double* x, double* grad_x, int64_t n) {
+  backward_f64(grad, x, grad_x, n);
+}
+template <typename scalar_t>
+void backward_loop(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x, int64_t n) {
+  backward_reduced(grad, x, grad_x, n);
+}
+
+void check_floating(const at::Tensor& tensor, const char* name) {
+  const auto dtype = tensor.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "gelu_tanh: ", name, " must be float32/float64/bfloat16/float16, got ", dtype);
+}
+
+at::Tensor gelu_tanh_cpu(const at::Tensor& input) {
+  check_floating(input, "input");
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t numel = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gelu_tanh", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, numel, grain_for(kNanosecondsPerElement), [&](int64_t begin, int64_t end) {
+      forward_loop(in + begin, out + begin, end - begin);
+    });
+  });
+  return y;
+}
+
+at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input) {
+  check_floating(input, "input");
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "gelu_tanh_backward: grad_output has shape ",
+              grad_output.sizes(), ", input ", input.sizes());
+  const at::Tensor x = input.contiguous();
+  const at::Tensor grad = grad_output.to(x.scalar_type()).contiguous();
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t numel = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gelu_tanh_backward", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, numel, grain_for(kNanosecondsPerElement), [&](int64_t begin, int64_t end) {
+      backward_loop(g + begin, in + begin, out + begin, end - begin);
+    });
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
+  m.impl("gelu_tanh", &gelu_tanh_cpu);
+  m.impl("gelu_tanh_backward", &gelu_tanh_backward_cpu);
+}
