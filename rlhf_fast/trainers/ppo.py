@@ -37,6 +37,7 @@ from rlhf_fast.models.loading import (
     Precision,
     adapters_disabled,
     reencode_for_reward,
+    resolve_dtype,
     resolve_eos_token_id,
     resolve_pad_token_id,
     same_vocabulary,
@@ -283,8 +284,11 @@ class PPOTrainer(RunLoop):
     # -------------------------------------------------------------------------------------- one iteration
     @property
     def rollout_logprobs(self) -> bool:
-        """Whether the sampler's log-probs serve as the old log-probs (`PPOConfig.rollout_logprobs`)."""
-        return self.config.rollout_logprobs
+        """Whether the sampler's log-probs serve as the old log-probs (`PPOConfig.rollout_logprobs`; None: when
+        the models compute in float32)."""
+        if self.config.rollout_logprobs is not None:
+            return self.config.rollout_logprobs
+        return resolve_dtype(self.config.dtype, self.ctx.device) == torch.float32
 
     @property
     def sample_stop_check_every(self) -> int:

@@ -58,11 +58,13 @@ class PPOConfig(RunConfig):
     # (the trainer does so whenever it is given a differing `reward_tokenizer`)
     reencode_for_reward: bool = False
     # Use the sampler's log-probs (and entropy) as the old log-probs instead of a policy forward over the
-    # rollout. Off by default: the recomputed log-probs make the first ratio exactly 1 and the KL of a policy
-    # equal to its reference exactly 0. Measured on a float32 CPU run (bench/RESULTS.md): mean |sampler −
-    # recomputed| ≈ 2e-7 (`rollout/logprob_mismatch`, logged every iteration), and skipping the forward saves
-    # about 5% of an iteration. bf16 / fp16 decode steps round differently from the batched forward.
-    rollout_logprobs: bool = False
+    # rollout. None (default): on when the models compute in float32, where the sampler's decode steps agree
+    # with the batched forward to rounding (mean |sampler − recomputed| ≈ 2e-7, `rollout/logprob_mismatch`,
+    # logged every iteration) and skipping the forward saves about a tenth of an iteration (bench/RESULTS.md);
+    # off in bfloat16 / float16, whose decode steps round differently from the batched forward. False keeps
+    # the recomputed log-probs: then the first ratio is exactly 1 and the KL of a policy equal to its
+    # reference exactly 0.
+    rollout_logprobs: bool | None = None
     # The sampler reads back whether every row has ended every this many decode steps and stops early
     # (one host synchronization each time). None: 8 on a CPU (a read costs nothing there), 0 on a GPU
     # (0 = never: the decode loop stays free of host synchronization).

@@ -45,9 +45,14 @@ def test_forward_and_backward_match_the_formula(backend, dtype, shape):
         y = gelu_tanh(x)
         y.backward(grad_out)
     assert y.dtype == dtype and y.shape == x.shape and x.grad.dtype == dtype
-    torch.testing.assert_close(y.to(torch.float64), expected.detach(), **tolerance(dtype), msg=repr(generator))
+    torch.testing.assert_close(
+        y.to(torch.float64), expected.detach(), **tolerance(dtype), msg=repr(generator)
+    )
     # The gradient of a rounded input: compared with a tolerance scaled to the gradient's own size.
-    grad_tolerance = dict(tolerance(dtype), atol=tolerance(dtype)["atol"] * max(1.0, grad_out.abs().amax().item() if grad_out.numel() else 0.0))
+    grad_tolerance = dict(
+        tolerance(dtype),
+        atol=tolerance(dtype)["atol"] * max(1.0, grad_out.abs().amax().item() if grad_out.numel() else 0.0),
+    )
     torch.testing.assert_close(x.grad.to(torch.float64), x64.grad, **grad_tolerance, msg=repr(generator))
 
 
@@ -76,7 +81,9 @@ def test_models_run_gpt2_activations_through_the_op():
 
     from rlhf_fast.models._common import FusedGELUTanh, use_fused_activations
 
-    config = GPT2Config(vocab_size=50, n_positions=16, n_layer=2, n_embd=32, n_head=2, activation_function="gelu_new")
+    config = GPT2Config(
+        vocab_size=50, n_positions=16, n_layer=2, n_embd=32, n_head=2, activation_function="gelu_new"
+    )
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, 50, (3, 11), generator=fresh_generator())
     with torch.no_grad():
