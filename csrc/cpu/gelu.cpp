@@ -5,51 +5,29 @@
 //   gelu'(x) = σ(2u) + x·σ(2u)·(1 − σ(2u))·2·√(2/π)·(1 + 3·0.044715·x²)
 //
 // so an element costs one exponential each way. The float loops are written for the compiler to vectorize
-// (a polynomial e^z, no library call, no branch) and built once per instruction set (target_clones: AVX-512,
-// AVX2+FMA, baseline x86-64), the loader picking the clone for the CPU it runs on. bfloat16 and float16 go
+// (cpu/vector_math.h: a polynomial e^z, no library call, no branch; one build per instruction set). bfloat16 and float16 go
 // through the float loops a block at a time; float64 runs std::exp per element (the tests' dtype).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 
 #include "cpu/parallel.h"
+#include "cpu/vector_math.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
-#define RLHF_FAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define RLHF_FAST_VECTOR_CLONES
-#endif
 
 namespace {
 
+using rlhf_fast::cpu::exp_clamped;
 using rlhf_fast::cpu::grain_for;
 
 // One thread's time per element, either direction (see cpu/parallel.h).
 constexpr double kNanosecondsPerElement = 0.5;
 constexpr double kBeta = 0.7978845608028654;  // √(2/π)
 constexpr double kKappa = 0.044715;
-
-// e^z for z in [−87, 88] (the callers clamp): z = n·ln 2 + r with |r| ≤ ½ln 2, e^r by Cephes' expf
-// polynomial (relative error about 1e-7), 2^n written into the exponent bits.
-inline float exp_clamped(float z) {
-  constexpr float kRoundingShift = 12582912.0f;  // 1.5·2^23: adding and subtracting it rounds to an integer
-  const float n = (z * 1.44269504088896341f + kRoundingShift) - kRoundingShift;
-  const float r = (z - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e_r = p * r * r + r + 1.0f;
-  const float two_to_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return e_r * two_to_n;
-}
 
 // σ(2u) as 1 / (1 + e^(−2u)); clamping keeps e^(−2u) finite and normal. Below the clamp (2u < −88) σ is
 // set to 0, so gelu(x) is 0 for very negative x (and NaN at −inf) as in the tanh form.

@@ -16,6 +16,8 @@ import torch
 from torch.nn import functional as F
 from transformers import GPT2Model
 
+from rlhf_fast.ops.gelu import gelu_tanh
+
 # step(input_ids [B, 1], position_ids [B, 1], mask [B, 1, 1, S], cache_index [1], keys, values) -> hidden [B, d]
 DecodeStep = Callable[..., torch.Tensor]
 
@@ -25,14 +27,14 @@ def _gpt2_supported(backbone: GPT2Model) -> bool:
     return not config.add_cross_attention and not config.reorder_and_upcast_attn
 
 
-# transformers' tanh-approximated GELUs, all the formula ``F.gelu(approximate="tanh")`` computes in one kernel
-# (transformers' own versions take several elementwise kernels).
+# transformers' tanh-approximated GELUs, all the one op ``rlhf_fast.ops.gelu.gelu_tanh`` computes (transformers'
+# own versions take several elementwise kernels).
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
 def _activation(name: str, module_activation) -> Callable[[torch.Tensor], torch.Tensor]:
     if name in _TANH_GELUS:
-        return lambda x: F.gelu(x, approximate="tanh")
+        return gelu_tanh
     if name == "gelu":
         return F.gelu
     return module_activation
