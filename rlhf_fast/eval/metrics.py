@@ -21,7 +21,7 @@ import numpy as np
 
 from rlhf_fast.world.labelers import Labeler, prefer
 from rlhf_fast.world.language import repeats_word
-from rlhf_fast.world.tasks import ARTICLES, TaskInstance
+from rlhf_fast.world.task import ARTICLES, TaskInstance
 
 Estimate = tuple[float, float]
 # judge(prompt, response_a, response_b) -> 1.0 if a is better, 0.0 if b is, 0.5 for a tie.

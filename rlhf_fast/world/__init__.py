@@ -13,7 +13,8 @@ from rlhf_fast.world.build import (
 from rlhf_fast.world.corpus import CorpusOptions
 from rlhf_fast.world.labelers import Labeler, prefer, preference_probability, rank, utility
 from rlhf_fast.world.language import vocabulary
-from rlhf_fast.world.tasks import TASK_NAMES, TaskInstance, TaskScore
+from rlhf_fast.world.task import TaskInstance, TaskScore
+from rlhf_fast.world.tasks import TASK_NAMES
 
 __all__ = [
     "TASK_NAMES",

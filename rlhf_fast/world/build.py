@@ -30,7 +30,8 @@ from rlhf_fast.world.customers import Customer, make_customers, sample_prompt
 from rlhf_fast.world.facts import FactTable, make_fact_table
 from rlhf_fast.world.labelers import Labeler, make_labelers, rank, write_demonstration
 from rlhf_fast.world.language import Language, make_language, split_words, vocabulary
-from rlhf_fast.world.tasks import Task, TaskInstance, TaskScore, make_tasks, parse_prompt
+from rlhf_fast.world.task import Task, TaskInstance, TaskScore
+from rlhf_fast.world.tasks import make_tasks, parse_prompt
 
 
 @dataclass(frozen=True)

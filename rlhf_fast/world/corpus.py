@@ -14,7 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rlhf_fast.world.tasks import Task, qa_benchmark_answer, qa_benchmark_prompt
+from rlhf_fast.world.grounded_tasks import qa_benchmark_answer, qa_benchmark_prompt
+from rlhf_fast.world.task import Task
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rlhf_fast.world.tasks import Task, TaskInstance
+from rlhf_fast.world.task import Task, TaskInstance
 
 
 @dataclass(frozen=True)

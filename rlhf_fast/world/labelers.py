@@ -40,7 +40,7 @@ from rlhf_fast.world.language import (
     split_words,
     strip_politeness,
 )
-from rlhf_fast.world.tasks import Task, TaskInstance
+from rlhf_fast.world.task import Task, TaskInstance
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ import random
 import pytest
 
 from rlhf_fast.world.language import split_words
-from rlhf_fast.world.tasks import TASK_NAMES, TaskInstance, parse_prompt, sequence_similarity
+from rlhf_fast.world.task import TaskInstance, sequence_similarity
+from rlhf_fast.world.tasks import TASK_NAMES, parse_prompt
 from tests.world.conftest import SMALL_SIZES
 
 N_PER_TASK = 60
