@@ -30,18 +30,23 @@ GAMMA, LAM = 1.0, 0.95
 SHAPES = {"cpu": (64, 512), "cuda": (256, 1024)}
 
 
-def openrlhf_gae(values, rewards, action_mask, gamma: float, lambd: float):
-    values = action_mask * values
-    rewards = action_mask * rewards
-    steps = rewards.size(1)
+def _lastgaelam_loop(values, rewards, gamma: float, lam: float):
+    """The loop both peers run: per-step tensor ops over `reversed(range(T))`, then `torch.stack`."""
+    steps = rewards.shape[1]
     lastgaelam = 0
     advantages_reversed = []
     for t in reversed(range(steps)):
         nextvalues = values[:, t + 1] if t < steps - 1 else 0.0
         delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lambd * lastgaelam
+        lastgaelam = delta + gamma * lam * lastgaelam
         advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return torch.stack(advantages_reversed[::-1], dim=1)
+
+
+def openrlhf_gae(values, rewards, action_mask, gamma: float, lambd: float):
+    values = action_mask * values
+    rewards = action_mask * rewards
+    advantages = _lastgaelam_loop(values, rewards, gamma, lambd)
     returns = advantages + values
     return advantages.detach(), returns
 
@@ -64,15 +69,7 @@ def _masked_whiten(values, mask):
 
 def trl_gae_whitened(values, rewards, padding_mask, gamma: float, lam: float):
     """`padding_mask` is True at padding, as in TRL; values and rewards are already 0 there."""
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_length = rewards.shape[1]
-    for t in reversed(range(gen_length)):
-        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], axis=1)
+    advantages = _lastgaelam_loop(values, rewards, gamma, lam)
     returns = advantages + values
     advantages = _masked_whiten(advantages, ~padding_mask)
     advantages = torch.masked_fill(advantages, padding_mask, 0)

@@ -35,17 +35,8 @@ def _masked_mean(values, mask):
     return (values * mask).sum() / mask.sum()
 
 
-def naive_ppo_losses(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    values,
-    old_values,
-    returns,
-    clip_coef=CLIP_COEF,
-    value_clip=VALUE_CLIP,
-):
+def naive_ppo_losses(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
+                     clip_coef=CLIP_COEF, value_clip=VALUE_CLIP):  # fmt: skip
     """The PPO losses op by op, as TRL's PPO trainer writes them (see the module docstring)."""
     padding = ~mask
     logprobs = torch.masked_fill(logprobs, padding, INVALID_LOGPROB)
@@ -145,12 +136,8 @@ def checker(inputs, pass_name: str):
             torch.testing.assert_close(output[0][key].detach().cpu().double(), value.detach(), **tolerance)
         for got, expected in zip(output[1:], want[1:]):
             scale = expected.abs().max().item()
-            torch.testing.assert_close(
-                got.double().cpu()[decided],
-                expected[decided],
-                rtol=tolerance["rtol"],
-                atol=tolerance["atol"] * scale,
-            )
+            torch.testing.assert_close(got.double().cpu()[decided], expected[decided],
+                                       rtol=tolerance["rtol"], atol=tolerance["atol"] * scale)  # fmt: skip
 
     return check
 

@@ -191,28 +191,13 @@ def recompute_logprob_mismatch(trainer) -> dict[str, float]:
     prompts = trainer.prompt_batch(trainer.iteration_index)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad():
-        out = sample(
-            trainer.policy,
-            prompts["prompt_ids"],
-            prompts["prompt_mask"],
-            cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            eos_token_id=trainer.eos_token_id,
-            pad_token_id=trainer.pad_token_id,
-            generator=generator,
-            return_logprobs=True,
-            use_cuda_graph=cfg.sample_cuda_graph,
-        )
+        out = sample(trainer.policy, prompts["prompt_ids"], prompts["prompt_mask"], cfg.max_new_tokens,
+                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                     eos_token_id=trainer.eos_token_id, pad_token_id=trainer.pad_token_id, generator=generator,
+                     return_logprobs=True, use_cuda_graph=cfg.sample_cuda_graph)  # fmt: skip
         attention_mask = torch.cat([prompts["prompt_mask"].bool(), out.response_mask], dim=1)
-        recomputed = trainer.policy_module(
-            out.sequences,
-            attention_mask,
-            out.response_ids,
-            mask=out.response_mask,
-            temperature=cfg.temperature,
-        ).logprobs
+        recomputed = trainer.policy_module(out.sequences, attention_mask, out.response_ids,
+                                           mask=out.response_mask, temperature=cfg.temperature).logprobs  # fmt: skip
     difference = (out.logprobs.float() - recomputed.float()).abs()[out.response_mask]
     if difference.numel() == 0:
         return {"mean_abs": 0.0, "max_abs": 0.0}

@@ -190,9 +190,8 @@ class _DecodeProgram:
         prompt_len, total_len = prompt_ids.shape[1], buffers.total_len
         device = prompt_ids.device
         # The prompts' causal mask, its keys widened to the whole cache (slots not yet written stay masked).
-        mask = nn.functional.pad(
-            causal_mask(prompt_mask, self.compute_dtype), (0, total_len - prompt_len), value=self.mask_min
-        )
+        mask = nn.functional.pad(causal_mask(prompt_mask, self.compute_dtype), (0, total_len - prompt_len),
+                                 value=self.mask_min)  # fmt: skip
         hidden = self._hidden(buffers, prompt_ids, mask, position_ids_from_mask(prompt_mask))
         last_real = (prompt_mask.long() * torch.arange(prompt_len, device=device)).argmax(-1)
         self._emit(buffers, hidden[torch.arange(hidden.shape[0], device=device), last_real])

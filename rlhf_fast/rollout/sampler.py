@@ -101,13 +101,8 @@ def sample(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total_len} exceeds the model's "
             f"maximum of {limit} positions; truncate the prompts or lower max_new_tokens"
         )
-    selector = TokenSelector(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generator=generator,
-        filtered_logprobs=filtered_logprobs,
-    )
+    selector = TokenSelector(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                             filtered_logprobs=filtered_logprobs)  # fmt: skip
     eos_ids = _check_eos(eos_token_id)
     if not isinstance(stop_check_every, int) or isinstance(stop_check_every, bool) or stop_check_every < 0:
         raise ValueError(f"stop_check_every must be an int >= 0 (0 = never), got {stop_check_every!r}")
@@ -128,17 +123,10 @@ def sample(
         hf_model.eval()
     try:
         program = _DecodeProgram(
-            backbone=hf_model.base_model,
-            weight=weight,
-            bias=bias,
-            config=config,
-            selector=selector,
-            eos_ids=eos_ids,
-            pad_token_id=pad_token_id,
-            return_logprobs=return_logprobs,
-            return_entropy=return_entropy,
-            stop_check_every=stop_check_every if eos_ids else 0,
-        )
+            backbone=hf_model.base_model, weight=weight, bias=bias, config=config, selector=selector,
+            eos_ids=eos_ids, pad_token_id=pad_token_id, return_logprobs=return_logprobs,
+            return_entropy=return_entropy, stop_check_every=stop_check_every if eos_ids else 0,
+        )  # fmt: skip
         signature = _tensor_signature(hf_model) if use_cuda_graph else None
         if signature is not None:
             return _sample_with_graph(program, hf_model, signature, prompt_ids, prompt_mask, max_new_tokens)

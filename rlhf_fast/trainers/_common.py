@@ -58,35 +58,29 @@ def rank_share(items: Sequence[int], ctx: DistributedContext) -> list[int]:
     return list(items[start : start + size + (1 if ctx.rank < extra else 0)])
 
 
-def make_optimizer(
-    param_groups,
-    *,
-    learning_rate: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    device: torch.device,
-) -> torch.optim.AdamW:
-    """AdamW, the fused implementation where the device has one (it is also what lets a non-finite step be
-    skipped on the device: the fused kernel honours `found_inf`)."""
+def make_optimizer(param_groups, config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the run's `learning_rate`, `weight_decay`, `adam_betas` and `adam_eps`: the fused
+    implementation where the device has one (it is also what lets a non-finite step be skipped on the device:
+    the fused kernel honours `found_inf`)."""
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
-        param_groups, lr=learning_rate, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused
+        param_groups,
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        betas=tuple(config.adam_betas),
+        eps=config.adam_eps,
+        fused=fused,
     )
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    schedule: str,
-    warmup_steps: int,
-    total_steps: int,
-    min_lr_ratio: float = 0.0,
-):
-    """transformers' LR schedules: "cosine" (`get_cosine_schedule_with_warmup`, or the min-LR variant when
-    `min_lr_ratio` > 0), "linear" or "constant" (each with linear warmup)."""
+def make_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int):
+    """The run's `lr_schedule` over `total_steps` with `warmup` steps, from transformers: "cosine"
+    (`get_cosine_schedule_with_warmup`, or the min-LR variant when the config's `min_lr_ratio` > 0), "linear"
+    or "constant" (each with linear warmup)."""
     import transformers
 
+    schedule, warmup_steps = config.lr_schedule, config.warmup
+    min_lr_ratio = getattr(config, "min_lr_ratio", 0.0)  # the epoch trainers' option
     total_steps = max(int(total_steps), 1)
     if schedule == "cosine":
         if min_lr_ratio > 0:
@@ -472,26 +466,13 @@ class EpochTrainer(RunLoop):
         config = self.config
         self.wrapped = wrap_model(module, self.ctx, fsdp=config.fsdp)
         self.parameters = trainable_parameters(module)
-        self.optimizer = make_optimizer(
-            self.parameters,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            betas=config.adam_betas,
-            eps=config.adam_eps,
-            device=self.ctx.device,
-        )
+        self.optimizer = make_optimizer(self.parameters, config, self.ctx.device)
         self._batches = (-1, [])
         self.steps_per_epoch = len(self._epoch_batches(0))
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self.scheduler = make_scheduler(
-            self.optimizer,
-            schedule=config.lr_schedule,
-            warmup_steps=config.warmup,
-            total_steps=self.total_steps,
-            min_lr_ratio=config.min_lr_ratio,
-        )
+        self.scheduler = make_scheduler(self.optimizer, config, self.total_steps)
         self.checkpoints = CheckpointManager(config.output_dir, self.ctx)
         self.bad_steps = BadStepCounter(config.max_bad_steps)
         self.global_step = 0

@@ -184,20 +184,12 @@ class PPOTrainer(RunLoop):
                 {"params": self.policy_parameters, "lr": config.learning_rate},
                 {"params": self.value_parameters, "lr": config.value_learning_rate or config.learning_rate},
             ],
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            betas=config.adam_betas,
-            eps=config.adam_eps,
-            device=device,
+            config,
+            device,
         )
         self.iterations_per_epoch = len(self.prompts) // config.batch_size
         self.total_iterations = config.max_iterations or config.epochs * self.iterations_per_epoch
-        self.scheduler = make_scheduler(
-            self.optimizer,
-            schedule=config.lr_schedule,
-            warmup_steps=config.warmup,
-            total_steps=self.total_iterations,
-        )
+        self.scheduler = make_scheduler(self.optimizer, config, self.total_iterations)
         self.kl_controller = (
             AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon, device)
             if config.target_kl is not None
