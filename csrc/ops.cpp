@@ -39,6 +39,10 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
   // (csrc/autograd/gelu.cpp); CUDA tensors take torch's own kernel.
   m.def("gelu_tanh(Tensor input) -> Tensor");
   m.def("gelu_tanh_backward(Tensor grad_output, Tensor input) -> Tensor");
+
+  // One decoding step's draw (rlhf_fast/ops/sample_tokens.py): tokens, their log-probs and the rows'
+  // entropy from scaled logits and one uniform per row; CPU kernel in csrc/cpu/sample_tokens.cpp.
+  m.def("sample_tokens(Tensor logits, Tensor uniform) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -12,6 +12,8 @@ import copy
 
 import torch
 
+from rlhf_fast.ops.sample_tokens import entropy_of_log_probs, sample_tokens
+
 
 class TokenSelector:
     """Picks the next token from fp32 logits without reading anything back to the host.
@@ -77,33 +79,28 @@ class TokenSelector:
         """logits: [B, V] fp32 -> (tokens [B] int64, log-probs [B] fp32 of those tokens or None, entropy [B]
         fp32 or None), log-prob and entropy under the unfiltered or (``filtered_logprobs``) filtered distribution."""
         scaled = self.scaled(logits)
-        distribution = scaled
         if self.greedy:
             tokens = scaled.argmax(dim=-1)
         else:
             filtered = self.filtered(scaled) if self.filters else scaled
+            if not self.filters or self.filtered_logprobs:  # draw and statistics from one distribution
+                return sample_tokens(filtered, self._uniform(filtered), want_logprobs, want_entropy)
             tokens = self.inverse_cdf_sample(filtered)
-            if self.filtered_logprobs:
-                distribution = filtered
         logprobs = entropy = None
         if want_logprobs or want_entropy:
-            log_probs = torch.log_softmax(distribution, dim=-1)  # one kernel (logsumexp takes several)
+            log_probs = torch.log_softmax(scaled, dim=-1)  # one kernel (logsumexp takes several)
             if want_logprobs:
                 logprobs = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
             if want_entropy:
-                entropy = _entropy_of_log_probs(log_probs)
+                entropy = entropy_of_log_probs(log_probs)
         return tokens, logprobs, entropy
 
     def inverse_cdf_sample(self, filtered: torch.Tensor) -> torch.Tensor:
         """[B, V] (filtered) scaled logits -> [B] int64 tokens drawn from their softmax, one uniform per row."""
-        cdf = torch.softmax(filtered, dim=-1).cumsum_(dim=-1)
-        total = cdf[:, -1:]
-        uniform = torch.rand(total.shape, generator=self.generator, device=filtered.device)
-        tokens = torch.searchsorted(cdf, uniform * total, right=True)
-        # U·c_V may round up to c_V, past every interval: take then the last token with mass (the first to reach
-        # c_V), never a filtered token after it.
-        last = torch.searchsorted(cdf, total.contiguous())
-        return torch.minimum(tokens, last).squeeze(-1)
+        return sample_tokens(filtered, self._uniform(filtered), False, False)[0]
+
+    def _uniform(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.rand((logits.shape[0], 1), generator=self.generator, device=logits.device)
 
 
 def filter_logits(
@@ -139,9 +136,4 @@ def entropy_of_logits(logits: torch.Tensor, log_normalizer: torch.Tensor | None 
     """Entropy [...] of softmax(logits [..., V]); -inf logits (filtered tokens) contribute nothing."""
     if log_normalizer is None:
         log_normalizer = torch.logsumexp(logits, dim=-1)
-    return _entropy_of_log_probs(logits - log_normalizer[..., None])
-
-
-def _entropy_of_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
-    probs = log_probs.exp()
-    return -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
+    return entropy_of_log_probs(logits - log_normalizer[..., None])
