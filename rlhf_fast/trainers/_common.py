@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_fast.models.loading import Precision
+from rlhf_fast.models.loading import Precision, autocast_forward, prepare_trained, resolve_pad_token_id
 from rlhf_fast.ops import set_value_checks
 from rlhf_fast.trainers.checkpoint import CheckpointManager, models_finite
 from rlhf_fast.trainers.distributed import (
@@ -27,7 +27,7 @@ from rlhf_fast.trainers.distributed import (
     seed_everything,
     wrap_model,
 )
-from rlhf_fast.trainers.export import export_pretrained
+from rlhf_fast.trainers.export import export_pretrained, meta_skeleton
 from rlhf_fast.trainers.lock import lock_output_dir
 from rlhf_fast.trainers.logging import MetricsLogger, ProgressBar, read_metrics
 
@@ -403,8 +403,9 @@ class RunLoop:
 class EpochTrainer(RunLoop):
     """The epoch / step schedule the SFT and reward trainers share: data order per epoch (step i of the run
     is batch i mod steps_per_epoch of epoch i div steps_per_epoch), evaluation cadence and step metrics. A
-    subclass calls `_start` (config, process group, seeds, data, tokenizer, precision), sets the class
-    attributes below, calls `_set_up_training` with the module it trains, and provides the hooks
+    subclass calls `_start` (config, process group, seeds, data, tokenizer, precision), `_take_model` with
+    the model it loaded, sets the class attributes below, calls `_set_up_training` with the module it trains,
+    and provides the hooks
     (`_train_batch`, `_step_metrics`, `_eval_metrics`, `_export`, ...)."""
 
     _progress_keys = ("train/loss",)
@@ -460,10 +461,21 @@ class EpochTrainer(RunLoop):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- set-up
-    def _set_up_training(self, module: nn.Module) -> None:
-        """Wraps `module` for the processes (DDP / FSDP) and builds what trains it: optimizer, LR schedule
-        over `total_steps`, checkpoint manager and bad-step counter. Needs `config`, `ctx` and `train_data`."""
+    def _take_model(self, model: nn.Module, pad_token_id: int | None) -> nn.Module:
+        """`model` made ready to train in the run's precision (`prepare_trained`: dtype, activation
+        checkpointing, LoRA), with the run's pad id resolved from the argument, the tokenizer or its config."""
+        model = prepare_trained(model, self.precision)
+        self.pad_token_id = resolve_pad_token_id(pad_token_id, self.tokenizer, model.config)
+        return model
+
+    def _set_up_training(self, module: nn.Module, exported: nn.Module) -> None:
+        """Runs `module`'s forward under the run's autocast, wraps it for the processes (DDP / FSDP) and builds
+        what trains it: optimizer, LR schedule over `total_steps`, checkpoint manager and bad-step counter;
+        under FSDP, the meta skeleton of `exported` (the model written at export). Needs `config`, `ctx` and
+        `train_data`."""
         config = self.config
+        self._skeleton = meta_skeleton(exported) if config.fsdp and self.ctx.is_distributed else None
+        autocast_forward(module, self.ctx.device.type, self.precision.dtype)
         self.wrapped = wrap_model(module, self.ctx, fsdp=config.fsdp)
         self.parameters = trainable_parameters(module)
         self.optimizer = make_optimizer(self.parameters, config, self.ctx.device)

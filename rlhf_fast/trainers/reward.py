@@ -18,20 +18,8 @@ from typing import Any
 
 import torch
 
-from rlhf_fast.models.loading import (
-    autocast_forward,
-    check_token_ids,
-    load_reward_model,
-    prepare_trained,
-    resolve_pad_token_id,
-)
-from rlhf_fast.trainers._common import (
-    EpochTrainer,
-    gradient_sync,
-    guarded_step,
-    rank_share,
-)
-from rlhf_fast.trainers.export import meta_skeleton
+from rlhf_fast.models.loading import check_token_ids, load_reward_model
+from rlhf_fast.trainers._common import EpochTrainer, gradient_sync, guarded_step, rank_share
 from rlhf_fast.trainers.phases import phase
 from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
 
@@ -107,12 +95,9 @@ class RewardTrainer(EpochTrainer):
     ):
         self._start(config, train_data, eval_data, tokenizer)
         self.normalization_data = list(normalization_data) if normalization_data is not None else []
-        self.model = prepare_trained(load_reward_model(model), self.precision)
-        autocast_forward(self.model, self.ctx.device.type, self.precision.dtype)
-        self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.model.config)
-        self._skeleton = meta_skeleton(self.model) if config.fsdp and self.ctx.is_distributed else None
+        self.model = self._take_model(load_reward_model(model), pad_token_id)
         check_token_ids(self.model.backbone, _ranking_ids(self.train_data + self.eval_data))
-        self._set_up_training(self.model)
+        self._set_up_training(self.model, exported=self.model)
 
     # ------------------------------------------------------------------------------------------ compute
     def compute_loss(self, model, items: list) -> tuple[torch.Tensor, torch.Tensor]:

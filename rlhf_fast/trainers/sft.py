@@ -18,13 +18,7 @@ from typing import Any
 import torch
 
 from rlhf_fast.models import packed_causal_mask
-from rlhf_fast.models.loading import (
-    autocast_forward,
-    check_token_ids,
-    load_policy,
-    prepare_trained,
-    resolve_pad_token_id,
-)
+from rlhf_fast.models.loading import check_token_ids, load_policy
 from rlhf_fast.ops import value_checks
 from rlhf_fast.trainers._common import (
     EpochTrainer,
@@ -34,7 +28,6 @@ from rlhf_fast.trainers._common import (
     set_residual_dropout,
 )
 from rlhf_fast.trainers._modules import PolicyLogprobs
-from rlhf_fast.trainers.export import meta_skeleton
 from rlhf_fast.trainers.phases import phase
 from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
 
@@ -92,22 +85,19 @@ class SFTTrainer(EpochTrainer):
         pad_token_id: int | None = None,
     ):
         self._start(config, train_data, eval_data, tokenizer)
-        self.policy = prepare_trained(load_policy(policy), self.precision)
-        self.pad_token_id = resolve_pad_token_id(pad_token_id, tokenizer, self.policy.config)
+        self.policy = self._take_model(load_policy(policy), pad_token_id)
         if config.residual_dropout is not None:
             set_residual_dropout(self.policy.hf_model, config.residual_dropout)
         self.block_size = config.block_size or max(
             len(example.input_ids if hasattr(example, "input_ids") else example["input_ids"])
             for example in self.train_data
         )
-        self._skeleton = meta_skeleton(self.policy) if config.fsdp and self.ctx.is_distributed else None
         check_token_ids(
             self.policy.hf_model, (_ids_of(example) for example in self.train_data + self.eval_data)
         )
 
         self.module = PolicyLogprobs(self.policy)
-        autocast_forward(self.module, self.ctx.device.type, self.precision.dtype)
-        self._set_up_training(self.module)
+        self._set_up_training(self.module, exported=self.policy)
 
     # ------------------------------------------------------------------------------------------ batches
     def _micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
