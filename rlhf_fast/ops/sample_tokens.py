@@ -32,6 +32,13 @@ def sample_tokens_reference(
     # c_V), never a filtered token after it.
     last = torch.searchsorted(cdf, total.contiguous())
     tokens = torch.minimum(tokens, last).squeeze(-1)
+    return tokens, *token_statistics(logits, tokens, want_logprobs, want_entropy)
+
+
+def token_statistics(
+    logits: torch.Tensor, tokens: torch.Tensor, want_logprobs: bool, want_entropy: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(log-probs [B] of `tokens`, entropy [B]) under softmax(`logits` [B, V]), each None when not asked."""
     logprobs = entropy = None
     if want_logprobs or want_entropy:
         log_probs = torch.log_softmax(logits, dim=-1)  # one kernel (logsumexp takes several)
@@ -39,7 +46,7 @@ def sample_tokens_reference(
             logprobs = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
         if want_entropy:
             entropy = entropy_of_log_probs(log_probs)
-    return tokens, logprobs, entropy
+    return logprobs, entropy
 
 
 def entropy_of_log_probs(log_probs: torch.Tensor) -> torch.Tensor:

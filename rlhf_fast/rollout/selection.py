@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from rlhf_fast.ops.sample_tokens import entropy_of_log_probs, sample_tokens
+from rlhf_fast.ops.sample_tokens import entropy_of_log_probs, sample_tokens, token_statistics
 
 
 class TokenSelector:
@@ -86,14 +86,7 @@ class TokenSelector:
             if not self.filters or self.filtered_logprobs:  # draw and statistics from one distribution
                 return sample_tokens(filtered, self._uniform(filtered), want_logprobs, want_entropy)
             tokens = self.inverse_cdf_sample(filtered)
-        logprobs = entropy = None
-        if want_logprobs or want_entropy:
-            log_probs = torch.log_softmax(scaled, dim=-1)  # one kernel (logsumexp takes several)
-            if want_logprobs:
-                logprobs = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
-            if want_entropy:
-                entropy = entropy_of_log_probs(log_probs)
-        return tokens, logprobs, entropy
+        return tokens, *token_statistics(scaled, tokens, want_logprobs, want_entropy)
 
     def inverse_cdf_sample(self, filtered: torch.Tensor) -> torch.Tensor:
         """[B, V] (filtered) scaled logits -> [B] int64 tokens drawn from their softmax, one uniform per row."""
