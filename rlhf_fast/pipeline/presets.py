@@ -102,7 +102,10 @@ PRESETS: dict[str, DemoPreset] = {
         # samples repeat a word, win rate 0.43). Batches of 64 halve the gradient's variance, whose noise let
         # the policy drift (KL 3-4 nats without gain), and kl_coef 0.2 prices a word off the SFT distribution
         # above what the RM pays for it; measured, each alone helps less than both.
-        ppo_iterations=30, ppo_batch_size=64, ppo_learning_rate=1e-4, kl_coef=0.2, ptx_coef=0.5,
+        # ptx_coef 0.1: PPO-ptx still recovers all of PPO's QA regression (seeds 0 and 2: 124% and 84%), and its
+        # win rate against SFT comes within 0.01-0.05 of PPO's, as in the paper; at 0.5 the pretraining term
+        # pulled it 0.05-0.12 below PPO's, and its task score below SFT's.
+        ppo_iterations=30, ppo_batch_size=64, ppo_learning_rate=1e-4, kl_coef=0.2, ptx_coef=0.1,
         eval_prompts=300,
     ),
     "paper": DemoPreset(
