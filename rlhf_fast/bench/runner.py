@@ -35,6 +35,8 @@ OPS = {
     "ranking": "rlhf_fast.bench.ranking",
     "ppo_loss": "rlhf_fast.bench.ppo_loss",
     "logprob": "rlhf_fast.bench.logprob",
+    "gelu": "rlhf_fast.bench.gelu",
+    "sample_tokens": "rlhf_fast.bench.sample_tokens",
 }
 SUITES = ("cpu", "gpu")
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from rlhf_fast.bench import gae as gae_bench
+from rlhf_fast.bench import gelu as gelu_bench
 from rlhf_fast.bench import logprob as logprob_bench
 from rlhf_fast.bench import ppo_loss as ppo_bench
 from rlhf_fast.bench import ranking as ranking_bench
+from rlhf_fast.bench import sample_tokens as sample_tokens_bench
 from rlhf_fast.bench.case import Case, Contender
 from rlhf_fast.bench.runner import OPS, BenchError, format_table, parse_ops, run, run_case
 from rlhf_fast.bench.timing import interleaved
@@ -76,7 +78,11 @@ def _equal(got, want):
     assert got == want, f"{got} != {want}"
 
 
-@pytest.mark.parametrize("module", [gae_bench, ranking_bench, ppo_bench], ids=["gae", "ranking", "ppo_loss"])
+@pytest.mark.parametrize(
+    "module",
+    [gae_bench, ranking_bench, ppo_bench, gelu_bench, sample_tokens_bench],
+    ids=["gae", "ranking", "ppo_loss", "gelu", "sample_tokens"],
+)
 def test_every_cpu_case_checks_its_contenders(module):
     """Each contender agrees with the reference, and the check rejects a wrong answer (the first case of
     each op: the others differ in shape only)."""
