@@ -1,9 +1,10 @@
-"""CPU benchmark of `rlhf_fast.ops.gelu` against the torch composition the peers run.
+"""CPU benchmark of the models' tanh GELU (`rlhf_fast.ops.gelu`, the C++ kernel) on a 128-wide GPT-2 block's
+MLP activations, forward and forward + backward, against torch's `F.gelu(approximate="tanh")` and
+transformers' six-op `gelu_new`:
 
-    flock -s /tmp/rlhf_fast_build.lock .venv/bin/python -m pytest bench/bench_gelu.py --benchmark-group-by=group
+    .venv/bin/python -m pytest bench/bench_gelu.py --benchmark-group-by=group
 
-The cases, their baselines and the checks live in rlhf_fast/bench/gelu.py, which `rlhf-fast bench --ops gelu`
-runs interleaved; here pytest-benchmark times them.
+Cases and checks: rlhf_fast/bench/gelu.py (`rlhf-fast bench --ops gelu` times them interleaved).
 """
 
 import pytest

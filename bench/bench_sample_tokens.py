@@ -1,9 +1,10 @@
-"""CPU benchmark of `rlhf_fast.ops.sample_tokens` against the torch composition the peers run.
+"""CPU benchmark of a decoding step's draw with log-probs and entropy (`rlhf_fast.ops.sample_tokens`) at
+vocabularies of 2,048 and 50,257, against `generate`'s softmax + multinomial and the sampler's former torch
+composition:
 
-    flock -s /tmp/rlhf_fast_build.lock .venv/bin/python -m pytest bench/bench_sample_tokens.py --benchmark-group-by=group
+    .venv/bin/python -m pytest bench/bench_sample_tokens.py --benchmark-group-by=group
 
-The cases, their baselines and the checks live in rlhf_fast/bench/sample_tokens.py, which `rlhf-fast bench --ops sample_tokens`
-runs interleaved; here pytest-benchmark times them.
+Cases and checks: rlhf_fast/bench/sample_tokens.py (`rlhf-fast bench --ops sample_tokens`).
 """
 
 import pytest
