@@ -19,6 +19,7 @@
 
 #include "cpu/parallel.h"
 #include "cpu/vector_math.h"
+#include "dtype.h"
 
 namespace {
 
@@ -114,14 +115,8 @@ void backward_loop(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x, in
   backward_reduced(grad, x, grad_x, n);
 }
 
-void check_floating(const at::Tensor& tensor, const char* name) {
-  const auto dtype = tensor.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "gelu_tanh: ", name, " must be float32/float64/bfloat16/float16, got ", dtype);
-}
-
 at::Tensor gelu_tanh_cpu(const at::Tensor& input) {
-  check_floating(input, "input");
+  rlhf_fast::input_type_of(input.scalar_type(), "gelu_tanh", "input");
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t numel = x.numel();
@@ -136,7 +131,7 @@ at::Tensor gelu_tanh_cpu(const at::Tensor& input) {
 }
 
 at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input) {
-  check_floating(input, "input");
+  rlhf_fast::input_type_of(input.scalar_type(), "gelu_tanh", "input");
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "gelu_tanh_backward: grad_output has shape ",
               grad_output.sizes(), ", input ", input.sizes());
   const at::Tensor x = input.contiguous();

@@ -405,8 +405,7 @@ class EpochTrainer(RunLoop):
     is batch i mod steps_per_epoch of epoch i div steps_per_epoch), evaluation cadence and step metrics. A
     subclass calls `_start` (config, process group, seeds, data, tokenizer, precision), `_take_model` with
     the model it loaded, sets the class attributes below, calls `_set_up_training` with the module it trains,
-    and provides the hooks
-    (`_train_batch`, `_step_metrics`, `_eval_metrics`, `_export`, ...)."""
+    and provides the hooks (`_train_batch`, `_step_metrics`, `_eval_metrics`, `_export`, ...)."""
 
     _progress_keys = ("train/loss",)
     _eval_log_key: str = "eval/loss"  # a step whose metrics hold this key is always logged

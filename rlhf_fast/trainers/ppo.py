@@ -37,7 +37,6 @@ from rlhf_fast.models.loading import (
     Precision,
     adapters_disabled,
     reencode_for_reward,
-    resolve_dtype,
     resolve_eos_token_id,
     resolve_pad_token_id,
     same_vocabulary,
@@ -280,7 +279,7 @@ class PPOTrainer(RunLoop):
         the models compute in float32)."""
         if self.config.rollout_logprobs is not None:
             return self.config.rollout_logprobs
-        return resolve_dtype(self.config.dtype, self.ctx.device) == torch.float32
+        return self.precision.dtype == torch.float32
 
     @property
     def sample_stop_check_every(self) -> int:
