@@ -1,5 +1,6 @@
 """Generation and reward scoring for evaluation: the one batched generation (`generate`, through
-`rlhf_fast.rollout.sample`) and the reward model's scores of (prompt, response) rows (`reward_scores`).
+`rlhf_fast.rollout.sample`), the reward model's scores of (prompt, response) rows (`reward_scores`), and the two
+together as best-of-n sampling (`best_of_n_responses`).
 
 Prompts are tokenized as the data layer does (`add_special_tokens=False`, no BOS added) and left padded
 (`rlhf_fast.data.pad_rows`); generation stops at the tokenizer's EOS, which is not part of the returned text.
@@ -14,7 +15,15 @@ import torch
 
 from rlhf_fast.data.collate import pad_rows
 
-__all__ = ["Generation", "generate", "generate_responses", "response_rows", "reward_scores", "token_rows"]
+__all__ = [
+    "Generation",
+    "best_of_n_responses",
+    "generate",
+    "generate_responses",
+    "response_rows",
+    "reward_scores",
+    "token_rows",
+]
 
 
 @dataclass
@@ -119,19 +128,11 @@ def generate_responses(
     `eos_token_id` set (and `pad_token_id`, else EOS pads). greedy: argmax decoding (temperature ignored);
     otherwise sampling at `temperature` > 0.
     """
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a sequence of strings")
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling (or pass greedy=True), got {temperature!r}")
-    _special_ids(tokenizer)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not prompts:
+    token_ids = _prompt_ids(tokenizer, prompts, max_new_tokens)
+    if not token_ids:
         return []
-    token_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    for index, ids in enumerate(token_ids):
-        if not ids:
-            raise ValueError(f"prompts[{index}] tokenizes to no tokens: {prompts[index]!r}")
     return generate(
         policy,
         tokenizer,
@@ -142,6 +143,61 @@ def generate_responses(
         batch_size=batch_size,
         seed=seed,
     ).texts
+
+
+def _prompt_ids(tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+    """Text prompts tokenized as the data layer does, after the checks both text entry points share."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a sequence of strings")
+    _special_ids(tokenizer)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not prompts:
+        return []
+    token_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    for index, ids in enumerate(token_ids):
+        if not ids:
+            raise ValueError(f"prompts[{index}] tokenizes to no tokens: {prompts[index]!r}")
+    return token_ids
+
+
+def best_of_n_responses(
+    policy,
+    reward_model,
+    tokenizer,
+    prompts: Sequence[str],
+    n: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[str]:
+    """Best-of-n sampling: `n` samples per prompt at `temperature`, and of each prompt's samples the one
+    `reward_model` scores highest (the first of equal scores), in the order of `prompts`.
+
+    What the reward model gets out of the policy with no training, at a KL from the policy of at most
+    log n - (n - 1)/n nats: the reference point for what RL against the same reward model gains. The reward
+    model reads each sample as PPO scores a rollout (`token_rows`: prompt + response, + eos where the response
+    ended). With n = 1 the result is `generate_responses` at the same seed.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not temperature > 0:
+        raise ValueError(f"best-of-n samples: temperature must be > 0, got {temperature!r}")
+    token_ids = _prompt_ids(tokenizer, prompts, max_new_tokens)
+    if not token_ids:
+        return []
+    repeated = [ids for ids in token_ids for _ in range(n)]
+    options = {"temperature": temperature, "batch_size": batch_size, "seed": seed}
+    samples = generate(policy, tokenizer, repeated, max_new_tokens, **options)
+    if n == 1:
+        return samples.texts
+    eos_id, pad_id = _special_ids(tokenizer)
+    rows = token_rows(repeated, samples.token_ids, samples.finished, eos_id)
+    scores = torch.tensor(reward_scores(reward_model, rows, pad_id, batch_size)).view(len(token_ids), n)
+    best = scores.argmax(dim=1).tolist()  # the first maximum of each row
+    return [samples.texts[row * n + column] for row, column in enumerate(best)]
 
 
 def token_rows(

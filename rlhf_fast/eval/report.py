@@ -31,11 +31,14 @@ METRICS: dict[str, tuple[str, bool]] = {
     "rm_agreement_train": ("Agreement, training labelers", True),
     "rm_accuracy": ("Validation accuracy", True),
 }
-KIND_ORDER = ("base", "base_prompted", "sft", "ppo", "ppo_ptx")
+# An SFT model's best of n samples by the reward model's score (no RL): what the reward model alone gets.
+BEST_OF_N_KIND = "best_of"
+KIND_ORDER = ("base", "base_prompted", "sft", BEST_OF_N_KIND, "ppo", "ppo_ptx")
 KIND_LABELS = {
     "base": "GPT (base)",
     "base_prompted": "GPT (prompted)",
     "sft": "SFT",
+    BEST_OF_N_KIND: "SFT best-of-n (RM)",
     "ppo": "PPO",
     "ppo_ptx": "PPO-ptx",
 }
@@ -43,6 +46,7 @@ KIND_COLORS = {
     "base": "#8c8c8c",
     "base_prompted": "#5a5a5a",
     "sft": "#2ca02c",
+    BEST_OF_N_KIND: "#9467bd",
     "ppo": "#ff7f0e",
     "ppo_ptx": "#d62728",
 }
@@ -158,6 +162,13 @@ def _figure1_reading(results: Results) -> str:
         "truthfulness, hallucination, toxicity and degenerate samples beside it, so a gain in style alone "
         "would show."
     )
+    best_of = [m for m in results.models if m.kind == BEST_OF_N_KIND]
+    if best_of:
+        shows += (
+            f" {', '.join(m.name for m in best_of)} ({KIND_LABELS[BEST_OF_N_KIND]}): an SFT model's best of n "
+            "samples by the reward model's score, with no RL, i.e. what the reward model alone gets out of "
+            "that model (at a KL of at most log n - (n - 1)/n nats), the reference for what PPO gains."
+        )
     if met:
         shows += " Findings of the paper reproduced in this run: " + "; ".join(met) + "."
     does_not = (

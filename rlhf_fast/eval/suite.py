@@ -73,14 +73,23 @@ def respond(
     batch_size: int = 64,
     seed: int = 0,
     heldout: list[str] | None = None,
+    best_of: int = 1,
+    reward_model=None,
 ) -> Answers:
     """The policy's answers to the suite: held-out prompts and probes at `temperature` (0: greedy), the QA
-    benchmark greedily. `heldout`: answers to the held-out prompts generated already (not generated again)."""
-    from rlhf_fast.eval.generate import generate_responses
+    benchmark greedily. `heldout`: answers to the held-out prompts generated already (not generated again).
+    `best_of` > 1: each sampled answer is the best of that many samples by `reward_model`'s score
+    (`best_of_n_responses`); the QA benchmark stays greedy."""
+    from rlhf_fast.eval.generate import best_of_n_responses, generate_responses
 
+    if best_of > 1 and (reward_model is None or not temperature > 0):
+        raise ValueError("best_of > 1 needs a reward_model to choose with and a sampling temperature > 0")
     decoding = {"temperature": temperature} if temperature > 0 else {"greedy": True}
 
     def answer(prompts: list[str], **options) -> list[str]:
+        if best_of > 1 and not options.get("greedy", False):
+            chooser = (reward_model, tokenizer, prompts, best_of, max_new_tokens)
+            return best_of_n_responses(policy, *chooser, batch_size=batch_size, seed=seed, **options)
         return generate_responses(
             policy, tokenizer, prompts, max_new_tokens, batch_size=batch_size, seed=seed, **options
         )

@@ -1,6 +1,8 @@
 """The demo's evaluation: every model answers the held-out suite once (answers cached while their settings
 match), held-out labelers judge the win rates, the world's scorers give the rest, and the reward model's
-agreement with labelers is measured on fresh samples of the policies its training samples came from."""
+agreement with labelers is measured on fresh samples of the policies its training samples came from. Beside the
+trained models, the largest SFT model's best-of-n samples by the reward model (`eval_best_of`) show what the
+reward model gets with no RL, the reference for PPO's gains."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rlhf_fast.eval.report import BEST_OF_N_KIND
 from rlhf_fast.eval.results import Estimate, ModelResult
 from rlhf_fast.pipeline.stages import as_stored, rm_sample_sizes
 
@@ -79,20 +82,28 @@ def sample_from_policies(
     return samples
 
 
-def _answers(run: DemoRun, name: str, suite, fresh: bool):
-    """The model's answers to the suite, kept in out/eval/<name>.json while its settings match."""
+def _answers(run: DemoRun, name: str, suite, fresh: bool, model: str | None = None, best_of: int = 1):
+    """The answers of `model` (default `name`) to the suite, kept in out/eval/<name>.json while their settings
+    match; `best_of` > 1: each sampled answer is the best of that many samples by the reward model."""
     from rlhf_fast.eval.suite import Answers, respond
-    from rlhf_fast.models import PolicyModel
+    from rlhf_fast.models import PolicyModel, RewardModel
 
-    key = as_stored(
-        {"model": run.keys[name], "world": run.keys["world"], "eval": run.keys["eval"], "seed": run.seed}
-    )
+    model = model or name
+    settings = {
+        "model": run.keys[model],
+        "world": run.keys["world"],
+        "eval": run.keys["eval"],
+        "seed": run.seed,
+    }
+    if best_of > 1:
+        settings |= {"best_of": best_of, "reward_model": run.keys["rm"]}
+    key = as_stored(settings)
     cache = run.out / "eval" / f"{name}.json"
     if not fresh and cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return Answers.from_json(cached["responses"])
-    policy = PolicyModel.from_pretrained(run.model_dirs[name]).eval()
+    policy = PolicyModel.from_pretrained(run.model_dirs[model]).eval()
     answers = respond(
         policy,
         run.tokenizer,
@@ -101,6 +112,8 @@ def _answers(run: DemoRun, name: str, suite, fresh: bool):
         temperature=run.preset.eval_temperature,
         batch_size=run.preset.eval_batch_size,
         seed=run.seed,
+        best_of=best_of,
+        reward_model=RewardModel.from_pretrained(run.rm_dir).eval() if best_of > 1 else None,
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "responses": answers.to_json()}))
@@ -150,10 +163,17 @@ def evaluate(run: DemoRun, fresh: bool = False) -> Evaluation:
 
     suite = EvalSuite.from_world(run.world, run.preset.eval_prompts)
     answers = {name: _answers(run, name, suite, fresh) for name in run.model_dirs}
-    baseline = answers[f"sft-{run.sizes[-1]}"]
+    largest = run.sizes[-1]
+    baseline = answers[f"sft-{largest}"]
+    entries = {name: (name.rsplit("-", 1), directory) for name, directory in run.model_dirs.items()}
+    best_of = run.preset.eval_best_of
+    if best_of > 1:
+        # The reward model alone, no RL: the largest SFT model's best of `best_of` samples by the RM's score.
+        name = f"{BEST_OF_N_KIND}_{best_of}-{largest}"
+        answers[name] = _answers(run, name, suite, fresh, model=f"sft-{largest}", best_of=best_of)
+        entries[name] = ((BEST_OF_N_KIND, largest), run.model_dirs[f"sft-{largest}"])
     models = []
-    for name, directory in run.model_dirs.items():
-        kind, size = name.rsplit("-", 1)
+    for name, ((kind, size), directory) in entries.items():
         metrics = judge(run.world, suite, answers[name], baseline)
         metrics["win_rate_same_size"] = win_rate(run.world, suite, answers[name], answers[f"sft-{size}"])
         models.append(

@@ -53,6 +53,8 @@ class DemoPreset:
     eval_prompts: int = 200
     eval_temperature: float = 1.0  # labelers judge samples at this temperature; 0 = greedy
     eval_batch_size: int = 128
+    # the largest SFT model's best of this many samples by the RM, judged beside the trained models (< 2: off)
+    eval_best_of: int = 4
     rm_comparison_prompts: int = 200  # held-out prompts with 3 SFT samples each (3 pairs) for RM agreement
     device: str = "auto"
 

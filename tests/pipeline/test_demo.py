@@ -40,9 +40,13 @@ def test_report_files_exist(smoke_run):
 def test_report_json_has_every_model_and_metric(smoke_run):
     out, _, _ = smoke_run
     report = json.loads((out / "report" / "report.json").read_text())
-    sizes = get_preset("smoke").model_sizes
+    preset = get_preset("smoke")
+    sizes = preset.model_sizes
     models = {model["name"]: model for model in report["models"]}
-    assert set(models) == {f"{kind}-{size}" for kind in ("base", "sft", "ppo", "ppo_ptx") for size in sizes}
+    best_of = f"best_of_{preset.eval_best_of}-{sizes[-1]}"  # the largest SFT model's best-of-n by the RM
+    trained = {f"{kind}-{size}" for kind in ("base", "sft", "ppo", "ppo_ptx") for size in sizes}
+    assert set(models) == trained | {best_of}
+    assert models[best_of]["kind"] == "best_of" and models[best_of]["size"] == sizes[-1]
     for name, entry in models.items():
         assert set(MODEL_METRICS) | {"win_rate_same_size"} <= set(entry["metrics"]), name
         for metric in MODEL_METRICS:
