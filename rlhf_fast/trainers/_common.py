@@ -114,14 +114,19 @@ def guarded_step(
     *,
     max_grad_norm: float | None,
     extra_bad: torch.Tensor | None = None,
+    grad_norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips the gradients and steps, unless the loss or the gradient norm is not finite on some rank.
 
-    The skip happens on the device (`found_inf` of the fused AdamW): no host synchronization. Returns
-    (grad_norm, bad) as 0-dim device tensors, bad = 1.0 for a skipped step.
+    `grad_norm`: the norm the caller has computed (and clipped to) already, e.g. per model; then no norm pass
+    here, and `max_grad_norm` must be None. The skip happens on the device (`found_inf` of the fused AdamW): no
+    host synchronization. Returns (grad_norm, bad) as 0-dim device tensors, bad = 1.0 for a skipped step.
     """
-    limit = float("inf") if max_grad_norm is None or max_grad_norm <= 0 else float(max_grad_norm)
-    grad_norm = local_tensor(torch.nn.utils.clip_grad_norm_(parameters, limit))
+    if grad_norm is None:
+        limit = float("inf") if max_grad_norm is None or max_grad_norm <= 0 else float(max_grad_norm)
+        grad_norm = local_tensor(torch.nn.utils.clip_grad_norm_(parameters, limit))
+    elif max_grad_norm is not None:
+        raise ValueError("pass max_grad_norm=None with a grad_norm: the caller has clipped already")
     bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(grad_norm.float())).float()
     if extra_bad is not None:
         bad = torch.maximum(bad, extra_bad.float())

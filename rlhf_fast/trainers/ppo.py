@@ -448,18 +448,16 @@ class PPOTrainer(RunLoop):
             # cannot shrink the policy step. The step is skipped when either norm is not finite.
             policy_norm = clip_gradients(self.policy_parameters, cfg.max_grad_norm)
             value_norm = clip_gradients(self.value_parameters, cfg.max_grad_norm)
-            norms_finite = torch.isfinite(policy_norm) & torch.isfinite(value_norm)
-            bad = ~(rewards_finite & norms_finite)
-            _, skipped = guarded_step(
-                self.optimizer, self.parameters, total, ctx, max_grad_norm=None, extra_bad=bad
-            )
+            grad_norm = torch.hypot(policy_norm, value_norm)  # of both models' gradients together
+            guards = {"max_grad_norm": None, "extra_bad": ~rewards_finite, "grad_norm": grad_norm}
+            _, skipped = guarded_step(self.optimizer, self.parameters, total, ctx, **guards)
 
             weight = token_share / ctx.world_size  # summed over ranks: the minibatch's token mean
             for key, name in UPDATE_METRICS.items():
                 if name is not None:
                     sums[key] += losses[name].detach() * weight
             sums["loss/ptx"] += ptx_loss / ctx.world_size
-            sums["train/grad_norm"] += torch.hypot(policy_norm, value_norm) / ctx.world_size
+            sums["train/grad_norm"] += grad_norm / ctx.world_size
             sums["train/policy_grad_norm"] += policy_norm / ctx.world_size
             sums["train/value_grad_norm"] += value_norm / ctx.world_size
             sums["train/skipped"] += skipped / ctx.world_size

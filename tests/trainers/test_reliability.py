@@ -4,6 +4,7 @@ ends; non-finite steps are skipped, and too many in a row abort without touching
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -18,8 +19,8 @@ from torch import nn
 from rlhf_fast.trainers import NonFiniteError
 from rlhf_fast.trainers.checkpoint import CheckpointManager, load_safetensors
 from rlhf_fast.trainers.distributed import init_distributed
-from tests.trainers import toy
 from tests.helpers import lock_held_by_another_process
+from tests.trainers import toy
 from tests.trainers.conftest import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -427,3 +428,27 @@ def test_a_checkpoint_of_another_model_is_an_error_naming_it(tmp_path):
             manager.read_latest(["model"]), models={"model": other}, optimizer=optimizer, scheduler=None
         )
     assert str(tmp_path / "checkpoints" / "last") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_guarded_step_takes_a_precomputed_norm_and_skips_when_it_is_not_finite():
+    from rlhf_fast.trainers._common import guarded_step, make_optimizer
+    from rlhf_fast.trainers.ppo_config import PPOConfig
+
+    ctx = init_distributed("cpu")
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model.parameters(), PPOConfig(learning_rate=0.1), torch.device("cpu"))
+    loss = torch.tensor(1.0)
+    for norm, skipped in ((float("nan"), True), (float("inf"), True), (2.0, False)):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        before = [p.detach().clone() for p in model.parameters()]
+        returned, bad = guarded_step(
+            optimizer, list(model.parameters()), loss, ctx, max_grad_norm=None, grad_norm=torch.tensor(norm)
+        )
+        changed = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        assert bool(bad) is skipped and changed is not skipped, norm
+        assert returned.item() == norm or (math.isnan(norm) and math.isnan(returned.item()))
+    with pytest.raises(ValueError, match="max_grad_norm=None"):
+        guarded_step(
+            optimizer, list(model.parameters()), loss, ctx, max_grad_norm=1.0, grad_norm=torch.tensor(1.0)
+        )
