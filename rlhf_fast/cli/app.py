@@ -274,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--top-p", type=float, default=1.0)
     evaluate.add_argument("--batch-size", type=int, default=32, metavar="N")
     evaluate.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    evaluate.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the policy answers with the best of N samples by --reward's score (needs --temperature > 0)",
+    )
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     _data_options(evaluate, prompts_only=True)
     evaluate.set_defaults(handler="eval")
@@ -300,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkout.",
     )
     bench.add_argument("--suite", choices=("cpu", "gpu"), default="cpu", help="cpu (default) or gpu (CUDA)")
-    bench.add_argument("--ops", metavar="OPS", help="comma-separated subset of gae,ranking,ppo_loss,logprob")
+    bench.add_argument(
+        "--ops",
+        metavar="OPS",
+        help="comma-separated subset of gae,ranking,ppo_loss,logprob,gelu,sample_tokens",
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--rounds", type=_positive_int, metavar="N", help="interleaved rounds per case")
     bench.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads")

@@ -6,6 +6,10 @@ response ended, the eos token, read by the reward model at the last token. With 
 win rate of the policy against the baseline is the mean over prompts of 1 (higher reward), 1/2 (tie) or 0,
 with its standard error over prompts.
 
+With --best-of N (and --reward, --temperature > 0), the policy answers with the best of N samples by the
+reward model's score (`rlhf_fast.eval.generate.best_of_n`): what the reward model alone gets out of the policy.
+Its reward-model win rate is then biased by the selection; --world judges it with labelers instead.
+
 With --world DIR (a demo world's data directory), the world judges the responses as the demo does
 (`rlhf_fast.eval.suite`): its held-out labelers give the win rate against --baseline, its scorers the task
 score, hallucination and non-answers on the prompts (default: the world's held-out prompts), and the policy
@@ -99,6 +103,12 @@ def _check_generation_args(args) -> None:
         raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.best_of < 1:
+        raise CLIError(f"--best-of must be >= 1, got {args.best_of}")
+    if args.best_of > 1 and (args.reward is None or args.temperature == 0):
+        raise CLIError(
+            f"--best-of {args.best_of} samples and chooses: it needs --reward and --temperature > 0"
+        )
 
 
 def _prompt_limit(flag: str, model_dir: str, requested: int | None, max_new_tokens: int) -> int:
@@ -167,6 +177,11 @@ def run_eval(args) -> int:
             note(f"--reward {reward_dir}: no tokenizer saved there; using the policy's")
             reward_tokenizer = tokenizer
         reward_limit = model_max_positions("--reward", reward_dir)
+        if args.best_of > 1 and not _shares_vocabulary(reward_tokenizer, tokenizer):
+            raise CLIError(
+                f"--best-of {args.best_of}: the reward model in {reward_dir} reads another vocabulary than the "
+                f"policy; choosing among samples needs the policy's tokenizer"
+            )
     fitted = prompts.fit_summary()
     if fitted:
         note(f"--prompts {fitted}")
@@ -177,13 +192,14 @@ def run_eval(args) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
         "decoding": "greedy" if args.temperature == 0 else "sampling",
+        "best_of": args.best_of,
         "max_prompt_length": limit,
     }
     policy_ids = [item.input_ids for item in prompts.encoded.items]
     models = [("policy", policy_dir, tokenizer, policy_ids)]
     if baseline_dir is not None:
         models.append(("baseline", baseline_dir, baseline_tokenizer, baseline_ids))
-    generations, answers = _generate(args, models, suite, device)
+    generations, answers = _generate(args, models, suite, device, reward_dir)
     scores: dict[str, list[float]] = {}
     if reward_dir is not None:
         scores = _score(
@@ -220,39 +236,46 @@ def _baseline_prompt_ids(
     return [item.input_ids for item in baseline_prompts.encoded.items]
 
 
-def _generate(args, models, suite, device) -> tuple[dict[str, Generation], dict[str, Answers]]:
+def _shares_vocabulary(reward_tokenizer, tokenizer) -> bool:
+    from rlhf_fast.models.loading import same_vocabulary
+
+    return reward_tokenizer is tokenizer or same_vocabulary(reward_tokenizer, tokenizer)
+
+
+def _generate(args, models, suite, device, reward_dir) -> tuple[dict[str, Generation], dict[str, Answers]]:
     """Each (name, directory, tokenizer, prompt ids) model's responses to the prompts, and with a world its
-    answers to the world's probes; one model in memory at a time."""
-    from rlhf_fast.eval.generate import generate
+    answers to the world's probes; one model in memory at a time (with --best-of, the policy with the reward
+    model that chooses among its samples)."""
+    from rlhf_fast.eval.generate import best_of_n, generate
     from rlhf_fast.eval.suite import respond
-    from rlhf_fast.models import PolicyModel
+    from rlhf_fast.models import PolicyModel, RewardModel
 
     generations: dict[str, Generation] = {}
     answers: dict[str, Answers] = {}
+    options = {"temperature": args.temperature, "batch_size": args.batch_size, "seed": args.seed}
     for name, directory, model_tokenizer, ids in models:
         model = load_weights(f"--{name}", directory, PolicyModel.from_pretrained).to(device).eval()
-        generations[name] = generate(
-            model,
-            model_tokenizer,
-            ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
+        chooser = None
+        if name == "policy" and args.best_of > 1:
+            chooser = load_weights("--reward", reward_dir, RewardModel.from_pretrained).to(device).eval()
+            choice = (chooser, model_tokenizer, ids, args.best_of, args.max_new_tokens)
+            generations[name] = best_of_n(model, *choice, top_p=args.top_p, **options)
+        else:
+            generations[name] = generate(
+                model, model_tokenizer, ids, args.max_new_tokens, top_p=args.top_p, **options
+            )
         if suite is not None:
+            best = {"best_of": args.best_of, "reward_model": chooser} if chooser is not None else {}
             answers[name] = respond(
                 model,
                 model_tokenizer,
                 suite,
                 max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                batch_size=args.batch_size,
-                seed=args.seed,
                 heldout=generations[name].texts,
+                **options,
+                **best,
             )
-        del model
+        del model, chooser
     return generations, answers
 
 

@@ -17,6 +17,7 @@ from rlhf_fast.data.collate import pad_rows
 
 __all__ = [
     "Generation",
+    "best_of_n",
     "best_of_n_responses",
     "generate",
     "generate_responses",
@@ -161,6 +162,48 @@ def _prompt_ids(tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[
     return token_ids
 
 
+def best_of_n(
+    policy,
+    reward_model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    n: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> Generation:
+    """Best-of-n sampling: `n` samples per prompt at `temperature`, and of each prompt's samples the one
+    `reward_model` scores highest (the first of equal scores), in prompt order.
+
+    What the reward model gets out of the policy with no training, at a KL from the policy of at most
+    log n - (n - 1)/n nats: the reference point for what RL against the same reward model gains. The reward
+    model reads each sample as PPO scores a rollout (`token_rows`: prompt + response, + eos where the response
+    ended), so it must share the policy's tokenizer. With n = 1 the result is `generate`'s at the same seed
+    (no reward model needed).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not temperature > 0:
+        raise ValueError(f"best-of-n samples: temperature must be > 0, got {temperature!r}")
+    repeated = [ids for ids in prompt_ids for _ in range(n)]
+    options = {"temperature": temperature, "top_p": top_p, "batch_size": batch_size, "seed": seed}
+    samples = generate(policy, tokenizer, repeated, max_new_tokens, **options)
+    if n == 1 or not repeated:
+        return samples
+    eos_id, pad_id = _special_ids(tokenizer)
+    rows = token_rows(repeated, samples.token_ids, samples.finished, eos_id)
+    scores = torch.tensor(reward_scores(reward_model, rows, pad_id, batch_size)).view(len(prompt_ids), n)
+    chosen = [row * n + column for row, column in enumerate(scores.argmax(dim=1).tolist())]  # first maxima
+    return Generation(
+        [samples.texts[i] for i in chosen],
+        [samples.token_ids[i] for i in chosen],
+        [samples.finished[i] for i in chosen],
+    )
+
+
 def best_of_n_responses(
     policy,
     reward_model,
@@ -173,31 +216,10 @@ def best_of_n_responses(
     batch_size: int = 64,
     seed: int = 0,
 ) -> list[str]:
-    """Best-of-n sampling: `n` samples per prompt at `temperature`, and of each prompt's samples the one
-    `reward_model` scores highest (the first of equal scores), in the order of `prompts`.
-
-    What the reward model gets out of the policy with no training, at a KL from the policy of at most
-    log n - (n - 1)/n nats: the reference point for what RL against the same reward model gains. The reward
-    model reads each sample as PPO scores a rollout (`token_rows`: prompt + response, + eos where the response
-    ended). With n = 1 the result is `generate_responses` at the same seed.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if not temperature > 0:
-        raise ValueError(f"best-of-n samples: temperature must be > 0, got {temperature!r}")
+    """`best_of_n` for text prompts: one response text per prompt, in the order of `prompts`."""
     token_ids = _prompt_ids(tokenizer, prompts, max_new_tokens)
-    if not token_ids:
-        return []
-    repeated = [ids for ids in token_ids for _ in range(n)]
     options = {"temperature": temperature, "batch_size": batch_size, "seed": seed}
-    samples = generate(policy, tokenizer, repeated, max_new_tokens, **options)
-    if n == 1:
-        return samples.texts
-    eos_id, pad_id = _special_ids(tokenizer)
-    rows = token_rows(repeated, samples.token_ids, samples.finished, eos_id)
-    scores = torch.tensor(reward_scores(reward_model, rows, pad_id, batch_size)).view(len(token_ids), n)
-    best = scores.argmax(dim=1).tolist()  # the first maximum of each row
-    return [samples.texts[row * n + column] for row, column in enumerate(best)]
+    return best_of_n(policy, reward_model, tokenizer, token_ids, n, max_new_tokens, **options).texts
 
 
 def token_rows(

@@ -255,3 +255,12 @@ def test_console_script_help():
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "sft" in result.stdout and "ppo" in result.stdout and "bench" in result.stdout
+
+
+def test_bench_help_names_every_packaged_op(cli):
+    from rlhf_fast.bench.runner import OPS
+
+    code, stdout, _ = cli("bench", "--help")
+    assert code == 0
+    listed = " ".join(stdout.split())  # argparse wraps the help text
+    assert all(op in listed for op in OPS), (sorted(OPS), listed)

@@ -179,3 +179,52 @@ def test_eval_with_world_rejects_a_foreign_prompt(cli, tmp_path, world_run, no_p
     assert code == 2 and "--world" in error_line(stderr)
     code, _stdout, stderr = cli("eval", "--policy", policy, "--out", tmp_path / "e")
     assert code == 2 and "--prompts" in error_line(stderr)
+
+
+def test_eval_best_of_n_answers_with_the_reward_models_choice(
+    cli, tmp_path, model_dir, reward_dir, no_progress
+):
+    from transformers import AutoTokenizer
+
+    from rlhf_fast.eval.generate import best_of_n, generate
+    from rlhf_fast.models import PolicyModel, RewardModel
+
+    records = prompts(4, seed=8)
+    data = write_lines(tmp_path / "prompts.jsonl", records)
+    out = tmp_path / "eval"
+    code, _, stderr = cli("eval", "--policy", model_dir, "--reward", reward_dir, "--prompts", data, "--out", out,
+                          "--max-new-tokens", 5, "--temperature", 1.0, "--seed", 7, "--best-of", 4)  # fmt: skip
+    assert code == 0, stderr
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["generation"]["best_of"] == 4
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+    policy, reward = (
+        PolicyModel.from_pretrained(model_dir).eval(),
+        RewardModel.from_pretrained(reward_dir).eval(),
+    )
+    options = {"temperature": 1.0, "seed": 7, "batch_size": 32}
+    chosen = best_of_n(policy, reward, tokenizer, ids, 4, 5, **options)
+    assert [row["response"] for row in rows] == chosen.texts
+    plain = generate(policy, tokenizer, [i for i in ids for _ in range(4)], 5, **options)
+    assert chosen.texts != plain.texts[::4]  # the reward model's choice, not the first sample
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--best-of", 0], "--best-of must be >= 1"),
+        (["--best-of", 2, "--temperature", 1.0], "needs --reward"),
+        (["--best-of", 2, "--reward", "RM"], "--temperature > 0"),
+    ],
+)
+def test_eval_best_of_n_checks_its_arguments(
+    cli, tmp_path, model_dir, reward_dir, no_progress, extra, message
+):
+    data = write_lines(tmp_path / "prompts.jsonl", prompts(2))
+    extra = [reward_dir if value == "RM" else value for value in extra]
+    code, _, stderr = cli(
+        "eval", "--policy", model_dir, "--prompts", data, "--out", tmp_path / "eval", *extra
+    )
+    assert code == 2 and message in stderr, stderr
