@@ -334,7 +334,7 @@ def _ppo_history(metrics_path: Path) -> list[PPOStep]:
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-def _notes(preset: DemoPreset, reused: list[str]) -> list[str]:
+def _notes(preset: DemoPreset, reused: list[str], stage_threads: dict[str, int]) -> list[str]:
     temperature = (
         f"sampled at temperature {preset.eval_temperature:g}" if preset.eval_temperature > 0 else "greedy"
     )
@@ -357,6 +357,18 @@ def _notes(preset: DemoPreset, reused: list[str]) -> list[str]:
     ]
     if reused:
         notes.append(f"Reused from an earlier run into the same directory: {', '.join(reused)}.")
+    if stage_threads:
+        by_count: dict[int, list[str]] = {}
+        for stage, count in stage_threads.items():
+            by_count.setdefault(count, []).append(stage)
+        counts = "; ".join(
+            f"{count} thread{'s' if count > 1 else ''}: {', '.join(stages)}"
+            for count, stages in sorted(by_count.items())
+        )
+        notes.append(
+            f"CPU threads per stage, chosen from the load average ({counts}). The numbers depend on them through "
+            "rounding: the same seed and thread counts reproduce this report bit for bit on the same machine."
+        )
     return notes
 
 
@@ -444,7 +456,7 @@ def run_demo(
             "total_cpu": round(cpu, 1),
         },
         config={"preset": preset.name, "seed": seed, **dataclasses.asdict(preset)},
-        notes=_notes(preset, stages.reused),
+        notes=_notes(preset, stages.reused, stages.stage_threads),
     )
     results.targets = check_targets(results, run.sizes)
     write_report(results, out / "report")

@@ -33,6 +33,9 @@ class Stages:
         self.seconds: dict[str, float] = {}
         self.reused: list[str] = []
         self.threads = 1  # this process's own share of the load average so far (plain Python)
+        # Intra-op threads each stage ran with (a reused stage: as recorded when it ran). The results depend on
+        # them through rounding: the same counts reproduce a run bit for bit.
+        self.stage_threads: dict[str, int] = {}
 
     def _set_threads(self) -> None:
         from rlhf_fast.pipeline.threads import use_threads
@@ -40,27 +43,38 @@ class Stages:
         self.threads = use_threads(self.threads, self.console)
 
     @staticmethod
-    def finished_key(directory: Path) -> Any:
+    def finished_record(directory: Path) -> dict:
+        """The finished stage's record (key, seconds, threads), or {} when there is none."""
         try:
-            return json.loads((directory / STAGE_FILE).read_text())["key"]
-        except (OSError, ValueError, KeyError):
-            return None
+            record = json.loads((directory / STAGE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    @staticmethod
+    def finished_key(directory: Path) -> Any:
+        return Stages.finished_record(directory).get("key")
 
     def run(self, name: str, what: str, directory: Path, key: Any, body: Callable[[], None]) -> None:
         """Runs `body` (which writes into `directory`) unless `directory` already holds its result for `key`."""
         key = as_stored(key)
-        if not self.fresh and self.finished_key(directory) == key:
+        finished = self.finished_record(directory)
+        if not self.fresh and finished.get("key") == key:
             self.console(f"[{name}] {what}: reused from {directory}")
             self.reused.append(directory.name)
+            if "threads" in finished:
+                self.stage_threads[directory.name] = int(finished["threads"])
             return
         self.console(f"[{name}] {what}")
         self._set_threads()
+        self.stage_threads[directory.name] = self.threads
         started = time.perf_counter()
         shutil.rmtree(directory, ignore_errors=True)  # a stale or half-written run must not be resumed
         body()
         seconds = time.perf_counter() - started
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / STAGE_FILE).write_text(json.dumps({"key": key, "seconds": round(seconds, 2)}, indent=1))
+        record = {"key": key, "seconds": round(seconds, 2), "threads": self.threads}
+        (directory / STAGE_FILE).write_text(json.dumps(record, indent=1))
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
         self.console(f"[{name}] done in {seconds:.1f} s")
 
@@ -68,6 +82,7 @@ class Stages:
         """Runs an uncached stage."""
         self.console(f"[{name}] {what}")
         self._set_threads()
+        self.stage_threads[name] = self.threads
         started = time.perf_counter()
         result = body()
         seconds = time.perf_counter() - started

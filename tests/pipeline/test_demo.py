@@ -89,3 +89,8 @@ def test_rerun_reuses_finished_stages(smoke_run):
     assert len(reused) == 5  # base, sft, rm, ppo, ppo_ptx
     assert again.to_json()["models"] == results.to_json()["models"]
     assert again.to_json()["targets"] == results.to_json()["targets"]
+    # Each stage's thread count is recorded when it runs and reported again when it is reused.
+    record = json.loads((out / "rm" / "stage.json").read_text())
+    assert isinstance(record["threads"], int) and record["threads"] >= 1
+    (threads_note,) = [note for note in again.to_json()["notes"] if note.startswith("CPU threads per stage")]
+    assert "rm" in threads_note and "bit for bit" in threads_note
