@@ -366,8 +366,9 @@ def _notes(preset: DemoPreset, reused: list[str], stage_threads: dict[str, int])
             for count, stages in sorted(by_count.items())
         )
         notes.append(
-            f"CPU threads per stage, chosen from the load average ({counts}). The numbers depend on them through "
-            "rounding: the same seed and thread counts reproduce this report bit for bit on the same machine."
+            f"CPU threads per stage, chosen from the load average ({counts}). The numbers depend on them "
+            "through rounding: the same seed and thread counts reproduce this report bit for bit on the same "
+            "machine."
         )
     return notes
 
