@@ -295,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", choices=("quick", "paper"), default="quick")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="CPU threads for every stage (default: chosen per stage from the load); the same seed and N "
+        "reproduce a run bit for bit on the same machine",
+    )
     demo.set_defaults(handler="demo")
 
     bench = commands.add_parser(
@@ -334,7 +341,8 @@ def _run_demo(args) -> int:
         raise
     except ImportError as error:  # the module is there but lacks run_demo
         raise Unavailable(f"the demo pipeline cannot be used: {error}") from None
-    result = run_demo(preset=args.preset, out_dir=args.out, seed=args.seed)
+    options = {"threads": args.threads} if args.threads is not None else {}
+    result = run_demo(preset=args.preset, out_dir=args.out, seed=args.seed, **options)
     say(
         f"demo done ({args.preset}); outputs in {args.out}"
         + (f": {result}" if isinstance(result, (str, Path)) else "")

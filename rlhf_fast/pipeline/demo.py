@@ -334,7 +334,9 @@ def _ppo_history(metrics_path: Path) -> list[PPOStep]:
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-def _notes(preset: DemoPreset, reused: list[str], stage_threads: dict[str, int]) -> list[str]:
+def _notes(
+    preset: DemoPreset, reused: list[str], stage_threads: dict[str, int], fixed_threads: bool = False
+) -> list[str]:
     temperature = (
         f"sampled at temperature {preset.eval_temperature:g}" if preset.eval_temperature > 0 else "greedy"
     )
@@ -365,10 +367,11 @@ def _notes(preset: DemoPreset, reused: list[str], stage_threads: dict[str, int])
             f"{count} thread{'s' if count > 1 else ''}: {', '.join(stages)}"
             for count, stages in sorted(by_count.items())
         )
+        chosen = "set by --threads" if fixed_threads else "chosen from the load average"
         notes.append(
-            f"CPU threads per stage, chosen from the load average ({counts}). The numbers depend on them "
-            "through rounding: the same seed and thread counts reproduce this report bit for bit on the same "
-            "machine."
+            f"CPU threads per stage ({counts}), {chosen} for the stages this run ran. The numbers depend on "
+            "them through rounding: the same seed and thread counts reproduce this report bit for bit on the "
+            "same machine (`rlhf-fast demo --threads N` sets one count for every stage)."
         )
     return notes
 
@@ -400,12 +403,16 @@ def run_demo(
     *,
     console: Callable[[str], None] = print,
     fresh: bool = False,
+    threads: int | None = None,
 ) -> Results:
     """Runs the whole pipeline; returns the results written to `out_dir/report/` (report.md, report.json).
 
     Stages that finished in an earlier run into `out_dir` with the same settings are reused (`fresh=True`
     reruns them all). The terminal gets one line per stage, the trainers' progress bars, then the evaluation
     table and each target of the paper's findings marked MET or MISS with its standard error.
+    `threads`: the CPU intra-op threads of every stage; None picks them per stage from the machine's load
+    (`rlhf_fast.pipeline.threads`). The results depend on the counts through rounding, so a fixed count
+    makes a seed's run reproducible on the same machine whatever else was running before it.
     """
     from transformers.utils import logging as transformers_logging
 
@@ -419,9 +426,11 @@ def run_demo(
         )
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")  # noqa: TRY004 (project rule)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(console, fresh)
+    stages = Stages(console, fresh, threads)
     started, cpu_started = time.perf_counter(), time.process_time()
 
     run = make_world(preset, seed, out, stages)
@@ -457,7 +466,7 @@ def run_demo(
             "total_cpu": round(cpu, 1),
         },
         config={"preset": preset.name, "seed": seed, **dataclasses.asdict(preset)},
-        notes=_notes(preset, stages.reused, stages.stage_threads),
+        notes=_notes(preset, stages.reused, stages.stage_threads, fixed_threads=threads is not None),
     )
     results.targets = check_targets(results, run.sizes)
     write_report(results, out / "report")

@@ -25,11 +25,13 @@ STAGE_FILE = "stage.json"
 class Stages:
     """Runs stages, each announced by one line and finished by another (the trainers draw their progress bars
     in between), and skips a stage whose directory holds a finished run with the same key. Before each stage
-    it picks the CPU threads for the machine's current load (`rlhf_fast.pipeline.threads`)."""
+    it sets the CPU threads: `fixed_threads`, or a count for the machine's current load
+    (`rlhf_fast.pipeline.threads`)."""
 
-    def __init__(self, console: Callable[[str], None], fresh: bool):
+    def __init__(self, console: Callable[[str], None], fresh: bool, fixed_threads: int | None = None):
         self.console = console
         self.fresh = fresh
+        self.fixed_threads = fixed_threads  # every stage's thread count, instead of one chosen from the load
         self.seconds: dict[str, float] = {}
         self.reused: list[str] = []
         self.threads = 1  # this process's own share of the load average so far (plain Python)
@@ -40,6 +42,12 @@ class Stages:
     def _set_threads(self) -> None:
         from rlhf_fast.pipeline.threads import use_threads
 
+        if self.fixed_threads is not None:
+            import torch
+
+            self.threads = self.fixed_threads
+            torch.set_num_threads(self.threads)
+            return
         self.threads = use_threads(self.threads, self.console)
 
     @staticmethod

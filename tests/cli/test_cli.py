@@ -215,6 +215,11 @@ def test_demo_calls_the_pipeline(cli, tmp_path, monkeypatch):
     assert code == 0, stderr
     assert calls == [{"preset": "paper", "out_dir": str(tmp_path / "demo"), "seed": 7}]
     assert "report.md" in stdout
+    code, _, stderr = cli("demo", "--out", tmp_path / "demo", "--threads", 2)
+    assert code == 0, stderr
+    assert calls[-1] == {"preset": "quick", "out_dir": str(tmp_path / "demo"), "seed": 0, "threads": 2}
+    code, _, stderr = cli("demo", "--threads", 0)
+    assert code == 2 and "--threads" in stderr
 
 
 def test_demo_without_the_pipeline(cli, monkeypatch):

@@ -94,3 +94,20 @@ def test_rerun_reuses_finished_stages(smoke_run):
     assert isinstance(record["threads"], int) and record["threads"] >= 1
     (threads_note,) = [note for note in again.to_json()["notes"] if note.startswith("CPU threads per stage")]
     assert "rm" in threads_note and "bit for bit" in threads_note
+
+
+def test_fixed_threads_set_every_stage_and_are_reported(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    lines: list[str] = []
+    try:
+        results = run_demo("smoke", tmp_path / "demo", seed=0, console=lines.append, threads=1)
+    finally:
+        torch.set_num_threads(before)
+    records = [json.loads(path.read_text()) for path in (tmp_path / "demo").glob("*/stage.json")]
+    assert records and all(record["threads"] == 1 for record in records)
+    (note,) = [n for n in results.to_json()["notes"] if n.startswith("CPU threads per stage")]
+    assert "set by --threads" in note and "1 thread:" in note and "2 threads" not in note
+    with pytest.raises(ValueError, match="threads"):
+        run_demo("smoke", tmp_path / "other", seed=0, console=lines.append, threads=0)
