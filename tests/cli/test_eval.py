@@ -228,3 +228,14 @@ def test_eval_best_of_n_checks_its_arguments(
         "eval", "--policy", model_dir, "--prompts", data, "--out", tmp_path / "eval", *extra
     )
     assert code == 2 and message in stderr, stderr
+
+
+def test_eval_best_of_n_needs_a_reward_model_with_the_policys_vocabulary(
+    cli, tmp_path, world_run, reward_dir, no_progress
+):
+    from tests.cli.conftest import error_line
+
+    _, data, policy, _ = world_run  # the world's vocabulary; reward_dir reads the tiny LM's
+    code, _, stderr = cli("eval", "--policy", policy, "--reward", reward_dir, "--world", data, "--out",
+                          tmp_path / "eval", "--max-new-tokens", 4, "--temperature", 1.0, "--best-of", 2)  # fmt: skip
+    assert code == 2 and "another vocabulary" in error_line(stderr), stderr
