@@ -70,7 +70,7 @@ def reward_rows(
     from rlhf_fast.eval.generate import response_rows, token_rows
     from rlhf_fast.models.loading import same_vocabulary
 
-    if reward_tokenizer is tokenizer or same_vocabulary(reward_tokenizer, tokenizer):
+    if same_vocabulary(reward_tokenizer, tokenizer):  # true for the policy's own tokenizer too
         eos = int(reward_tokenizer.eos_token_id)
         return token_rows(prompt_ids, generation.token_ids, generation.finished, eos, limit)
     return response_rows(
@@ -135,6 +135,8 @@ def _prompt_limit(flag: str, model_dir: str, requested: int | None, max_new_toke
 def run_eval(args) -> int:
     import torch
 
+    from rlhf_fast.models.loading import same_vocabulary
+
     policy_dir = check_model_dir("--policy", args.policy)
     baseline_dir = check_model_dir("--baseline", args.baseline) if args.baseline is not None else None
     reward_dir = check_model_dir("--reward", args.reward, reward=True) if args.reward is not None else None
@@ -177,7 +179,7 @@ def run_eval(args) -> int:
             note(f"--reward {reward_dir}: no tokenizer saved there; using the policy's")
             reward_tokenizer = tokenizer
         reward_limit = model_max_positions("--reward", reward_dir)
-        if args.best_of > 1 and not _shares_vocabulary(reward_tokenizer, tokenizer):
+        if args.best_of > 1 and not same_vocabulary(reward_tokenizer, tokenizer):
             raise CLIError(
                 f"--best-of {args.best_of}: the reward model in {reward_dir} reads another vocabulary than the "
                 f"policy; choosing among samples needs the policy's tokenizer"
@@ -234,12 +236,6 @@ def _baseline_prompt_ids(
     baseline_policy = "truncate_prompt" if truncation == "skip" else truncation
     encode_dataset(baseline_prompts, baseline_tokenizer, baseline_limit, baseline_policy)
     return [item.input_ids for item in baseline_prompts.encoded.items]
-
-
-def _shares_vocabulary(reward_tokenizer, tokenizer) -> bool:
-    from rlhf_fast.models.loading import same_vocabulary
-
-    return reward_tokenizer is tokenizer or same_vocabulary(reward_tokenizer, tokenizer)
 
 
 def _generate(args, models, suite, device, reward_dir) -> tuple[dict[str, Generation], dict[str, Answers]]:

@@ -59,10 +59,6 @@ class Stages:
             return {}
         return record if isinstance(record, dict) else {}
 
-    @staticmethod
-    def finished_key(directory: Path) -> Any:
-        return Stages.finished_record(directory).get("key")
-
     def run(self, name: str, what: str, directory: Path, key: Any, body: Callable[[], None]) -> None:
         """Runs `body` (which writes into `directory`) unless `directory` already holds its result for `key`."""
         key = as_stored(key)
