@@ -33,7 +33,9 @@ METRICS: dict[str, tuple[str, bool]] = {
 }
 # An SFT model's best of n samples by the reward model's score (no RL): what the reward model alone gets.
 BEST_OF_N_KIND = "best_of"
-KIND_ORDER = ("base", "base_prompted", "sft", BEST_OF_N_KIND, "ppo", "ppo_ptx")
+# PPO against the labelers' own utility instead of the reward model: what PPO makes of a perfect reward model.
+ORACLE_PPO_KIND = "ppo_oracle"
+KIND_ORDER = ("base", "base_prompted", "sft", BEST_OF_N_KIND, "ppo", "ppo_ptx", ORACLE_PPO_KIND)
 KIND_LABELS = {
     "base": "GPT (base)",
     "base_prompted": "GPT (prompted)",
@@ -41,6 +43,7 @@ KIND_LABELS = {
     BEST_OF_N_KIND: "SFT best-of-n (RM)",
     "ppo": "PPO",
     "ppo_ptx": "PPO-ptx",
+    ORACLE_PPO_KIND: "PPO, labelers' utility (no RM)",
 }
 KIND_COLORS = {
     "base": "#8c8c8c",
@@ -49,6 +52,7 @@ KIND_COLORS = {
     BEST_OF_N_KIND: "#9467bd",
     "ppo": "#ff7f0e",
     "ppo_ptx": "#d62728",
+    ORACLE_PPO_KIND: "#17becf",
 }
 METRIC_DEFINITIONS = (
     (
@@ -168,6 +172,14 @@ def _figure1_reading(results: Results) -> str:
             f" {', '.join(m.name for m in best_of)} ({KIND_LABELS[BEST_OF_N_KIND]}): an SFT model's best of n "
             "samples by the reward model's score, with no RL, i.e. what the reward model alone gets out of "
             "that model (at a KL of at most log n - (n - 1)/n nats), the reference for what PPO gains."
+        )
+    oracle = [m for m in results.models if m.kind == ORACLE_PPO_KIND]
+    if oracle:
+        shows += (
+            f" {', '.join(m.name for m in oracle)} ({KIND_LABELS[ORACLE_PPO_KIND]}): PPO with the same settings "
+            "against the training labelers' own utility in place of the reward model, i.e. what PPO makes of a "
+            "perfect reward model in the same budget; where it wins no more than PPO, the reward model is not "
+            "what limits PPO."
         )
     if met:
         shows += " Findings of the paper reproduced in this run: " + "; ".join(met) + "."

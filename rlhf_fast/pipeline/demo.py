@@ -28,7 +28,7 @@ from typing import Any
 from rlhf_fast.eval.results import Estimate, PPOStep, Results, RewardModelResult
 from rlhf_fast.pipeline.evaluation import evaluate, parameter_count, sample_from_policies
 from rlhf_fast.pipeline.presets import DemoPreset, get_preset
-from rlhf_fast.pipeline.stages import Stages, rm_sample_sizes, rm_size, stage_keys
+from rlhf_fast.pipeline.stages import Stages, oracle_ppo_name, rm_sample_sizes, rm_size, stage_keys
 from rlhf_fast.pipeline.targets import check_targets
 
 KINDS = ("base", "sft", "ppo", "ppo_ptx")
@@ -275,44 +275,71 @@ def train_reward_model(run: DemoRun) -> RewardModelSummary:
 
 
 def train_ppo_models(run: DemoRun) -> dict[str, list[PPOStep]]:
-    """PPO and PPO-ptx from each SFT model against the one reward model; returns each run's history."""
-    from rlhf_fast.models import RewardModel
+    """PPO and PPO-ptx from each SFT model against the one reward model; returns each run's history. With
+    `oracle_ppo`, also PPO from the largest SFT model against the training labelers' own utility (a perfect
+    reward model, on another scale: its history is left out of the reward-model runs' plot)."""
+    from rlhf_fast.models import RewardModel, ValueModel
     from rlhf_fast.trainers import PPOConfig, PPOTrainer
+    from rlhf_fast.world import LabelerReward
 
     preset = run.preset
+
+    def reinforce(name: str, size: str, reward_model, value_model=None, pretrain_data=None) -> None:
+        config = PPOConfig(
+            **run.trainer_settings(name),
+            learning_rate=preset.ppo_learning_rate,
+            batch_size=preset.ppo_batch_size,
+            num_minibatches=preset.ppo_minibatches,
+            ppo_epochs=preset.ppo_epochs,
+            max_iterations=preset.ppo_iterations,
+            warmup=2,
+            max_new_tokens=preset.max_new_tokens,
+            kl_coef=preset.kl_coef,
+            ptx_coef=preset.ptx_coef,
+        )
+        PPOTrainer(
+            config,
+            run.model_dirs[f"sft-{size}"],
+            reward_model,
+            run.ppo_prompts,
+            value_model=value_model,
+            pretrain_data=pretrain_data,
+            tokenizer=run.tokenizer,
+        ).train()
+
+    def train(name: str, description: str, make) -> None:
+        run.stages.run("ppo", description, run.out / name, run.keys[name], make)
+        run.model_dirs[name] = run.out / name / "final"
+
     histories: dict[str, list[PPOStep]] = {}
     for size in run.sizes:
         for kind in ("ppo", "ppo_ptx"):
             name = f"{kind}-{size}"
-
-            def reinforce(size=size, kind=kind, name=name):
-                config = PPOConfig(
-                    **run.trainer_settings(name),
-                    learning_rate=preset.ppo_learning_rate,
-                    batch_size=preset.ppo_batch_size,
-                    num_minibatches=preset.ppo_minibatches,
-                    ppo_epochs=preset.ppo_epochs,
-                    max_iterations=preset.ppo_iterations,
-                    warmup=2,
-                    max_new_tokens=preset.max_new_tokens,
-                    kl_coef=preset.kl_coef,
-                    ptx_coef=preset.ptx_coef,
-                )
-                PPOTrainer(
-                    config,
-                    run.model_dirs[f"sft-{size}"],
-                    RewardModel.from_pretrained(run.rm_dir),
-                    run.ppo_prompts,
-                    pretrain_data=run.pretrain.blocks if kind == "ppo_ptx" else None,
-                    tokenizer=run.tokenizer,
-                ).train()
-
+            pretrain = run.pretrain.blocks if kind == "ppo_ptx" else None
             label = "PPO-ptx" if kind == "ppo_ptx" else "PPO"
-            run.stages.run(
-                "ppo", f"{label} from the {size} SFT model", run.out / name, run.keys[name], reinforce
+            train(
+                name,
+                f"{label} from the {size} SFT model",
+                lambda name=name, size=size, pretrain=pretrain: reinforce(
+                    name, size, RewardModel.from_pretrained(run.rm_dir), pretrain_data=pretrain
+                ),
             )
-            run.model_dirs[name] = run.out / name / "final"
             histories[name] = _ppo_history(run.out / name / "metrics.jsonl")
+    if preset.oracle_ppo:
+        name, size = oracle_ppo_name(preset), run.sizes[-1]
+
+        def against_labelers() -> None:
+            from rlhf_fast.data import read_prompts
+
+            prompts = [record.prompt for record in read_prompts(run.paths["prompts_train"]).records]
+            reward = LabelerReward(run.world, run.tokenizer, prompts)
+            # The value function starts from the RM, as PPO's does: only the reward differs.
+            value = ValueModel.from_reward_model(RewardModel.from_pretrained(run.rm_dir))
+            reinforce(name, size, reward, value_model=value)
+
+        train(
+            name, f"PPO from the {size} SFT model against the labelers' own utility (no RM)", against_labelers
+        )
     return histories
 
 

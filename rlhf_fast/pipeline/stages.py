@@ -124,6 +124,13 @@ def rm_sample_sizes(preset: DemoPreset) -> tuple[str, ...]:
     return tuple(preset.rm_sample_sizes or preset.model_sizes)
 
 
+def oracle_ppo_name(preset: DemoPreset) -> str:
+    """The stage and model name of PPO against the labelers' utility (`DemoPreset.oracle_ppo`)."""
+    from rlhf_fast.eval.report import ORACLE_PPO_KIND
+
+    return f"{ORACLE_PPO_KIND}-{preset.model_sizes[-1]}"
+
+
 def stage_keys(
     preset: DemoPreset, seed: int, paths: dict[str, Path], vocabulary: list[str]
 ) -> dict[str, Any]:
@@ -195,5 +202,8 @@ def stage_keys(
                 keys[f"{kind}-{size}"].update(
                     {"pretrain": files["pretrain"], **_fields(preset, "ptx_coef", "pretrain_block_size")}
                 )
+    if preset.oracle_ppo:
+        largest = preset.model_sizes[-1]
+        keys[oracle_ppo_name(preset)] = {**keys[f"ppo-{largest}"], "reward": "labelers", "world": world}
     keys["eval"] = _fields(preset, "eval_prompts", "eval_temperature", "max_new_tokens", "eval_batch_size")
     return keys

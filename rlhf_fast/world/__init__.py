@@ -13,6 +13,7 @@ from rlhf_fast.world.build import (
 from rlhf_fast.world.corpus import CorpusOptions
 from rlhf_fast.world.labelers import Labeler, prefer, preference_probability, rank, utility
 from rlhf_fast.world.language import vocabulary
+from rlhf_fast.world.oracle import LabelerReward
 from rlhf_fast.world.task import TaskInstance, TaskScore
 from rlhf_fast.world.tasks import TASK_NAMES
 
@@ -20,6 +21,7 @@ __all__ = [
     "TASK_NAMES",
     "CorpusOptions",
     "Labeler",
+    "LabelerReward",
     "PromptRecord",
     "TaskInstance",
     "TaskScore",

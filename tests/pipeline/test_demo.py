@@ -45,8 +45,11 @@ def test_report_json_has_every_model_and_metric(smoke_run):
     models = {model["name"]: model for model in report["models"]}
     best_of = f"best_of_{preset.eval_best_of}-{sizes[-1]}"  # the largest SFT model's best-of-n by the RM
     trained = {f"{kind}-{size}" for kind in ("base", "sft", "ppo", "ppo_ptx") for size in sizes}
-    assert set(models) == trained | {best_of}
+    oracle = f"ppo_oracle-{sizes[-1]}"  # PPO from the largest SFT model against the labelers' own utility
+    assert set(models) == trained | {best_of, oracle}
     assert models[best_of]["kind"] == "best_of" and models[best_of]["size"] == sizes[-1]
+    assert models[oracle]["kind"] == "ppo_oracle" and models[oracle]["size"] == sizes[-1]
+    assert "labelers' own utility" in (out / "report" / "report.md").read_text()
     for name, entry in models.items():
         assert set(MODEL_METRICS) | {"win_rate_same_size"} <= set(entry["metrics"]), name
         for metric in MODEL_METRICS:
@@ -75,10 +78,11 @@ def test_targets_are_reported_met_or_not_with_their_standard_errors(smoke_run):
     assert len(marked) == len(expected)
     markdown = (out / "report" / "report.md").read_text()
     assert all(t.target in markdown for t in expected)
-    # One start line per stage (world, pretrain, sft, rm, ppo x2, eval), each closed by a "done" line.
+    # One start line per stage (world, pretrain, sft, rm, ppo x2, ppo against the labelers, eval), each closed
+    # by a "done" line.
     stage_lines = [line for line in lines if line.startswith("[")]
     done = [line for line in stage_lines if " done in " in line]
-    assert len(done) == 7 and len(stage_lines) == 2 * len(done)
+    assert len(done) == 8 and len(stage_lines) == 2 * len(done)
 
 
 def test_rerun_reuses_finished_stages(smoke_run):
@@ -86,7 +90,7 @@ def test_rerun_reuses_finished_stages(smoke_run):
     lines: list[str] = []
     again = run_demo("smoke", out, seed=0, console=lines.append)
     reused = [line for line in lines if line.endswith(("-tiny", "/rm")) and "reused from" in line]
-    assert len(reused) == 5  # base, sft, rm, ppo, ppo_ptx
+    assert len(reused) == 6  # base, sft, rm, ppo, ppo_ptx, ppo against the labelers
     assert again.to_json()["models"] == results.to_json()["models"]
     assert again.to_json()["targets"] == results.to_json()["targets"]
     # Each stage's thread count is recorded when it runs and reported again when it is reused.
