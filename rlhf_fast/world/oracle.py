@@ -59,9 +59,8 @@ class LabelerReward:
 
     def score(self, instance: TaskInstance, response: str) -> float:
         """The reward of one response text: mean over the labelers of utility / noise."""
-        return sum(utility(labeler, instance, response) / labeler.noise for labeler in self.labelers) / len(
-            self.labelers
-        )
+        log_odds = [utility(labeler, instance, response) / labeler.noise for labeler in self.labelers]
+        return sum(log_odds) / len(log_odds)
 
     def split(self, tokens: Sequence[int]) -> tuple[TaskInstance, str]:
         """(the prompt's instance, the response text) of one row's non-padding tokens."""
