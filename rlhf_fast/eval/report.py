@@ -45,6 +45,19 @@ KIND_LABELS = {
     "ppo_ptx": "PPO-ptx",
     ORACLE_PPO_KIND: "PPO, labelers' utility (no RM)",
 }
+# What each reference entry (not a trained RLHF model) measures, for the reading of Figure 1.
+REFERENCE_READINGS = {
+    BEST_OF_N_KIND: (
+        "an SFT model's best of n samples by the reward model's score, with no RL, i.e. what the reward model "
+        "alone gets out of that model (at a KL of at most log n - (n - 1)/n nats), the reference for what PPO "
+        "gains."
+    ),
+    ORACLE_PPO_KIND: (
+        "PPO with the same settings against the training labelers' own utility in place of the reward model, "
+        "i.e. what PPO makes of a perfect reward model in the same budget; where it wins no more than PPO, the "
+        "reward model is not what limits PPO."
+    ),
+}
 KIND_COLORS = {
     "base": "#8c8c8c",
     "base_prompted": "#5a5a5a",
@@ -166,21 +179,10 @@ def _figure1_reading(results: Results) -> str:
         "truthfulness, hallucination, toxicity and degenerate samples beside it, so a gain in style alone "
         "would show."
     )
-    best_of = [m for m in results.models if m.kind == BEST_OF_N_KIND]
-    if best_of:
-        shows += (
-            f" {', '.join(m.name for m in best_of)} ({KIND_LABELS[BEST_OF_N_KIND]}): an SFT model's best of n "
-            "samples by the reward model's score, with no RL, i.e. what the reward model alone gets out of "
-            "that model (at a KL of at most log n - (n - 1)/n nats), the reference for what PPO gains."
-        )
-    oracle = [m for m in results.models if m.kind == ORACLE_PPO_KIND]
-    if oracle:
-        shows += (
-            f" {', '.join(m.name for m in oracle)} ({KIND_LABELS[ORACLE_PPO_KIND]}): PPO with the same settings "
-            "against the training labelers' own utility in place of the reward model, i.e. what PPO makes of a "
-            "perfect reward model in the same budget; where it wins no more than PPO, the reward model is not "
-            "what limits PPO."
-        )
+    for kind, reading in REFERENCE_READINGS.items():
+        names = [m.name for m in results.models if m.kind == kind]
+        if names:
+            shows += f" {', '.join(names)} ({KIND_LABELS[kind]}): {reading}"
     if met:
         shows += " Findings of the paper reproduced in this run: " + "; ".join(met) + "."
     does_not = (

@@ -1,8 +1,8 @@
 """The one structure an evaluation produces and the report reads: typed results, written as report.json.
 
     Results
-      models:        [ModelResult]        name, kind (base | sft | best_of | ppo | ppo_ptx | ...), size, params,
-                                           metrics {name: Estimate}, task_scores {task: Estimate}
+      models:        [ModelResult]        name, kind (base | sft | best_of | ppo | ppo_ptx | ppo_oracle | ...),
+                                           size, params, metrics {name: Estimate}, task_scores {task: Estimate}
       reward_models: [RewardModelResult]  name, size, params, metrics {name: Estimate}
       labeler_agreement: Estimate | None  held-out vs training labelers on the pairs the RM is judged on
       ppo_history:   {run: [PPOStep]}     reward and KL per PPO iteration

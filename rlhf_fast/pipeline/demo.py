@@ -329,9 +329,8 @@ def train_ppo_models(run: DemoRun) -> dict[str, list[PPOStep]]:
         name, size = oracle_ppo_name(preset), run.sizes[-1]
 
         def against_labelers() -> None:
-            from rlhf_fast.data import read_prompts
-
-            prompts = [record.prompt for record in read_prompts(run.paths["prompts_train"]).records]
+            # The PPO prompts (prompts_train.jsonl) are the world's "ppo" split.
+            prompts = [instance.prompt for instance in run.world.instances("ppo")]
             reward = LabelerReward(run.world, run.tokenizer, prompts)
             # The value function starts from the RM, as PPO's does: only the reward differs.
             value = ValueModel.from_reward_model(RewardModel.from_pretrained(run.rm_dir))
