@@ -43,6 +43,16 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
   // One decoding step's draw (rlhf_fast/ops/sample_tokens.py): tokens, their log-probs and the rows'
   // entropy from scaled logits and one uniform per row; CPU kernel in csrc/cpu/sample_tokens.cpp.
   m.def("sample_tokens(Tensor logits, Tensor uniform) -> (Tensor, Tensor, Tensor)");
+
+  // The per-tile arithmetic of the log-prob ops' cpp backend (rlhf_fast/ops/logprob/cpp.py): fold a tile of
+  // logits into the rows' running softmax statistics; dL/dz of a tile (`out` may be `logits` itself).
+  // CPU kernels in csrc/cpu/logprob_tiles.cpp.
+  m.def(
+      "logprob_fold_tile(Tensor logits, Tensor local_targets, float inv_temp, Tensor(a!) max, Tensor(b!) sum_exp, "
+      "Tensor(c!)? sum_shifted, Tensor(d!) target_logit) -> ()");
+  m.def(
+      "logprob_grad_tile(Tensor logits, Tensor local_targets, float inv_temp, Tensor lse, Tensor a, Tensor? b, "
+      "Tensor? entropy, Tensor(e!) out) -> ()");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -31,7 +31,8 @@ RLHF_FAST_VECTOR_CLONES
 float row_max(const float* logits, int64_t vocab) {
   float max_logit = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : max_logit)
-  for (int64_t v = 0; v < vocab; ++v) max_logit = std::max(max_logit, logits[v]);
+  // Written as a select, not std::max, which GCC 12 leaves scalar under `omp simd reduction(max)`.
+  for (int64_t v = 0; v < vocab; ++v) max_logit = max_logit > logits[v] ? max_logit : logits[v];
   return max_logit;
 }
 

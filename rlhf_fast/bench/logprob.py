@@ -8,13 +8,15 @@
   (reduction="none")` from hidden. Cut Cross-Entropy, when importable: `linear_cross_entropy(...,
   reduction="none")` from hidden. Peers compute less than rlhf_fast in some cases (no entropy, no KL); their
   names say what they compute.
-- rlhf_fast: `token_logprobs` / `linear_token_logprobs` (Triton on a GPU, the chunked backend on a CPU).
+- rlhf_fast: `token_logprobs` / `linear_token_logprobs` (Triton on a GPU; on a CPU the `cpp` backend, the
+  default, and `chunked`, the same tiling in plain torch).
 
 Every contender's log-probs are checked against naive before it is timed. GPU cases are the ones of
 shared/ANCHORS.md (bf16); the floor is the bytes that must move at the H200's device-copy rate (from logits:
 one read forward; read, read, write forward + backward) or 6·N·d·V flops at its bf16 matmul rate (from hidden,
 forward + backward). CPU cases are fp32 at reduced shapes (N=4096 d=256 V=50257 from hidden, N=1024 V=50257
-from logits): log-prob only forward, log-prob and entropy forward + backward.
+from logits): log-prob only forward, log-prob and entropy forward + backward; and one PPO minibatch of the
+trainer benchmark (N=1024 d=128 V=2048).
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ CPU_SHAPES = {
     "logits_fwd": Shape("from logits, fwd, log p, N=1024 V=50257", "logits", 1024, 50257, extras=False),
     "logits_fwd_bwd": Shape(
         "from logits, fwd+bwd, log p + entropy, N=1024 V=50257", "logits", 1024, 50257, backward=True
+    ),
+    # A PPO minibatch of the trainer benchmark (bench/bench_trainers_trl.py): 16 x 64 response tokens, a
+    # 128-wide model, a vocabulary of 2,048.
+    "hidden_fwd_bwd_small": Shape(
+        "from hidden, fwd+bwd, log p + entropy, N=1024 d=128 V=2048", "hidden", 1024, 2048, 128, backward=True
     ),
 }
 
@@ -257,7 +264,7 @@ def cases(device: torch.device) -> Iterator[Case]:
         contenders = ours_contenders(
             device,
             partial(_ours_call, shape, inputs),
-            cpu_backends=("chunked",),
+            cpu_backends=("cpp", "chunked"),
             gpu_backends=("triton",),
         )
         contenders.append(Contender("naive torch", baseline, "baseline"))

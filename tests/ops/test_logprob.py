@@ -1,6 +1,6 @@
 """rlhf_fast.ops.logprob: every backend against the float64 autograd reference, forward and backward.
 
-Inputs are fresh random each run. On a CPU the backends are `reference`, `chunked` and `triton` (under
+Inputs are fresh random each run. On a CPU the backends are `reference`, `chunked`, `cpp` and `triton` (under
 TRITON_INTERPRET=1, small shapes); `-m cuda` on a GPU runs the Triton kernels at realistic sizes.
 """
 
@@ -22,6 +22,8 @@ from rlhf_fast.ops.logprob import IMPLEMENTED, KL_ESTIMATORS
 from tests.helpers import fresh_generator, kernel_backends, ragged_mask
 
 CPU_BACKENDS = ["reference", *kernel_backends(IMPLEMENTED)]
+# The backends that tile: plain torch, and its C++ tile arithmetic where the extension is built.
+TILED_BACKENDS = [name for name in ("chunked", "cpp") if name in CPU_BACKENDS]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -151,13 +153,16 @@ def check_token_logprobs(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_cpu_default_is_the_chunked_backend():
-    # The bounded-memory path, not the full-materializing reference, is what CPU callers get by default.
+def test_cpu_default_is_a_tiled_backend():
+    # The bounded-memory path, not the full-materializing reference, is what CPU callers get by default: its
+    # C++ tiles where the extension is built, else plain torch.
+    from rlhf_fast import _extension
     from rlhf_fast.ops._backend import select_backend
 
+    expected = "cpp" if _extension.has_cpp_kernels() else "chunked"
     for op_name in ("token_logprobs", "linear_token_logprobs"):
         assert (
-            select_backend(op_name, torch.device("cpu"), IMPLEMENTED, logprob_module.GPU_ORDER) == "chunked"
+            select_backend(op_name, torch.device("cpu"), IMPLEMENTED, logprob_module.GPU_ORDER) == expected
         )
 
 
@@ -217,14 +222,15 @@ def test_token_logprobs_float64(backend):
     )
 
 
+@pytest.mark.parametrize("backend", TILED_BACKENDS)
 @pytest.mark.parametrize("kl_estimator", KL_ESTIMATORS)
-def test_token_logprobs_large_vocabulary_chunked(kl_estimator, monkeypatch):
+def test_token_logprobs_large_vocabulary_chunked(backend, kl_estimator, monkeypatch):
     # GPT-2's vocabulary on the CPU path, with chunks of 2 rows so several chunks and a ragged last one run.
     monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 2 * 50257)
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((1, 5), 50257, torch.float32, generator, all_masked_row=False)
     check_token_logprobs(
-        "chunked", logits, targets, mask, ref, kl_estimator=kl_estimator, temperature=0.8, generator=generator
+        backend, logits, targets, mask, ref, kl_estimator=kl_estimator, temperature=0.8, generator=generator
     )
 
 
@@ -344,7 +350,7 @@ def test_token_logprobs_partial_outputs_get_gradients(backend):
         assert_close(ours.grad, twin.grad, 1e-4)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", *TILED_BACKENDS])
 def test_token_logprobs_gradcheck(backend):
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((2, 3), 6, torch.float64, generator)
@@ -368,12 +374,13 @@ def test_token_logprobs_gradcheck(backend):
     assert torch.autograd.gradcheck(outputs, (logits.requires_grad_(),))
 
 
-def test_token_logprobs_chunked_uses_several_chunks(monkeypatch):
+@pytest.mark.parametrize("backend", TILED_BACKENDS)
+def test_token_logprobs_chunked_uses_several_chunks(backend, monkeypatch):
     monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 3 * 101)
     generator = fresh_generator()
     logits, targets, mask, ref = random_case((4, 5), 101, torch.bfloat16, generator)
     check_token_logprobs(
-        "chunked", logits, targets, mask, ref, kl_estimator="k3", temperature=0.8, generator=generator
+        backend, logits, targets, mask, ref, kl_estimator="k3", temperature=0.8, generator=generator
     )
 
 
@@ -528,21 +535,55 @@ def test_linear_token_logprobs_triton_several_chunks_and_splits(monkeypatch):
     check_linear("triton", *case, kl_estimator="k3", temperature=0.9, generator=generator)
 
 
-def test_linear_token_logprobs_large_vocabulary_chunked(monkeypatch):
+@pytest.mark.parametrize("backend", TILED_BACKENDS)
+def test_linear_token_logprobs_large_vocabulary_chunked(backend, monkeypatch):
     monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 3 * 50257)
     generator = fresh_generator()
     case = random_linear_case((2, 4), 16, 50257, torch.float32, generator)
-    check_linear("chunked", *case, kl_estimator="k3", temperature=0.9, generator=generator)
+    check_linear(backend, *case, kl_estimator="k3", temperature=0.9, generator=generator)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_token_logprobs_chunked_tiles(dtype, monkeypatch):
+@pytest.mark.parametrize("backend", TILED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_linear_token_logprobs_chunked_tiles(backend, dtype, monkeypatch):
     # 4-row × 16-column tiles: several row blocks (over the compacted valid rows) and vocabulary tiles.
     monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(logprob_chunked, "LINEAR_TILE_ROWS", 4)
     generator = fresh_generator()
     case = random_linear_case((3, 5), 24, 100, dtype, generator)
-    check_linear("chunked", *case, kl_estimator="k3", temperature=0.8, generator=generator)
+    check_linear(backend, *case, kl_estimator="k3", temperature=0.8, generator=generator)
+
+
+@pytest.mark.parametrize("backend", TILED_BACKENDS)
+def test_linear_token_logprobs_tiles_start_negative_infinite(backend, monkeypatch):
+    # A bias of −inf over the first vocabulary tiles (banned tokens): every row's statistics start from a
+    # tile with no finite logit and must rescale from there; p = 0 and no gradient at the banned tokens.
+    monkeypatch.setattr(logprob_chunked, "CHUNK_ELEMENTS", 4 * 16)
+    monkeypatch.setattr(logprob_chunked, "LINEAR_TILE_ROWS", 4)
+    generator = fresh_generator()
+    hidden, weight, bias, targets, mask, ref = random_linear_case((2, 5), 8, 70, torch.float32, generator)
+    banned = torch.arange(70) < 37  # two whole 16-column tiles and part of a third
+    targets = torch.where(mask, 37 + targets % 33, targets)
+    ours = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    with use_backend(backend):
+        out = linear_token_logprobs(
+            *ours, targets, bias=bias.masked_fill(banned, float("-inf")), mask=mask, ref_logprobs=ref,
+            kl_estimator="k3", return_entropy=True,
+        )  # fmt: skip
+    twins = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
+    want = linear_token_logprobs_reference(
+        *twins, targets, bias=bias.double().masked_fill(banned, -1e300), mask=mask,
+        ref_logprobs=ref.double(), kl_estimator="k3", return_entropy=True,
+    )  # fmt: skip
+    for got, expected in zip(out, want):
+        assert torch.isfinite(got).all()
+        assert_close(got, expected, 3e-5, max(float(expected.detach().abs().max()), 1.0))
+    weights = upstream_weights(targets, generator)
+    weighted_sum(out, weights).backward()
+    weighted_sum(want, weights).backward()
+    assert (ours[1].grad[banned] == 0).all()
+    for got, expected in zip(ours, twins):
+        assert_close(got.grad, expected.grad, 1e-4, max(float(expected.grad.abs().max()), 1.0))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -577,7 +618,7 @@ def test_linear_token_logprobs_all_masked_and_single_token(backend):
     check_linear(backend, hidden[0], weight, bias, targets[0], None, ref[0], generator=generator)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", *TILED_BACKENDS])
 def test_linear_token_logprobs_gradcheck(backend):
     generator = fresh_generator()
     hidden, weight, bias, targets, mask, ref = random_linear_case((2, 3), 4, 6, torch.float64, generator)
@@ -619,7 +660,7 @@ def test_opcheck_token_ops(backend):
     every_option = (logits.requires_grad_(), targets, mask, ref, 0.8, "k3", True)
     no_option = (logits.detach().requires_grad_(), targets.clamp(min=0), None, None, 1.0, "k1", False)
     with use_backend(backend):
-        for args in (every_option, no_option) if backend == "chunked" else (every_option,):
+        for args in (every_option, no_option) if backend in TILED_BACKENDS else (every_option,):
             torch.library.opcheck(forward, args)
             logp, entropy, _kl, lse = forward(
                 *[a.detach() if isinstance(a, torch.Tensor) else a for a in args]
@@ -670,7 +711,7 @@ def test_opcheck_linear_ops(backend):
         False,
     )
     with use_backend(backend):
-        for args in (every_option, no_option) if backend == "chunked" else (every_option,):
+        for args in (every_option, no_option) if backend in TILED_BACKENDS else (every_option,):
             torch.library.opcheck(forward, args)
             detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
             logp, entropy, _kl, lse = forward(*detached)

@@ -1,12 +1,18 @@
-"""The `chunked` backend: plain torch over cache-sized tiles (the CPU default).
+"""The `chunked` backend: plain torch over cache-sized tiles (the CPU default where the extension is not built).
 
 From logits, rows go in blocks of `CHUNK_ELEMENTS // V`; from hidden × LM head, tiles of `LINEAR_TILE_ROWS`
 rows × (`CHUNK_ELEMENTS` / rows) vocabulary columns, so the [N, V] logits never exist at once: each tile is
 folded into per-row online-softmax statistics, and backward recomputes it. Masked rows are dropped before
 any work (finding them is a host sync).
+
+The tiling is shared with the `cpp` backend (cpp.py), which passes its own `TileMath`: the two per-tile steps
+(fold a tile into the statistics; a tile's dL/dz) in C++ instead of the torch composition `TORCH_TILES` here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -76,9 +82,10 @@ class _RunningRowStats:
         return self.target_logit - lse, entropy, lse
 
 
-def _tile_grad_logits(logits, local_targets, inv_temp, lse, a, b, entropy, dtype) -> torch.Tensor:
+def _tile_grad_logits(logits, local_targets, inv_temp, lse, a, b, entropy, dtype, scratch) -> torch.Tensor:
     """dL/dz for one tile of logits [n, C] (z = logits·inv_temp), in `dtype`; a and b already carry the 1/τ of
-    dz/dlogits (see the package docstring); `local_targets` counts from the tile's first column."""
+    dz/dlogits (see the package docstring); `local_targets` counts from the tile's first column. `scratch`:
+    the tile is a temporary the result may overwrite (this version always writes a new tensor)."""
     columns = logits.shape[-1]
     log_probs = _scaled(logits, inv_temp, dtype, lse)
     if b is None:
@@ -94,6 +101,18 @@ def _tile_grad_logits(logits, local_targets, inv_temp, lse, a, b, entropy, dtype
         -1, local_targets.clamp(0, columns - 1).unsqueeze(-1), torch.where(inside, a, 0).unsqueeze(-1)
     )
     return grad
+
+
+class TileMath(NamedTuple):
+    """A backend's two per-tile steps: `fold(stats, logits [n, C], local_targets [n], inv_temp)` folds a tile
+    into the rows' `_RunningRowStats`; `grad(logits, local_targets, inv_temp, lse, a, b, entropy, dtype,
+    scratch)` returns the tile's dL/dz in `dtype`, over the tile itself where `scratch` allows."""
+
+    fold: Callable[..., None]
+    grad: Callable[..., torch.Tensor]
+
+
+TORCH_TILES = TileMath(_RunningRowStats.update, _tile_grad_logits)
 
 
 class _RowBlocks:
@@ -144,18 +163,20 @@ class _PerRowOutputs:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def forward(logits: torch.Tensor, spec: LogprobSpec):
+def forward(logits: torch.Tensor, spec: LogprobSpec, tiles: TileMath = TORCH_TILES):
     dtype = output_dtype(logits.dtype)
     flat, flat_targets = logits.reshape(-1, logits.shape[-1]), spec.flat_targets()
     outputs, blocks = _PerRowOutputs(spec, dtype, logits.device), _RowBlocks(spec)
     for index, length in blocks(max(1, CHUNK_ELEMENTS // max(logits.shape[-1], 1))):
         stats = _RunningRowStats(length, dtype, logits.device, spec.want_entropy)
-        stats.update(blocks.take(flat, index), flat_targets[index], spec.inv_temp)
+        tiles.fold(stats, blocks.take(flat, index), flat_targets[index], spec.inv_temp)
         outputs.store(index, stats)
     return outputs.finish()
 
 
-def backward(logits: torch.Tensor, spec: LogprobSpec, grads: LogprobGrads) -> torch.Tensor:
+def backward(
+    logits: torch.Tensor, spec: LogprobSpec, grads: LogprobGrads, tiles: TileMath = TORCH_TILES
+) -> torch.Tensor:
     dtype = output_dtype(logits.dtype)
     vocab = logits.shape[-1]
     flat, flat_targets = logits.reshape(-1, vocab), spec.flat_targets()
@@ -166,7 +187,7 @@ def backward(logits: torch.Tensor, spec: LogprobSpec, grads: LogprobGrads) -> to
     allocate = torch.empty if blocks.all_valid else torch.zeros
     grad_logits = allocate(spec.rows, vocab, dtype=logits.dtype, device=logits.device)
     for index, _ in blocks(max(1, CHUNK_ELEMENTS // max(vocab, 1))):
-        block_grad = _tile_grad_logits(
+        block_grad = tiles.grad(
             blocks.take(flat, index),
             flat_targets[index],
             spec.inv_temp,
@@ -175,6 +196,7 @@ def backward(logits: torch.Tensor, spec: LogprobSpec, grads: LogprobGrads) -> to
             None if b is None else b[index],
             None if b is None else flat_entropy[index],
             dtype,
+            False,
         )
         grad_logits[index] = block_grad.to(logits.dtype)
     return grad_logits.reshape(logits.shape)
@@ -207,7 +229,13 @@ def _tile_logits(hidden_rows, weight_t, bias, begin, end, inv_temp):
     return torch.addmm(bias[begin:end], hidden_rows, columns, beta=inv_temp, alpha=inv_temp)
 
 
-def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: LogprobSpec):
+def linear_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    spec: LogprobSpec,
+    tiles: TileMath = TORCH_TILES,
+):
     dtype, compute = output_dtype(hidden.dtype), _compute_dtype(hidden)
     vocab = weight.shape[0]
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), spec.flat_targets()
@@ -221,13 +249,20 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         stats = _RunningRowStats(length, dtype, hidden.device, spec.want_entropy)
         for begin in range(0, vocab, tile_cols):
             z = _tile_logits(block_hidden, weight_t, bias_c, begin, begin + tile_cols, spec.inv_temp)
-            stats.update(z, block_targets - begin, 1.0)
+            tiles.fold(stats, z, block_targets - begin, 1.0)
         outputs.store(index, stats)
     return outputs.finish()
 
 
 def linear_backward(
-    hidden, weight, bias, spec: LogprobSpec, grads: LogprobGrads, need_hidden: bool, need_weight: bool
+    hidden,
+    weight,
+    bias,
+    spec: LogprobSpec,
+    grads: LogprobGrads,
+    need_hidden: bool,
+    need_weight: bool,
+    tiles: TileMath = TORCH_TILES,
 ):
     dtype, compute = output_dtype(hidden.dtype), _compute_dtype(hidden)
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
@@ -256,8 +291,8 @@ def linear_backward(
         for begin in range(0, vocab, tile_cols):
             end = min(begin + tile_cols, vocab)
             z = _tile_logits(block_hidden, weight_c.T, bias_c, begin, end, spec.inv_temp)
-            grad_z = _tile_grad_logits(
-                z, block_targets - begin, 1.0, block_lse, block_a, block_b, block_entropy, compute
+            grad_z = tiles.grad(
+                z, block_targets - begin, 1.0, block_lse, block_a, block_b, block_entropy, compute, True
             )
             if need_hidden:
                 block_grad_hidden.addmm_(grad_z, weight_c[begin:end])

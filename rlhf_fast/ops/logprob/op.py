@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast.ops._backend import forced_backend, lazy, select_backend
-from rlhf_fast.ops.logprob import chunked, reference
+from rlhf_fast.ops.logprob import chunked, cpp, reference
 from rlhf_fast.ops.logprob.spec import LogprobGrads, LogprobSpec, empty_outputs, shape_outputs
 
 
@@ -40,6 +40,7 @@ BACKENDS = {
     "chunked": LogprobBackend(
         chunked.forward, chunked.backward, chunked.linear_forward, chunked.linear_backward
     ),
+    "cpp": LogprobBackend(cpp.forward, cpp.backward, cpp.linear_forward, cpp.linear_backward),
     "triton": LogprobBackend(
         *_triton("rlhf_fast.ops.triton.logprob", "token_logprobs"),
         *_triton("rlhf_fast.ops.triton.linear_logprob", "linear_token_logprobs"),
