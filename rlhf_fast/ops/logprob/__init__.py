@@ -20,14 +20,15 @@ tile is folded into per-row online-softmax statistics, and backward recomputes e
 vocabulary-sized per token is saved for backward: only the per-row lse (and the entropy, an output).
 
 Backends: `reference` (reference.py: the full log_softmax, for testing), `chunked` (chunked.py: plain
-torch over cache-sized tiles, `CHUNK_ELEMENTS` elements each; the CPU default; masked tokens are dropped
-before any work, a host sync), `triton` (rlhf_fast/ops/triton/logprob.py and linear_logprob.py; the GPU
-default; runs on CPU tensors under TRITON_INTERPRET=1). Outputs are float32 (float64 for float64 inputs, which the Triton kernels do not
-take: on a GPU they go to `chunked`).
+torch over cache-sized tiles, `CHUNK_ELEMENTS` elements each; masked tokens are dropped before any work, a
+host sync), `cpp` (cpp.py: the same tiling with each tile's arithmetic in C++; the CPU default where the
+extension is built), `triton` (rlhf_fast/ops/triton/logprob.py and linear_logprob.py; the GPU default; runs
+on CPU tensors under TRITON_INTERPRET=1). Outputs are float32 (float64 for float64 inputs, which the Triton
+kernels do not take: on a GPU they go to `chunked`).
 
 The package: this file holds the public functions and their argument checks; spec.py the argument bundles
-and the row math they share; reference.py and chunked.py the plain-torch backends; op.py the custom ops,
-their autograd and the backend table.
+and the row math they share; reference.py and chunked.py the plain-torch backends, cpp.py the C++ tiles;
+op.py the custom ops, their autograd and the backend table.
 """
 
 from __future__ import annotations
