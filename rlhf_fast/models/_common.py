@@ -45,10 +45,22 @@ def backbone_hidden_states(
     ``position_ids_from_mask``), or a prepared [B, 1, L, L] mask (additive in any floating dtype, or bool with
     True = may attend; see ``rlhf_fast.models.causal_mask``), which transformers uses as it is;
     ``position_ids`` [B, L] are then required. ``rlhf_fast.models.masks.attention_inputs`` decides the form.
+    On a CPU, architectures registered in ``rlhf_fast.models.functional`` skip the module calls (same ops).
     """
-    from rlhf_fast.models.masks import attention_inputs
+    from rlhf_fast.models.functional import functional_forward
+    from rlhf_fast.models.masks import attention_inputs, causal_mask, position_ids_from_mask
 
     attention_mask, position_ids = attention_inputs(input_ids, attention_mask, position_ids, backbone.dtype)
+    # On a CPU the registered architectures run as a flat sequence of ops (rlhf_fast.models.functional).
+    forward = functional_forward(backbone) if input_ids.device.type == "cpu" else None
+    if forward is not None:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        if attention_mask.dim() == 2:
+            attention_mask = causal_mask(attention_mask, backbone.dtype)
+        return forward(input_ids, position_ids, attention_mask)
     output = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from rlhf_fast.models.functional import functional_decode_step
 from rlhf_fast.models.masks import causal_mask, position_ids_from_mask
-from rlhf_fast.rollout.fast_decode import fast_decode_step
 
 
 @dataclass
@@ -120,7 +120,7 @@ class _DecodeProgram:
         # The attention mask is added to the scores, so it takes the backbone's dtype (not necessarily the head's).
         self.compute_dtype = backbone.get_input_embeddings().weight.dtype
         self.mask_min = torch.finfo(self.compute_dtype).min
-        self.fast_step = fast_decode_step(backbone)
+        self.fast_step = functional_decode_step(backbone)
 
     def buffers(
         self, batch: int, total_len: int, response_width: int, device: torch.device

@@ -105,8 +105,11 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activa
             assert enable_gradient_checkpointing(policy.hf_model) == 4
         module = PolicyLogprobs(policy)
         saved = []
+        # Predictions from padding masked out: checkpointed blocks run transformers' modules, plain ones may
+        # run the functional forward (rlhf_fast.models.functional), and the two agree at real tokens only.
+        real = mask[:, :-1] & mask[:, 1:]
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            out = module(ids, mask, ids[:, 1:]).logprobs
+            out = module(ids, mask, ids[:, 1:], mask=real).logprobs
         out.sum().backward()
         return {n: p.grad for n, p in policy.named_parameters()}, sum(saved), out.detach()
 
@@ -130,10 +133,13 @@ def test_lora_trains_only_adapters_and_disabling_them_gives_the_base():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)
     ids, mask = _batch()
-    adapted = PolicyLogprobs(policy)(ids, mask, ids[:, 1:]).logprobs
-    reference = PolicyLogprobs(base)(ids, mask, ids[:, 1:]).logprobs
+    # Predictions from real tokens only: the adapted model runs transformers' modules, the base may run the
+    # functional forward (rlhf_fast.models.functional), and the two agree at real tokens.
+    real = mask[:, :-1] & mask[:, 1:]
+    adapted = PolicyLogprobs(policy)(ids, mask, ids[:, 1:], mask=real).logprobs
+    reference = PolicyLogprobs(base)(ids, mask, ids[:, 1:], mask=real).logprobs
     with adapters_disabled(policy):
-        disabled = PolicyLogprobs(policy)(ids, mask, ids[:, 1:]).logprobs
+        disabled = PolicyLogprobs(policy)(ids, mask, ids[:, 1:], mask=real).logprobs
     torch.testing.assert_close(disabled, reference, rtol=0, atol=0)
     assert not torch.allclose(adapted, reference, atol=1e-3)
 
@@ -141,7 +147,7 @@ def test_lora_trains_only_adapters_and_disabling_them_gives_the_base():
     merged = copy.deepcopy(base)
     merged.hf_model.load_state_dict(merged_state_dict(policy), strict=True)
     torch.testing.assert_close(
-        PolicyLogprobs(merged)(ids, mask, ids[:, 1:]).logprobs, adapted, rtol=1e-5, atol=1e-5
+        PolicyLogprobs(merged)(ids, mask, ids[:, 1:], mask=real).logprobs, adapted, rtol=1e-5, atol=1e-5
     )
 
 

@@ -71,12 +71,13 @@ def test_normalization_offset_applied_and_persisted(tmp_path, generator):
     assert reloaded.normalization_bias == reward_model.normalization_bias
     torch.testing.assert_close(reloaded(ids, mask), normalized, atol=0, rtol=0)
     # transformers opens the backbone directory as a base model (with the activation kernel ours run, the
-    # same hidden states bit for bit).
+    # same hidden states bit for bit at the real tokens; padding positions hold whatever each path leaves).
     backbone = AutoModel.from_pretrained(tmp_path / "rm")
     use_fused_activations(backbone)
+    real = mask.bool()
     torch.testing.assert_close(backbone(input_ids=ids, attention_mask=mask,
-                                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state,
-                               reward_model.hidden_states(ids, mask), atol=0, rtol=0)
+                                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state[real],
+                               reward_model.hidden_states(ids, mask)[real], atol=0, rtol=0)
     with pytest.raises(ValueError, match="bias"):
         reward_model.set_normalization(float("nan"))
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from rlhf_fast.models import PolicyModel
-from rlhf_fast.rollout import clear_graphs, fast_decode, prepare, sample, sampler
+from rlhf_fast.models import functional
+from rlhf_fast.rollout import clear_graphs, prepare, sample, sampler
 from tests.helpers import fresh_generator
 from tests.models.archs import EOS, PAD, build_causal_lm, left_padded_prompts
 
@@ -105,12 +106,12 @@ def assert_same_output(a, b):
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-@pytest.mark.parametrize(("arch", "functional"), [("gpt2", True), ("llama", False)])
+@pytest.mark.parametrize(("arch", "flat_step"), [("gpt2", True), ("llama", False)])
 def test_cached_graph_equals_eager_across_calls(
-    arch, functional, setting, generator, emulated_graphs, monkeypatch
+    arch, flat_step, setting, generator, emulated_graphs, monkeypatch
 ):
-    if not functional:
-        monkeypatch.setattr(fast_decode, "FAST_DECODE_STEPS", {})
+    if not flat_step:
+        monkeypatch.setattr(functional, "ARCHITECTURES", {})
     model = build_causal_lm(arch, seed_of(generator))
     # Two batches of the same shape, then one with a shorter prompt and a longer response (same P + T).
     calls = [
@@ -298,12 +299,12 @@ def sync_checked(call):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-@pytest.mark.parametrize(("arch", "functional"), [("gpt2", True), ("qwen2", False)])
+@pytest.mark.parametrize(("arch", "flat_step"), [("gpt2", True), ("qwen2", False)])
 def test_cuda_graph_captured_once_then_replayed_without_sync(
-    arch, functional, setting, generator, monkeypatch
+    arch, flat_step, setting, generator, monkeypatch
 ):
-    if not functional:
-        monkeypatch.setattr(fast_decode, "FAST_DECODE_STEPS", {})
+    if not flat_step:
+        monkeypatch.setattr(functional, "ARCHITECTURES", {})
     clear_graphs()
     captures = counting_captures(monkeypatch)
     model = build_causal_lm(arch, seed_of(generator)).cuda()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rlhf_fast.models import PolicyModel
-from rlhf_fast.rollout import SampleOutput, TokenSelector, fast_decode, sample, sampler
+from rlhf_fast.models import functional
+from rlhf_fast.rollout import SampleOutput, TokenSelector, sample, sampler
 from tests.helpers import fresh_generator
 from tests.models.archs import ARCHITECTURES, EOS, MAX_POSITIONS, PAD, build_causal_lm, left_padded_prompts
 
@@ -33,7 +34,7 @@ def seed_of(generator: torch.Generator) -> int:
 def decode_path(request, monkeypatch):
     """Parametrized indirectly with "modules" (functional steps disabled) or "functional" (must be used)."""
     if request.param == "modules":
-        monkeypatch.setattr(fast_decode, "FAST_DECODE_STEPS", {})
+        monkeypatch.setattr(functional, "ARCHITECTURES", {})
     return request.param
 
 
@@ -69,11 +70,12 @@ def check_invariants(out: SampleOutput, prompt_ids, max_new_tokens, eos_ids):
 @pytest.mark.parametrize(("arch", "decode_path"), PATHS, indirect=["decode_path"])
 def test_greedy_matches_generate(arch, decode_path, generator, monkeypatch):
     model = build_causal_lm(arch, seed_of(generator), dtype=torch.float64)
+    policy = PolicyModel(model)
     if decode_path == "functional":
-        assert fast_decode.fast_decode_step(model.base_model) is not None
+        assert functional.functional_decode_step(policy.backbone) is not None
     ids, mask = left_padded_prompts([7, 3, 1, 5], generator)
     steps = 9
-    free = sample(PolicyModel(model), ids, mask, steps, temperature=0.0, eos_token_id=None, pad_token_id=PAD)
+    free = sample(policy, ids, mask, steps, temperature=0.0, eos_token_id=None, pad_token_id=PAD)
     assert torch.equal(free.response_ids, hf_greedy(model, ids, mask, steps, eos=None))
     assert free.response_mask.all()
     # An EOS that row 0 produces mid-way: that row stops there, the others go on or stop by their own EOS.

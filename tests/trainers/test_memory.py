@@ -88,10 +88,13 @@ def test_lora_ppo_trains_adapters_and_heads_and_its_reference_is_the_base(tmp_pa
     reward_before = trainer.score(ids, mask)
     trainer.train()
 
+    # Predictions from real tokens only: the base may run the functional forward (rlhf_fast.models.functional),
+    # the adapted policy transformers' modules; the two agree at real tokens.
+    real = (mask[:, :-1] & mask[:, 1:]).bool()
     with torch.no_grad():
-        expected = PolicyLogprobs(base)(ids, mask, ids[:, 1:]).logprobs
-        reference = trainer.ref_module(ids, mask, ids[:, 1:]).logprobs
-        adapted = trainer.policy_module(ids, mask, ids[:, 1:]).logprobs
+        expected = PolicyLogprobs(base)(ids, mask, ids[:, 1:], mask=real).logprobs
+        reference = trainer.ref_module(ids, mask, ids[:, 1:], mask=real).logprobs
+        adapted = trainer.policy_module(ids, mask, ids[:, 1:], mask=real).logprobs
         torch.testing.assert_close(reference, expected, rtol=0, atol=0)
         assert not torch.allclose(adapted, expected, atol=1e-4)  # the adapters learned something
         torch.testing.assert_close(trainer.score(ids, mask), reward_before, rtol=0, atol=0)

@@ -1,0 +1,119 @@
+"""rlhf_fast.models.functional: the flat GPT-2 forward against transformers' modules (hidden states and
+gradients at the real tokens, every mask form), and every case where it must step aside: replaced layers
+(peft's LoRA), hooks, activation checkpointing, dropout that would fire, another activation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_fast.models import PolicyModel, functional
+from rlhf_fast.models.loading import LoRAConfig, add_lora, enable_gradient_checkpointing
+from rlhf_fast.models.masks import packed_causal_mask
+from rlhf_fast.rollout import sample
+from tests.helpers import fresh_generator
+from tests.models.archs import PAD, VOCAB, build_causal_lm, left_padded_prompts
+
+
+def seed_of(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31, (1,), generator=generator))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_equals_the_modules_at_real_tokens_with_gradients(dtype, monkeypatch):
+    generator = fresh_generator()
+    policy = PolicyModel(build_causal_lm("gpt2", seed_of(generator), dtype=dtype)).train()
+    assert functional.functional_forward(policy.backbone) is not None  # dropout is 0: it may run
+    ids, mask = left_padded_prompts([9, 4, 1, 7], generator)
+    real = mask.bool()
+    grads = []
+    outputs = []
+    for architectures in (functional.ARCHITECTURES, {}):
+        with monkeypatch.context() as patch:
+            patch.setattr(functional, "ARCHITECTURES", architectures)
+            policy.zero_grad(set_to_none=True)
+            hidden = policy(ids, mask)
+            weights = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+            (hidden[real] * weights[real]).sum().backward()
+            outputs.append(hidden.detach()[real])
+            grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})
+    tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(outputs[0], outputs[1], **tolerance)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], **tolerance, msg=name)
+
+
+def test_forward_with_no_mask_and_with_a_packed_mask(monkeypatch):
+    generator = fresh_generator()
+    policy = PolicyModel(build_causal_lm("gpt2", seed_of(generator), dtype=torch.float64))
+    ids = torch.randint(3, VOCAB, (2, 11), generator=generator)
+    documents = torch.tensor([[0] * 4 + [1] * 7, [0] * 6 + [1] * 3 + [-1] * 2])
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 0]])
+    cases = [((ids,), torch.ones_like(ids, dtype=torch.bool)),
+             ((ids, packed_causal_mask(documents, torch.float64), positions), documents >= 0)]  # fmt: skip
+    for args, real in cases:
+        got = {}
+        for name, architectures in (("functional", functional.ARCHITECTURES), ("modules", {})):
+            with monkeypatch.context() as patch:
+                patch.setattr(functional, "ARCHITECTURES", architectures)
+                with torch.no_grad():
+                    got[name] = policy(*args)[real]
+        torch.testing.assert_close(got["functional"], got["modules"], rtol=1e-10, atol=1e-10)
+
+
+def test_steps_aside_for_anything_the_modules_would_do_differently():
+    generator = fresh_generator()
+    policy = PolicyModel(build_causal_lm("gpt2", seed_of(generator)))
+    assert functional.functional_forward(policy.backbone) is not None
+    assert functional.functional_decode_step(policy.backbone) is not None
+
+    # A forward hook (FSDP2 all-gathers its shards in one), on any module.
+    handle = policy.backbone.h[1].mlp.register_forward_pre_hook(lambda module, args: None)
+    assert functional.functional_forward(policy.backbone) is None
+    handle.remove()
+    assert functional.functional_forward(policy.backbone) is not None
+
+    # Dropout that would fire: only in training mode with p > 0.
+    policy.backbone.h[0].attn.resid_dropout.p = 0.1
+    assert functional.functional_forward(policy.backbone) is not None  # eval mode: dropout is off
+    policy.train()
+    assert functional.functional_forward(policy.backbone) is None
+    policy.backbone.h[0].attn.resid_dropout.p = 0.0
+    assert functional.functional_forward(policy.backbone) is not None
+
+    # Activation checkpointing replaces the blocks' forward.
+    checkpointed = PolicyModel(build_causal_lm("gpt2", seed_of(generator)))
+    enable_gradient_checkpointing(checkpointed.hf_model)
+    assert functional.functional_forward(checkpointed.backbone) is None
+
+    # Another activation than the tanh GELU.
+    relu = build_causal_lm("gpt2", seed_of(generator))
+    relu.config.activation_function = "relu"
+    relu = PolicyModel(type(relu)(relu.config))
+    assert functional.functional_forward(relu.backbone) is None
+
+
+def test_lora_layers_make_it_step_aside_and_sampling_sees_the_adapters(monkeypatch):
+    # peft replaces the attention projections; reading their `.weight` would read the base weights only.
+    pytest.importorskip("peft")
+    generator = fresh_generator()
+    policy = PolicyModel(build_causal_lm("gpt2", seed_of(generator)))
+    add_lora(policy, LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=generator)
+    assert functional.functional_forward(policy.backbone) is None
+    assert functional.functional_decode_step(policy.backbone) is None
+    ids, mask = left_padded_prompts([5, 3, 6], generator)
+    seed = seed_of(generator)
+    outputs = []
+    for architectures in (functional.ARCHITECTURES, {}):
+        with monkeypatch.context() as patch:
+            patch.setattr(functional, "ARCHITECTURES", architectures)
+            outputs.append(sample(policy, ids, mask, 12, generator=torch.Generator().manual_seed(seed),
+                                  eos_token_id=None, pad_token_id=PAD))  # fmt: skip
+    assert torch.equal(outputs[0].response_ids, outputs[1].response_ids)
+    torch.testing.assert_close(outputs[0].logprobs, outputs[1].logprobs, rtol=0, atol=0)
