@@ -10,8 +10,6 @@ logits is converted first. bench/RESULTS.md has the ratio against `chunked`.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from rlhf_fast import _extension
@@ -30,15 +28,9 @@ def _grad(logits, local_targets, inv_temp, lse, a, b, entropy, dtype, scratch) -
     if logits.dtype != dtype or logits.stride(-1) != 1:
         logits, scratch = logits.to(dtype).contiguous(), True
     out = logits if scratch else torch.empty_like(logits)
-    row = functools.partial(_row_stat, dtype=dtype)
-    _extension.kernels().logprob_grad_tile(
-        logits, local_targets, inv_temp, row(lse), row(a), row(b), row(entropy), out
-    )
+    rows = (None if row is None else row.to(dtype).contiguous() for row in (lse, a, b, entropy))
+    _extension.kernels().logprob_grad_tile(logits, local_targets, inv_temp, *rows, out)
     return out
-
-
-def _row_stat(values: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if values is None else values.to(dtype).contiguous()
 
 
 CPP_TILES = chunked.TileMath(_fold, _grad)
