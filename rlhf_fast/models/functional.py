@@ -37,23 +37,47 @@ Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 DecodeStep = Callable[..., torch.Tensor]
 
 
-def runs_as_written(backbone: nn.Module, module_types: tuple[type, ...]) -> bool:
+def runs_as_written(backbone: nn.Module, module_types: tuple[type, ...], *, gathered: bool = False) -> bool:
     """Whether calling ``backbone``'s modules would compute exactly their parameters' plain function: every
     module of one of ``module_types`` (no replaced layer), no forward hooks or forward replaced on an
-    instance, no gradient checkpointing, no dropout that would fire."""
+    instance, no gradient checkpointing, no dropout that would fire.
+
+    ``gathered``: the caller holds every FSDP2 shard gathered for the duration (the sampler runs inside the
+    trainers' ``unsharded``), so FSDP2's wrapping (its subclass of each sharded module, its forward hooks, which
+    only gather and free shards) is set aside and the module read by its original class."""
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
     if getattr(backbone, "gradient_checkpointing", False) and backbone.training:
         return False
     for module in backbone.modules():
-        if type(module) not in module_types or module._forward_hooks or module._forward_pre_hooks:
+        cls, hooked = type(module), bool(module._forward_hooks or module._forward_pre_hooks)
+        if gathered and _fsdp_wrapped(module):
+            cls, hooked = _original_class(module), False
+        if cls not in module_types or hooked:
             return False
         if "forward" in vars(module):  # a forward replaced on the instance (activation checkpointing)
             return False
         if isinstance(module, nn.Dropout) and module.training and module.p > 0:
             return False
     return True
+
+
+def _fsdp_wrapped(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _original_class(module: nn.Module) -> type:
+    """The module's class, under FSDP2's subclass of it (``FSDP<Class>``, FSDPModule first) if it has one."""
+    if not _fsdp_wrapped(module):
+        return type(module)
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 # ---------------------------------------------------------------------------------------------------- GPT-2
@@ -64,13 +88,13 @@ _GPT2_MODULES = (GPT2Model, GPT2Block, GPT2Attention, GPT2MLP, Conv1D, nn.LayerN
                  nn.ModuleList, FusedGELUTanh)  # fmt: skip
 
 
-def _gpt2_supported(backbone: GPT2Model) -> bool:
+def _gpt2_supported(backbone: GPT2Model, gathered: bool) -> bool:
     config = backbone.config
     if config.add_cross_attention or config.reorder_and_upcast_attn:
         return False
     if config.activation_function not in _TANH_GELUS:
         return False
-    return runs_as_written(backbone, _GPT2_MODULES)
+    return runs_as_written(backbone, _GPT2_MODULES, gathered=gathered)
 
 
 def _gpt2_blocks(backbone: GPT2Model, hidden: torch.Tensor, attend) -> torch.Tensor:
@@ -122,7 +146,7 @@ def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
 
 
 class Architecture(NamedTuple):
-    supported: Callable[[nn.Module], bool]
+    supported: Callable[[nn.Module, bool], bool]  # (backbone, gathered): see `runs_as_written`
     forward: Callable[[nn.Module], Forward]
     decode_step: Callable[[nn.Module], DecodeStep]
 
@@ -133,18 +157,19 @@ ARCHITECTURES: dict[type, Architecture] = {
 }
 
 
-def _architecture(backbone: nn.Module) -> Architecture | None:
-    entry = ARCHITECTURES.get(type(backbone))
-    return entry if entry is not None and entry.supported(backbone) else None
+def _architecture(backbone: nn.Module, gathered: bool) -> Architecture | None:
+    entry = ARCHITECTURES.get(_original_class(backbone))
+    return entry if entry is not None and entry.supported(backbone, gathered) else None
 
 
 def functional_forward(backbone: nn.Module) -> Forward | None:
     """The functional full-sequence forward of this backbone, or None to call its modules."""
-    entry = _architecture(backbone)
+    entry = _architecture(backbone, gathered=False)
     return None if entry is None else entry.forward(backbone)
 
 
 def functional_decode_step(backbone: nn.Module) -> DecodeStep | None:
-    """The functional decode step of this backbone, or None to call its modules."""
-    entry = _architecture(backbone)
+    """The functional decode step of this backbone, or None to call its modules. The sampler calls it with
+    every FSDP2 shard gathered (the trainers' ``unsharded``), so FSDP2's wrapping does not stop it."""
+    entry = _architecture(backbone, gathered=True)
     return None if entry is None else entry.decode_step(backbone)

@@ -117,3 +117,33 @@ def test_lora_layers_make_it_step_aside_and_sampling_sees_the_adapters(monkeypat
                                   eos_token_id=None, pad_token_id=PAD))  # fmt: skip
     assert torch.equal(outputs[0].response_ids, outputs[1].response_ids)
     torch.testing.assert_close(outputs[0].logprobs, outputs[1].logprobs, rtol=0, atol=0)
+
+
+def test_the_decode_step_runs_under_fsdp2_with_every_shard_gathered(tmp_path, monkeypatch):
+    # The trainers sample inside `unsharded` (every FSDP2 shard gathered): FSDP2's subclasses and its hooks
+    # only gather and free shards, so the flat step still runs there, and samples what the module path does.
+    # The full forward, called while shards may be freed, keeps to the modules.
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from rlhf_fast.trainers.distributed import unsharded
+
+    generator = fresh_generator()
+    policy = PolicyModel(build_causal_lm("gpt2", seed_of(generator)))
+    ids, mask = left_padded_prompts([5, 3, 6], generator)
+    seed = seed_of(generator)
+    options = {"eos_token_id": None, "pad_token_id": PAD}
+    plain = sample(policy, ids, mask, 10, generator=torch.Generator().manual_seed(seed), **options)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for block in policy.backbone.h:
+            fully_shard(block)
+        fully_shard(policy)
+        assert functional.functional_forward(policy.backbone) is None
+        assert functional.functional_decode_step(policy.backbone) is not None
+        with unsharded(policy):
+            sharded = sample(policy, ids, mask, 10, generator=torch.Generator().manual_seed(seed), **options)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(sharded.response_ids, plain.response_ids)
+    torch.testing.assert_close(sharded.logprobs, plain.logprobs, rtol=0, atol=0)
