@@ -37,8 +37,9 @@ inline double exp_of_nonpositive(double z) { return std::exp(z); }
 
 // Always inlined, so each instruction-set clone below compiles its loops for its own vector width.
 template <typename T>
-__attribute__((always_inline)) inline void fold_rows(const T* logits, int64_t row_stride, int64_t columns, const int64_t* targets, T inv_temp, T* max,
-                      T* sum_exp, T* sum_shifted, T* target_logit, int64_t begin, int64_t end) {
+__attribute__((always_inline)) inline void fold_rows(const T* logits, int64_t row_stride, int64_t columns,
+                                                     const int64_t* targets, T inv_temp, T* max, T* sum_exp,
+                                                     T* sum_shifted, T* target_logit, int64_t begin, int64_t end) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t row = begin; row < end; ++row) {
     const T* x = logits + row * row_stride;
@@ -76,9 +77,10 @@ __attribute__((always_inline)) inline void fold_rows(const T* logits, int64_t ro
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void grad_rows(const T* logits, int64_t row_stride, T* out, int64_t out_stride, int64_t columns,
-                      const int64_t* targets, T inv_temp, const T* lse, const T* a, const T* b, const T* entropy,
-                      int64_t begin, int64_t end) {
+__attribute__((always_inline)) inline void grad_rows(const T* logits, int64_t row_stride, T* out, int64_t out_stride,
+                                                     int64_t columns, const int64_t* targets, T inv_temp,
+                                                     const T* lse, const T* a, const T* b, const T* entropy,
+                                                     int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const T* x = logits + row * row_stride;
     T* g = out + row * out_stride;

@@ -17,8 +17,8 @@ from rlhf_fast.ops import (
     use_backend,
 )
 from rlhf_fast.ops import logprob as logprob_module
-from rlhf_fast.ops.logprob import chunked as logprob_chunked
 from rlhf_fast.ops.logprob import IMPLEMENTED, KL_ESTIMATORS
+from rlhf_fast.ops.logprob import chunked as logprob_chunked
 from tests.helpers import fresh_generator, kernel_backends, ragged_mask
 
 CPU_BACKENDS = ["reference", *kernel_backends(IMPLEMENTED)]
@@ -79,6 +79,17 @@ def weighted_sum(out, weights):
     if out.kl is not None:
         total = total + (out.kl.double() * weights[2]).sum()
     return total
+
+
+def check_finite_against_reference(out, want, targets, generator):
+    """Every output finite and close to the reference's; then both backward from the same random weighting of
+    the outputs (the callers compare the gradients)."""
+    for got, expected in zip(out, want):
+        assert torch.isfinite(got).all()
+        assert_close(got, expected, 3e-5, max(float(expected.detach().abs().max()), 1.0))
+    weights = upstream_weights(targets, generator)
+    weighted_sum(out, weights).backward()
+    weighted_sum(want, weights).backward()
 
 
 def check_token_logprobs(
@@ -307,12 +318,7 @@ def test_token_logprobs_negative_infinite_logits(backend):
     want = token_logprobs_reference(
         finite, targets, mask=mask, ref_logprobs=ref.double(), kl_estimator="k3", return_entropy=True
     )
-    for got, expected in zip(out, want):
-        assert torch.isfinite(got).all()
-        assert_close(got, expected, 3e-5, max(float(expected.detach().abs().max()), 1.0))
-    weights = upstream_weights(targets, generator)
-    weighted_sum(out, weights).backward()
-    weighted_sum(want, weights).backward()
+    check_finite_against_reference(out, want, targets, generator)
     assert torch.isfinite(ours.grad).all() and (ours.grad[banned] == 0).all()
     assert_close(ours.grad, finite.grad, 1e-4)
 
@@ -575,12 +581,7 @@ def test_linear_token_logprobs_tiles_start_negative_infinite(backend, monkeypatc
         *twins, targets, bias=bias.double().masked_fill(banned, -1e300), mask=mask,
         ref_logprobs=ref.double(), kl_estimator="k3", return_entropy=True,
     )  # fmt: skip
-    for got, expected in zip(out, want):
-        assert torch.isfinite(got).all()
-        assert_close(got, expected, 3e-5, max(float(expected.detach().abs().max()), 1.0))
-    weights = upstream_weights(targets, generator)
-    weighted_sum(out, weights).backward()
-    weighted_sum(want, weights).backward()
+    check_finite_against_reference(out, want, targets, generator)
     assert (ours[1].grad[banned] == 0).all()
     for got, expected in zip(ours, twins):
         assert_close(got.grad, expected.grad, 1e-4, max(float(expected.grad.abs().max()), 1.0))

@@ -15,8 +15,7 @@ import gc
 import pytest
 import torch
 
-from rlhf_fast.models import PolicyModel
-from rlhf_fast.models import functional
+from rlhf_fast.models import PolicyModel, functional
 from rlhf_fast.rollout import clear_graphs, prepare, sample, sampler
 from tests.helpers import fresh_generator
 from tests.models.archs import EOS, PAD, build_causal_lm, left_padded_prompts

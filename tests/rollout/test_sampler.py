@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_fast.models import PolicyModel
-from rlhf_fast.models import functional
+from rlhf_fast.models import PolicyModel, functional
 from rlhf_fast.rollout import SampleOutput, TokenSelector, sample, sampler
 from tests.helpers import fresh_generator
 from tests.models.archs import ARCHITECTURES, EOS, MAX_POSITIONS, PAD, build_causal_lm, left_padded_prompts
