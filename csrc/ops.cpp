@@ -53,6 +53,14 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
   m.def(
       "logprob_grad_tile(Tensor logits, Tensor local_targets, float inv_temp, Tensor lse, Tensor a, Tensor? b, "
       "Tensor? entropy, Tensor(e!) out) -> ()");
+
+  // One GPT-2 decode step (rlhf_fast/models/functional.py, whose Python step is the reference): the new token's
+  // key and value written into the caches at `cache_index`, the final norm's output [B, d] returned. `weights`:
+  // wte, wpe, twelve per block (ln_1 weight, bias, c_attn weight, bias, attn c_proj weight, bias, ln_2 weight,
+  // bias, c_fc weight, bias, mlp c_proj weight, bias), ln_f weight, bias. CPU kernel in csrc/cpu/gpt2_decode.cpp.
+  m.def(
+      "gpt2_decode_step(Tensor input_ids, Tensor position_ids, Tensor mask, Tensor cache_index, Tensor(a!)[] keys, "
+      "Tensor(b!)[] values, Tensor[] weights, float[] scales, float[] eps) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

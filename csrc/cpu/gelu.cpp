@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/gelu.h"
 #include "cpu/parallel.h"
 #include "cpu/vector_math.h"
 #include "dtype.h"
@@ -150,6 +151,13 @@ at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad_output, const at::Tenso
 }
 
 }  // namespace
+
+namespace rlhf_fast::cpu {
+
+void gelu_tanh_forward(const float* x, float* y, int64_t n) { forward_f32(x, y, n); }
+void gelu_tanh_forward(const double* x, double* y, int64_t n) { forward_f64(x, y, n); }
+
+}  // namespace rlhf_fast::cpu
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
   m.impl("gelu_tanh", &gelu_tanh_cpu);

@@ -8,7 +8,10 @@ own parameters, in the same order:
 - ``forward(backbone)``: the full-sequence forward ``rlhf_fast.models.backbone_hidden_states`` runs on a CPU
   (training, scoring); on a GPU transformers' path stays, which lets SDPA take its mask-free kernels.
 - ``decode_step(backbone)``: the sampler's one-token step over the ``StaticCache`` buffers transformers'
-  prefill filled (rlhf_fast/rollout/decode.py).
+  prefill filled (rlhf_fast/rollout/decode.py). On a CPU in float32 / float64 it runs as one C++ kernel
+  (csrc/cpu/gpt2_decode.cpp: ATen's matmuls, every op between them a loop over the rows, attention over the
+  written slots only), for which the Python step is the reference; the rollout takes about 0.6x the time
+  (bench/RESULTS.md).
 
 Both only where running the modules would do nothing more: transformers' own module classes (not peft's LoRA
 layers or any other replacement), no forward hooks (FSDP2, user hooks), no gradient checkpointing, and no
@@ -28,7 +31,9 @@ from transformers import GPT2Model
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block
 from transformers.pytorch_utils import Conv1D
 
+from rlhf_fast import _extension
 from rlhf_fast.models._common import FusedGELUTanh
+from rlhf_fast.ops._backend import select_backend
 from rlhf_fast.ops.gelu import gelu_tanh
 
 # forward(input_ids [B, L], position_ids [B, L], mask [B, 1, L, L] additive) -> hidden [B, L, d]
@@ -130,8 +135,40 @@ def _gpt2_forward(backbone: GPT2Model) -> Forward:
     return forward
 
 
+def _gpt2_step_weights(backbone: GPT2Model) -> list[torch.Tensor]:
+    """The parameters in the order the compiled step takes them (csrc/ops.cpp, ``gpt2_decode_step``)."""
+    weights = [backbone.wte.weight, backbone.wpe.weight]
+    for block in backbone.h:
+        attn, mlp = block.attn, block.mlp
+        weights += [block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight,
+                    attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias,
+                    mlp.c_proj.weight, mlp.c_proj.bias]  # fmt: skip
+    return weights + [backbone.ln_f.weight, backbone.ln_f.bias]
+
+
+def _compiled_step_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the step runs as the C++ kernel (csrc/cpu/gpt2_decode.cpp): CPU, float32 / float64, no autocast
+    (the Python step is the reference, and the `reference` backend forces it)."""
+    if (
+        device.type != "cpu"
+        or dtype not in (torch.float32, torch.float64)
+        or torch.is_autocast_enabled("cpu")
+    ):
+        return False
+    return select_backend("gpt2_decode_step", device, ("reference", "cpp"), ()) == "cpp"
+
+
 def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
+    weights = _gpt2_step_weights(backbone)
+    scales = [float(block.attn.scaling) for block in backbone.h]
+    eps = [norm.eps for block in backbone.h for norm in (block.ln_1, block.ln_2)] + [backbone.ln_f.eps]
+
     def step(input_ids, position_ids, mask, cache_index, keys, values) -> torch.Tensor:
+        if _compiled_step_runs(input_ids.device, weights[0].dtype):
+            return _extension.kernels().gpt2_decode_step(
+                input_ids, position_ids, mask, cache_index, keys, values, weights, scales, eps
+            )
+
         def attend(layer, query, key, value, scale):
             keys[layer].index_copy_(2, cache_index, key)
             values[layer].index_copy_(2, cache_index, value)

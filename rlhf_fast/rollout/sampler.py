@@ -202,6 +202,7 @@ def clear_graphs(policy: nn.Module | None = None) -> None:
 def _sample_eager(program: _DecodeProgram, prompt_ids, prompt_mask, max_new_tokens: int) -> SampleOutput:
     batch, prompt_len = prompt_ids.shape
     prompt_mask = prompt_mask.bool()
+    program.copy_head()
     buffers = program.buffers(batch, prompt_len + max_new_tokens, max_new_tokens, prompt_ids.device)
     buffers.reset(prompt_mask, program.pad_token_id)
     program.prefill(buffers, prompt_ids, prompt_mask)

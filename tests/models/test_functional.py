@@ -11,6 +11,7 @@ import torch
 from rlhf_fast.models import PolicyModel, functional
 from rlhf_fast.models.loading import LoRAConfig, add_lora, enable_gradient_checkpointing
 from rlhf_fast.models.masks import packed_causal_mask
+from rlhf_fast.ops._backend import use_backend
 from rlhf_fast.rollout import sample
 from tests.helpers import fresh_generator
 from tests.models.archs import PAD, VOCAB, build_causal_lm, left_padded_prompts
@@ -147,3 +148,113 @@ def test_the_decode_step_runs_under_fsdp2_with_every_shard_gathered(tmp_path, mo
         dist.destroy_process_group()
     assert torch.equal(sharded.response_ids, plain.response_ids)
     torch.testing.assert_close(sharded.logprobs, plain.logprobs, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- the compiled CPU decode step
+def gpt2_backbone(generator: torch.Generator, dtype: torch.dtype, **config):
+    """A random GPT-2 backbone, by default with 3 layers, an odd MLP width, per-layer attention scaling and a
+    non-default norm epsilon, weights wide enough for distinct attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    settings = {"n_layer": 3, "n_embd": 30, "n_head": 5, "n_inner": 37, "vocab_size": VOCAB, "n_positions": 40,
+                "scale_attn_by_inverse_layer_idx": True, "layer_norm_epsilon": 1e-3, "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0, "attn_pdrop": 0.0} | config  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_of(generator))
+        backbone = PolicyModel(GPT2LMHeadModel(GPT2Config(**settings))).backbone.eval()
+        with torch.no_grad():
+            for parameter in backbone.parameters():
+                parameter.normal_(0.0, 0.5)
+    return backbone.to(dtype)
+
+
+def decode_state(backbone, batch: int, slots: int, slot: int, generator: torch.Generator, dtype: torch.dtype):
+    """Caches filled with noise before `slot`, a mask hiding some earlier slots of each row and every slot after
+    `slot`, and a token and position per row: the arguments of one decode step."""
+    config = backbone.config
+    heads, head_dim = config.n_head, config.n_embd // config.n_head
+    shape = (batch, heads, slots, head_dim)
+    keys = [torch.randn(shape, generator=generator, dtype=dtype) for _ in range(config.n_layer)]
+    values = [torch.randn(shape, generator=generator, dtype=dtype) for _ in range(config.n_layer)]
+    visible = torch.rand((batch, slots), generator=generator) < 0.7
+    visible[:, slot] = True
+    visible[:, slot + 1 :] = False
+    mask = torch.zeros((batch, 1, 1, slots), dtype=dtype).masked_fill(
+        ~visible[:, None, None], torch.finfo(dtype).min
+    )
+    ids = torch.randint(0, config.vocab_size, (batch, 1), generator=generator)
+    positions = torch.randint(0, config.n_positions, (batch, 1), generator=generator)
+    return ids, positions, mask, torch.tensor([slot]), keys, values
+
+
+@pytest.mark.skipif(not functional._extension.has_cpp_kernels(), reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("batch", "slots", "slot"), [(1, 1, 0), (5, 13, 9), (4, 9, 8)])
+def test_compiled_decode_step_equals_the_python_step(dtype, batch, slots, slot, monkeypatch):
+    generator = fresh_generator()
+    backbone = gpt2_backbone(generator, dtype)
+    ids, positions, mask, cache_index, keys, values = decode_state(
+        backbone, batch, slots, slot, generator, dtype
+    )
+    outputs, caches = [], []
+    for compiled in (True, False):
+        with monkeypatch.context() as patch:
+            if not compiled:
+                patch.setattr(functional, "_compiled_step_runs", lambda device, dtype: False)
+            assert functional._compiled_step_runs(ids.device, dtype) is compiled
+            step = functional.functional_decode_step(backbone)
+            step_keys, step_values = [k.clone() for k in keys], [v.clone() for v in values]
+            with torch.no_grad():
+                outputs.append(step(ids, positions, mask, cache_index, step_keys, step_values))
+            caches.append(step_keys + step_values)
+    tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+    torch.testing.assert_close(outputs[0], outputs[1], **tolerance)
+    for written, expected, before in zip(caches[0], caches[1], keys + values):
+        torch.testing.assert_close(written, expected, **tolerance)
+        others = torch.ones(slots, dtype=torch.bool)
+        others[slot] = False
+        assert torch.equal(written[:, :, others], before[:, :, others])  # only the fed slot is written
+
+
+@pytest.mark.skipif(not functional._extension.has_cpp_kernels(), reason="needs the compiled extension")
+def test_sampling_with_the_compiled_step_draws_what_the_python_step_draws(monkeypatch):
+    generator = fresh_generator()
+    policy = PolicyModel(build_causal_lm("gpt2", seed_of(generator), dtype=torch.float64))
+    ids, mask = left_padded_prompts([7, 2, 5, 1], generator)
+    seed = seed_of(generator)
+    outputs = []
+    for compiled in (True, False):
+        with monkeypatch.context() as patch:
+            if not compiled:
+                patch.setattr(functional, "_compiled_step_runs", lambda device, dtype: False)
+            outputs.append(sample(policy, ids, mask, 14, generator=torch.Generator().manual_seed(seed),
+                                  eos_token_id=None, pad_token_id=PAD, return_logprobs=True,
+                                  return_entropy=True))  # fmt: skip
+    assert torch.equal(outputs[0].response_ids, outputs[1].response_ids)
+    # The head's logits are float32 whatever the model's dtype.
+    torch.testing.assert_close(outputs[0].logprobs, outputs[1].logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0].entropy, outputs[1].entropy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not functional._extension.has_cpp_kernels(), reason="needs the compiled extension")
+def test_compiled_decode_step_checks_its_inputs_and_steps_aside_where_it_does_not_apply():
+    generator = fresh_generator()
+    backbone = gpt2_backbone(generator, torch.float32)
+    step = functional.functional_decode_step(backbone)
+    ids, positions, mask, cache_index, keys, values = decode_state(
+        backbone, 2, 6, 3, generator, torch.float32
+    )
+    with pytest.raises(RuntimeError, match="cache_index 6 is outside"):
+        step(ids, positions, mask, torch.tensor([6]), keys, values)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        step(torch.full_like(ids, VOCAB), positions, mask, cache_index, keys, values)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        step(ids, positions, mask, cache_index, [k.transpose(1, 2).contiguous().transpose(1, 2) for k in keys],
+             values)  # fmt: skip
+    # Other dtypes, autocast, and the forced reference backend run the Python step.
+    assert not functional._compiled_step_runs(torch.device("cpu"), torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not functional._compiled_step_runs(torch.device("cpu"), torch.float32)
+    with use_backend("reference"):
+        assert not functional._compiled_step_runs(torch.device("cpu"), torch.float32)
+    assert functional._compiled_step_runs(torch.device("cpu"), torch.float32)
