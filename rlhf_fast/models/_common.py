@@ -33,11 +33,21 @@ def backbone_of(causal_lm: PreTrainedModel) -> PreTrainedModel:
     return backbone
 
 
+def rows_at(tensor: torch.Tensor, outputs_at: slice | torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``tensor`` [B, ..., L, ...] at the positions read along ``dim``: a slice (the same positions in every row)
+    gives [B, ..., R, ...]; an index per row [B] int64 gives [B, ..., 1, ...]."""
+    if isinstance(outputs_at, slice):
+        return tensor[(slice(None),) * dim + (outputs_at,)]
+    rows = torch.arange(tensor.shape[0], device=tensor.device)
+    return tensor[(rows,) + (slice(None),) * (dim - 1) + (outputs_at,)].unsqueeze(dim)
+
+
 def backbone_hidden_states(
     backbone: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
+    outputs_at: slice | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Final hidden states [B, L, d] of a decoder stack: the one backbone call of the package.
 
@@ -46,6 +56,10 @@ def backbone_hidden_states(
     True = may attend; see ``rlhf_fast.models.causal_mask``), which transformers uses as it is;
     ``position_ids`` [B, L] are then required. ``rlhf_fast.models.masks.attention_inputs`` decides the form.
     On a CPU, architectures registered in ``rlhf_fast.models.functional`` skip the module calls (same ops).
+
+    outputs_at: only the positions read: a slice of positions (every row; [B, R, d]) or one index per row [B]
+    int64 ([B, d]). The registered architectures then compute their last block's queries, attention output and
+    MLP at those positions only; the others compute every position and select.
     """
     from rlhf_fast.models.functional import functional_forward
     from rlhf_fast.models.masks import attention_inputs, causal_mask, position_ids_from_mask
@@ -60,11 +74,15 @@ def backbone_hidden_states(
             position_ids = position_ids_from_mask(attention_mask)
         if attention_mask.dim() == 2:
             attention_mask = causal_mask(attention_mask, backbone.dtype)
-        return forward(input_ids, position_ids, attention_mask)
-    output = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return output.last_hidden_state
+        hidden = forward(input_ids, position_ids, attention_mask, outputs_at)
+    else:
+        output = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = output.last_hidden_state
+        if outputs_at is not None:
+            hidden = rows_at(hidden, outputs_at)
+    return hidden.squeeze(1) if isinstance(outputs_at, torch.Tensor) else hidden
 
 
 def use_fused_activations(model: torch.nn.Module) -> int:

@@ -158,13 +158,15 @@ class ScalarHeadModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
+        outputs_at: slice | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, L] ids -> [B, L, d] final hidden states.
+        """[B, L] ids -> [B, L, d] final hidden states (only the positions read with ``outputs_at``: a slice gives
+        [B, R, d], an index per row [B, d]; see ``backbone_hidden_states``).
 
         attention_mask: [B, L] bool/int (position ids from it unless given) or a prepared [B, 1, L, L] mask
         (``rlhf_fast.models.causal_mask``; additive or bool), which needs ``position_ids`` [B, L].
         """
-        return backbone_hidden_states(self.backbone, input_ids, attention_mask, position_ids)
+        return backbone_hidden_states(self.backbone, input_ids, attention_mask, position_ids, outputs_at)
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [...] float32 (the head, computed in float32)."""

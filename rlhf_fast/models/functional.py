@@ -32,11 +32,12 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2B
 from transformers.pytorch_utils import Conv1D
 
 from rlhf_fast import _extension
-from rlhf_fast.models._common import FusedGELUTanh
+from rlhf_fast.models._common import FusedGELUTanh, rows_at
 from rlhf_fast.ops._backend import select_backend
 from rlhf_fast.ops.gelu import gelu_tanh
 
-# forward(input_ids [B, L], position_ids [B, L], mask [B, 1, L, L] additive) -> hidden [B, L, d]
+# forward(input_ids [B, L], position_ids [B, L], mask [B, 1, L, L] additive, outputs_at=None) -> hidden [B, L, d],
+# or [B, R, d] at the positions `outputs_at` reads (`rows_at`)
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # step(input_ids [B, 1], position_ids [B, 1], mask [B, 1, 1, S], cache_index [1], keys, values) -> hidden [B, d]
 DecodeStep = Callable[..., torch.Tensor]
@@ -102,18 +103,36 @@ def _gpt2_supported(backbone: GPT2Model, gathered: bool) -> bool:
     return runs_as_written(backbone, _GPT2_MODULES, gathered=gathered)
 
 
-def _gpt2_blocks(backbone: GPT2Model, hidden: torch.Tensor, attend) -> torch.Tensor:
+def _gpt2_blocks(
+    backbone: GPT2Model, hidden: torch.Tensor, attend, outputs_at: slice | torch.Tensor | None = None
+) -> torch.Tensor:
     """hidden [B, L, d] (the embeddings) through every block and the final norm. ``attend(layer, query, key,
-    value, scale)`` -> [B, H, L, hd] takes and gives [B, H, L, hd] heads."""
+    value, scale, reading)`` -> [B, H, q, hd] takes [B, H, q, hd] queries and [B, H, L, hd] keys and values;
+    ``reading`` is True where the queries are the ``outputs_at`` rows only.
+
+    outputs_at: None for every position's output [B, L, d]; otherwise the last block computes its queries,
+    attention output and MLP only at the positions read (``rows_at``: a slice for every row, or one index per
+    row), keys and values still at every position, and the result is [B, R, d] (R = 1 for an index)."""
     config = backbone.config
     width, heads = config.hidden_size, config.num_attention_heads
+    head_dim = width // heads
     batch, length = hidden.shape[:2]
+    last = len(backbone.h) - 1
     for layer, block in enumerate(backbone.h):
         attn, mlp = block.attn, block.mlp
         x = F.layer_norm(hidden, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-        qkv = torch.addmm(attn.c_attn.bias, x.view(-1, width), attn.c_attn.weight)
-        query, key, value = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attend(layer, query, key, value, attn.scaling).transpose(1, 2).reshape(-1, width)
+        reading = layer == last and outputs_at is not None
+        if reading:
+            weight, bias = attn.c_attn.weight, attn.c_attn.bias
+            keys_values = torch.addmm(bias[width:], x.view(-1, width), weight[:, width:])
+            key, value = keys_values.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            hidden, x = rows_at(hidden, outputs_at), rows_at(x, outputs_at)
+            query = torch.addmm(bias[:width], x.reshape(-1, width), weight[:, :width])
+            query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        else:
+            qkv = torch.addmm(attn.c_attn.bias, x.view(-1, width), attn.c_attn.weight)
+            query, key, value = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attend(layer, query, key, value, attn.scaling, reading).transpose(1, 2).reshape(-1, width)
         hidden = torch.addmm(attn.c_proj.bias, out, attn.c_proj.weight).view_as(hidden) + hidden
         x = F.layer_norm(hidden, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
         x = gelu_tanh(torch.addmm(mlp.c_fc.bias, x.view(-1, width), mlp.c_fc.weight))
@@ -126,11 +145,16 @@ def _gpt2_embed(backbone: GPT2Model, input_ids: torch.Tensor, position_ids: torc
 
 
 def _gpt2_forward(backbone: GPT2Model) -> Forward:
-    def forward(input_ids, position_ids, mask) -> torch.Tensor:
-        def attend(layer, query, key, value, scale):
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    def forward(input_ids, position_ids, mask, outputs_at=None) -> torch.Tensor:
+        read_mask = (
+            None if outputs_at is None else rows_at(mask.expand(len(input_ids), -1, -1, -1), outputs_at, 2)
+        )
 
-        return _gpt2_blocks(backbone, _gpt2_embed(backbone, input_ids, position_ids), attend)
+        def attend(layer, query, key, value, scale, reading):
+            mask_rows = read_mask if reading else mask
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask_rows, scale=scale)
+
+        return _gpt2_blocks(backbone, _gpt2_embed(backbone, input_ids, position_ids), attend, outputs_at)
 
     return forward
 
@@ -169,7 +193,7 @@ def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
                 input_ids, position_ids, mask, cache_index, keys, values, weights, scales, eps
             )
 
-        def attend(layer, query, key, value, scale):
+        def attend(layer, query, key, value, scale, reading):
             keys[layer].index_copy_(2, cache_index, key)
             values[layer].index_copy_(2, cache_index, value)
             return F.scaled_dot_product_attention(

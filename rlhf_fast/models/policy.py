@@ -92,6 +92,7 @@ class PolicyModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        outputs_at: slice | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states, without the LM head.
 
@@ -100,9 +101,10 @@ class PolicyModel(nn.Module):
         transformers uses as it is, without reading the padding back to the host.
         position_ids: [B, L] int64; with a 2-D mask computed from it by default (cumsum - 1, clamped), so a
         left-padded row gets the same hidden states as the unpadded sequence; required with a 4-D mask.
-        Returns [B, L, d] in the model's dtype.
+        Returns [B, L, d] in the model's dtype; with ``outputs_at`` only the positions read (a slice: [B, R, d];
+        an index per row: [B, d]; see ``backbone_hidden_states``).
         """
-        return backbone_hidden_states(self.backbone, input_ids, attention_mask, position_ids)
+        return backbone_hidden_states(self.backbone, input_ids, attention_mask, position_ids, outputs_at)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., d] -> logits [..., V] = hidden @ W.T + b, in the model's dtype."""

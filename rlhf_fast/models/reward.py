@@ -88,6 +88,5 @@ class RewardModel(ScalarHeadModel):
                 f"last_index must be an integer tensor of shape {(input_ids.shape[0],)}, got "
                 f"{last_index.dtype} {tuple(last_index.shape)}"
             )
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+        last_hidden = self.hidden_states(input_ids, attention_mask, position_ids, outputs_at=last_index)
         return self.score(last_hidden) + self._normalization_bias

@@ -50,10 +50,11 @@ class PolicyLogprobs(nn.Module):
         ref_logprobs: torch.Tensor | None = None,
         return_entropy: bool = False,
     ) -> TokenLogprobs:
-        hidden = self.policy(input_ids, attention_mask, position_ids)
         steps = targets.shape[1]
         length = input_ids.shape[1]
-        predicting = hidden[:, length - 1 - steps : length - 1]
+        predicting = self.policy(
+            input_ids, attention_mask, position_ids, outputs_at=slice(length - 1 - steps, length - 1)
+        )
         if top_k > 0 or top_p < 1.0:
             return _filtered_logprobs(
                 self.policy,
@@ -105,6 +106,8 @@ class ValueScores(nn.Module):
         self.value_model = value_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> torch.Tensor:
-        hidden = self.value_model.hidden_states(input_ids, attention_mask)
         length = input_ids.shape[1]
-        return self.value_model.score(hidden[:, length - 1 - steps : length - 1])
+        reading = slice(length - 1 - steps, length - 1)
+        return self.value_model.score(
+            self.value_model.hidden_states(input_ids, attention_mask, outputs_at=reading)
+        )

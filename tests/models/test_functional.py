@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlhf_fast.models import PolicyModel, functional
+from rlhf_fast.models._common import rows_at
 from rlhf_fast.models.loading import LoRAConfig, add_lora, enable_gradient_checkpointing
 from rlhf_fast.models.masks import packed_causal_mask
 from rlhf_fast.ops._backend import use_backend
@@ -258,3 +259,50 @@ def test_compiled_decode_step_checks_its_inputs_and_steps_aside_where_it_does_no
     with use_backend("reference"):
         assert not functional._compiled_step_runs(torch.device("cpu"), torch.float32)
     assert functional._compiled_step_runs(torch.device("cpu"), torch.float32)
+
+
+# ---------------------------------------------------------------------------- outputs at the positions read
+@pytest.mark.parametrize("path", ["functional", "modules"])
+def test_outputs_at_the_positions_read_equal_the_full_forwards_rows_with_gradients(path, monkeypatch):
+    if path == "modules":
+        monkeypatch.setattr(functional, "ARCHITECTURES", {})
+    generator = fresh_generator()
+    policy = PolicyModel(build_causal_lm("gpt2", seed_of(generator), dtype=torch.float64)).train()
+    ids, mask = left_padded_prompts([9, 4, 1, 7], generator)
+    last = torch.tensor([8, 8, 8, 3])  # a row's last real token, and one in the middle of a row
+    for outputs_at in (slice(3, 8), slice(0, 9), last):
+        results = []
+        for read in (True, False):
+            policy.zero_grad(set_to_none=True)
+            if read:
+                hidden = policy(ids, mask, outputs_at=outputs_at)
+            else:
+                full = policy(ids, mask)
+                hidden = full[:, outputs_at] if isinstance(outputs_at, slice) else full[torch.arange(4), last]
+            weights = torch.randn(
+                hidden.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+            )
+            (hidden * weights).sum().backward()
+            results.append((hidden.detach(), {name: p.grad.clone() for name, p in policy.named_parameters()}))
+        (read_hidden, read_grads), (full_hidden, full_grads) = results
+        assert read_hidden.shape == full_hidden.shape
+        torch.testing.assert_close(read_hidden, full_hidden, rtol=1e-10, atol=1e-10)
+        for name in full_grads:
+            torch.testing.assert_close(read_grads[name], full_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_reward_model_scores_the_last_real_token_with_the_last_block_there_only(monkeypatch):
+    from rlhf_fast.models import RewardModel
+
+    generator = fresh_generator()
+    reward_model = RewardModel.from_policy(build_causal_lm("gpt2", seed_of(generator), dtype=torch.float64))
+    ids, mask = left_padded_prompts([6, 2, 5], generator)
+    ids, mask = torch.cat([ids, ids[:, :2]], 1), torch.cat([mask, torch.zeros(3, 2, dtype=mask.dtype)], 1)
+    reads = []
+    monkeypatch.setattr(functional, "rows_at", lambda *args: reads.append(args[1]) or rows_at(*args))
+    with torch.no_grad():
+        scores = reward_model(ids, mask)
+        full = reward_model.hidden_states(ids, mask)
+    assert reads and torch.equal(reads[0], torch.tensor([5, 5, 5]))  # left padded, then right padded
+    expected = reward_model.score(full[:, 5]) + reward_model._normalization_bias
+    torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-10)
