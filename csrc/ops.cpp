@@ -61,6 +61,14 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
   m.def(
       "gpt2_decode_step(Tensor input_ids, Tensor position_ids, Tensor mask, Tensor cache_index, Tensor(a!)[] keys, "
       "Tensor(b!)[] values, Tensor[] weights, float[] scales, float[] eps) -> Tensor");
+
+  // The sampler's bookkeeping after a decode step's draw (rlhf_fast/rollout/decode.py, `_emit`, whose torch ops
+  // are the reference): outputs written at column `step_index`, finished rows, the next input, the index
+  // advanced. CPU kernel in csrc/cpu/decode_record.cpp.
+  m.def(
+      "decode_record(Tensor tokens, Tensor? logprobs, Tensor? entropy, int[] eos_ids, int pad_token_id, "
+      "Tensor(a!) step_index, Tensor(b!) finished, Tensor(c!) response_ids, Tensor(d!) response_mask, "
+      "Tensor(e!)? response_logprobs, Tensor(f!)? response_entropy, Tensor(g!) next_input) -> ()");
 }
 
 PYBIND11_MODULE(_C, m) {

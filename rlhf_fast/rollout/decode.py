@@ -18,8 +18,17 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from rlhf_fast import _extension
 from rlhf_fast.models.functional import functional_decode_step
+from rlhf_fast.ops._backend import select_backend
 from rlhf_fast.models.masks import causal_mask, position_ids_from_mask
+
+
+def _compiled_record_runs(device: torch.device) -> bool:
+    """Whether the bookkeeping after each draw runs as one C++ kernel (csrc/cpu/decode_record.cpp): on a CPU,
+    where a dozen small ops cost a third of a small model's decode step; their torch form in `_emit` is the
+    reference, and what a CUDA graph replays at no per-op cost."""
+    return device.type == "cpu" and select_backend("decode_record", device, ("reference", "cpp"), ()) == "cpp"
 
 
 @dataclass
@@ -122,6 +131,7 @@ class _DecodeProgram:
         self.mask_min = torch.finfo(self.compute_dtype).min
         self.fast_step = functional_decode_step(backbone)
         self.head_columns: torch.Tensor | None = None  # see `copy_head`
+        self.compiled_record = _compiled_record_runs(weight.device)
 
     def copy_head(self) -> None:
         """For an eager loop on a CPU: the head as a [d, V] copy, since BLAS multiplies a few rows by a transposed
@@ -187,6 +197,12 @@ class _DecodeProgram:
             logits = torch.addmm(self.bias, last_hidden, self.head_columns)
         logits = logits.float()
         tokens, logprobs, entropy = self.selector(logits, self.return_logprobs, self.return_entropy)
+        if self.compiled_record:
+            _extension.kernels().decode_record(
+                tokens, logprobs, entropy, self.eos_ids, self.pad_token_id, buffers.step_index, buffers.finished,
+                buffers.response_ids, buffers.response_mask, buffers.logprobs, buffers.entropy, buffers.next_input,
+            )  # fmt: skip
+            return
         alive = ~buffers.finished
         tokens = torch.where(alive, tokens, self.pad_token_id)
         buffers.response_ids.index_copy_(1, buffers.step_index, tokens[:, None])
