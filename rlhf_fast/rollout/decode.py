@@ -20,8 +20,8 @@ from transformers import StaticCache
 
 from rlhf_fast import _extension
 from rlhf_fast.models.functional import functional_decode_step
-from rlhf_fast.ops._backend import select_backend
 from rlhf_fast.models.masks import causal_mask, position_ids_from_mask
+from rlhf_fast.ops._backend import select_backend
 
 
 def _compiled_record_runs(device: torch.device) -> bool:

@@ -349,7 +349,7 @@ def test_compiled_bookkeeping_records_what_the_torch_ops_record(statistics, gene
     outputs = []
     for compiled in (True, False):
         with monkeypatch.context() as patch:
-            patch.setattr(decode, "_compiled_record_runs", lambda device: compiled)
+            patch.setattr(decode, "_compiled_record_runs", lambda device, compiled=compiled: compiled)
             for eos_ids, pad in (([3, 4, 5, 6, 7, 8], PAD), ([5, PAD], PAD)):
                 outputs.append(sample(model, ids, mask, 10, temperature=1.5, eos_token_id=eos_ids, pad_token_id=pad,
                                       generator=torch.Generator().manual_seed(seed), return_logprobs=return_logprobs,
