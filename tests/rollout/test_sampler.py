@@ -346,12 +346,16 @@ def test_compiled_bookkeeping_records_what_the_torch_ops_record(statistics, gene
     model = build_causal_lm("gpt2", seed_of(generator))
     ids, mask = left_padded_prompts([3, 5, 1, 4] * 3, generator)
     seed = seed_of(generator)
+    options = {"temperature": 1.5, "pad_token_id": PAD}
+    # EOS ids the rows draw: rows 0-2 draw them by step 3 (the same draws up to there), so they end early.
+    probe = sample(model, ids, mask, 4, eos_token_id=None, generator=torch.Generator().manual_seed(seed), **options)
+    eos_ids = probe.response_ids[:3, 3].tolist()
     outputs = []
     for compiled in (True, False):
         with monkeypatch.context() as patch:
             patch.setattr(decode, "_compiled_record_runs", lambda device, compiled=compiled: compiled)
-            for eos_ids, pad in (([3, 4, 5, 6, 7, 8], PAD), ([5, PAD], PAD)):
-                outputs.append(sample(model, ids, mask, 10, temperature=1.5, eos_token_id=eos_ids, pad_token_id=pad,
+            for ends in (eos_ids, eos_ids[:1] + [PAD]):
+                outputs.append(sample(model, ids, mask, 10, eos_token_id=ends, **options,
                                       generator=torch.Generator().manual_seed(seed), return_logprobs=return_logprobs,
                                       return_entropy=return_entropy))  # fmt: skip
     for got, expected in zip(outputs[:2], outputs[2:]):
