@@ -37,11 +37,16 @@ inline double exp_of_nonpositive(double z) { return std::exp(z); }
 
 // The loops below are templates inlined into one entry point per element type; the float ones are built once per
 // instruction set (cpu/vector_math.h), the double ones (the tests' dtype) once.
+#if defined(__GNUC__)
 #define RLHF_FAST_INLINE inline __attribute__((always_inline))
+#else
+#define RLHF_FAST_INLINE inline
+#endif
 
 // out[r] = (x[r] − mean) / sqrt(var + eps) · weight + bias for each row r of width `width`.
 template <typename T>
-RLHF_FAST_INLINE void layer_norm_rows(const T* x, const T* weight, const T* bias, T* out, int64_t rows, int64_t width, double eps) {
+RLHF_FAST_INLINE void layer_norm_rows(const T* x, const T* weight, const T* bias, T* out, int64_t rows, int64_t width,
+                                      double eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = x + r * width;
     T* result = out + r * width;
@@ -71,8 +76,8 @@ RLHF_FAST_INLINE void add_bias_rows(T* x, const T* bias, int64_t rows, int64_t w
 // The new token's key and value (columns [d, 2d) and [2d, 3d) of qkv [B, 3d]) into slot `slot` of the caches
 // [B, H, S, hd].
 template <typename T>
-RLHF_FAST_INLINE void write_cache(const T* qkv, T* keys, T* values, int64_t batch, int64_t heads, int64_t head_dim, int64_t slots,
-                 int64_t slot) {
+RLHF_FAST_INLINE void write_cache(const T* qkv, T* keys, T* values, int64_t batch, int64_t heads, int64_t head_dim,
+                                  int64_t slots, int64_t slot) {
   const int64_t width = heads * head_dim;
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t h = 0; h < heads; ++h) {
@@ -90,8 +95,8 @@ RLHF_FAST_INLINE void write_cache(const T* qkv, T* keys, T* values, int64_t batc
 // out [B, d] = softmax(q·Kᵀ·scale + mask) · V per row and head over the first `used` slots; q from qkv [B, 3d],
 // K and V [B, H, S, hd], mask [B, S] additive.
 template <typename T>
-RLHF_FAST_INLINE void attend(const T* qkv, const T* keys, const T* values, const T* mask, T* out, int64_t batch, int64_t heads,
-            int64_t head_dim, int64_t slots, int64_t used, T scale) {
+RLHF_FAST_INLINE void attend(const T* qkv, const T* keys, const T* values, const T* mask, T* out, int64_t batch,
+                             int64_t heads, int64_t head_dim, int64_t slots, int64_t used, T scale) {
   const int64_t width = heads * head_dim;
   std::vector<T> weights(used), sum_values(head_dim);
   for (int64_t b = 0; b < batch; ++b) {
@@ -129,9 +134,10 @@ RLHF_FAST_INLINE void attend(const T* qkv, const T* keys, const T* values, const
 }
 
 template <typename T>
-RLHF_FAST_INLINE void decode_step(const at::Tensor& input_ids, const at::Tensor& position_ids, const at::Tensor& mask,
-                 int64_t slot, at::TensorList keys, at::TensorList values, const std::vector<at::Tensor>& weights,
-                 at::ArrayRef<double> scales, at::ArrayRef<double> eps, at::Tensor& hidden, at::Tensor& output) {
+RLHF_FAST_INLINE void decode_step(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                                  const at::Tensor& mask, int64_t slot, at::TensorList keys, at::TensorList values,
+                                  const std::vector<at::Tensor>& weights, at::ArrayRef<double> scales,
+                                  at::ArrayRef<double> eps, at::Tensor& hidden, at::Tensor& output) {
   const int64_t batch = hidden.size(0), width = hidden.size(1), layers = static_cast<int64_t>(keys.size());
   const int64_t heads = keys[0].size(1), slots = keys[0].size(2), head_dim = keys[0].size(3);
   const at::Tensor& token_embedding = weights[0];
