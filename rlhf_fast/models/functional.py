@@ -186,9 +186,11 @@ def _gpt2_step(backbone: GPT2Model) -> DecodeStep:
     weights = _gpt2_step_weights(backbone)
     scales = [float(block.attn.scaling) for block in backbone.h]
     eps = [norm.eps for block in backbone.h for norm in (block.ln_1, block.ln_2)] + [backbone.ln_f.eps]
+    # Decided once per step function (the sampler makes one per call), not on every step of the hot loop.
+    compiled = _compiled_step_runs(weights[0].device, weights[0].dtype)
 
     def step(input_ids, position_ids, mask, cache_index, keys, values) -> torch.Tensor:
-        if _compiled_step_runs(input_ids.device, weights[0].dtype):
+        if compiled:
             return _extension.kernels().gpt2_decode_step(
                 input_ids, position_ids, mask, cache_index, keys, values, weights, scales, eps
             )
