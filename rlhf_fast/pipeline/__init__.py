@@ -1,8 +1,8 @@
 """End-to-end pipelines: `run_demo` runs the InstructGPT miniature (world → SFT → RM → PPO/PPO-ptx → eval)."""
 
-from rlhf_fast.pipeline.threads import prefer_passive_waiting
+from rlhf_fast.pipeline.threads import bound_openmp_spinning
 
-prefer_passive_waiting()  # before torch loads OpenMP (rlhf_fast.pipeline.demo imports torch)
+bound_openmp_spinning()  # before torch loads OpenMP (rlhf_fast.pipeline.demo imports torch)
 
 from rlhf_fast.pipeline.demo import run_demo
 from rlhf_fast.pipeline.presets import PRESETS, DemoPreset, get_preset

@@ -5,13 +5,19 @@ to 0.7 it/s with one of two cores taken by another process):
 
 - more intra-op threads than free cores: a tiny model's step is hundreds of small parallel regions, and each
   one waits for its slowest thread, which waits for a core;
-- OpenMP's default wait policy spins between parallel regions, taking the cores the other processes need
-  (and which our own waiting threads then wait for).
+- OpenMP's default wait: a GNU OpenMP thread waiting for work spins 300,000 times before it sleeps, taking
+  the cores the other processes need (and which our own waiting threads then wait for).
 
-So the demo runs at most `os.cpu_count()` intra-op threads and fewer when the load average says cores are
-taken (one when the machine is full), chosen again before each stage, and asks OpenMP to wait passively.
-OMP_WAIT_POLICY is read when OpenMP starts, i.e. when torch is first imported: `prefer_passive_waiting` must
-run before that (the `rlhf_fast.pipeline` package calls it on import) and says whether it was in time.
+Waiting passively (OMP_WAIT_POLICY=PASSIVE: sleep at once) removes the second, but then every one of those
+parallel regions starts by waking a sleeping thread: on an idle machine the demo's tiny-model training step
+takes 2.1x as long on two threads as with spinning, longer than on one (bench/bench_wait_policy.py). So the
+demo runs at most `os.cpu_count()` intra-op threads and fewer when the load average says cores are taken (one
+when the machine is full), chosen again before each stage, and bounds the spinning instead: long enough to
+bridge the gaps between one step's parallel regions, short enough that a waiting thread soon gives up its
+core (`bound_openmp_spinning`). GNU OpenMP (torch's on Linux) reads GOMP_SPINCOUNT; LLVM and Intel OpenMP
+read KMP_BLOCKTIME, set to 1 ms (not measured: the torch measured here uses GNU OpenMP). OpenMP reads them
+when it starts, i.e. when torch is first imported: `bound_openmp_spinning` must run before that (the
+`rlhf_fast.pipeline` package calls it on import) and says whether it was in time.
 """
 
 from __future__ import annotations
@@ -21,14 +27,21 @@ import os
 import sys
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
+# Spins of a waiting thread before it sleeps. bench/bench_wait_policy.py, the demo's training steps on two
+# threads against GNU OpenMP's default: 3,000 spins cost 1.08x (tiny) and 1.13x (small) on an idle machine and
+# 2.9x / 2.5x with a core taken (10,000: 1.02x / 1.07x and 5.0x / 3.6x; passive: 2.1x / 1.6x and 1.8x / 2.0x).
+GNU_SPIN_COUNT = ("GOMP_SPINCOUNT", "3000")
+LLVM_BLOCK_TIME = ("KMP_BLOCKTIME", "1")  # milliseconds, the shortest bound above zero (zero: passive)
 
 
-def prefer_passive_waiting() -> bool:
-    """Sets OMP_WAIT_POLICY=PASSIVE unless the user chose a policy. True when it takes effect (torch, and so
-    OpenMP, not yet loaded) or the user's choice stands; False when OpenMP already started spinning."""
-    if WAIT_POLICY in os.environ:
+def bound_openmp_spinning() -> bool:
+    """Bounds how long a waiting OpenMP thread spins before it sleeps (`GNU_SPIN_COUNT`, `LLVM_BLOCK_TIME`),
+    unless the user chose a wait policy or a spin time. True when it takes effect (torch, and so OpenMP, not
+    yet loaded) or the user's choice stands; False when OpenMP started already."""
+    chosen = (WAIT_POLICY, GNU_SPIN_COUNT[0], LLVM_BLOCK_TIME[0])
+    if any(name in os.environ for name in chosen):
         return True
-    os.environ[WAIT_POLICY] = "PASSIVE"
+    os.environ.update(dict([GNU_SPIN_COUNT, LLVM_BLOCK_TIME]))
     return "torch" not in sys.modules
 
 

@@ -17,14 +17,23 @@ def test_threads_follow_the_free_cores():
     )
 
 
-def test_importing_the_pipeline_asks_openmp_to_wait_passively():
+def test_importing_the_pipeline_bounds_openmp_spinning_before_torch_loads():
     code = (
         "import os, sys; import rlhf_fast.pipeline; "
-        "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'), "
+        "os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["PASSIVE", "True"]
-    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's choice stands
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split()[0] == "ACTIVE"
+    chosen = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    env = {k: v for k, v in os.environ.items() if k not in chosen}
+
+    def run(**extra):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env | extra, capture_output=True, text=True, check=True
+        )
+        return out.stdout.split()
+
+    assert run() == ["3000", "1", "None", "True"]
+    # The user's choice of any of the three stands, and nothing else is added beside it.
+    assert run(OMP_WAIT_POLICY="PASSIVE") == ["None", "None", "PASSIVE", "True"]
+    assert run(GOMP_SPINCOUNT="100") == ["100", "None", "None", "True"]
+    assert run(KMP_BLOCKTIME="0") == ["None", "0", "None", "True"]
