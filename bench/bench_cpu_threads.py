@@ -18,19 +18,14 @@ median over the one-thread median without load: near or below 1 means no cliff.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import time
 
 import torch
 
 from rlhf_fast import _extension
+from rlhf_fast.bench.timing import busy_cores
 from rlhf_fast.ops._contract import WHITEN_EPS
-
-
-def _busy_loop() -> None:  # the other process: one core kept busy
-    while True:
-        pass
 
 
 def _cases(ops) -> dict[str, callable]:
@@ -110,21 +105,12 @@ def main() -> None:
         samples: dict[str, list[float]] = {label: [] for label, _, _ in settings}
         for _ in range(args.rounds):
             for label, threads, busy in settings:
-                workers = [multiprocessing.Process(target=_busy_loop, daemon=True) for _ in range(busy)]
-                for worker in workers:
-                    worker.start()
-                if workers:
-                    time.sleep(0.2)
-                try:
+                with busy_cores(busy):
                     samples[label].append(statistics.median(_time_us(function, threads, args.repeats)))
                     samples[label + " min"] = [
                         *samples.get(label + " min", []),
                         min(_time_us(function, threads, 20)),
                     ]
-                finally:
-                    for worker in workers:
-                        worker.kill()
-                        worker.join()
         cells = [
             f"{label} {statistics.median(samples[label]):8.1f}/{min(samples[label + ' min']):.1f}"
             for label, _, _ in settings

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
-import time
+
+from rlhf_fast.bench.timing import busy_cores
 
 POLICIES = {
     "default": {},
@@ -33,11 +33,6 @@ POLICIES = {
 }
 OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 WARMUP_STEPS = 10
-
-
-def _busy_loop() -> None:  # the other process: one core kept busy
-    while True:
-        pass
 
 
 def worker(size: str, steps: int, threads: int) -> None:
@@ -88,18 +83,9 @@ def worker(size: str, steps: int, threads: int) -> None:
 
 def _measure(size: str, steps: int, threads: int, policy: str, busy: int) -> float:
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES} | POLICIES[policy]
-    others = [multiprocessing.Process(target=_busy_loop, daemon=True) for _ in range(busy)]
-    for other in others:
-        other.start()
-    if others:
-        time.sleep(0.2)
-    try:
-        command = [sys.executable, __file__, "--worker", size, str(steps), str(threads)]
+    command = [sys.executable, __file__, "--worker", size, str(steps), str(threads)]
+    with busy_cores(busy):
         out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    finally:
-        for other in others:
-            other.kill()
-            other.join()
     return statistics.median(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
 
 

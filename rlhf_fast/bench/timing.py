@@ -13,12 +13,14 @@ Floors come from the ceilings measured on one H200 (shared/ANCHORS.md): 4.25 TB/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -176,3 +178,24 @@ __all__ = [
     "reset_peak_rss",
     "synchronize",
 ]
+
+
+def _busy_loop() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_cores(count: int, settle_seconds: float = 0.2) -> Iterator[None]:
+    """`count` other processes, each keeping a core busy, for the duration of the block: a machine under load."""
+    others = [multiprocessing.Process(target=_busy_loop, daemon=True) for _ in range(count)]
+    for other in others:
+        other.start()
+    try:
+        if others:
+            time.sleep(settle_seconds)  # let the scheduler place them before anything is timed
+        yield
+    finally:
+        for other in others:
+            other.kill()
+            other.join()

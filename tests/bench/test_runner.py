@@ -177,3 +177,14 @@ def test_gpu_table_has_memory_and_floor_columns():
     assert "peak extra memory" in lines[0] and "floor (H200)" in lines[0]
     assert lines[2] == "| c | ours | 10 µs | 20 µs | 5.00x | 0.00 GB | 2 µs |"
     assert lines[3].endswith("| 3.00 GB | 2 µs |")
+
+
+def test_busy_cores_runs_the_processes_for_the_block_only():
+    import multiprocessing
+
+    from rlhf_fast.bench.timing import busy_cores
+
+    before = len(multiprocessing.active_children())
+    with busy_cores(2, settle_seconds=0.0):
+        assert len(multiprocessing.active_children()) == before + 2
+    assert len(multiprocessing.active_children()) == before
