@@ -30,18 +30,20 @@ WAIT_POLICY = "OMP_WAIT_POLICY"
 # Spins of a waiting thread before it sleeps. bench/bench_wait_policy.py, the demo's training steps on two
 # threads against GNU OpenMP's default: 3,000 spins cost 1.08x (tiny) and 1.13x (small) on an idle machine and
 # 2.9x / 2.5x with a core taken (10,000: 1.02x / 1.07x and 5.0x / 3.6x; passive: 2.1x / 1.6x and 1.8x / 2.0x).
-GNU_SPIN_COUNT = ("GOMP_SPINCOUNT", "3000")
-LLVM_BLOCK_TIME = ("KMP_BLOCKTIME", "1")  # milliseconds, the shortest bound above zero (zero: passive)
+SPIN_BOUNDS = {
+    "GOMP_SPINCOUNT": "3000",  # GNU OpenMP: spins
+    "KMP_BLOCKTIME": "1",  # LLVM / Intel OpenMP: milliseconds, the shortest bound above zero (zero: passive)
+}
+WAIT_VARIABLES = (WAIT_POLICY, *SPIN_BOUNDS)  # any of them set by the user: their choice stands
 
 
 def bound_openmp_spinning() -> bool:
-    """Bounds how long a waiting OpenMP thread spins before it sleeps (`GNU_SPIN_COUNT`, `LLVM_BLOCK_TIME`),
-    unless the user chose a wait policy or a spin time. True when it takes effect (torch, and so OpenMP, not
-    yet loaded) or the user's choice stands; False when OpenMP started already."""
-    chosen = (WAIT_POLICY, GNU_SPIN_COUNT[0], LLVM_BLOCK_TIME[0])
-    if any(name in os.environ for name in chosen):
+    """Bounds how long a waiting OpenMP thread spins before it sleeps (`SPIN_BOUNDS`), unless the user set any
+    of `WAIT_VARIABLES`. True when it takes effect (torch, and so OpenMP, not yet loaded) or the user's choice
+    stands; False when OpenMP started already."""
+    if any(name in os.environ for name in WAIT_VARIABLES):
         return True
-    os.environ.update(dict([GNU_SPIN_COUNT, LLVM_BLOCK_TIME]))
+    os.environ.update(SPIN_BOUNDS)
     return "torch" not in sys.modules
 
 

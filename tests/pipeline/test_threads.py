@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from rlhf_fast.pipeline.threads import available_cpus, choose_threads
+from rlhf_fast.pipeline.threads import WAIT_VARIABLES, available_cpus, choose_threads
 
 
 def test_threads_follow_the_free_cores():
@@ -23,8 +23,7 @@ def test_importing_the_pipeline_bounds_openmp_spinning_before_torch_loads():
         "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'), "
         "os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     )
-    chosen = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-    env = {k: v for k, v in os.environ.items() if k not in chosen}
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
 
     def run(**extra):
         out = subprocess.run(
