@@ -109,14 +109,10 @@ def check_targets(results: Results, sizes: tuple[str, ...]) -> list[Target]:
     targets.append(
         _target(f"SFT ({large}) QA exact match >= {SFT_QA_FLOOR}", sft_qa, sft_qa.value >= SFT_QA_FLOOR)
     )
-    targets.append(
-        _below_by_2se(
-            f"the alignment tax: PPO ({large}) QA exact match below SFT's by > 2 SE",
-            ppo_qa,
-            sft_qa,
-            "SFT vs PPO",
-        )
+    tax = _below_by_2se(
+        f"the alignment tax: PPO ({large}) QA exact match below SFT's by > 2 SE", ppo_qa, sft_qa, "SFT vs PPO"
     )
+    targets.append(tax)
     regression = sft_qa.value - ppo_qa.value
     recovered_gap = ptx_qa.minus(
         Estimate((sft_qa.value + ppo_qa.value) / 2, math.hypot(sft_qa.se, ppo_qa.se) / 2)
@@ -129,8 +125,10 @@ def check_targets(results: Results, sizes: tuple[str, ...]) -> list[Target]:
         _target(
             "PPO-ptx recovers at least half of PPO's QA regression (share recovered)",
             recovered,
-            regression > 0 and recovered_gap.value >= 0,
-            f"SFT {sft_qa.format()}, PPO {ppo_qa.format()}, PPO-ptx {ptx_qa.format()}",
+            # Only a tax that shows can be recovered: a regression within noise has no half to win back.
+            tax.met and recovered_gap.value >= 0,
+            f"SFT {sft_qa.format()}, PPO {ppo_qa.format()}, PPO-ptx {ptx_qa.format()}"
+            + ("" if tax.met else "; no alignment tax to recover"),
         )
     )
     targets.append(
