@@ -101,16 +101,18 @@ PRESETS: dict[str, DemoPreset] = {
         # agreement is 0.73 from 4,000 prompts (four passes), 0.77 from 8,000, 0.79 from 12,000 (three or four
         # passes); a learning rate of 2.5e-4 gives the same, 1e-3 0.73, dropout 0.1 0.70.
         rm_epochs=3, rm_batch_size=8,
-        # Batches of 64 halve the gradient's variance, whose noise let the policy drift (KL 3-4 nats without
-        # gain), and kl_coef 0.2 prices a word off the SFT distribution above what the RM pays for it; measured,
-        # each alone helps less than both. 90 iterations (3x the 30 this preset had while OpenMP waited
-        # passively, at the same wall time): 14 / 13 / 12 targets on seeds 0-2 where 30 met 10 / 13 / 12, PPO
-        # (tiny)'s win rate up 0.01-0.05 on every seed, the alignment tax on seeds 0 and 2, no degenerate
-        # samples. What bounds PPO's win rate at this budget is PPO, not the RM: against the labelers' own
-        # utility (oracle_ppo) it wins no more than against the RM (docs/demo-seeds.md).
-        # ptx_coef 0.1: PPO-ptx recovers at least half of PPO's QA regression on seeds 0 and 1 (a quarter on
-        # seed 2, where PPO's exact match falls from 0.64 to 0.03), and its win rate against SFT stays within
-        # 0.06 of PPO's on every seed, as in the paper; at 0.3 it recovers 70-170% on every seed but wins
+        # PPO's settings were measured with the RM of 4,000 prompts. Batches of 64 halve the gradient's
+        # variance, whose noise let the policy drift (KL 3-4 nats without gain), and kl_coef 0.2 prices a word
+        # off the SFT distribution above what the RM pays for it; measured, each alone helps less than both.
+        # 90 iterations (3x the 30 this preset had while OpenMP waited passively, at the same wall time):
+        # 14 / 13 / 12 targets on seeds 0-2 where 30 met 10 / 13 / 12, PPO (tiny)'s win rate up 0.01-0.05 on
+        # every seed, the alignment tax on seeds 0 and 2, no degenerate samples. What bounds PPO's win rate at
+        # this budget is PPO, not the RM: against the labelers' own utility (oracle_ppo) it wins no more than
+        # against the RM (docs/demo-seeds.md).
+        # ptx_coef 0.1: PPO-ptx recovered at least half of PPO's QA regression on seeds 0 and 1 (a quarter on
+        # seed 2, where PPO's exact match fell from 0.64 to 0.03; with the RM of 12,000 prompts: all of it on
+        # seed 0, no tax on seed 1, none on seed 2), and its win rate against SFT stays within 0.06 of PPO's
+        # on every seed (both RMs), as in the paper; at 0.3 it recovered 70-170% on every seed but won
         # 0.46-0.52 against SFT, below PPO's 0.49-0.59.
         ppo_iterations=90, ppo_batch_size=64, ppo_learning_rate=1e-4, kl_coef=0.2, ptx_coef=0.1,
         # 1,000 held-out prompts: the closed-domain ones (hallucination) number about 200, not 65.
