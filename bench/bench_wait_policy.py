@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 from rlhf_fast.bench.timing import busy_cores
+from rlhf_fast.pipeline.threads import WAIT_VARIABLES
 
 POLICIES = {
     "default": {},
@@ -31,7 +32,6 @@ POLICIES = {
     "spin5000": {"GOMP_SPINCOUNT": "5000"},
     "spin10000": {"GOMP_SPINCOUNT": "10000"},
 }
-OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 WARMUP_STEPS = 10
 
 
@@ -82,7 +82,8 @@ def worker(size: str, steps: int, threads: int) -> None:
 
 
 def _measure(size: str, steps: int, threads: int, policy: str, busy: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES} | POLICIES[policy]
+    # Importing rlhf_fast.pipeline bounds this process's spinning: the worker gets only the policy's variables.
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES} | POLICIES[policy]
     command = [sys.executable, __file__, "--worker", size, str(steps), str(threads)]
     with busy_cores(busy):
         out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
