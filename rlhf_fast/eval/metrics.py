@@ -4,6 +4,11 @@ Plain Python / numpy: every function takes responses (strings) for a list of ins
 the world's programmatic scorers or simulated labelers. Standard errors treat prompts (or comparisons) as
 independent draws: SE = sample standard deviation of the per-item values / sqrt(n), NaN for a single item.
 
+The per-prompt metrics also come as their per-item values (`*_values`, in the order of the items kept), so
+two models answering the same prompts are compared prompt by prompt: `contrast` gives the mean and SE of a
+weighted sum of such values per item (`paired_difference`: a minus b), whose SE counts what the prompts
+share, where the SE of two independent estimates would count it twice.
+
 Instances may be given as `TaskInstance`s or as prompt strings plus a `world` to look them up. A prompt the
 world did not make (a user's own JSONL prompt set) has no instance: only `win_rate` with a `judge` function
 applies to such prompts; the other metrics raise ValueError naming the prompt.
@@ -46,6 +51,21 @@ def mean_and_standard_error(values: Sequence[float]) -> Estimate:
     if array.size == 1:
         return float(array[0]), math.nan
     return float(array.mean()), float(array.std(ddof=1) / math.sqrt(array.size))
+
+
+def contrast(terms: Sequence[tuple[float, Sequence[float]]]) -> Estimate:
+    """(mean, SE) over items of sum_k weight_k * values_k[item], for `terms` = [(weight_k, values_k)] holding
+    the per-item values of several models on the same items in the same order."""
+    if not terms:
+        raise ValueError("terms must not be empty")
+    _check_lengths(**{f"values_{k}": values for k, (_, values) in enumerate(terms)})
+    combined = sum(weight * np.asarray(values, dtype=np.float64) for weight, values in terms)
+    return mean_and_standard_error(combined)
+
+
+def paired_difference(values: Sequence[float], baseline_values: Sequence[float]) -> Estimate:
+    """(mean, SE) of values[i] - baseline_values[i]: two models' per-item values on the same items."""
+    return contrast([(1.0, values), (-1.0, baseline_values)])
 
 
 def _resolve(instances: Sequence[TaskInstance | str], world=None) -> list[TaskInstance]:
@@ -94,6 +114,21 @@ def win_rate(
     Each prompt's pair is judged by every labeler in `labelers` (their mean is the prompt's value), or by
     `judge(prompt, response, baseline)` when given; the latter also works for foreign prompts (strings).
     """
+    return mean_and_standard_error(
+        win_rate_values(responses, baseline_responses, instances, labelers, judge=judge, world=world)
+    )
+
+
+def win_rate_values(
+    responses: Sequence[str],
+    baseline_responses: Sequence[str],
+    instances: Sequence[TaskInstance | str],
+    labelers: Sequence[Labeler] | None = None,
+    *,
+    judge: Judge | None = None,
+    world=None,
+) -> list[float]:
+    """`win_rate`'s value on each prompt, in [0, 1]."""
     _check_lengths(responses=responses, baseline_responses=baseline_responses, instances=instances)
     if judge is None:
         if not labelers:
@@ -113,7 +148,7 @@ def win_rate(
             judgments = [prefer(labeler, resolved[index], response, baseline) for labeler in labelers]
             value = float(np.mean(judgments))
         values.append(value)
-    return mean_and_standard_error(values)
+    return values
 
 
 def make_comparisons(
@@ -191,9 +226,14 @@ def _scores(responses, instances, world, keep: Callable[[TaskInstance], bool], w
 
 def task_score(responses: Sequence[str], instances: Sequence[TaskInstance | str], world) -> Estimate:
     """Mean programmatic task score in [0, 1]."""
-    return mean_and_standard_error(
-        [s.score for s in _scores(responses, instances, world, lambda i: True, "instance")]
-    )
+    return mean_and_standard_error(task_score_values(responses, instances, world))
+
+
+def task_score_values(
+    responses: Sequence[str], instances: Sequence[TaskInstance | str], world
+) -> list[float]:
+    """The programmatic task score of each response."""
+    return [s.score for s in _scores(responses, instances, world, lambda i: True, "instance")]
 
 
 def task_scores_by_task(
@@ -227,9 +267,16 @@ def truthfulness(
 def hallucination_rate(responses: Sequence[str], instances: Sequence[TaskInstance | str], world) -> Estimate:
     """Fraction of responses to closed-domain tasks (list, qa) that name something absent from the input.
     Instances of other tasks are ignored."""
+    return mean_and_standard_error(hallucination_values(responses, instances, world))
+
+
+def hallucination_values(
+    responses: Sequence[str], instances: Sequence[TaskInstance | str], world
+) -> list[float]:
+    """1.0 for each closed-domain response that names something absent from the input, else 0.0."""
     closed = set() if world is None else {name for name, task in world.tasks.items() if task.closed_domain}
     scores = _scores(responses, instances, world, lambda i: i.task in closed, "closed-domain instance")
-    return mean_and_standard_error([float(s.hallucinated > 0) for s in scores])
+    return [float(s.hallucinated > 0) for s in scores]
 
 
 def insult_rate(
@@ -242,6 +289,19 @@ def insult_rate(
     """Fraction of continuations containing an insult, over the continuation prompts that do (or do not)
     carry an instruction to be respectful. Other instances are ignored. The world's "insult_plain" probes are
     raw text with no instruction at all, the RealToxicityPrompts setting."""
+    return mean_and_standard_error(
+        insult_values(responses, instances, world, with_respectful_instruction=with_respectful_instruction)
+    )
+
+
+def insult_values(
+    responses: Sequence[str],
+    instances: Sequence[TaskInstance | str],
+    world,
+    *,
+    with_respectful_instruction: bool,
+) -> list[float]:
+    """1.0 for each continuation (of `insult_rate`'s kind) that contains an insult, else 0.0."""
     flag = bool(with_respectful_instruction)
     scores = _scores(
         responses,
@@ -250,7 +310,7 @@ def insult_rate(
         lambda i: i.task == "continue" and i.data["respectful"] == flag,
         f"continuation prompt with respectful={flag}",
     )
-    return mean_and_standard_error([float(s.insults > 0) for s in scores])
+    return [float(s.insults > 0) for s in scores]
 
 
 def normalize_answer(text: str) -> list[str]:
@@ -265,6 +325,11 @@ def normalize_answer(text: str) -> list[str]:
 def qa_exact_match(responses: Sequence[str], items: Sequence[dict]) -> Estimate:
     """Exact match on the QA benchmark: `items` are {"prompt", "answer"} records (qa_benchmark.jsonl); a
     response matches when it normalizes (see `normalize_answer`) to the answer."""
+    return mean_and_standard_error(qa_exact_match_values(responses, items))
+
+
+def qa_exact_match_values(responses: Sequence[str], items: Sequence[dict]) -> list[float]:
+    """1.0 for each QA benchmark response that matches its answer exactly (`qa_exact_match`), else 0.0."""
     _check_lengths(responses=responses, items=items)
     if not items:
         raise ValueError("items must not be empty")
@@ -273,7 +338,7 @@ def qa_exact_match(responses: Sequence[str], items: Sequence[dict]) -> Estimate:
         if "answer" not in item:
             raise ValueError(f"items must be QA benchmark records with an 'answer', got keys {sorted(item)}")
         matches.append(float(normalize_answer(response) == normalize_answer(item["answer"])))
-    return mean_and_standard_error(matches)
+    return matches
 
 
 def repetition_rate(responses: Sequence[str]) -> Estimate:

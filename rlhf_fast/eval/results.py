@@ -2,14 +2,16 @@
 
     Results
       models:        [ModelResult]        name, kind (base | sft | best_of | ppo | ppo_ptx | ppo_oracle | ...),
-                                           size, params, metrics {name: Estimate}, task_scores {task: Estimate}
+                                           size, params, metrics {name: Estimate}, task_scores {task: Estimate},
+                                           items {metric: per-prompt values} (not written to report.json)
       reward_models: [RewardModelResult]  name, size, params, metrics {name: Estimate}
       labeler_agreement: Estimate | None  held-out vs training labelers on the pairs the RM is judged on
       ppo_history:   {run: [PPOStep]}     reward and KL per PPO iteration
       targets:       [Target]             the paper's findings as checks, each MET or MISS with its value
       timings, config, notes, title, win_rate_baseline
 
-Every metric is an `Estimate`: a mean and its standard error over prompts (NaN when it has none).
+Every metric is an `Estimate`: a mean and its standard error over prompts (NaN when it has none). Models that
+answered the same prompts are compared prompt by prompt (`Results.contrast`, `Results.difference`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class Estimate:
         """The difference of two independent estimates; its SE adds in quadrature."""
         return Estimate(self.value - other.value, math.hypot(self.se, other.se))
 
+    def times(self, weight: float) -> Estimate:
+        return Estimate(weight * self.value, abs(weight) * self.se)
+
 
 @dataclass
 class ModelResult:
@@ -55,6 +60,9 @@ class ModelResult:
     params: int | None = None
     metrics: dict[str, Estimate] = field(default_factory=dict)
     task_scores: dict[str, Estimate] = field(default_factory=dict)
+    # Per-prompt values of metrics (`rlhf_fast.eval.suite.PAIRED_METRICS`), the same prompts in the same order
+    # for every model of one evaluation: what `Results.contrast` pairs.
+    items: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,9 +120,32 @@ class Results:
     def metric(self, name: str, metric: str) -> Estimate:
         return self.model(name).metrics[metric]
 
+    def contrast(self, weights: dict[str, float], metric: str) -> Estimate:
+        """sum_k weights[k] * (model k's `metric`). When every model holds the metric's per-prompt values (the
+        same prompts), paired: the mean and SE of the weighted sum on each prompt, so what the prompts share
+        (their difficulty) cancels instead of counting in each model's SE; otherwise the models' estimates as
+        independent, SEs in quadrature."""
+        if not weights:
+            raise ValueError("weights must name at least one model")
+        models = {name: self.model(name) for name in weights}
+        if all(metric in model.items for model in models.values()):
+            from rlhf_fast.eval.metrics import contrast
+
+            terms = [(weight, models[name].items[metric]) for name, weight in weights.items()]
+            return Estimate.of(contrast(terms))
+        parts = [self.metric(name, metric).times(weight) for name, weight in weights.items()]
+        return Estimate(sum(p.value for p in parts), math.hypot(*(p.se for p in parts)))
+
+    def difference(self, name: str, baseline: str, metric: str) -> Estimate:
+        """Model `name`'s `metric` minus `baseline`'s, paired by prompt where both hold per-prompt values."""
+        return self.contrast({name: 1.0, baseline: -1.0}, metric)
+
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict (NaN as null): report.json."""
-        return _jsonable(dataclasses.asdict(self))
+        """A JSON-able dict (NaN as null): report.json, without the models' per-prompt values."""
+        data = dataclasses.asdict(self)
+        for model in data["models"]:
+            del model["items"]
+        return _jsonable(data)
 
 
 def _jsonable(value: Any) -> Any:

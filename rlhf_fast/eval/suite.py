@@ -4,6 +4,7 @@
     suite = EvalSuite.from_world(world, prompts=300)
     answers = respond(policy, tokenizer, suite, max_new_tokens=12, temperature=1.0)
     metrics = judge(world, suite, answers, baseline_answers)          # {metric: Estimate}
+    metrics, items = judge_items(world, suite, answers, baseline_answers)  # and per-prompt values
 
 A policy answers the held-out customers' prompts and the probes (truthfulness, insult baiting with and
 without a respectful instruction) sampled at the given temperature, as the paper's labelers saw samples, and
@@ -103,26 +104,54 @@ def respond(
     )
 
 
+# The metrics whose per-prompt values `judge_items` keeps: every model answers the same items, so two models
+# are compared prompt by prompt (`Results.contrast`).
+PAIRED_METRICS = (
+    "win_rate",
+    "task_score",
+    "hallucination_rate",
+    "insult_rate_respectful",
+    "insult_rate_plain",
+    "qa_exact_match",
+)
+
+
 def judge(world, suite: EvalSuite, answers: Answers, baseline: Answers | None = None) -> dict[str, Estimate]:
     """Every metric of MODEL_METRICS for `answers` (the win rate only with a `baseline`), judged by the
     world's held-out labelers and scorers."""
+    return judge_items(world, suite, answers, baseline)[0]
+
+
+def judge_items(
+    world, suite: EvalSuite, answers: Answers, baseline: Answers | None = None
+) -> tuple[dict[str, Estimate], dict[str, list[float]]]:
+    """`judge`'s metrics and the per-item values of those in PAIRED_METRICS (the same items, in the same
+    order, for every model that answers `suite`)."""
     heldout, probes = suite.heldout, suite.probes
-    results = {
-        "task_score": m.task_score(answers.heldout, heldout, world),
-        "truthfulness": m.truthfulness(answers.probes, probes, world),
-        "truthful_informative": m.truthfulness(answers.probes, probes, world, require_informative=True),
-        "hallucination_rate": m.hallucination_rate(answers.heldout, heldout, world),
-        "insult_rate_respectful": m.insult_rate(
+    items = {
+        "task_score": m.task_score_values(answers.heldout, heldout, world),
+        "hallucination_rate": m.hallucination_values(answers.heldout, heldout, world),
+        "insult_rate_respectful": m.insult_values(
             answers.probes, probes, world, with_respectful_instruction=True
         ),
-        "insult_rate_plain": m.insult_rate(answers.probes, probes, world, with_respectful_instruction=False),
-        "qa_exact_match": m.qa_exact_match(answers.qa, suite.qa),
+        "insult_rate_plain": m.insult_values(
+            answers.probes, probes, world, with_respectful_instruction=False
+        ),
+        "qa_exact_match": m.qa_exact_match_values(answers.qa, suite.qa),
+    }
+    if baseline is not None:
+        items["win_rate"] = m.win_rate_values(
+            answers.heldout, baseline.heldout, heldout, world.heldout_labelers
+        )
+    results = {name: m.mean_and_standard_error(values) for name, values in items.items()}
+    results |= {
+        "truthfulness": m.truthfulness(answers.probes, probes, world),
+        "truthful_informative": m.truthfulness(answers.probes, probes, world, require_informative=True),
         "repetition_rate": m.repetition_rate(answers.heldout),
         "non_answer_rate": m.non_answer_rate(answers.heldout, heldout, world),
     }
-    if baseline is not None:
-        results["win_rate"] = m.win_rate(answers.heldout, baseline.heldout, heldout, world.heldout_labelers)
-    return {name: Estimate.of(results[name]) for name in MODEL_METRICS if name in results}
+    metrics = {name: Estimate.of(results[name]) for name in MODEL_METRICS if name in results}
+    return metrics, {name: items[name] for name in PAIRED_METRICS if name in items}
 
 
 def task_scores(world, suite: EvalSuite, answers: Answers) -> dict[str, Estimate]:

@@ -159,7 +159,7 @@ def _reward_model_agreement(run: DemoRun) -> tuple[dict[str, Estimate], Estimate
 def evaluate(run: DemoRun, fresh: bool = False) -> Evaluation:
     """Every model answers the suite once; held-out labelers judge the win rate against the largest SFT model
     (Figure 1) and against the SFT model of its own size; the world's scorers give the rest."""
-    from rlhf_fast.eval.suite import EvalSuite, judge, task_scores, win_rate
+    from rlhf_fast.eval.suite import EvalSuite, judge_items, task_scores, win_rate
 
     suite = EvalSuite.from_world(run.world, run.preset.eval_prompts)
     answers = {name: _answers(run, name, suite, fresh) for name in run.model_dirs}
@@ -174,7 +174,7 @@ def evaluate(run: DemoRun, fresh: bool = False) -> Evaluation:
         entries[name] = ((BEST_OF_N_KIND, largest), run.model_dirs[f"sft-{largest}"])
     models = []
     for name, ((kind, size), directory) in entries.items():
-        metrics = judge(run.world, suite, answers[name], baseline)
+        metrics, items = judge_items(run.world, suite, answers[name], baseline)
         metrics["win_rate_same_size"] = win_rate(run.world, suite, answers[name], answers[f"sft-{size}"])
         models.append(
             ModelResult(
@@ -184,6 +184,7 @@ def evaluate(run: DemoRun, fresh: bool = False) -> Evaluation:
                 params=parameter_count(directory),
                 metrics=metrics,
                 task_scores=task_scores(run.world, suite, answers[name]),
+                items=items,
             )
         )
     agreement, labelers = _reward_model_agreement(run)

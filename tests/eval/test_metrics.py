@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from rlhf_fast.eval import (
+    contrast,
     hallucination_rate,
     insult_rate,
     labeler_agreement,
     make_comparisons,
     mean_and_standard_error,
+    paired_difference,
     qa_exact_match,
     rm_agreement,
     task_score,
@@ -17,7 +19,14 @@ from rlhf_fast.eval import (
     truthfulness,
     win_rate,
 )
-from rlhf_fast.eval.metrics import normalize_answer
+from rlhf_fast.eval.metrics import (
+    hallucination_values,
+    insult_values,
+    normalize_answer,
+    qa_exact_match_values,
+    task_score_values,
+    win_rate_values,
+)
 from rlhf_fast.world import utility
 
 
@@ -195,3 +204,67 @@ def test_qa_exact_match(small_world):
     assert se > 0
     with pytest.raises(ValueError, match="answer"):
         qa_exact_match(["x"], [{"prompt": "p"}])
+
+
+def test_contrast_is_the_mean_and_se_of_the_weighted_sum_per_item():
+    rng = np.random.default_rng()
+    n = int(rng.integers(5, 60))
+    a, b, c = rng.random(n), rng.random(n), rng.integers(0, 2, n).astype(float)
+    combined = 1.0 * a - 0.5 * b - 0.5 * c
+    value, se = contrast([(1.0, a), (-0.5, b), (-0.5, c)])
+    assert value == pytest.approx(combined.mean(), rel=1e-12)
+    assert se == pytest.approx(combined.std(ddof=1) / math.sqrt(n), rel=1e-12)
+    assert paired_difference(a, b) == pytest.approx(contrast([(1.0, a), (-1.0, b)]), rel=1e-12)
+    assert paired_difference(list(a), list(a)) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference(a, b[:-1])
+    with pytest.raises(ValueError, match="terms"):
+        contrast([])
+
+
+def test_paired_standard_error_matches_the_spread_of_repeated_differences():
+    """Two models on the same prompts, whose difficulty both share: the SE of the per-prompt differences is
+    the spread of the estimated difference over repeated prompt sets; the SEs of the two means in quadrature
+    count the shared difficulty twice and overstate it."""
+    rng = np.random.default_rng()
+    n, repeats = 100, 400
+    differences, paired, quadrature = [], [], []
+    for _ in range(repeats):
+        difficulty = rng.beta(0.3, 0.3, n)  # each prompt's chance of a failure, shared by both models
+        a = (rng.random(n) < difficulty).astype(float)
+        b = (rng.random(n) < np.clip(difficulty + 0.05, 0, 1)).astype(float)
+        value, se = paired_difference(a, b)
+        differences.append(value)
+        paired.append(se)
+        quadrature.append(math.hypot(mean_and_standard_error(a)[1], mean_and_standard_error(b)[1]))
+    spread = np.std(differences, ddof=1)
+    assert np.mean(paired) == pytest.approx(spread, rel=0.15)
+    assert np.mean(quadrature) > 1.3 * spread
+
+
+def test_per_item_values_are_what_the_metrics_average(small_world):
+    heldout, probes = small_world.instances("heldout"), small_world.probes["insult_respectful"]
+    responses = _damaged(small_world, heldout[:20]) + _ideal(small_world, heldout[20:40])
+    instances = heldout[:40]
+    for values, estimate in [
+        (task_score_values(responses, instances, small_world), task_score(responses, instances, small_world)),
+        (
+            hallucination_values(responses, instances, small_world),
+            hallucination_rate(responses, instances, small_world),
+        ),
+    ]:
+        assert estimate == pytest.approx(mean_and_standard_error(values))
+    insult = small_world.language.insults[0]
+    continuations = [insult if k % 3 else "kind friend" for k in range(len(probes))]
+    values = insult_values(continuations, probes, small_world, with_respectful_instruction=True)
+    assert len(values) == len(probes) and set(values) == {0.0, 1.0}
+    assert insult_rate(continuations, probes, small_world, with_respectful_instruction=True) == pytest.approx(
+        mean_and_standard_error(values)
+    )
+    items = small_world.qa_benchmark[:10]
+    answers = [item["answer"] if k % 2 else "no" for k, item in enumerate(items)]
+    assert qa_exact_match_values(answers, items) == [float(k % 2) for k in range(10)]
+    wins = win_rate_values(responses[20:], responses[:20], instances[20:], small_world.heldout_labelers)
+    assert win_rate(
+        responses[20:], responses[:20], instances[20:], small_world.heldout_labelers
+    ) == pytest.approx(mean_and_standard_error(wins))

@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from rlhf_fast.eval import (
@@ -11,6 +12,8 @@ from rlhf_fast.eval import (
     RewardModelResult,
     Target,
     format_summary_table,
+    mean_and_standard_error,
+    paired_difference,
     write_report,
 )
 
@@ -140,3 +143,47 @@ def test_estimate_difference_adds_standard_errors_in_quadrature():
     difference = Estimate(0.5, 0.03).minus(Estimate(0.2, 0.04))
     assert difference.value == pytest.approx(0.3) and difference.se == pytest.approx(0.05)
     assert Estimate(0.25).format() == "0.250" and Estimate(0.25, 0.01).format() == "0.250 ± 0.010"
+
+
+def test_results_contrast_pairs_by_prompt_where_every_model_holds_the_values():
+    rng = np.random.default_rng()
+    n = int(rng.integers(10, 50))
+    shared = rng.random(n)
+    values = {name: shared + 0.3 * rng.random(n) for name in ("sft-small", "ppo-small", "ppo_ptx-small")}
+    models = [
+        ModelResult(
+            name,
+            name.split("-")[0],
+            "small",
+            metrics={"task_score": Estimate(*mean_and_standard_error(v))},
+            items={"task_score": list(v)},
+        )
+        for name, v in values.items()
+    ]
+    results = Results(models)
+    weights = {"ppo_ptx-small": 1.0, "sft-small": -0.5, "ppo-small": -0.5}
+    combined = values["ppo_ptx-small"] - 0.5 * values["sft-small"] - 0.5 * values["ppo-small"]
+    paired = results.contrast(weights, "task_score")
+    assert paired.value == pytest.approx(combined.mean(), rel=1e-12)
+    assert paired.se == pytest.approx(combined.std(ddof=1) / math.sqrt(n), rel=1e-12)
+    difference = results.difference("ppo-small", "sft-small", "task_score")
+    assert (difference.value, difference.se) == pytest.approx(
+        paired_difference(values["ppo-small"], values["sft-small"]), rel=1e-12
+    )
+    # A model without per-prompt values: the estimates as independent, SEs in quadrature.
+    results.model("sft-small").items.clear()
+    independent = results.difference("ppo-small", "sft-small", "task_score")
+    expected = results.metric("ppo-small", "task_score").minus(results.metric("sft-small", "task_score"))
+    assert (independent.value, independent.se) == pytest.approx((expected.value, expected.se), rel=1e-12)
+    assert independent.se > 2 * difference.se  # what the shared part of the prompts costs unpaired
+    with pytest.raises(ValueError, match="weights"):
+        results.contrast({}, "task_score")
+
+
+def test_report_json_leaves_out_per_prompt_values(tmp_path):
+    results = _results()
+    results.models[0].items = {"win_rate": [1.0, 0.0, 0.5]}
+    write_report(results, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert all("items" not in model for model in data["models"])
+    assert results.models[0].items == {"win_rate": [1.0, 0.0, 0.5]}

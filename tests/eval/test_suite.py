@@ -4,8 +4,17 @@ import math
 
 import pytest
 
+from rlhf_fast.eval.metrics import mean_and_standard_error
 from rlhf_fast.eval.results import Estimate
-from rlhf_fast.eval.suite import MODEL_METRICS, Answers, EvalSuite, judge, task_scores
+from rlhf_fast.eval.suite import (
+    MODEL_METRICS,
+    PAIRED_METRICS,
+    Answers,
+    EvalSuite,
+    judge,
+    judge_items,
+    task_scores,
+)
 from rlhf_fast.world import build_world
 
 SIZES = {
@@ -61,3 +70,21 @@ def test_ideal_answers_score_perfectly_and_beat_non_answers(world):
 def test_answers_round_trip_through_json(world):
     answers = Answers(["a"], ["b", "c"], ["d"])
     assert Answers.from_json(answers.to_json()) == answers
+
+
+def test_judge_items_keeps_the_per_prompt_values_the_metrics_average(world):
+    suite = EvalSuite.from_world(world, 40)
+    ideal = _ideal(world, suite)
+    mixed = Answers(
+        heldout=[a if k % 2 else "thanks" for k, a in enumerate(ideal.heldout)],
+        probes=ideal.probes,
+        qa=[a if k % 3 else "sure" for k, a in enumerate(ideal.qa)],
+    )
+    metrics, items = judge_items(world, suite, mixed, ideal)
+    assert set(items) == set(PAIRED_METRICS)
+    assert metrics == judge(world, suite, mixed, ideal)
+    for name, values in items.items():
+        assert metrics[name] == Estimate.of(mean_and_standard_error(values))
+    assert len(items["task_score"]) == len(items["win_rate"]) == len(suite.heldout)
+    assert items["qa_exact_match"] == [float(k % 3 != 0) for k in range(len(suite.qa))]
+    assert "win_rate" not in judge_items(world, suite, mixed)[1]
