@@ -13,7 +13,8 @@ Its reward-model win rate is then biased by the selection; --world judges it wit
 With --world DIR (a demo world's data directory), the world judges the responses as the demo does
 (`rlhf_fast.eval.suite`): its held-out labelers give the win rate against --baseline, its scorers the task
 score, hallucination and non-answers on the prompts (default: the world's held-out prompts), and the policy
-also answers the world's probes (truthfulness, insults) and QA benchmark.
+also answers the world's probes (truthfulness, insults) and QA benchmark; the policy's metrics minus the
+baseline's are compared prompt by prompt (the SE of the per-prompt differences).
 """
 
 from __future__ import annotations
@@ -320,14 +321,21 @@ def _world_suite(world, world_dir: str, records: list):
 
 
 def _world_metrics(world, suite, answers: dict[str, Answers]) -> dict[str, dict[str, dict[str, float]]]:
-    """{model: {metric: {"mean", "se"}}}, judged by the world; the policy's win rate is against the baseline."""
-    from rlhf_fast.eval.suite import judge
+    """{model: {metric: {"mean", "se"}}}, judged by the world; the policy's win rate is against the baseline.
+    With a baseline, also "policy_minus_baseline": the differences of the metrics both have, paired by prompt
+    (`rlhf_fast.eval.metrics.paired_difference`)."""
+    from rlhf_fast.eval.metrics import paired_difference
+    from rlhf_fast.eval.suite import judge_items
 
-    judged = {}
+    judged, items = {}, {}
     for name, given in answers.items():
         baseline = answers.get("baseline") if name == "policy" else None
-        metrics = judge(world, suite, given, baseline)
+        metrics, items[name] = judge_items(world, suite, given, baseline)
         judged[name] = {metric: {"mean": e.value, "se": e.se} for metric, e in metrics.items()}
+    if "baseline" in items:
+        policy, baseline = items["policy"], items["baseline"]
+        differences = {m: paired_difference(policy[m], baseline[m]) for m in policy if m in baseline}
+        judged["policy_minus_baseline"] = {m: {"mean": v, "se": se} for m, (v, se) in differences.items()}
     return judged
 
 

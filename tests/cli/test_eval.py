@@ -164,6 +164,17 @@ def test_eval_with_world_judges_with_its_labelers_and_probes(cli, tmp_path, worl
                      Answers([r["baseline_response"] for r in rows], dummy_probes, dummy_qa))
     for metric in ("win_rate", "task_score", "hallucination_rate", "non_answer_rate", "repetition_rate"):
         assert judged["policy"][metric]["mean"] == pytest.approx(expected[metric].value), metric
+    # Policy minus baseline, prompt by prompt, on the metrics both have.
+    from rlhf_fast.eval.metrics import paired_difference, task_score_values
+
+    difference = judged["policy_minus_baseline"]
+    assert set(difference) == {"task_score", "hallucination_rate", "insult_rate_respectful",
+                               "insult_rate_plain", "qa_exact_match"}
+    value, se = paired_difference(*(task_score_values([r[key] for r in rows], suite.heldout, world)
+                                    for key in ("response", "baseline_response")))
+    assert difference["task_score"]["mean"] == pytest.approx(value)
+    assert difference["task_score"]["se"] == pytest.approx(se, nan_ok=True)
+    assert "judged by the world (policy_minus_baseline)" in stdout
 
 
 def test_eval_with_world_rejects_a_foreign_prompt(cli, tmp_path, world_run, no_progress):
