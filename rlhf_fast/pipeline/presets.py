@@ -113,7 +113,8 @@ PRESETS: dict[str, DemoPreset] = {
         # seed 2, where PPO's exact match fell from 0.64 to 0.03; with the RM of 12,000 prompts: all of it on
         # seed 0, no tax on seed 1, none on seed 2), and its win rate against SFT stays within 0.06 of PPO's
         # on every seed (both RMs), as in the paper; at 0.3 it recovered 70-170% on every seed but won
-        # 0.46-0.52 against SFT, below PPO's 0.49-0.59.
+        # 0.46-0.52 against SFT, below PPO's 0.49-0.59 (with the RM of 12,000 prompts: recovered on seeds 0
+        # and 2, won 0.47 / 0.49 / 0.53; at 0.2 seed 2's exact match fell further, to 0.30).
         ppo_iterations=90, ppo_batch_size=64, ppo_learning_rate=1e-4, kl_coef=0.2, ptx_coef=0.1,
         # 1,000 held-out prompts: the closed-domain ones (hallucination) number about 200, not 65.
         eval_prompts=1000,
