@@ -151,7 +151,7 @@ def judge_items(
         "non_answer_rate": m.non_answer_rate(answers.heldout, heldout, world),
     }
     metrics = {name: Estimate.of(results[name]) for name in MODEL_METRICS if name in results}
-    return metrics, {name: items[name] for name in PAIRED_METRICS if name in items}
+    return metrics, items
 
 
 def task_scores(world, suite: EvalSuite, answers: Answers) -> dict[str, Estimate]:
