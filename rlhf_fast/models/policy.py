@@ -20,6 +20,10 @@ from rlhf_fast.models._common import (
     use_fused_activations,
 )
 
+# Where transformers' decoder stacks keep their final norm: GPT-2, Falcon, Bloom `ln_f`; Llama, Qwen2, Mistral,
+# Gemma `norm`; GPT-NeoX, OPT `final_layer_norm`; Phi `final_layernorm`.
+_OUTPUT_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "final_layernorm")
+
 
 class PolicyModel(nn.Module):
     """A causal LM split into a backbone (to the final norm) and an LM head.
@@ -74,6 +78,22 @@ class PolicyModel(nn.Module):
     def backbone(self) -> PreTrainedModel:
         """The decoder stack; its ``last_hidden_state`` is taken after the final norm."""
         return backbone_of(self.hf_model)
+
+    @property
+    def output_norm(self) -> nn.Module:
+        """The normalization layer the LM head reads (GPT-2 ``ln_f``, Llama / Qwen2 ``norm``, GPT-NeoX
+        ``final_layer_norm``, ...). Its gain scales the hidden state the head reads: raised uniformly, it sharpens
+        every next-token distribution, as a lower sampling temperature does (exactly so for a norm without bias)."""
+        backbone = self.backbone
+        for holder in (backbone, getattr(backbone, "decoder", None)):  # OPT keeps its stack in `decoder`
+            for name in _OUTPUT_NORM_NAMES:
+                module = getattr(holder, name, None)
+                gain = getattr(module, "weight", None)
+                if isinstance(module, nn.Module) and isinstance(gain, nn.Parameter):
+                    return module
+        raise ValueError(
+            f"{type(backbone).__name__} has none of {', '.join(_OUTPUT_NORM_NAMES)}: no output norm found"
+        )
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -178,14 +178,7 @@ class PPOTrainer(RunLoop):
         self.policy_parameters = trainable_parameters(self.policy_module)
         self.value_parameters = trainable_parameters(self.value_module)
         self.parameters = self.policy_parameters + self.value_parameters
-        self.optimizer = make_optimizer(
-            [
-                {"params": self.policy_parameters, "lr": config.learning_rate},
-                {"params": self.value_parameters, "lr": config.value_learning_rate or config.learning_rate},
-            ],
-            config,
-            device,
-        )
+        self.optimizer = make_optimizer(self._parameter_groups(), config, device)
         self.iterations_per_epoch = len(self.prompts) // config.batch_size
         self.total_iterations = config.max_iterations or config.epochs * self.iterations_per_epoch
         self.scheduler = make_scheduler(self.optimizer, config, self.total_iterations)
@@ -494,6 +487,26 @@ class PPOTrainer(RunLoop):
 
     def _checkpoint_models(self) -> dict[str, nn.Module]:
         return {"policy": self.policy_module, "value": self.value_module}
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The policy's weights, the value model's, and with `output_norm_learning_rate` the policy's output-norm
+        gain, each at its learning rate."""
+        config = self.config
+        policy, gains = self.policy_parameters, []
+        if config.output_norm_learning_rate is not None:
+            gain = self.policy.output_norm.weight
+            if not any(parameter is gain for parameter in policy):
+                raise ValueError(
+                    "output_norm_learning_rate: the policy's output-norm gain is not trained (LoRA freezes it)"
+                )
+            policy, gains = [p for p in policy if p is not gain], [gain]
+        groups = [
+            {"params": policy, "lr": config.learning_rate},
+            {"params": self.value_parameters, "lr": config.value_learning_rate or config.learning_rate},
+        ]
+        if gains:
+            groups.append({"params": gains, "lr": config.output_norm_learning_rate})
+        return groups
 
     def _optimizer_model(self) -> nn.Module:
         return self.trained

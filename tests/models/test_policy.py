@@ -53,6 +53,29 @@ def test_lm_head_bias_is_exposed_and_used(generator):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_output_norm_is_what_the_lm_head_reads(arch, generator):
+    """The module `output_norm` names produces the LM head's input, and its gain is a trainable parameter."""
+    model = build_causal_lm(arch, seed_of(generator), dtype=torch.float64)
+    policy = PolicyModel(model)
+    norm = policy.output_norm
+    seen = {}
+    norm.register_forward_hook(lambda module, args, output: seen.__setitem__("norm", output))
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, output: seen.__setitem__("head", args[0]))
+    ids, mask = left_padded_prompts([5, 3], generator)
+    model(input_ids=ids, attention_mask=mask)
+    assert seen["head"] is seen["norm"] or torch.equal(seen["head"], seen["norm"])
+    assert any(parameter is norm.weight for parameter in policy.parameters())
+
+
+def test_output_norm_refuses_a_stack_without_one(generator):
+    model = build_causal_lm("llama", seed_of(generator))
+    model.model.norm = torch.nn.Identity()
+    with pytest.raises(ValueError, match="no output norm"):
+        _ = PolicyModel(model).output_norm
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_left_padded_row_matches_unpadded(arch, generator):
     model = build_causal_lm(arch, seed_of(generator), dtype=torch.float64)
     policy = PolicyModel(model)

@@ -132,11 +132,51 @@ def test_ptx_loss_only_with_pretraining_data(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("num_minibatches", 3), ("temperature", 0.0), ("gamma", 1.5), ("target_kl", -1.0), ("ppo_epochs", 0)],
+    [
+        ("num_minibatches", 3),
+        ("temperature", 0.0),
+        ("gamma", 1.5),
+        ("target_kl", -1.0),
+        ("ppo_epochs", 0),
+        ("output_norm_learning_rate", 0.0),
+    ],
 )
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         PPOConfig(batch_size=8, **{field: value}).check()
+
+
+def test_output_norm_learning_rate_moves_the_gain_beyond_what_the_policy_rate_allows(tmp_path):
+    """Adam moves a parameter by at most about its learning rate per step: at the policy's rate the output-norm
+    gain stays within steps x rate of where it started; at its own rate it goes further, in its own group."""
+    rate, steps = 1e-4, 3 * 2  # 3 iterations x 2 minibatches x 1 epoch
+
+    def gain_change(output_dir, **settings):
+        trainer = toy.make_trainer(
+            "ppo", output_dir, max_iterations=3, learning_rate=rate, ptx_coef=0.0, save_every=0, **settings
+        )
+        gain = trainer.policy.output_norm.weight
+        before = gain.detach().clone()
+        groups = trainer.optimizer.param_groups
+        trainer.train()
+        return (gain.detach() - before).abs().max().item(), groups, gain
+
+    plain, plain_groups, _ = gain_change(tmp_path / "a")
+    assert len(plain_groups) == 2
+    assert 0 < plain <= steps * rate * 1.01
+    fast, groups, gain = gain_change(tmp_path / "b", output_norm_learning_rate=100 * rate)
+    assert [group["params"] for group in groups[2:]] == [[gain]]
+    assert groups[2]["lr"] == pytest.approx(100 * rate)
+    assert all(parameter is not gain for group in groups[:2] for parameter in group["params"])
+    assert fast > 5 * steps * rate
+
+
+def test_output_norm_learning_rate_refuses_lora(tmp_path):
+    pytest.importorskip("peft")
+    from rlhf_fast.models.loading import LoRAConfig
+
+    with pytest.raises(ValueError, match="output_norm_learning_rate"):
+        toy.make_trainer("ppo", tmp_path, lora=LoRAConfig(r=4, alpha=8), output_norm_learning_rate=1e-2)
 
 
 @pytest.mark.parametrize(
