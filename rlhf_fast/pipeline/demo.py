@@ -288,6 +288,7 @@ def train_ppo_models(run: DemoRun) -> dict[str, list[PPOStep]]:
         config = PPOConfig(
             **run.trainer_settings(name),
             learning_rate=preset.ppo_learning_rate,
+            output_norm_learning_rate=preset.ppo_output_norm_learning_rate,
             batch_size=preset.ppo_batch_size,
             num_minibatches=preset.ppo_minibatches,
             ppo_epochs=preset.ppo_epochs,

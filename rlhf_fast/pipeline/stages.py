@@ -193,6 +193,7 @@ def stage_keys(
                     "ppo_minibatches",
                     "ppo_epochs",
                     "ppo_learning_rate",
+                    "ppo_output_norm_learning_rate",
                     "kl_coef",
                     "max_new_tokens",
                     "max_positions",
