@@ -55,7 +55,8 @@ REFERENCE_READINGS = {
     ORACLE_PPO_KIND: (
         "PPO with the same settings against the training labelers' own utility in place of the reward model, "
         "i.e. what PPO makes of a perfect reward model in the same budget; where it wins no more than PPO, the "
-        "reward model is not what limits PPO."
+        "reward model is not what limits PPO's win rate, and where its task score is higher, the reward model "
+        "limits how much of the work PPO learns."
     ),
 }
 KIND_COLORS = {

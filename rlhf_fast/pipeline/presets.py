@@ -123,7 +123,8 @@ PRESETS: dict[str, DemoPreset] = {
         # 0.566 / 0.600 at 3e-2 (the gain 1.3 -> 1.9-2.0, the task score +0.05 to +0.09, the KL to SFT the
         # same), 0.673 / 0.575 / 0.611 at 1e-1 (some gains flip sign); every norm's gain at 1e-2: 0.580 /
         # 0.527 / 0.568. In the demo 3e-2 meets 17 / 15 / 16 targets (13 / 12 / 14). With it, KL 0.1 gives
-        # 0.704 / 0.584 / 0.604 but no alignment tax on seed 1; 135 iterations 0.560 on seed 1.
+        # 0.704 / 0.584 / 0.604 but no alignment tax on seed 1; 135 iterations 0.560 on seed 1. PPO-ptx
+        # (small) then wins 0.03-0.12 less than PPO: its pretraining term holds the gain at 1.4-1.6 (PPO 1.9-2.1).
         ppo_output_norm_learning_rate=3e-2,
         ppo_iterations=90, ppo_batch_size=64, ppo_learning_rate=1e-4, kl_coef=0.2, ptx_coef=0.1,
         # 1,000 held-out prompts: the closed-domain ones (hallucination) number about 200, not 65.
