@@ -1,6 +1,6 @@
 """Presets of the InstructGPT miniature: how big the world, the models and each training stage are.
 
-`quick` fits a 2-core CPU in about seven and a half minutes (the goal: ten); `paper` scales the same pipeline
+`quick` fits a 2-core CPU in about eight minutes (the goal: ten); `paper` scales the same pipeline
 up for a GPU; `smoke` is the smallest run that goes through every stage (tests).
 """
 
