@@ -225,6 +225,8 @@ def test_ppo_ptx_end_to_end(cli, tmp_path, model_dir, reward_dir, data_dir, no_p
         "--set",
         "learning_rate=1e-3",
         "--set",
+        "output_norm_learning_rate=1e-2",
+        "--set",
         "data.pretrain_block_size=8",
     )
     assert code == 0, stderr
