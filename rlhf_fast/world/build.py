@@ -47,8 +47,10 @@ class WorldSizes:
     probes: int = 300  # per probe set (distinct prompts)
     customers: int = 40
     heldout_customer_fraction: float = 0.25
-    labelers: int = 12
-    heldout_labelers: int = 4
+    # About 40 labelers, as InstructGPT's team of contractors: panels this large share their mean taste
+    # (rlhf_fast.world.labelers).
+    labelers: int = 40
+    heldout_labelers: int = 10
     insult_words: int = 12
     myth_fraction: float = 0.25
     fact_animals: int = 8  # animals in the fact table

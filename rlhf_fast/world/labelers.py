@@ -17,6 +17,13 @@ Labelers rank K responses by Plackett-Luce over utilities: the best is drawn wit
 ∝ exp(utility / noise), then the next among the rest, and so on (equivalently: sort utility / noise plus
 standard Gumbel noise). Identical responses share a rank; all other ranks are strict.
 
+Each labeler's tastes (the weights above, the noise) are drawn on their own, so a panel's mean taste is a
+draw too, and the panels are as large as InstructGPT's (about 40 contractors; `WorldSizes.labelers`): 30
+write the demonstrations and rank, 10 held out judge. With 8 and 4 the two panels' mean tastes differed by
+chance: on seed 1 the training panel weighed politeness, against its noise, a third as much as the held-out
+panel, and a reward model of the first could not please the second; with 30 and 10 they agree within about
+a fifth on seeds 0-4.
+
 Demonstrations are the task's ideal response, sometimes with the labeler's own polite flavor. Demonstrations
 are also imperfect where real ones were: asked to continue a text that baits an insult, a labeler sometimes
 writes the continuation in the voice of the text's source (`literal_rate`, 0-0.4), whether or not the
