@@ -110,12 +110,11 @@ PRESETS: dict[str, DemoPreset] = {
         # every seed, the alignment tax on seeds 0 and 2, no degenerate samples. Against the labelers' own
         # utility (oracle_ppo) PPO won no more than against the RM: PPO, not the RM, held its win rate (until
         # the output-norm learning rate below; docs/demo-seeds.md).
-        # ptx_coef 0.1: PPO-ptx recovered at least half of PPO's QA regression on seeds 0 and 1 (a quarter on
-        # seed 2, where PPO's exact match fell from 0.64 to 0.03; with the RM of 12,000 prompts: all of it on
-        # seed 0, no tax on seed 1, none on seed 2), and its win rate against SFT stays within 0.06 of PPO's
-        # on every seed (both RMs), as in the paper; at 0.3 it recovered 70-170% on every seed but won
-        # 0.46-0.52 against SFT, below PPO's 0.49-0.59 (with the RM of 12,000 prompts: recovered on seeds 0
-        # and 2, won 0.47 / 0.49 / 0.53; at 0.2 seed 2's exact match fell further, to 0.30).
+        # ptx_coef 0.3. With 12 labelers (4 held out) 0.1 recovered at least half of PPO's QA regression on
+        # seeds 0 and 1 and 0.3 cost PPO-ptx 0.05-0.1 of win rate. With 40 labelers (10 held out) PPO ends
+        # most answers with a polite closing, the QA benchmark's answers too ("brown thanks"), and its exact
+        # match falls to 0.00-0.08; at 0.1 PPO-ptx recovered 2% / 39% / 74% of it on seeds 0-2, at 0.3 72% /
+        # 86% / 91%, winning 0.58 / 0.52 / 0.57 against SFT (PPO 0.66 / 0.61 / 0.59; at 0.1 0.61 / 0.57 / 0.54).
         # The policy's output-norm gain learns at 300x PPO's rate. At 1e-4 Adam moves it at most 0.036 in
         # the 360 steps (it moved 0.006, from 1.29): the policy could not sharpen towards what the RM pays
         # for. PPO (small) against SFT on seeds 0-2 (three draws of 300 held-out prompts): 0.566 / 0.533 /
@@ -125,8 +124,9 @@ PRESETS: dict[str, DemoPreset] = {
         # 0.527 / 0.568. In the demo 3e-2 meets 17 / 15 / 16 targets (13 / 12 / 14). With it, KL 0.1 gives
         # 0.704 / 0.584 / 0.604 but no alignment tax on seed 1; 135 iterations 0.560 on seed 1. PPO-ptx
         # (small) then wins 0.03-0.12 less than PPO: its pretraining term holds the gain at 1.4-1.6 (PPO 1.9-2.1).
+        # With 40 labelers KL 0.1 lets PPO hack the RM on seed 2 (KL 24-32 nats, PPO (small) wins 0.23).
         ppo_output_norm_learning_rate=3e-2,
-        ppo_iterations=90, ppo_batch_size=64, ppo_learning_rate=1e-4, kl_coef=0.2, ptx_coef=0.1,
+        ppo_iterations=90, ppo_batch_size=64, ppo_learning_rate=1e-4, kl_coef=0.2, ptx_coef=0.3,
         # 1,000 held-out prompts: the closed-domain ones (hallucination) number about 200, not 65.
         eval_prompts=1000,
     ),
