@@ -113,8 +113,8 @@ PRESETS: dict[str, DemoPreset] = {
         # ptx_coef 0.3. With 12 labelers (4 held out) 0.1 recovered at least half of PPO's QA regression on
         # seeds 0 and 1 and 0.3 cost PPO-ptx 0.05-0.1 of win rate. With 40 labelers (10 held out) PPO ends
         # most answers with a polite closing, the QA benchmark's answers too ("brown thanks"), and its exact
-        # match falls to 0.00-0.08; at 0.1 PPO-ptx recovered 2% / 39% / 74% of it on seeds 0-2, at 0.3 72% /
-        # 99% / 92%, winning 0.58 / 0.52 / 0.57 against SFT (PPO 0.66 / 0.61 / 0.59; at 0.1 0.61 / 0.57 / 0.54).
+        # match falls to 0.00-0.08; at 0.1 PPO-ptx recovered 2% / 39% / 74% of it on seeds 0-2, at 0.3 90% /
+        # 99% / 92%, winning 0.59 / 0.52 / 0.57 against SFT (PPO 0.66 / 0.61 / 0.59; at 0.1 0.61 / 0.57 / 0.54).
         # The policy's output-norm gain learns at 300x PPO's rate. At 1e-4 Adam moves it at most 0.036 in
         # the 360 steps (it moved 0.006, from 1.29): the policy could not sharpen towards what the RM pays
         # for. PPO (small) against SFT on seeds 0-2 (three draws of 300 held-out prompts): 0.566 / 0.533 /
