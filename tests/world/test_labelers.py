@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from rlhf_fast.world import make_rankings, prefer, preference_probability, rank, utility
-from rlhf_fast.world.labelers import write_demonstration
+from rlhf_fast.world.build import WorldSizes, _rng
+from rlhf_fast.world.labelers import make_labelers, write_demonstration
 from rlhf_fast.world.language import strip_politeness
 
 
@@ -218,9 +219,6 @@ def test_default_panels_share_their_mean_taste(seed):
     # A reward model learns the training panel's tastes and is judged by the held-out panel's: with the
     # default panel sizes the two weigh style (against their noise) alike; with 8 and 4 labelers, seed 1's
     # panels differed threefold.
-    from rlhf_fast.world.build import WorldSizes, _rng
-    from rlhf_fast.world.labelers import make_labelers
-
     sizes = WorldSizes()
     labelers = make_labelers(_rng(seed, "labelers"), {}, sizes.labelers, sizes.heldout_labelers)
     train = [labeler for labeler in labelers if not labeler.held_out]
