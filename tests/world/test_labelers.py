@@ -4,9 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from rlhf_fast.world import make_rankings, prefer, preference_probability, rank, utility
-from rlhf_fast.world.build import WorldSizes, _rng
-from rlhf_fast.world.labelers import make_labelers, write_demonstration
+from rlhf_fast.world import build_world, make_rankings, prefer, preference_probability, rank, utility
+from rlhf_fast.world.labelers import write_demonstration
 from rlhf_fast.world.language import strip_politeness
 
 
@@ -219,10 +218,11 @@ def test_default_panels_share_their_mean_taste(seed):
     # A reward model learns the training panel's tastes and is judged by the held-out panel's: with the
     # default panel sizes the two weigh style (against their noise) alike; with 8 and 4 labelers, seed 1's
     # panels differed threefold.
-    sizes = WorldSizes()
-    labelers = make_labelers(_rng(seed, "labelers"), {}, sizes.labelers, sizes.heldout_labelers)
-    train = [labeler for labeler in labelers if not labeler.held_out]
-    heldout = [labeler for labeler in labelers if labeler.held_out]
+    # Every size but the labelers' as small as it goes: only the labelers are looked at.
+    tiny = {name: 2 for name in ("qa_benchmark", "demonstrations", "rm_prompts", "ppo_prompts", "heldout_prompts",
+                                 "probes")}
+    world = build_world(seed, {"pretrain_documents": 10, **tiny})
+    train, heldout = world.train_labelers, world.heldout_labelers
     assert (len(train), len(heldout)) == (30, 10)
 
     def politeness(panel):
