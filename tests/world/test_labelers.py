@@ -219,9 +219,8 @@ def test_default_panels_share_their_mean_taste(seed):
     # default panel sizes the two weigh style (against their noise) alike; with 8 and 4 labelers, seed 1's
     # panels differed threefold.
     # Every size but the labelers' as small as it goes: only the labelers are looked at.
-    tiny = {name: 2 for name in ("qa_benchmark", "demonstrations", "rm_prompts", "ppo_prompts", "heldout_prompts",
-                                 "probes")}
-    world = build_world(seed, {"pretrain_documents": 10, **tiny})
+    datasets = ("qa_benchmark", "demonstrations", "rm_prompts", "ppo_prompts", "heldout_prompts", "probes")
+    world = build_world(seed, {"pretrain_documents": 10, **{name: 2 for name in datasets}})
     train, heldout = world.train_labelers, world.heldout_labelers
     assert (len(train), len(heldout)) == (30, 10)
 
