@@ -180,10 +180,18 @@ def pretrain_base_models(run: DemoRun) -> None:
 
 
 def finetune_sft_models(run: DemoRun) -> None:
-    """SFT of each base model on the labelers' demonstrations."""
+    """SFT of each base model on the labelers' demonstrations, and `sft_pretrain_mix` pretraining blocks per
+    demonstration mixed in (one draw for every size; a block's loss is on every token after its first)."""
+    from rlhf_fast.data import SFTExample
     from rlhf_fast.trainers import SFTConfig, SFTTrainer
 
     preset = run.preset
+    examples = list(run.demonstrations.examples)
+    mixed = round(preset.sft_pretrain_mix * len(examples))
+    if mixed:
+        rng = random.Random(f"demo:{run.seed}:sft-pretrain-mix")
+        blocks = rng.sample(range(len(run.pretrain)), min(mixed, len(run.pretrain)))
+        examples += [SFTExample(run.pretrain.blocks[i].tolist(), 1) for i in blocks]
     for size in run.sizes:
         name = f"sft-{size}"
 
@@ -198,7 +206,7 @@ def finetune_sft_models(run: DemoRun) -> None:
                 min_lr_ratio=0.1,
             )
             SFTTrainer(
-                config, run.model_dirs[f"base-{size}"], run.demonstrations, tokenizer=run.tokenizer
+                config, run.model_dirs[f"base-{size}"], examples, tokenizer=run.tokenizer
             ).train()
 
         run.stages.run(

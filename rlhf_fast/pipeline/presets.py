@@ -30,6 +30,9 @@ class DemoPreset:
     sft_epochs: int = 4
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
+    # Pretraining blocks mixed into SFT's data, per demonstration (InstructGPT's SFT: none). The quick
+    # preset's SFT forgets the corpus without them; docs/demo-seeds.md has what mixing them in does.
+    sft_pretrain_mix: float = 0.0
     max_length: int = 64
     # the reward model: K samples per prompt from the SFT models, ranked by simulated training labelers
     rm_size: str | None = None  # the SFT model the RM starts from; default: the largest size

@@ -163,6 +163,8 @@ def stage_keys(
             "demonstrations": files["demonstrations"],
             **_fields(preset, "sft_epochs", "sft_batch_size", "sft_learning_rate", "max_length"),
         }
+        if preset.sft_pretrain_mix:  # SFT on demonstrations alone depends on them alone
+            keys[f"sft-{size}"].update(pretrain=files["pretrain"], pretrain_mix=preset.sft_pretrain_mix)
     keys["rm"] = {
         "policy": keys[f"sft-{rm_size(preset)}"],
         "samples_from": [keys[f"sft-{size}"] for size in rm_sample_sizes(preset)],
