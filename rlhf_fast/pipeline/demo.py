@@ -16,6 +16,7 @@ Rerunning into the same `out_dir` reuses every stage that finished before with t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import shutil
@@ -63,6 +64,13 @@ class DemoRun:
     @property
     def rm_dir(self) -> Path:
         return self.out / "rm" / "final"
+
+    @functools.cached_property
+    def pretrain_examples(self) -> list[Any]:
+        """The corpus blocks as SFT examples (rlhf_fast.data.SFTExample): loss on all but the first token."""
+        from rlhf_fast.data import SFTExample
+
+        return [SFTExample(block.tolist(), 1) for block in self.pretrain.blocks]
 
     def trainer_settings(self, name: str) -> dict[str, Any]:
         """The settings every trainer of the demo shares; `name` is the stage's directory."""
@@ -137,12 +145,10 @@ def make_world(preset: DemoPreset, seed: int, out: Path, stages: Stages) -> Demo
 
 def pretrain_base_models(run: DemoRun) -> None:
     """Causal-LM pretraining on the corpus (loss on every token after the first), one model per size."""
-    from rlhf_fast.data import SFTExample
     from rlhf_fast.models.tiny import tiny_causal_lm
     from rlhf_fast.trainers import SFTConfig, SFTTrainer
 
     preset, tokenizer = run.preset, run.tokenizer
-    examples = [SFTExample(block.tolist(), 1) for block in run.pretrain.blocks]
     for size in run.sizes:
         name = f"base-{size}"
         steps = preset.per_size("pretrain_steps", size)
@@ -167,7 +173,7 @@ def pretrain_base_models(run: DemoRun) -> None:
                 eos_token_id=tokenizer.eos_token_id,
                 bos_token_id=tokenizer.bos_token_id,
             )
-            SFTTrainer(config, model, examples, tokenizer=tokenizer).train()
+            SFTTrainer(config, model, run.pretrain_examples, tokenizer=tokenizer).train()
 
         run.stages.run(
             "pretrain",
@@ -182,7 +188,6 @@ def pretrain_base_models(run: DemoRun) -> None:
 def finetune_sft_models(run: DemoRun) -> None:
     """SFT of each base model on the labelers' demonstrations, and `sft_pretrain_mix` pretraining blocks per
     demonstration mixed in (one draw for every size; a block's loss is on every token after its first)."""
-    from rlhf_fast.data import SFTExample
     from rlhf_fast.trainers import SFTConfig, SFTTrainer
 
     preset = run.preset
@@ -191,7 +196,7 @@ def finetune_sft_models(run: DemoRun) -> None:
     if mixed:
         rng = random.Random(f"demo:{run.seed}:sft-pretrain-mix")
         blocks = rng.sample(range(len(run.pretrain)), min(mixed, len(run.pretrain)))
-        examples += [SFTExample(run.pretrain.blocks[i].tolist(), 1) for i in blocks]
+        examples += [run.pretrain_examples[i] for i in blocks]
     for size in run.sizes:
         name = f"sft-{size}"
 

@@ -2,8 +2,10 @@
 
 import pytest
 
+import rlhf_fast.trainers
 from rlhf_fast.pipeline import get_preset
-from rlhf_fast.pipeline.stages import stage_keys
+from rlhf_fast.pipeline.demo import finetune_sft_models, make_world
+from rlhf_fast.pipeline.stages import Stages, stage_keys
 
 
 def test_per_size_fields_take_one_value_or_one_per_size():
@@ -17,10 +19,6 @@ def test_per_size_fields_take_one_value_or_one_per_size():
 
 
 def test_sft_mixes_in_the_share_of_pretraining_blocks_the_preset_asks_for(tmp_path, monkeypatch):
-    import rlhf_fast.trainers
-    from rlhf_fast.pipeline.demo import finetune_sft_models, make_world
-    from rlhf_fast.pipeline.stages import Stages
-
     seen = {}
 
     class RecordingTrainer:
