@@ -11,7 +11,8 @@
    marks of `PPOTrainer.iteration()` (`rlhf_fast.trainers.phases.PhaseTimer`), TRL's by wrapping the
    functions its `train()` calls (`batch_generation`, `forward`, `get_reward`, `gc.collect`, `log`).
 2. Reward model: 64 prompts with K=4 ranked completions, 16 prompts (96 comparisons) per optimizer step, one
-   epoch, the same model shape. rlhf_fast trains on the K-wise rankings (each completion encoded once); TRL's
+   epoch, the same model shape. rlhf_fast trains on the K-wise rankings (each completion encoded once, and
+   each prompt once for its K completions: `RewardConfig.share_prompt`, the default); TRL's
    `RewardTrainer` (bf16 and activation checkpointing off) on the same rankings expanded to C(4, 2) = 6
    (chosen, rejected) pairs per prompt, 96 pairs per step.
 
@@ -220,9 +221,9 @@ def ours_rm(workdir: Path) -> dict:
     trainer = RewardTrainer(config, GPT2LMHeadModel(gpt2_config()), data, pad_token_id=PAD)
     counts = {"tokens": 0, "real_tokens": 0, "rows": 0}
 
-    def count(module, args):
+    def count(module, args):  # the prompt once per ranking and its completions after it (`share_prompt`)
         counts["tokens"] += args[0].numel()
-        counts["real_tokens"] += int(args[1].sum())
+        counts["real_tokens"] += int((args[0] != PAD).sum())  # PAD is no token of the data
         counts["rows"] += args[0].shape[0]
 
     trainer.model.register_forward_pre_hook(count)

@@ -25,6 +25,7 @@ _LAZY = {
         "collate_pretrain",
         "collate_prompts",
         "collate_rankings",
+        "collate_rankings_shared_prompt",
         "collate_sft",
         "pack_sft",
         "packed_attention_mask",

@@ -25,6 +25,7 @@ __all__ = [
     "pack_sft",
     "packed_attention_mask",
     "collate_rankings",
+    "collate_rankings_shared_prompt",
     "collate_prompts",
     "collate_pretrain",
 ]
@@ -184,6 +185,23 @@ def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return packed_causal_allowed(document_ids)
 
 
+def _rankings(items: Sequence[Any]) -> list[tuple[list[int], list[list[int]], list[int]]]:
+    """(prompt ids, completion ids, ranks) of each ranking, checked: as many ranks as completions, >= 2."""
+    _check_nonempty("items", items)
+    parsed = []
+    for index, item in enumerate(items):
+        prompt_ids = _ids(item, "prompt_ids")
+        completion_ids = [_ids(ids) for ids in _field(item, "completion_ids")]
+        item_ranks = [int(rank) for rank in _field(item, "ranks")]
+        if len(item_ranks) != len(completion_ids) or len(completion_ids) < 2:
+            raise ValueError(
+                f"items[{index}] has {len(completion_ids)} completions and {len(item_ranks)} ranks; "
+                "need the same number, at least 2"
+            )
+        parsed.append((prompt_ids, completion_ids, item_ranks))
+    return parsed
+
+
 def collate_rankings(
     items: Sequence[Any], pad_id: int, padding_side: str = "right"
 ) -> dict[str, torch.Tensor]:
@@ -194,21 +212,12 @@ def collate_rankings(
     (K of each ranking), ``ranks`` [ΣK] int64 (0 = best; ties share a rank) and ``last_token_index`` [ΣK]
     int64, the position of each row's final token (its eos), where a reward model reads its score.
     """
-    _check_nonempty("items", items)
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
     rows: list[list[int]] = []
     group_sizes: list[int] = []
     ranks: list[int] = []
-    for index, item in enumerate(items):
-        prompt_ids = _ids(item, "prompt_ids")
-        completion_ids = [_ids(ids) for ids in _field(item, "completion_ids")]
-        item_ranks = [int(rank) for rank in _field(item, "ranks")]
-        if len(item_ranks) != len(completion_ids) or len(completion_ids) < 2:
-            raise ValueError(
-                f"items[{index}] has {len(completion_ids)} completions and {len(item_ranks)} ranks; "
-                "need the same number, at least 2"
-            )
+    for prompt_ids, completion_ids, item_ranks in _rankings(items):
         rows.extend(prompt_ids + ids for ids in completion_ids)
         group_sizes.append(len(completion_ids))
         ranks.extend(item_ranks)
@@ -223,6 +232,58 @@ def collate_rankings(
         "group_sizes": torch.tensor(group_sizes, dtype=torch.long),
         "ranks": torch.tensor(ranks, dtype=torch.long),
         "last_token_index": last_token_index,
+    }
+
+
+def collate_rankings_shared_prompt(items: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batches P rankings into P rows, one per ranking: its prompt once, then its K completions.
+
+    The prompt is encoded once for all K completions instead of once per completion (`collate_rankings`), and
+    the scores are the same: completion i sees the prompt and itself (``segment_ids`` 0 and i,
+    `rlhf_fast.models.masks.shared_prefix_causal_mask`), at the positions it would have after the prompt
+    alone.
+    Returns, rows padded at the end with `pad_id`:
+
+    - ``input_ids`` [P, L] int64, ``attention_mask`` [P, L] bool (True on real tokens);
+    - ``segment_ids`` [P, L] int64: 0 on the prompt, i on completion i (1-based), -1 on padding;
+    - ``position_ids`` [P, L] int64: the prompt's 0..n-1, each completion's n.. again (0 on padding);
+    - ``score_rows`` and ``last_token_index`` [ΣK] int64: the row and position of each completion's final
+      token (its eos), where a reward model reads its score; completions in ranking order, then in theirs;
+    - ``group_sizes`` [P] and ``ranks`` [ΣK] int64, as `collate_rankings`'.
+    """
+    parsed = _rankings(items)
+    length = max(len(prompt) + sum(map(len, completions)) for prompt, completions, _ in parsed)
+    shape = (len(parsed), length)
+    input_ids = torch.full(shape, int(pad_id), dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    score_rows: list[int] = []
+    last_token_index: list[int] = []
+    group_sizes: list[int] = []
+    ranks: list[int] = []
+    for row, (prompt_ids, completion_ids, item_ranks) in enumerate(parsed):
+        end = len(prompt_ids)
+        input_ids[row, :end] = torch.as_tensor(prompt_ids, dtype=torch.long)
+        segment_ids[row, :end] = 0
+        position_ids[row, :end] = torch.arange(end)
+        for segment, ids in enumerate(completion_ids, start=1):
+            start, end = end, end + len(ids)
+            input_ids[row, start:end] = torch.as_tensor(ids, dtype=torch.long)
+            segment_ids[row, start:end] = segment
+            position_ids[row, start:end] = torch.arange(len(prompt_ids), len(prompt_ids) + len(ids))
+            score_rows.append(row)
+            last_token_index.append(end - 1)
+        group_sizes.append(len(completion_ids))
+        ranks.extend(item_ranks)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": segment_ids >= 0,
+        "segment_ids": segment_ids,
+        "position_ids": position_ids,
+        "score_rows": torch.tensor(score_rows, dtype=torch.long),
+        "last_token_index": torch.tensor(last_token_index, dtype=torch.long),
+        "group_sizes": torch.tensor(group_sizes, dtype=torch.long),
+        "ranks": torch.tensor(ranks, dtype=torch.long),
     }
 
 

@@ -1,6 +1,11 @@
 """Models: the policy (causal LM exposing hidden states and LM head), value and reward models, tiny GPTs."""
 
-from rlhf_fast.models.masks import causal_mask, packed_causal_mask, position_ids_from_mask
+from rlhf_fast.models.masks import (
+    causal_mask,
+    packed_causal_mask,
+    position_ids_from_mask,
+    shared_prefix_causal_mask,
+)
 from rlhf_fast.models.policy import PolicyModel
 from rlhf_fast.models.reward import RewardModel, last_token_index
 from rlhf_fast.models.tiny import SPECIAL_TOKENS, TINY_SIZES, build_word_tokenizer, tiny_causal_lm
@@ -17,5 +22,6 @@ __all__ = [
     "last_token_index",
     "packed_causal_mask",
     "position_ids_from_mask",
+    "shared_prefix_causal_mask",
     "tiny_causal_lm",
 ]

@@ -6,7 +6,8 @@ Two forms reach the models:
   without padding takes the causal flash path with no mask at all). On a CPU the prepared 4-D mask measured no
   faster (a 32 x 80 forward: 41 vs 44 ms without gradients, 184 vs 188 ms with, within the noise).
 - packing and anything else that is not a padded causal batch: a prepared [B, 1, L, L] mask
-  (``packed_causal_mask`` for block-diagonal documents), which transformers passes through unchanged. Position
+  (``packed_causal_mask`` for block-diagonal documents, ``shared_prefix_causal_mask`` for continuations that
+  share one prompt), which transformers passes through unchanged. Position
   ids must then be given, because they cannot be read back from it.
 """
 
@@ -77,6 +78,28 @@ def packed_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.
     return additive_mask(packed_causal_allowed(document_ids), dtype)
 
 
+def shared_prefix_causal_allowed(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] segment ids (0 = a prefix all segments share, 1, 2, ... = the segments after it, -1 = padding)
+    -> [B, L, L] bool, True where query q may attend to key k: a query sees the keys at or before it in the
+    shared prefix or in its own segment, so each segment reads as if the prefix alone came before it (the K
+    completions of one prompt, `rlhf_fast.data.collate_rankings_shared_prompt`). A padding position sees
+    only itself."""
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be [B, L], got shape {tuple(segment_ids.shape)}")
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    real = segment_ids >= 0
+    visible = (segment_ids[:, :, None] == segment_ids[:, None, :]) | (segment_ids == 0)[:, None, :]
+    allowed = visible & causal & real[:, :, None]
+    diagonal = torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    return allowed | (diagonal & ~real[:, :, None])
+
+
+def shared_prefix_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] segment ids -> [B, 1, L, L] additive mask (`shared_prefix_causal_allowed`)."""
+    return additive_mask(shared_prefix_causal_allowed(segment_ids), dtype)
+
+
 def attention_inputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -135,6 +158,13 @@ def as_model_mask(
     ):  # narrower range: keep blocked keys finite
         attention_mask = attention_mask.clamp(min=torch.finfo(dtype).min)
     return attention_mask.to(dtype)
+
+
+def reads_prepared_masks(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention honours a prepared [B, 1, L, L] mask: transformers' "eager" and "sdpa"
+    do; the flash-attention implementations read padding only."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in (None, "eager", "sdpa")
 
 
 def check_position_ids(position_ids: torch.Tensor | None, input_ids: torch.Tensor) -> None:

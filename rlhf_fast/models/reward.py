@@ -67,6 +67,7 @@ class RewardModel(ScalarHeadModel):
         position_ids: torch.Tensor | None = None,
         *,
         last_index: torch.Tensor | None = None,
+        score_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores [B] float32 (normalization offset included) of the hidden state at each row's last real token.
 
@@ -74,9 +75,21 @@ class RewardModel(ScalarHeadModel):
         [B, 1, L, L] mask (``rlhf_fast.models.causal_mask``; additive or bool), which keeps transformers from
         reading the padding back to the host and needs ``position_ids`` [B, L] and ``last_index``.
         last_index: [B] int64, the position scored in each row; by default ``last_token_index`` of the 2-D mask.
+        score_rows: [N] int64 with ``last_index`` [N]: N scores, at (``score_rows[i]``, ``last_index[i]``),
+        for rows that hold several sequences (``rlhf_fast.models.shared_prefix_causal_mask``). Returns [N].
         """
         if attention_mask is None:
             raise ValueError("attention_mask is required: the score is read at each row's last real token")
+        if score_rows is not None:
+            if last_index is None or last_index.shape != score_rows.shape or last_index.dim() != 1:
+                raise ValueError(
+                    "score_rows needs last_index of the same [N] shape, got "
+                    f"{tuple(score_rows.shape)} and {None if last_index is None else tuple(last_index.shape)}"
+                )
+            if score_rows.dtype.is_floating_point or last_index.dtype.is_floating_point:
+                raise ValueError("score_rows and last_index must be integer tensors")
+            hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+            return self.score(hidden[score_rows, last_index]) + self._normalization_bias
         if last_index is None:
             if attention_mask.dim() == 4:
                 raise ValueError(

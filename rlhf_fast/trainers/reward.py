@@ -1,8 +1,11 @@
 """The K-wise reward model (InstructGPT §3.5, "RM").
 
 A batch element is one prompt with its K ranked completions (K varies, 2..16). Each completion is encoded
-once (`collate_rankings`), the model scores the ΣK rows in one forward pass, and the fused `ranking_loss` takes
-all C(K, 2) comparisons of a prompt as one element: no completion is re-encoded per pair. After training the
+once and, with `share_prompt` (the default), so is the prompt: one row per prompt holds the prompt and its K
+completions, each completion seeing only the prompt and itself (`collate_rankings_shared_prompt`), which
+scores as K rows of prompt + completion would (`collate_rankings`) with the prompt's tokens computed once
+instead of K times. The fused `ranking_loss` takes all C(K, 2) comparisons of a prompt as one element: no
+completion is re-encoded per pair. After training the
 score is shifted so that a reference set (the labelers' demonstrations) scores 0 on average
 (`RewardModel.set_normalization`), and that offset is saved with the model.
 
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from rlhf_fast.models.loading import check_token_ids, load_reward_model
+from rlhf_fast.models.masks import reads_prepared_masks
 from rlhf_fast.trainers._common import EpochTrainer, gradient_sync, guarded_step, rank_share
 from rlhf_fast.trainers.phases import phase
 from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
@@ -37,6 +41,10 @@ class RewardConfig(RunConfig):
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.0
     margin: float | None = None  # a fixed margin every preferred completion must win by
+    # One row per prompt, its K completions after it (the prompt's tokens computed once, not K times);
+    # needs an attention implementation that reads a prepared 4-D mask ("eager", "sdpa"), else rows of
+    # prompt + completion are used.
+    share_prompt: bool = True
     eval_every: int = 0  # steps between validations; 0 = at the end of each epoch
     eval_batch_size: int = 32  # prompts
     normalize: bool = True  # shift scores so the reference set has mean 0 after training
@@ -97,22 +105,40 @@ class RewardTrainer(EpochTrainer):
         self.normalization_data = list(normalization_data) if normalization_data is not None else []
         self.model = self._take_model(load_reward_model(model), pad_token_id)
         check_token_ids(self.model.backbone, _ranking_ids(self.train_data + self.eval_data))
+        self._share_prompt = config.share_prompt and reads_prepared_masks(self.model.backbone)
+        self._dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         self._set_up_training(self.model, exported=self.model)
 
     # ------------------------------------------------------------------------------------------ compute
     def compute_loss(self, model, items: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, accuracy) of a micro-batch of rankings: `ranking_loss` over the model's ΣK scores."""
-        from rlhf_fast.data import collate_rankings
+        from rlhf_fast.data import collate_rankings, collate_rankings_shared_prompt
+        from rlhf_fast.models.masks import shared_prefix_causal_mask
         from rlhf_fast.ops import ranking_loss
 
-        with phase("data"):
-            batch = collate_rankings(items, self.pad_token_id)
         device = self.ctx.device
+        if self._share_prompt:
+            with phase("data"):
+                batch = collate_rankings_shared_prompt(items, self.pad_token_id)
+                segment_ids = batch["segment_ids"].to(device, non_blocking=True)
+                mask = shared_prefix_causal_mask(segment_ids, self._dtype)
+            with phase("forward"):
+                scores = model(
+                    batch["input_ids"].to(device, non_blocking=True),
+                    mask,
+                    batch["position_ids"].to(device, non_blocking=True),
+                    last_index=batch["last_token_index"].to(device, non_blocking=True),
+                    score_rows=batch["score_rows"].to(device, non_blocking=True),
+                )
+        else:
+            with phase("data"):
+                batch = collate_rankings(items, self.pad_token_id)
+            with phase("forward"):
+                scores = model(
+                    batch["input_ids"].to(device, non_blocking=True),
+                    batch["attention_mask"].to(device, non_blocking=True),
+                )
         with phase("forward"):
-            scores = model(
-                batch["input_ids"].to(device, non_blocking=True),
-                batch["attention_mask"].to(device, non_blocking=True),
-            )
             return ranking_loss(
                 scores, batch["group_sizes"], batch["ranks"].to(device), margin=self.config.margin
             )

@@ -14,6 +14,7 @@ from rlhf_fast.data import (
     collate_pretrain,
     collate_prompts,
     collate_rankings,
+    collate_rankings_shared_prompt,
     collate_sft,
     pack_sft,
     packed_attention_mask,
@@ -174,6 +175,43 @@ def test_collate_rankings_encodes_each_completion_once(rng):
             assert batch["last_token_index"].tolist() == [len(row) - 1 for row in expected_rows]
     with pytest.raises(ValueError, match="padding_side"):
         collate_rankings(items, pad_id=PAD, padding_side="middle")
+
+
+def test_collate_rankings_shared_prompt_puts_the_prompt_once_before_its_completions(rng):
+    items = []
+    for _ in range(rng.randrange(1, 6)):
+        k = rng.randrange(2, 10)
+        prompt = [rng.randrange(4, 100) for _ in range(rng.randrange(1, 8))]
+        completions = tuple(
+            [rng.randrange(4, 100) for _ in range(rng.randrange(0, 6))] + [EOS] for _ in range(k)
+        )
+        items.append(EncodedRanking(prompt, completions, tuple(rng.randrange(k) for _ in range(k))))
+    batch = collate_rankings_shared_prompt(items, pad_id=PAD)
+    longest = max(len(item.prompt_ids) + sum(map(len, item.completion_ids)) for item in items)
+    for key in ("input_ids", "attention_mask", "segment_ids", "position_ids"):
+        assert batch[key].shape == (len(items), longest), key
+    assert batch["group_sizes"].tolist() == [item.k for item in items]
+    assert batch["ranks"].tolist() == [r for item in items for r in item.ranks]
+    assert batch["attention_mask"].tolist() == (batch["segment_ids"] >= 0).tolist()
+    completion = 0
+    for row, item in enumerate(items):
+        segments, ids = batch["segment_ids"][row], batch["input_ids"][row]
+        positions = batch["position_ids"][row]
+        assert ids[segments == 0].tolist() == item.prompt_ids
+        assert positions[segments == 0].tolist() == list(range(len(item.prompt_ids)))
+        for segment, expected in enumerate(item.completion_ids, start=1):
+            assert ids[segments == segment].tolist() == expected
+            start = len(item.prompt_ids)
+            assert positions[segments == segment].tolist() == list(range(start, start + len(expected)))
+            assert batch["score_rows"][completion] == row
+            last = int(batch["last_token_index"][completion])
+            assert segments[last] == segment and ids[last] == EOS
+            assert last + 1 == len(ids) or segments[last + 1] != segment
+            completion += 1
+        assert (ids[segments < 0] == PAD).all()
+    assert completion == batch["score_rows"].numel() == batch["last_token_index"].numel()
+    with pytest.raises(ValueError, match="at least 2"):
+        collate_rankings_shared_prompt([EncodedRanking([5], ([6, EOS],), (0,))], pad_id=PAD)
 
 
 def test_collate_prompts_left_pads(rng):

@@ -207,6 +207,78 @@ def test_packed_causal_mask_matches_the_rule(generator):
                 assert (mask[b, 0, q, k] == 0) == bool(same or padding_self), (b, q, k)
 
 
+def test_shared_prefix_causal_mask_matches_the_rule():
+    from rlhf_fast.models import shared_prefix_causal_mask
+
+    segment_ids = torch.tensor([[0, 0, 1, 1, 2, 3, 3, -1], [0, 1, 2, 2, 2, -1, -1, -1]])
+    mask = shared_prefix_causal_mask(segment_ids, torch.float32)
+    assert mask.shape == (2, 1, 8, 8)
+    for b in range(2):
+        for q in range(8):
+            for k in range(8):
+                query, key = int(segment_ids[b, q]), int(segment_ids[b, k])
+                visible = query >= 0 and k <= q and (key == 0 or key == query)
+                padding_self = query < 0 and k == q
+                assert (mask[b, 0, q, k] == 0) == (visible or padding_self), (b, q, k)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_reward_scores_with_a_shared_prompt_equal_rows_per_completion(arch, generator):
+    """K completions after one prompt in one row (`collate_rankings_shared_prompt`) score as K rows of
+    prompt + completion (`collate_rankings`), with the same gradients: float64, odd sizes, every family."""
+    from rlhf_fast.data import collate_rankings, collate_rankings_shared_prompt
+    from rlhf_fast.models import shared_prefix_causal_mask
+    from tests.models.archs import EOS, PAD, VOCAB
+
+    reward_model = RewardModel.from_policy(build_causal_lm(arch, seed_of(generator), dtype=torch.float64))
+    reward_model.head.weight.data.normal_(generator=generator)
+    sizes = torch.randint(1, 12, (40,), generator=generator).tolist()
+    items = []
+    for k in (2, 5, 3):
+        prompt = torch.randint(3, VOCAB, (sizes.pop(),), generator=generator).tolist()
+        completions = [torch.randint(3, VOCAB, (sizes.pop() - 1,), generator=generator).tolist() + [EOS]
+                       for _ in range(k)]
+        items.append({"prompt_ids": prompt, "completion_ids": completions, "ranks": list(range(k))})
+    results = []
+    for shared in (False, True):
+        reward_model.zero_grad()
+        if shared:
+            batch = collate_rankings_shared_prompt(items, PAD)
+            mask = shared_prefix_causal_mask(batch["segment_ids"], torch.float64)
+            scores = reward_model(batch["input_ids"], mask, batch["position_ids"],
+                                  last_index=batch["last_token_index"], score_rows=batch["score_rows"])
+        else:
+            batch = collate_rankings(items, PAD)
+            scores = reward_model(batch["input_ids"], batch["attention_mask"])
+        (scores * torch.linspace(-1, 2, scores.numel(), dtype=scores.dtype)).sum().backward()
+        results.append((scores.detach(), [p.grad.clone() for p in reward_model.parameters()]))
+    (rows, rows_grads), (shared_scores, shared_grads) = results
+    torch.testing.assert_close(shared_scores, rows, atol=1e-10, rtol=1e-10)
+    # Llama's and Qwen2's RMSNorm runs in float32 whatever the model's dtype (transformers), so its backward
+    # rounds the gradients, which sum over differently laid-out positions, to float32 precision.
+    tolerance = 1e-10 if arch in ("gpt2", "gpt_neox") else 1e-5
+    for a, b in zip(shared_grads, rows_grads):
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=tolerance)
+
+
+def test_reward_model_score_rows_need_a_matching_last_index(generator):
+    reward_model = RewardModel.from_policy(build_causal_lm("gpt2", seed_of(generator)))
+    ids, mask = padded_batch("right", generator)
+    with pytest.raises(ValueError, match="score_rows needs last_index"):
+        reward_model(ids, mask, score_rows=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="score_rows needs last_index"):
+        reward_model(ids, mask, score_rows=torch.tensor([0, 1]), last_index=torch.tensor([0]))
+
+
+def test_only_attention_that_reads_prepared_masks_is_trusted_with_them(generator):
+    from rlhf_fast.models.masks import reads_prepared_masks
+
+    model = build_causal_lm("llama", seed_of(generator))
+    assert reads_prepared_masks(model)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not reads_prepared_masks(model)
+
+
 def test_fused_activation_matches_the_multi_op_gelu(generator):
     """The policy and the scalar-head models run GPT-2's tanh GELU as one kernel; outputs equal the modules'."""
     from transformers.activations import GELUTanh, NewGELUActivation

@@ -36,14 +36,35 @@ def test_accuracy_rises_and_reference_scores_mean_zero(tmp_path):
         assert float(saved(ids, mask).mean()) == pytest.approx(0.0, abs=1e-4)
 
 
-def test_each_completion_is_encoded_once(tmp_path):
-    trainer = toy.make_trainer("rm", tmp_path, max_steps=1, save_every=0)
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_each_completion_is_encoded_once(tmp_path, share_prompt):
+    """One row per completion (prompt + completion), or with `share_prompt` one row per prompt (the prompt
+    once, then its completions)."""
+    trainer = toy.make_trainer("rm", tmp_path, max_steps=1, save_every=0, share_prompt=share_prompt)
     rows_seen = []
     trainer.model.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
     trainer.train()
     first_batch = [trainer.train_data[i] for i in trainer._epoch_batches(0)[0]]
-    assert rows_seen[0] == sum(len(item.completion_ids) for item in first_batch)
+    completions = sum(len(item.completion_ids) for item in first_batch)
+    assert rows_seen[0] == (len(first_batch) if share_prompt else completions)
     assert len({len(item.completion_ids) for item in first_batch}) > 1, "the toy batch should mix K"
+
+
+def test_shared_prompt_rows_train_as_rows_per_completion(tmp_path):
+    """The same loss, accuracy and updates with the prompt encoded once per ranking as once per completion."""
+    runs = {}
+    for share_prompt in (True, False):
+        trainer = toy.make_trainer(
+            "rm", tmp_path / str(share_prompt), max_steps=2, save_every=0, adam_eps=1e-6,
+            share_prompt=share_prompt,
+        )
+        assert trainer._share_prompt is share_prompt
+        runs[share_prompt] = (trainer, trainer.train())
+    (shared, shared_log), (rows, rows_log) = runs[True], runs[False]
+    for key in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"):
+        assert shared_log[key] == pytest.approx(rows_log[key], rel=1e-5, abs=1e-6), key
+    for (name, a), b in zip(shared.model.named_parameters(), rows.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
 def test_pair_counts_skip_ties():
