@@ -546,8 +546,9 @@ def rm_rows(rounds: list[tuple[dict, dict]]) -> list[str]:
         f"| RM epoch, {RM_PROMPTS} prompts x K={RM_K} | "
         f"{statistics.median(o['epoch_seconds'] for o, _ in rounds) * 1e3:.0f} ms | "
         f"{statistics.median(t['epoch_seconds'] for _, t in rounds) * 1e3:.0f} ms | "
-        f"{min(ratios):.2f}x / {statistics.median(ratios):.2f}x | sequences encoded {ours['rows']} vs {trl['rows']}, "
-        f"forward tokens {ours['tokens']} vs {trl['tokens']} |"
+        f"{min(ratios):.2f}x / {statistics.median(ratios):.2f}x | rows {ours['rows']} (each a prompt and its "
+        f"{RM_K} completions) vs {trl['rows']} (prompt + one completion), forward tokens {ours['tokens']} "
+        f"(real {ours['real_tokens']}) vs {trl['tokens']} (real {trl['real_tokens']}) |"
     )
     return [row]
 
