@@ -5,9 +5,9 @@ once and, with `share_prompt` (the default), so is the prompt: one row per promp
 completions, each completion seeing only the prompt and itself (`collate_rankings_shared_prompt`), which
 scores as K rows of prompt + completion would (`collate_rankings`) with the prompt's tokens computed once
 instead of K times. The fused `ranking_loss` takes all C(K, 2) comparisons of a prompt as one element: no
-completion is re-encoded per pair. After training the
-score is shifted so that a reference set (the labelers' demonstrations) scores 0 on average
-(`RewardModel.set_normalization`), and that offset is saved with the model.
+completion is re-encoded per pair. After training the score is shifted so that a reference set (the
+labelers' demonstrations) scores 0 on average (`RewardModel.set_normalization`), and that offset is saved
+with the model.
 
 Distributed: each rank takes a contiguous share of the prompts of every global batch; the loss is rescaled to
 the global mean over prompts (and accuracy to the global pair count), so N processes match one process.
@@ -117,28 +117,21 @@ class RewardTrainer(EpochTrainer):
         from rlhf_fast.ops import ranking_loss
 
         device = self.ctx.device
-        if self._share_prompt:
-            with phase("data"):
+        with phase("data"):
+            if self._share_prompt:  # one row per prompt: the prompt once, then its K completions
                 batch = collate_rankings_shared_prompt(items, self.pad_token_id)
                 segment_ids = batch["segment_ids"].to(device, non_blocking=True)
                 mask = shared_prefix_causal_mask(segment_ids, self._dtype)
-            with phase("forward"):
-                scores = model(
-                    batch["input_ids"].to(device, non_blocking=True),
-                    mask,
-                    batch["position_ids"].to(device, non_blocking=True),
-                    last_index=batch["last_token_index"].to(device, non_blocking=True),
-                    score_rows=batch["score_rows"].to(device, non_blocking=True),
-                )
-        else:
-            with phase("data"):
+                readout = {
+                    "position_ids": batch["position_ids"].to(device, non_blocking=True),
+                    "last_index": batch["last_token_index"].to(device, non_blocking=True),
+                    "score_rows": batch["score_rows"].to(device, non_blocking=True),
+                }
+            else:  # one row per completion: prompt + completion
                 batch = collate_rankings(items, self.pad_token_id)
-            with phase("forward"):
-                scores = model(
-                    batch["input_ids"].to(device, non_blocking=True),
-                    batch["attention_mask"].to(device, non_blocking=True),
-                )
+                mask, readout = batch["attention_mask"].to(device, non_blocking=True), {}
         with phase("forward"):
+            scores = model(batch["input_ids"].to(device, non_blocking=True), mask, **readout)
             return ranking_loss(
                 scores, batch["group_sizes"], batch["ranks"].to(device), margin=self.config.margin
             )

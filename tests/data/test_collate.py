@@ -146,7 +146,8 @@ def test_pack_sft_argument_checks():
         pack_sft([SFTExample([5, 2], 1)], 1, pad_id=PAD)
 
 
-def test_collate_rankings_encodes_each_completion_once(rng):
+def random_rankings(rng) -> list[EncodedRanking]:
+    """1-5 rankings of K = 2..9 completions (0-5 tokens + eos) after prompts of 1-7 tokens."""
     items = []
     for _ in range(rng.randrange(1, 6)):
         k = rng.randrange(2, 10)
@@ -155,6 +156,11 @@ def test_collate_rankings_encodes_each_completion_once(rng):
             [rng.randrange(4, 100) for _ in range(rng.randrange(0, 6))] + [EOS] for _ in range(k)
         )
         items.append(EncodedRanking(prompt, completions, tuple(rng.randrange(k) for _ in range(k))))
+    return items
+
+
+def test_collate_rankings_encodes_each_completion_once(rng):
+    items = random_rankings(rng)
     expected_rows = [item.prompt_ids + c for item in items for c in item.completion_ids]
     for side in ("right", "left"):
         batch = collate_rankings(items, pad_id=PAD, padding_side=side)
@@ -178,14 +184,7 @@ def test_collate_rankings_encodes_each_completion_once(rng):
 
 
 def test_collate_rankings_shared_prompt_puts_the_prompt_once_before_its_completions(rng):
-    items = []
-    for _ in range(rng.randrange(1, 6)):
-        k = rng.randrange(2, 10)
-        prompt = [rng.randrange(4, 100) for _ in range(rng.randrange(1, 8))]
-        completions = tuple(
-            [rng.randrange(4, 100) for _ in range(rng.randrange(0, 6))] + [EOS] for _ in range(k)
-        )
-        items.append(EncodedRanking(prompt, completions, tuple(rng.randrange(k) for _ in range(k))))
+    items = random_rankings(rng)
     batch = collate_rankings_shared_prompt(items, pad_id=PAD)
     longest = max(len(item.prompt_ids) + sum(map(len, item.completion_ids)) for item in items)
     for key in ("input_ids", "attention_mask", "segment_ids", "position_ids"):
