@@ -222,16 +222,13 @@ def test_shared_prefix_causal_mask_matches_the_rule():
                 assert (mask[b, 0, q, k] == 0) == (visible or padding_self), (b, q, k)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_reward_scores_with_a_shared_prompt_equal_rows_per_completion(arch, generator):
-    """K completions after one prompt in one row (`collate_rankings_shared_prompt`) score as K rows of
-    prompt + completion (`collate_rankings`), with the same gradients: float64, odd sizes, every family."""
+def shared_and_per_completion_scores(reward_model, generator, device="cpu"):
+    """Scores and gradients of three rankings (K = 2, 5, 3, odd lengths) laid out as rows per completion
+    (`collate_rankings`) and as one row per prompt (`collate_rankings_shared_prompt`)."""
     from rlhf_fast.data import collate_rankings, collate_rankings_shared_prompt
     from rlhf_fast.models import shared_prefix_causal_mask
     from tests.models.archs import EOS, PAD, VOCAB
 
-    reward_model = RewardModel.from_policy(build_causal_lm(arch, seed_of(generator), dtype=torch.float64))
-    reward_model.head.weight.data.normal_(generator=generator)
     sizes = torch.randint(1, 12, (40,), generator=generator).tolist()
     items = []
     for k in (2, 5, 3):
@@ -239,26 +236,52 @@ def test_reward_scores_with_a_shared_prompt_equal_rows_per_completion(arch, gene
         completions = [torch.randint(3, VOCAB, (sizes.pop() - 1,), generator=generator).tolist() + [EOS]
                        for _ in range(k)]
         items.append({"prompt_ids": prompt, "completion_ids": completions, "ranks": list(range(k))})
+    dtype = next(reward_model.parameters()).dtype
     results = []
     for shared in (False, True):
         reward_model.zero_grad()
         if shared:
-            batch = collate_rankings_shared_prompt(items, PAD)
-            mask = shared_prefix_causal_mask(batch["segment_ids"], torch.float64)
+            batch = {k: v.to(device) for k, v in collate_rankings_shared_prompt(items, PAD).items()}
+            mask = shared_prefix_causal_mask(batch["segment_ids"], dtype)
             scores = reward_model(batch["input_ids"], mask, batch["position_ids"],
                                   last_index=batch["last_token_index"], score_rows=batch["score_rows"])
         else:
-            batch = collate_rankings(items, PAD)
+            batch = {k: v.to(device) for k, v in collate_rankings(items, PAD).items()}
             scores = reward_model(batch["input_ids"], batch["attention_mask"])
-        (scores * torch.linspace(-1, 2, scores.numel(), dtype=scores.dtype)).sum().backward()
+        weights = torch.linspace(-1, 2, scores.numel(), dtype=scores.dtype, device=device)
+        (scores * weights).sum().backward()
         results.append((scores.detach(), [p.grad.clone() for p in reward_model.parameters()]))
-    (rows, rows_grads), (shared_scores, shared_grads) = results
-    torch.testing.assert_close(shared_scores, rows, atol=1e-10, rtol=1e-10)
+    return results
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_reward_scores_with_a_shared_prompt_equal_rows_per_completion(arch, generator):
+    """K completions after one prompt in one row (`collate_rankings_shared_prompt`) score as K rows of
+    prompt + completion (`collate_rankings`), with the same gradients: float64, odd sizes, every family."""
+    reward_model = RewardModel.from_policy(build_causal_lm(arch, seed_of(generator), dtype=torch.float64))
+    reward_model.head.weight.data.normal_(generator=generator)
+    (rows, rows_grads), (shared, shared_grads) = shared_and_per_completion_scores(reward_model, generator)
+    torch.testing.assert_close(shared, rows, atol=1e-10, rtol=1e-10)
     # Llama's and Qwen2's RMSNorm runs in float32 whatever the model's dtype (transformers), so its backward
     # rounds the gradients, which sum over differently laid-out positions, to float32 precision.
     tolerance = 1e-10 if arch in ("gpt2", "gpt_neox") else 1e-5
     for a, b in zip(shared_grads, rows_grads):
         torch.testing.assert_close(a, b, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_reward_scores_with_a_shared_prompt_on_cuda(arch, generator):
+    """On a GPU (transformers' SDPA attention, float32) the two layouts score alike too."""
+    reward_model = RewardModel.from_policy(build_causal_lm(arch, seed_of(generator)))
+    reward_model.head.weight.data.normal_(generator=generator)
+    reward_model.cuda()
+    (rows, rows_grads), (shared, shared_grads) = shared_and_per_completion_scores(
+        reward_model, generator, device="cuda"
+    )
+    torch.testing.assert_close(shared, rows, atol=1e-4, rtol=1e-4)
+    for a, b in zip(shared_grads, rows_grads):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
 def test_reward_model_score_rows_need_a_matching_last_index(generator):
