@@ -30,6 +30,7 @@ _LAZY = {
         "pack_sft",
         "packed_attention_mask",
         "pad_rows",
+        "prompt_sharing_pays",
     ),
     "encode": (
         "EncodedDemonstrations",

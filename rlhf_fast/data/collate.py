@@ -26,6 +26,7 @@ __all__ = [
     "packed_attention_mask",
     "collate_rankings",
     "collate_rankings_shared_prompt",
+    "prompt_sharing_pays",
     "collate_prompts",
     "collate_pretrain",
 ]
@@ -285,6 +286,27 @@ def collate_rankings_shared_prompt(items: Sequence[Any], pad_id: int) -> dict[st
         "group_sizes": torch.tensor(group_sizes, dtype=torch.long),
         "ranks": torch.tensor(ranks, dtype=torch.long),
     }
+
+
+def prompt_sharing_pays(items: Sequence[Any], hidden_size: int) -> bool:
+    """Whether `collate_rankings_shared_prompt` is the cheaper layout of `items` for a transformer of width
+    `hidden_size`: its prompt is computed once, but each of its rows attends over the K completions too.
+
+    A forward costs about rows x length x (6 x hidden_size + length) per layer (the projections and MLP,
+    24 d^2 flops per token; attention, 4 d L per token; padding counted). Sharing is kept unless the rows per
+    completion cost less than 4/5 of it (closer than that, the estimate cannot tell the two apart): with
+    prompts about as long as their completions or longer it wins (the demo's batches: 0.26-1.05 of the rows'
+    cost); with short prompts and long completions it loses, each shared row's attention growing with
+    (prompt + K x completion)^2."""
+    parsed = _rankings(items)
+    rows = sum(len(completions) for _, completions, _ in parsed)
+    row_length = max(len(prompt) + len(ids) for prompt, completions, _ in parsed for ids in completions)
+    shared_length = max(len(prompt) + sum(map(len, completions)) for prompt, completions, _ in parsed)
+
+    def cost(count: int, length: int) -> int:
+        return count * length * (6 * hidden_size + length)
+
+    return 4 * cost(len(parsed), shared_length) <= 5 * cost(rows, row_length)
 
 
 def collate_prompts(items: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,13 +1,13 @@
 """The K-wise reward model (InstructGPT §3.5, "RM").
 
-A batch element is one prompt with its K ranked completions (K varies, 2..16). Each completion is encoded
-once and, with `share_prompt` (the default), so is the prompt: one row per prompt holds the prompt and its K
-completions, each completion seeing only the prompt and itself (`collate_rankings_shared_prompt`), which
-scores as K rows of prompt + completion would (`collate_rankings`) with the prompt's tokens computed once
-instead of K times. The fused `ranking_loss` takes all C(K, 2) comparisons of a prompt as one element: no
-completion is re-encoded per pair. After training the score is shifted so that a reference set (the
-labelers' demonstrations) scores 0 on average (`RewardModel.set_normalization`), and that offset is saved
-with the model.
+A batch element is one prompt with its K ranked completions (K varies, 2..16). Each completion is encoded once
+and, with `share_prompt` (the default) where it is the cheaper layout, so is the prompt: one row per prompt
+holds the prompt and its K completions, each completion seeing only the prompt and itself
+(`collate_rankings_shared_prompt`), which scores as K rows of prompt + completion would (`collate_rankings`)
+with the prompt's tokens computed once instead of K times. The fused `ranking_loss` takes all C(K, 2)
+comparisons of a prompt as one element: no completion is re-encoded per pair. After training the score is
+shifted so that a reference set (the labelers' demonstrations) scores 0 on average
+(`RewardModel.set_normalization`), and that offset is saved with the model.
 
 Distributed: each rank takes a contiguous share of the prompts of every global batch; the loss is rescaled to
 the global mean over prompts (and accuracy to the global pair count), so N processes match one process.
@@ -41,9 +41,10 @@ class RewardConfig(RunConfig):
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.0
     margin: float | None = None  # a fixed margin every preferred completion must win by
-    # One row per prompt, its K completions after it (the prompt's tokens computed once, not K times);
-    # needs an attention implementation that reads a prepared 4-D mask ("eager", "sdpa"), else rows of
-    # prompt + completion are used.
+    # One row per prompt, its K completions after it (the prompt's tokens computed once, not K times), for
+    # each micro-batch where that is the cheaper layout (`rlhf_fast.data.prompt_sharing_pays`); needs an
+    # attention implementation that reads a prepared 4-D mask ("eager", "sdpa"), else rows of prompt +
+    # completion are used.
     share_prompt: bool = True
     eval_every: int = 0  # steps between validations; 0 = at the end of each epoch
     eval_batch_size: int = 32  # prompts
@@ -107,18 +108,19 @@ class RewardTrainer(EpochTrainer):
         check_token_ids(self.model.backbone, _ranking_ids(self.train_data + self.eval_data))
         self._share_prompt = config.share_prompt and reads_prepared_masks(self.model.backbone)
         self._dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        self._hidden_size = self.model.backbone.get_input_embeddings().embedding_dim
         self._set_up_training(self.model, exported=self.model)
 
     # ------------------------------------------------------------------------------------------ compute
     def compute_loss(self, model, items: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, accuracy) of a micro-batch of rankings: `ranking_loss` over the model's ΣK scores."""
-        from rlhf_fast.data import collate_rankings, collate_rankings_shared_prompt
+        from rlhf_fast.data import collate_rankings, collate_rankings_shared_prompt, prompt_sharing_pays
         from rlhf_fast.models.masks import shared_prefix_causal_mask
         from rlhf_fast.ops import ranking_loss
 
         device = self.ctx.device
         with phase("data"):
-            if self._share_prompt:  # one row per prompt: the prompt once, then its K completions
+            if self._share_prompt and prompt_sharing_pays(items, self._hidden_size):  # prompt once, then K
                 batch = collate_rankings_shared_prompt(items, self.pad_token_id)
                 segment_ids = batch["segment_ids"].to(device, non_blocking=True)
                 mask = shared_prefix_causal_mask(segment_ids, self._dtype)

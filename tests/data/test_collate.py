@@ -15,6 +15,7 @@ from rlhf_fast.data import (
     collate_prompts,
     collate_rankings,
     collate_rankings_shared_prompt,
+    prompt_sharing_pays,
     collate_sft,
     pack_sft,
     packed_attention_mask,
@@ -211,6 +212,16 @@ def test_collate_rankings_shared_prompt_puts_the_prompt_once_before_its_completi
     assert completion == batch["score_rows"].numel() == batch["last_token_index"].numel()
     with pytest.raises(ValueError, match="at least 2"):
         collate_rankings_shared_prompt([EncodedRanking([5], ([6, EOS],), (0,))], pad_id=PAD)
+
+
+def test_prompt_sharing_pays_for_long_prompts_and_not_for_long_completions():
+    long_prompt = EncodedRanking(list(range(4, 104)), tuple([5] * 20 + [EOS] for _ in range(4)), (0, 1, 2, 3))
+    assert prompt_sharing_pays([long_prompt], hidden_size=64)
+    # Nine completions of 200 tokens after a 5-token prompt: one row of 1,814 tokens attends over all of them.
+    long_completions = EncodedRanking([4] * 5, tuple([5] * 200 + [EOS] for _ in range(9)), tuple(range(9)))
+    assert not prompt_sharing_pays([long_completions], hidden_size=64)
+    # In a wide model the projections dominate and the two layouts cost about the same: sharing stays.
+    assert prompt_sharing_pays([long_completions], hidden_size=4096)
 
 
 def test_collate_prompts_left_pads(rng):

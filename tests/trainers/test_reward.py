@@ -50,6 +50,22 @@ def test_each_completion_is_encoded_once(tmp_path, share_prompt):
     assert len({len(item.completion_ids) for item in first_batch}) > 1, "the toy batch should mix K"
 
 
+def test_rows_per_completion_where_sharing_would_cost_more(tmp_path):
+    """Short prompts before long completions: the micro-batch falls back to a row per completion."""
+    from dataclasses import replace
+
+    trainer = toy.make_trainer("rm", tmp_path, max_steps=1, save_every=0)
+    items = []
+    for item in trainer.train_data[:4]:
+        long_completions = tuple(6 * ids for ids in item.completion_ids)
+        items.append(replace(item, prompt_ids=item.prompt_ids[:1], completion_ids=long_completions))
+    rows_seen = []
+    trainer.model.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
+    trainer.compute_loss(trainer.model, items)
+    trainer.compute_loss(trainer.model, trainer.train_data[:4])
+    assert rows_seen == [sum(len(item.completion_ids) for item in items), 4]
+
+
 def test_shared_prompt_rows_train_as_rows_per_completion(tmp_path):
     """The same loss, accuracy and updates with the prompt encoded once per ranking as once per completion."""
     runs = {}
