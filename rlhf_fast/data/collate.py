@@ -252,35 +252,30 @@ def collate_rankings_shared_prompt(items: Sequence[Any], pad_id: int) -> dict[st
       token (its eos), where a reward model reads its score; completions in ranking order, then in theirs;
     - ``group_sizes`` [P] and ``ranks`` [ΣK] int64, as `collate_rankings`'.
     """
-    parsed = _rankings(items)
-    length = max(len(prompt) + sum(map(len, completions)) for prompt, completions, _ in parsed)
-    shape = (len(parsed), length)
-    input_ids = torch.full(shape, int(pad_id), dtype=torch.long)
-    segment_ids = torch.full(shape, -1, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
+    ids_rows, segment_rows, position_rows = [], [], []
     score_rows: list[int] = []
     last_token_index: list[int] = []
     group_sizes: list[int] = []
     ranks: list[int] = []
-    for row, (prompt_ids, completion_ids, item_ranks) in enumerate(parsed):
-        end = len(prompt_ids)
-        input_ids[row, :end] = torch.as_tensor(prompt_ids, dtype=torch.long)
-        segment_ids[row, :end] = 0
-        position_ids[row, :end] = torch.arange(end)
-        for segment, ids in enumerate(completion_ids, start=1):
-            start, end = end, end + len(ids)
-            input_ids[row, start:end] = torch.as_tensor(ids, dtype=torch.long)
-            segment_ids[row, start:end] = segment
-            position_ids[row, start:end] = torch.arange(len(prompt_ids), len(prompt_ids) + len(ids))
+    for row, (prompt_ids, completion_ids, item_ranks) in enumerate(_rankings(items)):
+        ids, segments, positions = list(prompt_ids), [0] * len(prompt_ids), list(range(len(prompt_ids)))
+        for segment, completion in enumerate(completion_ids, start=1):
+            ids += completion
+            segments += [segment] * len(completion)
+            positions += range(len(prompt_ids), len(prompt_ids) + len(completion))
             score_rows.append(row)
-            last_token_index.append(end - 1)
+            last_token_index.append(len(ids) - 1)
+        ids_rows.append(ids)
+        segment_rows.append(segments)
+        position_rows.append(positions)
         group_sizes.append(len(completion_ids))
         ranks.extend(item_ranks)
+    input_ids, attention_mask = pad_rows(ids_rows, pad_id)
     return {
         "input_ids": input_ids,
-        "attention_mask": segment_ids >= 0,
-        "segment_ids": segment_ids,
-        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+        "segment_ids": pad_rows(segment_rows, -1)[0],
+        "position_ids": pad_rows(position_rows, 0)[0],
         "score_rows": torch.tensor(score_rows, dtype=torch.long),
         "last_token_index": torch.tensor(last_token_index, dtype=torch.long),
         "group_sizes": torch.tensor(group_sizes, dtype=torch.long),
