@@ -299,8 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive_int,
         metavar="N",
-        help="CPU threads for every stage (default: chosen per stage from the load); the same seed and N "
-        "reproduce a run bit for bit on the same machine",
+        help="CPU threads for every stage (default: each stage's share of the cores free at the start); the "
+        "same seed and N reproduce a run bit for bit on the same machine",
+    )
+    demo.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="N",
+        help="training stages run at once, each in a process of its own (default: the cores free at the "
+        "start, or those over --threads); the results do not depend on it",
     )
     demo.set_defaults(handler="demo")
 
@@ -341,7 +348,7 @@ def _run_demo(args) -> int:
         raise
     except ImportError as error:  # the module is there but lacks run_demo
         raise Unavailable(f"the demo pipeline cannot be used: {error}") from None
-    options = {"threads": args.threads} if args.threads is not None else {}
+    options = {name: getattr(args, name) for name in ("threads", "jobs") if getattr(args, name) is not None}
     result = run_demo(preset=args.preset, out_dir=args.out, seed=args.seed, **options)
     say(
         f"demo done ({args.preset}); outputs in {args.out}"

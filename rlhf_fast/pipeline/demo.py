@@ -1,8 +1,11 @@
 """`rlhf-fast demo`: the InstructGPT paper in miniature, end to end, through the same trainers, data layer,
 checkpoints and models a user runs on a real model.
 
-    make_world → pretrain_base_models → finetune_sft_models → train_reward_model → train_ppo_models
+    make_world → pretrain_base_model → finetune_sft_model → train_reward_model → train_ppo_model
                → evaluate → check_targets → report
+
+one training stage per model; stages that read none of each other's models run side by side (`demo_jobs`,
+`rlhf_fast.pipeline.parallel`).
 
 Every stage reads the JSONL files the world wrote (the user-facing formats), trains through `SFTTrainer`,
 `RewardTrainer` and `PPOTrainer`, and writes a Hugging Face directory under `out_dir`. Evaluation is by
@@ -28,6 +31,7 @@ from typing import Any
 
 from rlhf_fast.eval.results import Estimate, PPOStep, Results, RewardModelResult
 from rlhf_fast.pipeline.evaluation import evaluate, parameter_count, sample_from_policies
+from rlhf_fast.pipeline.parallel import Job, concurrency, plan_threads, run_jobs
 from rlhf_fast.pipeline.presets import DemoPreset, get_preset
 from rlhf_fast.pipeline.stages import Stages, oracle_ppo_name, rm_sample_sizes, rm_size, stage_keys
 from rlhf_fast.pipeline.targets import check_targets
@@ -38,7 +42,7 @@ KINDS = ("base", "sft", "ppo", "ppo_ptx")
 @dataclass
 class DemoRun:
     """What the stages share: the settings, the world, its datasets (as files and encoded), the stage keys,
-    and the models made so far (`model_dirs`, by name: base-tiny, sft-small, ppo_ptx-small, ...)."""
+    and, once trained, the models to evaluate (`model_dirs`, by name: base-tiny, sft-small, ...)."""
 
     preset: DemoPreset
     seed: int
@@ -64,6 +68,10 @@ class DemoRun:
     @property
     def rm_dir(self) -> Path:
         return self.out / "rm" / "final"
+
+    def model_dir(self, name: str) -> Path:
+        """Where the stage `name` writes its model."""
+        return self.out / name / "final"
 
     @functools.cached_property
     def pretrain_examples(self) -> list[Any]:
@@ -93,6 +101,29 @@ class RewardModelSummary:
 # ---- stages ------------------------------------------------------------------------------------------------
 def make_world(preset: DemoPreset, seed: int, out: Path, stages: Stages) -> DemoRun:
     """The world and its datasets, written as the user-facing JSONL formats, read back and encoded."""
+    from rlhf_fast.world import CorpusOptions, build_world, write_datasets
+
+    def generate():
+        world = build_world(seed, preset.world, CorpusOptions(**preset.corpus))
+        return world, write_datasets(world, out / "data")
+
+    what = f"generating the world (seed {seed}, preset {preset.name})"
+    world, paths = stages.timed("world", what, generate)
+    run = open_run(preset, seed, out, paths, stages, world)
+    run.tokenizer.save_pretrained(out / "tokenizer")
+    stages.console(
+        f"  vocabulary {len(run.tokenizer)} words; {len(run.pretrain)} pretraining blocks of "
+        f"{preset.pretrain_block_size} tokens; {len(run.demonstrations)} demonstrations; "
+        f"{len(run.ppo_prompts)} PPO prompts"
+    )
+    return run
+
+
+def open_run(
+    preset: DemoPreset, seed: int, out: Path, paths: dict[str, Path], stages: Stages, world: Any = None
+) -> DemoRun:
+    """The run whose datasets `make_world` wrote to `paths`, read and encoded; its world rebuilt from them
+    (`rlhf_fast.world.load_world`) when `world` is None, as in a worker process."""
     from rlhf_fast.data import (
         encode_demonstrations,
         encode_pretrain,
@@ -102,19 +133,11 @@ def make_world(preset: DemoPreset, seed: int, out: Path, stages: Stages) -> Demo
         read_prompts,
     )
     from rlhf_fast.models.tiny import build_word_tokenizer
-    from rlhf_fast.world import CorpusOptions, build_world, write_datasets
+    from rlhf_fast.world import load_world
 
-    def generate():
-        world = build_world(seed, preset.world, CorpusOptions(**preset.corpus))
-        paths = write_datasets(world, out / "data")
-        tokenizer = build_word_tokenizer(world.vocabulary())
-        tokenizer.save_pretrained(out / "tokenizer")
-        return world, paths, tokenizer
-
-    world, paths, tokenizer = stages.timed(
-        "world", f"generating the world (seed {seed}, preset {preset.name})", generate
-    )
-    run = DemoRun(
+    world = world if world is not None else load_world(out / "data")
+    tokenizer = build_word_tokenizer(world.vocabulary())
+    return DemoRun(
         preset=preset,
         seed=seed,
         out=out,
@@ -135,94 +158,132 @@ def make_world(preset: DemoPreset, seed: int, out: Path, stages: Stages) -> Demo
             preset.max_positions - preset.max_new_tokens,
         ),
     )
-    stages.console(
-        f"  vocabulary {len(tokenizer)} words; {len(run.pretrain)} pretraining blocks of "
-        f"{preset.pretrain_block_size} tokens; {len(run.demonstrations)} demonstrations; "
-        f"{len(run.ppo_prompts)} PPO prompts"
-    )
-    return run
 
 
-def pretrain_base_models(run: DemoRun) -> None:
-    """Causal-LM pretraining on the corpus (loss on every token after the first), one model per size."""
+def open_worker_run(
+    preset: DemoPreset,
+    seed: int,
+    out: Path,
+    paths: dict[str, Path],
+    fresh: bool,
+    default_threads: int,
+    threads: dict[str, int],
+    *,
+    console: Callable[[str], None],
+) -> DemoRun:
+    """`open_run` in a worker process of `rlhf_fast.pipeline.parallel.run_jobs`."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    return open_run(preset, seed, out, paths, Stages(console, fresh, default_threads, threads))
+
+
+def demo_jobs(preset: DemoPreset) -> list[Job]:
+    """The training stages by the models each reads, the larger models' first (they take longer: started
+    first, they end the run sooner)."""
+    largest_first = tuple(reversed(preset.model_sizes))
+    jobs = [Job(f"base-{size}") for size in largest_first]
+    jobs += [Job(f"sft-{size}", (f"base-{size}",)) for size in largest_first]
+    read_by_rm = dict.fromkeys((rm_size(preset), *rm_sample_sizes(preset)))
+    jobs.append(Job("rm", tuple(f"sft-{size}" for size in read_by_rm)))
+    for size in largest_first:
+        jobs += [Job(f"{kind}-{size}", (f"sft-{size}", "rm")) for kind in ("ppo_ptx", "ppo")]
+        if preset.oracle_ppo and size == preset.model_sizes[-1]:
+            jobs.append(Job(oracle_ppo_name(preset), (f"sft-{size}", "rm")))
+    return jobs
+
+
+def trained_models(preset: DemoPreset) -> list[str]:
+    """Every model the training stages write, in the report's order."""
+    names = [f"{kind}-{size}" for kind in ("base", "sft") for size in preset.model_sizes]
+    names += [f"{kind}-{size}" for size in preset.model_sizes for kind in ("ppo", "ppo_ptx")]
+    return names + ([oracle_ppo_name(preset)] if preset.oracle_ppo else [])
+
+
+def run_stage(run: DemoRun, name: str) -> dict[str, Any]:
+    """Runs the training stage `name` (a `demo_jobs` name); returns what `run.stages` recorded
+    (`Stages.take_record`)."""
+    kind, _, size = name.rpartition("-")
+    if name == "rm":
+        train_reward_model(run)
+    elif kind == "base":
+        pretrain_base_model(run, size)
+    elif kind == "sft":
+        finetune_sft_model(run, size)
+    else:
+        train_ppo_model(run, kind, size)
+    return run.stages.take_record()
+
+
+def pretrain_base_model(run: DemoRun, size: str) -> None:
+    """Causal-LM pretraining on the corpus (loss on every token after the first)."""
     from rlhf_fast.models.tiny import tiny_causal_lm
     from rlhf_fast.trainers import SFTConfig, SFTTrainer
 
     preset, tokenizer = run.preset, run.tokenizer
-    for size in run.sizes:
-        name = f"base-{size}"
-        steps = preset.per_size("pretrain_steps", size)
+    name = f"base-{size}"
+    steps = preset.per_size("pretrain_steps", size)
 
-        def pretrain(size=size, name=name, steps=steps):
-            config = SFTConfig(
-                **run.trainer_settings(name),
-                batch_size=preset.pretrain_batch_size,
-                learning_rate=preset.per_size("pretrain_learning_rate", size),
-                epochs=10_000,
-                max_steps=steps,
-                warmup=max(1, steps // 20),
-                residual_dropout=None,
-                min_lr_ratio=0.1,
-            )
-            model = tiny_causal_lm(
-                size,
-                vocab_size=len(tokenizer),
-                max_positions=preset.max_positions,
-                seed=run.seed,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-            )
-            SFTTrainer(config, model, run.pretrain_examples, tokenizer=tokenizer).train()
-
-        run.stages.run(
-            "pretrain",
-            f"pretraining the {size} base model ({steps} steps)",
-            run.out / name,
-            run.keys[name],
-            pretrain,
+    def pretrain():
+        config = SFTConfig(
+            **run.trainer_settings(name),
+            batch_size=preset.pretrain_batch_size,
+            learning_rate=preset.per_size("pretrain_learning_rate", size),
+            epochs=10_000,
+            max_steps=steps,
+            warmup=max(1, steps // 20),
+            residual_dropout=None,
+            min_lr_ratio=0.1,
         )
-        run.model_dirs[name] = run.out / name / "final"
+        model = tiny_causal_lm(
+            size,
+            vocab_size=len(tokenizer),
+            max_positions=preset.max_positions,
+            seed=run.seed,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+        SFTTrainer(config, model, run.pretrain_examples, tokenizer=tokenizer).train()
+
+    what = f"pretraining the {size} base model ({steps} steps)"
+    run.stages.run("pretrain", what, run.out / name, run.keys[name], pretrain)
 
 
-def finetune_sft_models(run: DemoRun) -> None:
-    """SFT of each base model on the labelers' demonstrations, and `sft_pretrain_mix` pretraining blocks per
+def finetune_sft_model(run: DemoRun, size: str) -> None:
+    """SFT of the base model on the labelers' demonstrations, and `sft_pretrain_mix` pretraining blocks per
     demonstration mixed in (one draw for every size; a block's loss is on every token after its first)."""
     from rlhf_fast.trainers import SFTConfig, SFTTrainer
 
     preset = run.preset
-    examples = list(run.demonstrations.examples)
-    mixed = round(preset.sft_pretrain_mix * len(examples))
-    if mixed:
-        rng = random.Random(f"demo:{run.seed}:sft-pretrain-mix")
-        blocks = rng.sample(range(len(run.pretrain)), min(mixed, len(run.pretrain)))
-        examples += [run.pretrain_examples[i] for i in blocks]
-    for size in run.sizes:
-        name = f"sft-{size}"
+    name = f"sft-{size}"
 
-        def finetune(size=size, name=name):
-            config = SFTConfig(
-                **run.trainer_settings(name),
-                learning_rate=preset.sft_learning_rate,
-                batch_size=preset.sft_batch_size,
-                epochs=preset.sft_epochs,
-                warmup=10,
-                residual_dropout=None,
-                min_lr_ratio=0.1,
-            )
-            SFTTrainer(
-                config, run.model_dirs[f"base-{size}"], examples, tokenizer=run.tokenizer
-            ).train()
-
-        run.stages.run(
-            "sft", f"supervised fine-tuning of the {size} model", run.out / name, run.keys[name], finetune
+    def finetune():
+        examples = list(run.demonstrations.examples)
+        mixed = round(preset.sft_pretrain_mix * len(examples))
+        if mixed:
+            rng = random.Random(f"demo:{run.seed}:sft-pretrain-mix")
+            blocks = rng.sample(range(len(run.pretrain)), min(mixed, len(run.pretrain)))
+            examples += [run.pretrain_examples[i] for i in blocks]
+        config = SFTConfig(
+            **run.trainer_settings(name),
+            learning_rate=preset.sft_learning_rate,
+            batch_size=preset.sft_batch_size,
+            epochs=preset.sft_epochs,
+            warmup=10,
+            residual_dropout=None,
+            min_lr_ratio=0.1,
         )
-        run.model_dirs[name] = run.out / name / "final"
+        SFTTrainer(config, run.model_dir(f"base-{size}"), examples, tokenizer=run.tokenizer).train()
+
+    run.stages.run(
+        "sft", f"supervised fine-tuning of the {size} model", run.out / name, run.keys[name], finetune
+    )
 
 
-def train_reward_model(run: DemoRun) -> RewardModelSummary:
+def train_reward_model(run: DemoRun) -> None:
     """K = rm_min_k..rm_max_k SFT samples per prompt, ranked by training labelers; the RM learns the rankings
-    (rankings.jsonl, as a user would have them, lands beside the other datasets)."""
+    (`reward_model_summary` puts rankings.jsonl, as a user would have them, beside the other datasets)."""
     from rlhf_fast.data import encode_rankings, read_rankings, write_jsonl
     from rlhf_fast.trainers import RewardConfig, RewardTrainer
     from rlhf_fast.world import make_rankings
@@ -234,7 +295,7 @@ def train_reward_model(run: DemoRun) -> RewardModelSummary:
         instances = world.instances("rm")
         per_prompt = [rng.randint(preset.rm_min_k, preset.rm_max_k) for _ in instances]
         samples = sample_from_policies(
-            [run.model_dirs[f"sft-{s}"] for s in rm_sample_sizes(preset)],
+            [run.model_dir(f"sft-{s}") for s in rm_sample_sizes(preset)],
             run.tokenizer,
             [i.prompt for i in instances],
             per_prompt,
@@ -261,7 +322,7 @@ def train_reward_model(run: DemoRun) -> RewardModelSummary:
         )
         trainer = RewardTrainer(
             config,
-            run.model_dirs[f"sft-{rm_size(preset)}"],
+            run.model_dir(f"sft-{rm_size(preset)}"),
             encoded[split:],
             eval_data=encoded[:split],
             normalization_data=run.demonstrations,
@@ -278,6 +339,11 @@ def train_reward_model(run: DemoRun) -> RewardModelSummary:
         run.keys["rm"],
         train,
     )
+
+
+def reward_model_summary(run: DemoRun) -> RewardModelSummary:
+    """The trained RM's summary, told on the console; its rankings copied beside the other datasets."""
+    out = run.out
     summary = RewardModelSummary(**json.loads((out / "rm" / "summary.json").read_text()))
     shutil.copyfile(out / "rm" / "rankings.jsonl", out / "data" / "rankings.jsonl")
     run.console(
@@ -287,17 +353,17 @@ def train_reward_model(run: DemoRun) -> RewardModelSummary:
     return summary
 
 
-def train_ppo_models(run: DemoRun) -> dict[str, list[PPOStep]]:
-    """PPO and PPO-ptx from each SFT model against the one reward model; returns each run's history. With
-    `oracle_ppo`, also PPO from the largest SFT model against the training labelers' own utility (a perfect
-    reward model, on another scale: its history is left out of the reward-model runs' plot)."""
+def train_ppo_model(run: DemoRun, kind: str, size: str) -> None:
+    """PPO ("ppo") or PPO-ptx ("ppo_ptx") from the `size` SFT model against the reward model, or PPO against
+    the training labelers' own utility (`ORACLE_PPO_KIND`: a perfect reward model, on another scale)."""
+    from rlhf_fast.eval.report import ORACLE_PPO_KIND
     from rlhf_fast.models import RewardModel, ValueModel
     from rlhf_fast.trainers import PPOConfig, PPOTrainer
     from rlhf_fast.world import LabelerReward
 
-    preset = run.preset
+    preset, name = run.preset, f"{kind}-{size}"
 
-    def reinforce(name: str, size: str, reward_model, value_model=None, pretrain_data=None) -> None:
+    def reinforce():
         config = PPOConfig(
             **run.trainer_settings(name),
             learning_rate=preset.ppo_learning_rate,
@@ -311,49 +377,36 @@ def train_ppo_models(run: DemoRun) -> dict[str, list[PPOStep]]:
             kl_coef=preset.kl_coef,
             ptx_coef=preset.ptx_coef,
         )
+        reward_model = RewardModel.from_pretrained(run.rm_dir)
+        value_model = None
+        if kind == ORACLE_PPO_KIND:
+            # The PPO prompts (prompts_train.jsonl) are the world's "ppo" split. The value function starts
+            # from the RM, as PPO's does: only the reward differs.
+            value_model = ValueModel.from_reward_model(reward_model)
+            prompts = [instance.prompt for instance in run.world.instances("ppo")]
+            reward_model = LabelerReward(run.world, run.tokenizer, prompts)
         PPOTrainer(
             config,
-            run.model_dirs[f"sft-{size}"],
+            run.model_dir(f"sft-{size}"),
             reward_model,
             run.ppo_prompts,
             value_model=value_model,
-            pretrain_data=pretrain_data,
+            pretrain_data=run.pretrain.blocks if kind == "ppo_ptx" else None,
             tokenizer=run.tokenizer,
         ).train()
 
-    def train(name: str, description: str, make) -> None:
-        run.stages.run("ppo", description, run.out / name, run.keys[name], make)
-        run.model_dirs[name] = run.out / name / "final"
+    if kind == ORACLE_PPO_KIND:
+        what = f"PPO from the {size} SFT model against the labelers' own utility (no RM)"
+    else:
+        what = f"{'PPO-ptx' if kind == 'ppo_ptx' else 'PPO'} from the {size} SFT model"
+    run.stages.run("ppo", what, run.out / name, run.keys[name], reinforce)
 
-    histories: dict[str, list[PPOStep]] = {}
-    for size in run.sizes:
-        for kind in ("ppo", "ppo_ptx"):
-            name = f"{kind}-{size}"
-            pretrain = run.pretrain.blocks if kind == "ppo_ptx" else None
-            label = "PPO-ptx" if kind == "ppo_ptx" else "PPO"
-            train(
-                name,
-                f"{label} from the {size} SFT model",
-                lambda name=name, size=size, pretrain=pretrain: reinforce(
-                    name, size, RewardModel.from_pretrained(run.rm_dir), pretrain_data=pretrain
-                ),
-            )
-            histories[name] = _ppo_history(run.out / name / "metrics.jsonl")
-    if preset.oracle_ppo:
-        name, size = oracle_ppo_name(preset), run.sizes[-1]
 
-        def against_labelers() -> None:
-            # The PPO prompts (prompts_train.jsonl) are the world's "ppo" split.
-            prompts = [instance.prompt for instance in run.world.instances("ppo")]
-            reward = LabelerReward(run.world, run.tokenizer, prompts)
-            # The value function starts from the RM, as PPO's does: only the reward differs.
-            value = ValueModel.from_reward_model(RewardModel.from_pretrained(run.rm_dir))
-            reinforce(name, size, reward, value_model=value)
-
-        train(
-            name, f"PPO from the {size} SFT model against the labelers' own utility (no RM)", against_labelers
-        )
-    return histories
+def ppo_histories(run: DemoRun) -> dict[str, list[PPOStep]]:
+    """Each PPO and PPO-ptx run's history against the RM (PPO against the labelers' utility is on another
+    scale: left out of the reward-model runs' plot)."""
+    names = [f"{kind}-{size}" for size in run.sizes for kind in ("ppo", "ppo_ptx")]
+    return {name: _ppo_history(run.out / name / "metrics.jsonl") for name in names}
 
 
 def _ppo_history(metrics_path: Path) -> list[PPOStep]:
@@ -407,7 +460,11 @@ def _notes(
             f"{count} thread{'s' if count > 1 else ''}: {', '.join(stages)}"
             for count, stages in sorted(by_count.items())
         )
-        chosen = "set by --threads" if fixed_threads else "chosen from the load average"
+        chosen = (
+            "set by --threads"
+            if fixed_threads
+            else "each stage's share of the cores free at the start (a stage that runs alone: all of them)"
+        )
         notes.append(
             f"CPU threads per stage ({counts}), {chosen} for the stages this run ran. The numbers depend on "
             "them through rounding: the same seed and thread counts reproduce this report bit for bit on the "
@@ -444,19 +501,25 @@ def run_demo(
     console: Callable[[str], None] = print,
     fresh: bool = False,
     threads: int | None = None,
+    jobs: int | None = None,
 ) -> Results:
     """Runs the whole pipeline; returns the results written to `out_dir/report/` (report.md, report.json).
 
     Stages that finished in an earlier run into `out_dir` with the same settings are reused (`fresh=True`
-    reruns them all). The terminal gets one line per stage, the trainers' progress bars, then the evaluation
-    table and each target of the paper's findings marked MET or MISS with its standard error.
-    `threads`: the CPU intra-op threads of every stage; None picks them per stage from the machine's load
-    (`rlhf_fast.pipeline.threads`). The results depend on the counts through rounding, so a fixed count
-    makes a seed's run reproducible on the same machine whatever else was running before it.
+    reruns them all). The terminal gets one line per stage, the trainers' progress bars (with several stages
+    at once: in `out_dir/logs/`), then the evaluation table and each target of the paper's findings marked MET
+    or MISS with its standard error.
+
+    `jobs`: training stages run at once, each in a process of its own (`rlhf_fast.pipeline.parallel`);
+    default: the cores free when the run starts. `threads`: the CPU intra-op threads of every stage (and,
+    without `jobs`, one stage per `threads` free cores); default: each stage's share of the free cores
+    (`rlhf_fast.pipeline.parallel.plan_threads`). The results depend on the thread counts through rounding,
+    not on `jobs`: the same seed and counts reproduce a run on the same machine.
     """
     from transformers.utils import logging as transformers_logging
 
     from rlhf_fast.eval import format_summary_table, write_report
+    from rlhf_fast.pipeline.threads import choose_threads
 
     transformers_logging.disable_progress_bar()  # one line per stage; the trainers draw their own bars
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -466,23 +529,52 @@ def run_demo(
         )
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")  # noqa: TRY004 (project rule)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    for option, value in (("threads", threads), ("jobs", jobs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{option} must be a positive int or None, got {value!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(console, fresh, threads)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started, children_started = time.perf_counter(), time.process_time(), _children_cpu()
+
+    training = demo_jobs(preset)
+    cores = choose_threads(own_threads=1)  # the cores free at the start; this process's own share is one
+    workers = jobs or (max(1, cores // threads) if threads else cores)
+    workers = min(workers, max(concurrency(training).values()))
+    if threads:
+        stages = Stages(console, fresh, default_threads=threads, threads={})
+    else:
+        stages = Stages(console, fresh, default_threads=cores, threads=plan_threads(training, cores, workers))
 
     run = make_world(preset, seed, out, stages)
-    pretrain_base_models(run)
-    finetune_sft_models(run)
-    rm_summary = train_reward_model(run)
-    histories = train_ppo_models(run)
+    to_run = [job for job in training if not stages.finished(run.out / job.name, run.keys[job.name])]
+    for job in training:
+        if job not in to_run:
+            stages.add_record(run_stage(run, job.name))  # reused: one line on the console
+    if workers > 1 and len(to_run) > 1:
+        console(
+            f"  {workers} training stages at a time, each in a process of its own (progress bars in "
+            f"{out / 'logs'}/)"
+        )
+    run_jobs(
+        to_run,
+        run_stage,
+        run,
+        workers if len(to_run) > 1 else 1,
+        open_context=open_worker_run,
+        open_args=(preset, seed, out, run.paths, fresh, stages.default_threads, stages.threads),
+        log_dir=out / "logs",
+        console=console,
+        on_done=lambda name, record: stages.add_record(record),
+    )
+    run.model_dirs = {name: run.model_dir(name) for name in trained_models(preset)}
+    rm_summary = reward_model_summary(run)
+    histories = ppo_histories(run)
     evaluation = stages.timed(
         "eval", "evaluating every model with held-out labelers", lambda: evaluate(run, fresh)
     )
 
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started + _children_cpu() - children_started
     results = Results(
         title=f"InstructGPT in miniature (preset {preset.name}, seed {seed})",
         models=evaluation.models,
@@ -519,3 +611,13 @@ def run_demo(
         f"{sum(t.met for t in results.targets)} of {len(results.targets)} targets met)"
     )
     return results
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished child processes (the stages' workers)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

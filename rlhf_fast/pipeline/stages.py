@@ -24,31 +24,47 @@ STAGE_FILE = "stage.json"
 
 class Stages:
     """Runs stages, each announced by one line and finished by another (the trainers draw their progress bars
-    in between), and skips a stage whose directory holds a finished run with the same key. Before each stage
-    it sets the CPU threads: `fixed_threads`, or a count for the machine's current load
-    (`rlhf_fast.pipeline.threads`)."""
+    in between), and skips a stage whose directory holds a finished run with the same key. Each stage runs
+    with its entry in `threads` (by directory name) intra-op CPU threads, or `default_threads`
+    (`rlhf_fast.pipeline.parallel.plan_threads` chooses them)."""
 
-    def __init__(self, console: Callable[[str], None], fresh: bool, fixed_threads: int | None = None):
+    def __init__(
+        self,
+        console: Callable[[str], None],
+        fresh: bool,
+        default_threads: int = 1,
+        threads: dict[str, int] | None = None,
+    ):
         self.console = console
         self.fresh = fresh
-        self.fixed_threads = fixed_threads  # every stage's thread count, instead of one chosen from the load
+        self.default_threads = default_threads
+        self.threads = dict(threads or {})
         self.seconds: dict[str, float] = {}
         self.reused: list[str] = []
-        self.threads = 1  # this process's own share of the load average so far (plain Python)
         # Intra-op threads each stage ran with (a reused stage: as recorded when it ran). The results depend on
         # them through rounding: the same counts reproduce a run bit for bit.
         self.stage_threads: dict[str, int] = {}
 
-    def _set_threads(self) -> None:
-        from rlhf_fast.pipeline.threads import use_threads
+    def _set_threads(self, name: str) -> int:
+        import torch
 
-        if self.fixed_threads is not None:
-            import torch
+        threads = self.threads.get(name, self.default_threads)
+        torch.set_num_threads(threads)
+        self.stage_threads[name] = threads
+        return threads
 
-            self.threads = self.fixed_threads
-            torch.set_num_threads(self.threads)
-            return
-        self.threads = use_threads(self.threads, self.console)
+    def take_record(self) -> dict[str, Any]:
+        """What this object recorded so far (seconds per stage kind, reused and per-stage threads), cleared:
+        a worker process hands it to the caller's `Stages` (`add_record`)."""
+        record = {"seconds": self.seconds, "reused": self.reused, "stage_threads": self.stage_threads}
+        self.seconds, self.reused, self.stage_threads = {}, [], {}
+        return record
+
+    def add_record(self, record: dict[str, Any]) -> None:
+        for name, seconds in record["seconds"].items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.reused += record["reused"]
+        self.stage_threads.update(record["stage_threads"])
 
     @staticmethod
     def finished_record(directory: Path) -> dict:
@@ -59,25 +75,28 @@ class Stages:
             return {}
         return record if isinstance(record, dict) else {}
 
+    def finished(self, directory: Path, key: Any) -> bool:
+        """Whether `run` would reuse `directory` for `key`."""
+        return not self.fresh and self.finished_record(directory).get("key") == as_stored(key)
+
     def run(self, name: str, what: str, directory: Path, key: Any, body: Callable[[], None]) -> None:
         """Runs `body` (which writes into `directory`) unless `directory` already holds its result for `key`."""
         key = as_stored(key)
         finished = self.finished_record(directory)
-        if not self.fresh and finished.get("key") == key:
+        if self.finished(directory, key):
             self.console(f"[{name}] {what}: reused from {directory}")
             self.reused.append(directory.name)
             if "threads" in finished:
                 self.stage_threads[directory.name] = int(finished["threads"])
             return
         self.console(f"[{name}] {what}")
-        self._set_threads()
-        self.stage_threads[directory.name] = self.threads
+        threads = self._set_threads(directory.name)
         started = time.perf_counter()
         shutil.rmtree(directory, ignore_errors=True)  # a stale or half-written run must not be resumed
         body()
         seconds = time.perf_counter() - started
         directory.mkdir(parents=True, exist_ok=True)
-        record = {"key": key, "seconds": round(seconds, 2), "threads": self.threads}
+        record = {"key": key, "seconds": round(seconds, 2), "threads": threads}
         (directory / STAGE_FILE).write_text(json.dumps(record, indent=1))
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
         self.console(f"[{name}] done in {seconds:.1f} s")
@@ -85,8 +104,7 @@ class Stages:
     def timed(self, name: str, what: str, body: Callable[[], Any]) -> Any:
         """Runs an uncached stage."""
         self.console(f"[{name}] {what}")
-        self._set_threads()
-        self.stage_threads[name] = self.threads
+        self._set_threads(name)
         started = time.perf_counter()
         result = body()
         seconds = time.perf_counter() - started

@@ -11,13 +11,14 @@ to 0.7 it/s with one of two cores taken by another process):
 Waiting passively (OMP_WAIT_POLICY=PASSIVE: sleep at once) removes the second, but then every one of those
 parallel regions starts by waking a sleeping thread: on an idle machine the demo's tiny-model training step
 takes 2.1x as long on two threads as with spinning, longer than on one (bench/bench_wait_policy.py). So the
-demo runs at most `os.cpu_count()` intra-op threads and fewer when the load average says cores are taken (one
-when the machine is full), chosen again before each stage, and bounds the spinning instead: long enough to
-bridge the gaps between one step's parallel regions, short enough that a waiting thread soon gives up its
-core (`bound_openmp_spinning`). GNU OpenMP (torch's on Linux) reads GOMP_SPINCOUNT; LLVM and Intel OpenMP
-read KMP_BLOCKTIME, set to 1 ms (not measured: the torch measured here uses GNU OpenMP). OpenMP reads them
-when it starts, i.e. when torch is first imported: `bound_openmp_spinning` must run before that (the
-`rlhf_fast.pipeline` package calls it on import) and says whether it was in time.
+demo uses the cores the load average says are free when it starts (`choose_threads`; one when the machine is
+full), runs stages that can run side by side on one thread each (`rlhf_fast.pipeline.parallel`: a one-thread
+step has no parallel region to wait in), and bounds the spinning of the stages that run on several: long
+enough to bridge the gaps between one step's parallel regions, short enough that a waiting thread soon gives
+up its core (`bound_openmp_spinning`). GNU OpenMP (torch's on Linux) reads GOMP_SPINCOUNT; LLVM and
+Intel OpenMP read KMP_BLOCKTIME, set to 1 ms (not measured: the torch measured here uses GNU OpenMP). OpenMP
+reads them when it starts, i.e. when torch is first imported: `bound_openmp_spinning` must run before that
+(the `rlhf_fast.pipeline` package calls it on import) and says whether it was in time.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def available_cpus() -> int:
 
 
 def choose_threads(cpus: int | None = None, load: float | None = None, own_threads: int = 0) -> int:
-    """Intra-op threads for the next stage: the cores not taken by other processes, at least 1, at most `cpus`.
+    """The cores free for a run: those not taken by other processes, at least 1, at most `cpus`.
 
     load: the 1-minute load average (read from the OS when None); own_threads: threads of this process that
     count in that load (the threads it ran with until now), subtracted as its own share.
@@ -70,20 +71,3 @@ def choose_threads(cpus: int | None = None, load: float | None = None, own_threa
     others = max(0.0, load - own_threads)
     free = cpus - others
     return max(1, min(cpus, math.floor(free + 0.5)))
-
-
-def use_threads(own_threads: int = 1, console=None) -> int:
-    """Sets torch's intra-op threads by `choose_threads`; `own_threads`: how many cores this process kept busy
-    over the last minute (the threads of its last stage; 1 for plain Python). Returns the count, and tells
-    `console` when it changes."""
-    import torch
-
-    threads = choose_threads(own_threads=own_threads)
-    if threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-        if console is not None:
-            console(
-                f"  {threads} CPU thread{'s' if threads > 1 else ''} for the next stage (load average "
-                f"{os.getloadavg()[0]:.1f} on {available_cpus()} cores)"
-            )
-    return threads

@@ -218,8 +218,12 @@ def test_demo_calls_the_pipeline(cli, tmp_path, monkeypatch):
     code, _, stderr = cli("demo", "--out", tmp_path / "demo", "--threads", 2)
     assert code == 0, stderr
     assert calls[-1] == {"preset": "quick", "out_dir": str(tmp_path / "demo"), "seed": 0, "threads": 2}
-    code, _, stderr = cli("demo", "--threads", 0)
-    assert code == 2 and "--threads" in stderr
+    code, _, stderr = cli("demo", "--out", tmp_path / "demo", "--jobs", 3)
+    assert code == 0, stderr
+    assert calls[-1] == {"preset": "quick", "out_dir": str(tmp_path / "demo"), "seed": 0, "jobs": 3}
+    for option in ("--threads", "--jobs"):
+        code, _, stderr = cli("demo", option, 0)
+        assert code == 2 and option in stderr
 
 
 def test_demo_without_the_pipeline(cli, monkeypatch):

@@ -100,18 +100,37 @@ def test_rerun_reuses_finished_stages(smoke_run):
     assert "rm" in threads_note and "bit for bit" in threads_note
 
 
-def test_fixed_threads_set_every_stage_and_are_reported(tmp_path):
+def test_stages_side_by_side_give_the_numbers_of_stages_one_after_another(tmp_path):
+    import hashlib
+
     import torch
 
     before = torch.get_num_threads()
     lines: list[str] = []
     try:
-        results = run_demo("smoke", tmp_path / "demo", seed=0, console=lines.append, threads=1)
+        one = run_demo("smoke", tmp_path / "one", seed=0, console=lambda line: None, threads=1, jobs=1)
+        two = run_demo("smoke", tmp_path / "two", seed=0, console=lines.append, threads=1, jobs=2)
     finally:
         torch.set_num_threads(before)
-    records = [json.loads(path.read_text()) for path in (tmp_path / "demo").glob("*/stage.json")]
+    assert two.to_json()["models"] == one.to_json()["models"]
+    assert two.to_json()["targets"] == one.to_json()["targets"]
+
+    def weights(out):
+        return {
+            path.relative_to(out).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(out.glob("*/final/*.safetensors"))
+        }
+
+    assert weights(tmp_path / "two") == weights(tmp_path / "one") != {}
+    # Side by side, each stage's progress bars went to a log of its own, its console lines to the console.
+    assert {path.stem for path in (tmp_path / "two" / "logs").glob("*.log")} > {"rm", "ppo-tiny"}
+    assert not (tmp_path / "one" / "logs").exists()
+    assert sum(" done in " in line for line in lines) == 8 and any("at a time" in line for line in lines)
+    # Every stage ran with the one thread asked for, and the report says so.
+    records = [json.loads(path.read_text()) for path in (tmp_path / "two").glob("*/stage.json")]
     assert records and all(record["threads"] == 1 for record in records)
-    (note,) = [n for n in results.to_json()["notes"] if n.startswith("CPU threads per stage")]
+    (note,) = [n for n in two.to_json()["notes"] if n.startswith("CPU threads per stage")]
     assert "set by --threads" in note and "1 thread:" in note and "2 threads" not in note
-    with pytest.raises(ValueError, match="threads"):
-        run_demo("smoke", tmp_path / "other", seed=0, console=lines.append, threads=0)
+    for option in ("threads", "jobs"):
+        with pytest.raises(ValueError, match=option):
+            run_demo("smoke", tmp_path / "other", seed=0, console=lines.append, **{option: 0})

@@ -4,7 +4,7 @@ import pytest
 
 import rlhf_fast.trainers
 from rlhf_fast.pipeline import get_preset
-from rlhf_fast.pipeline.demo import finetune_sft_models, make_world
+from rlhf_fast.pipeline.demo import finetune_sft_model, make_world
 from rlhf_fast.pipeline.stages import Stages, stage_keys
 
 
@@ -31,8 +31,8 @@ def test_sft_mixes_in_the_share_of_pretraining_blocks_the_preset_asks_for(tmp_pa
     monkeypatch.setattr(rlhf_fast.trainers, "SFTTrainer", RecordingTrainer)
     preset = get_preset("smoke").replace(model_sizes=("tiny", "small"), sft_pretrain_mix=0.5)
     run = make_world(preset, 0, tmp_path, Stages(lambda line: None, fresh=True))
-    run.model_dirs.update({f"base-{size}": tmp_path / "base" for size in preset.model_sizes})
-    finetune_sft_models(run)
+    for size in preset.model_sizes:
+        finetune_sft_model(run, size)
     demonstrations = [(e.input_ids, e.prompt_length) for e in run.demonstrations.examples]
     blocks = {tuple(block.tolist()) for block in run.pretrain.blocks}
     for size in ("tiny", "small"):

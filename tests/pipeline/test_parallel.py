@@ -1,0 +1,107 @@
+"""The stage graph: jobs run after the jobs they read, side by side in worker processes where they can, with
+the thread counts of the graph; a failing job stops the run with its error and its log."""
+
+import os
+import time
+
+import pytest
+
+from rlhf_fast.pipeline import get_preset
+from rlhf_fast.pipeline.demo import demo_jobs, trained_models
+from rlhf_fast.pipeline.parallel import Job, concurrency, in_order, plan_threads, run_jobs
+
+DIAMOND = [Job("a"), Job("b", ("a",)), Job("c", ("a",)), Job("d", ("b", "c"))]
+
+
+def test_jobs_run_after_what_they_read_in_the_given_order_where_it_allows():
+    assert [job.name for job in in_order(DIAMOND)] == ["a", "b", "c", "d"]
+    assert [job.name for job in in_order([Job("d", ("b",)), Job("b"), Job("c")])] == ["b", "d", "c"]
+    with pytest.raises(ValueError, match="cycle"):
+        in_order([Job("a", ("b",)), Job("b", ("a",))])
+    with pytest.raises(ValueError, match="unknown job"):
+        in_order([Job("a", ("z",))])
+    with pytest.raises(ValueError, match="unique"):
+        in_order([Job("a"), Job("a")])
+
+
+def test_a_job_that_nothing_can_run_beside_gets_every_core():
+    assert concurrency(DIAMOND) == {"a": 1, "b": 2, "c": 2, "d": 1}
+    assert plan_threads(DIAMOND, cores=2, workers=2) == {"a": 2, "b": 1, "c": 1, "d": 2}
+    assert plan_threads(DIAMOND, cores=8, workers=2) == {"a": 8, "b": 4, "c": 4, "d": 8}
+    assert plan_threads(DIAMOND, cores=2, workers=1) == {"a": 2, "b": 2, "c": 2, "d": 2}
+    # The quick demo on two cores: the sizes' pretraining and SFT side by side, the RM alone, PPO side by
+    # side.
+    preset = get_preset("quick")
+    jobs = demo_jobs(preset)
+    assert {job.name for job in jobs} == set(trained_models(preset)) | {"rm"}
+    threads = plan_threads(jobs, cores=2, workers=2)
+    assert threads.pop("rm") == 2 and set(threads.values()) == {1}
+    assert concurrency(jobs)["ppo-small"] == 5 and concurrency(jobs)["base-tiny"] == 3
+
+
+# Module level: worker processes import these by name.
+def open_context(tag, *, console):
+    console(f"worker {os.getpid()} opened {tag}")
+    return {"tag": tag, "console": console}
+
+
+def sleep_job(context, name):
+    started = time.time()
+    print(f"stdout of {name}", flush=True)
+    time.sleep(0.5)
+    context["console"](f"[{name}] done")
+    return {"name": name, "pid": os.getpid(), "span": (started, time.time()), "tag": context["tag"]}
+
+
+def failing_job(context, name):
+    if name == "b":
+        print("about to fail", flush=True)
+        raise ValueError(f"job {name} failed on purpose")
+    return sleep_job(context, name)
+
+
+def test_independent_jobs_run_side_by_side_in_worker_processes(tmp_path):
+    results, lines = {}, []
+    run_jobs(
+        DIAMOND,
+        sleep_job,
+        None,
+        2,
+        open_context=open_context,
+        open_args=("ctx",),
+        log_dir=tmp_path,
+        console=lines.append,
+        on_done=results.__setitem__,
+    )
+    assert set(results) == {"a", "b", "c", "d"} and {r["tag"] for r in results.values()} == {"ctx"}
+    assert os.getpid() not in {r["pid"] for r in results.values()}
+    span = {name: r["span"] for name, r in results.items()}
+    assert span["a"][1] <= min(span["b"][0], span["c"][0]) and max(span["b"][1], span["c"][1]) <= span["d"][0]
+    assert span["b"][0] < span["c"][1] and span["c"][0] < span["b"][1]  # b and c overlap
+    assert sum(line.startswith("worker ") for line in lines) == 2
+    assert sorted(line for line in lines if line.endswith("done")) == [f"[{n}] done" for n in "abcd"]
+    assert (tmp_path / "c.log").read_text() == "stdout of c\n"
+
+
+def test_one_worker_runs_the_jobs_here_in_order():
+    seen = []
+    run_jobs(DIAMOND, lambda context, name: seen.append((context, name)), "here", 1)
+    assert seen == [("here", name) for name in "abcd"]
+
+
+def test_a_failing_job_stops_the_run_with_its_error_and_names_its_log(tmp_path):
+    lines = []
+    with pytest.raises(ValueError, match="job b failed on purpose"):
+        run_jobs(
+            DIAMOND,
+            failing_job,
+            None,
+            2,
+            open_context=open_context,
+            open_args=("ctx",),
+            log_dir=tmp_path,
+            console=lines.append,
+        )
+    assert f"[b] failed; its log: {tmp_path / 'b.log'}" in lines
+    assert "about to fail" in (tmp_path / "b.log").read_text()
+    assert not (tmp_path / "d.log").exists()  # nothing after the failed job started
