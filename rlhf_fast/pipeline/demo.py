@@ -519,7 +519,7 @@ def run_demo(
     from transformers.utils import logging as transformers_logging
 
     from rlhf_fast.eval import format_summary_table, write_report
-    from rlhf_fast.pipeline.threads import choose_threads
+    from rlhf_fast.pipeline.threads import free_cores
 
     transformers_logging.disable_progress_bar()  # one line per stage; the trainers draw their own bars
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -537,7 +537,7 @@ def run_demo(
     started, cpu_started, children_started = time.perf_counter(), time.process_time(), _children_cpu()
 
     training = demo_jobs(preset)
-    cores = choose_threads(own_threads=1)  # the cores free at the start; this process's own share is one
+    cores = free_cores()
     workers = jobs or (max(1, cores // threads) if threads else cores)
     workers = min(workers, max(concurrency(training).values()))
     if threads:

@@ -11,11 +11,11 @@ to 0.7 it/s with one of two cores taken by another process):
 Waiting passively (OMP_WAIT_POLICY=PASSIVE: sleep at once) removes the second, but then every one of those
 parallel regions starts by waking a sleeping thread: on an idle machine the demo's tiny-model training step
 takes 2.1x as long on two threads as with spinning, longer than on one (bench/bench_wait_policy.py). So the
-demo uses the cores the load average says are free when it starts (`choose_threads`; one when the machine is
-full), runs stages that can run side by side on one thread each (`rlhf_fast.pipeline.parallel`: a one-thread
-step has no parallel region to wait in), and bounds the spinning of the stages that run on several: long
-enough to bridge the gaps between one step's parallel regions, short enough that a waiting thread soon gives
-up its core (`bound_openmp_spinning`). GNU OpenMP (torch's on Linux) reads GOMP_SPINCOUNT; LLVM and
+demo uses the cores free when it starts (`free_cores`; one when the machine is full), runs stages that can
+run side by side on one thread each (`rlhf_fast.pipeline.parallel`: a one-thread step has no parallel region
+to wait in), and bounds the spinning of the stages that run on several: long enough to bridge the gaps
+between one step's parallel regions, short enough that a waiting thread soon gives up its core
+(`bound_openmp_spinning`). GNU OpenMP (torch's on Linux) reads GOMP_SPINCOUNT; LLVM and
 Intel OpenMP read KMP_BLOCKTIME, set to 1 ms (not measured: the torch measured here uses GNU OpenMP). OpenMP
 reads them when it starts, i.e. when torch is first imported: `bound_openmp_spinning` must run before that
 (the `rlhf_fast.pipeline` package calls it on import) and says whether it was in time.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 # Spins of a waiting thread before it sleeps. bench/bench_wait_policy.py, the demo's training steps on two
@@ -56,11 +57,43 @@ def available_cpus() -> int:
     return max(1, count)
 
 
+def cores_busy_now(seconds: float = 0.5) -> float | None:
+    """How many cores are busy right now (all processes'; the caller sleeps meanwhile): the busy share of the
+    machine's CPU time over `seconds`, from Linux's /proc/stat (time taken by the hypervisor counts as busy).
+    None where there is no /proc/stat.
+
+    The 1-minute load average lags: right after `scripts/install.sh` compiled the extension it still counts
+    the compiler on both cores of an idle machine."""
+
+    def busy_and_total() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            # cpu  user nice system idle iowait irq softirq steal ...
+            fields = [int(value) for value in stat.readline().split()[1:9]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)
+
+    try:
+        busy_before, total_before = busy_and_total()
+        time.sleep(seconds)
+        busy_after, total_after = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total_after <= total_before:
+        return None
+    return (os.cpu_count() or 1) * (busy_after - busy_before) / (total_after - total_before)
+
+
+def free_cores() -> int:
+    """The cores free for a run that starts now (`choose_threads` with the cores busy right now, or with the
+    load average where that cannot be measured)."""
+    busy = cores_busy_now()
+    return choose_threads(load=busy) if busy is not None else choose_threads(own_threads=1)
+
+
 def choose_threads(cpus: int | None = None, load: float | None = None, own_threads: int = 0) -> int:
     """The cores free for a run: those not taken by other processes, at least 1, at most `cpus`.
 
-    load: the 1-minute load average (read from the OS when None); own_threads: threads of this process that
-    count in that load (the threads it ran with until now), subtracted as its own share.
+    load: cores in use (`cores_busy_now`; the 1-minute load average, read from the OS, when None);
+    own_threads: threads of this process that count in that load, subtracted as its own share.
     """
     cpus = available_cpus() if cpus is None else max(1, int(cpus))
     if load is None:

@@ -1,8 +1,17 @@
 import os
 import subprocess
 import sys
+import time
 
-from rlhf_fast.pipeline.threads import WAIT_VARIABLES, available_cpus, choose_threads
+import pytest
+
+from rlhf_fast.pipeline.threads import (
+    WAIT_VARIABLES,
+    available_cpus,
+    choose_threads,
+    cores_busy_now,
+    free_cores,
+)
 
 
 def test_threads_follow_the_free_cores():
@@ -15,6 +24,19 @@ def test_threads_follow_the_free_cores():
     assert (
         choose_threads(cpus=4, load=0.0) <= 4 and 1 <= choose_threads() <= available_cpus() <= os.cpu_count()
     )
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures through Linux's /proc/stat")
+def test_the_cores_busy_now_count_a_process_that_keeps_one_busy():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = cores_busy_now(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.8 <= busy <= os.cpu_count() + 0.01
+    assert 1 <= free_cores() <= available_cpus()
 
 
 def test_importing_the_pipeline_bounds_openmp_spinning_before_torch_loads():
