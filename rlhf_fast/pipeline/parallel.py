@@ -15,12 +15,11 @@ stage, their console lines to the caller's console. The first stage that fails s
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
+import pickle
 import queue
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -101,7 +100,7 @@ def run_jobs(
     process on the context `open_context(*open_args, console=...)` built once per worker (its console lines
     reach `console`); `run_job` and `open_context` must be module-level functions, their arguments and results
     picklable. A job's stdout and stderr go to `log_dir/<name>.log`. `on_done(name, result)` runs here after
-    each job. A job's exception stops the others and is raised here."""
+    each job. A job's exception, or its process's death, stops the others and is raised here."""
     ordered = in_order(jobs)
     if workers <= 1:
         for job in ordered:
@@ -112,53 +111,113 @@ def run_jobs(
     if open_context is None or log_dir is None:
         raise ValueError("run_jobs with more than one worker needs open_context and log_dir")
     log_dir.mkdir(parents=True, exist_ok=True)
-    spawn = multiprocessing.get_context("spawn")
-    lines = spawn.Queue()
-
-    def drain() -> None:
-        with contextlib.suppress(queue.Empty):
-            while True:
-                console(lines.get_nowait())
-
-    pending, running, done = list(ordered), {}, set()
-    pool = spawn.Pool(workers, initializer=_open_worker, initargs=(lines, open_context, open_args))
+    pool = _Workers(min(workers, len(ordered)), open_context, open_args)
+    pending, done = list(ordered), set()
     try:
-        while pending or running:
-            for job in [job for job in pending if set(job.after) <= done][: workers - len(running)]:
+        while pending or pool.running:
+            for job in [job for job in pending if set(job.after) <= done][: pool.idle]:
                 pending.remove(job)
-                log = log_dir / f"{job.name}.log"
-                running[job.name] = pool.apply_async(_run_in_worker, (run_job, job.name, log))
-            time.sleep(poll_seconds)
-            drain()
-            for name, result in list(running.items()):
-                if not result.ready():
-                    continue
-                del running[name]
-                try:
-                    value = result.get()
-                except BaseException:
-                    drain()
-                    console(f"[{name}] failed; its log: {log_dir / f'{name}.log'}")
-                    raise
-                done.add(name)
-                if on_done is not None:
-                    on_done(name, value)
-        pool.close()
-        pool.join()
-        drain()
+                pool.submit(run_job, job.name, log_dir / f"{job.name}.log")
+            event = pool.next_event(poll_seconds)
+            if event is None:
+                continue
+            kind, name, value = event
+            if kind == "line":
+                console(value)
+                continue
+            if kind == "failed":
+                console(f"[{name}] failed; its log: {log_dir / f'{name}.log'}")
+                raise value
+            done.add(name)
+            if on_done is not None:
+                on_done(name, value)
     finally:
-        pool.terminate()  # a failed or interrupted run stops every stage still running
+        pool.stop()  # a failed or interrupted run stops every stage still running
 
 
-_WORKER: dict[str, Any] = {}
+class _Workers:
+    """Spawned processes that each open the context once and then run the jobs sent to them, one at a time.
+    Each has a task queue of its own, so a process that dies is known by the job it was running; all of them
+    send their console lines and results through one queue, so a job's lines arrive before its result."""
+
+    def __init__(self, count: int, open_context: Callable[..., Any], open_args: tuple):
+        spawn = multiprocessing.get_context("spawn")
+        self._events = spawn.Queue()
+        self._tasks = [spawn.SimpleQueue() for _ in range(count)]
+        self._processes = [
+            spawn.Process(
+                target=_worker_main,
+                args=(index, tasks, self._events, open_context, open_args),
+                daemon=True,
+            )
+            for index, tasks in enumerate(self._tasks)
+        ]
+        for process in self._processes:
+            process.start()
+        self._job_of: dict[int, str] = {}  # worker index -> the job it runs
+
+    @property
+    def running(self) -> int:
+        return len(self._job_of)
+
+    @property
+    def idle(self) -> int:
+        return len(self._processes) - len(self._job_of)
+
+    def submit(self, run_job: Callable[[Any, str], Any], name: str, log: Path) -> None:
+        index = next(i for i in range(len(self._processes)) if i not in self._job_of)
+        self._job_of[index] = name
+        self._tasks[index].put((run_job, name, log))
+
+    def next_event(self, seconds: float) -> tuple[str, str, Any] | None:
+        """The next ("line", job, text), ("done", job, result) or ("failed", job, exception), or None after
+        `seconds` without one."""
+        try:
+            index, kind, value = self._events.get(timeout=seconds)
+        except queue.Empty:
+            for index, name in self._job_of.items():
+                process = self._processes[index]
+                if not process.is_alive():
+                    error = RuntimeError(f"the process of stage {name} died (exit code {process.exitcode})")
+                    return "failed", name, error
+            return None
+        name = self._job_of.get(index, "") if kind == "line" else self._job_of.pop(index)
+        return kind, name, value
+
+    def stop(self) -> None:
+        for index, process in enumerate(self._processes):
+            if index in self._job_of:
+                process.terminate()  # still running a job: it will not be needed
+            elif process.is_alive():
+                self._tasks[index].put(None)
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
-def _open_worker(lines, open_context: Callable[..., Any], open_args: tuple) -> None:
-    _WORKER["context"] = open_context(*open_args, console=lines.put)
+def _worker_main(index: int, tasks, events, open_context: Callable[..., Any], open_args: tuple) -> None:
+    def console(line: str) -> None:
+        events.put((index, "line", line))
+
+    try:
+        context, opening_error = open_context(*open_args, console=console), None
+    except BaseException as error:  # reported as the failure of the job it is given
+        context, opening_error = None, error
+    while (task := tasks.get()) is not None:
+        run_job, name, log = task
+        try:
+            if opening_error is not None:
+                raise opening_error
+            events.put((index, "done", _run_logged(run_job, context, name, log)))
+        except BaseException as error:
+            events.put((index, "failed", _picklable(error)))
 
 
-def _run_in_worker(run_job: Callable[[Any, str], Any], name: str, log: Path) -> Any:
-    """Runs one job with this process's stdout and stderr (Python's and the C library's) in `log`."""
+def _run_logged(run_job: Callable[[Any, str], Any], context: Any, name: str, log: Path) -> Any:
+    """Runs one job with this process's stdout and stderr (Python's and the C library's) in `log`; an
+    exception's traceback lands there too."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -166,7 +225,7 @@ def _run_in_worker(run_job: Callable[[Any, str], Any], name: str, log: Path) -> 
         os.dup2(file.fileno(), 1)
         os.dup2(file.fileno(), 2)
         try:
-            return run_job(_WORKER["context"], name)
+            return run_job(context, name)
         except BaseException:
             traceback.print_exc()
             raise
@@ -177,3 +236,12 @@ def _run_in_worker(run_job: Callable[[Any, str], Any], name: str, log: Path) -> 
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def _picklable(error: BaseException) -> BaseException:
+    """`error`, or a RuntimeError with its text where it cannot cross to the caller's process."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error

@@ -60,6 +60,12 @@ def failing_job(context, name):
     return sleep_job(context, name)
 
 
+def dying_job(context, name):
+    if name == "c":
+        os._exit(3)
+    return sleep_job(context, name)
+
+
 def test_independent_jobs_run_side_by_side_in_worker_processes(tmp_path):
     results, lines = {}, []
     run_jobs(
@@ -105,3 +111,19 @@ def test_a_failing_job_stops_the_run_with_its_error_and_names_its_log(tmp_path):
     assert f"[b] failed; its log: {tmp_path / 'b.log'}" in lines
     assert "about to fail" in (tmp_path / "b.log").read_text()
     assert not (tmp_path / "d.log").exists()  # nothing after the failed job started
+
+
+def test_a_job_whose_process_dies_stops_the_run(tmp_path):
+    lines = []
+    with pytest.raises(RuntimeError, match="the process of stage c died \\(exit code 3\\)"):
+        run_jobs(
+            DIAMOND,
+            dying_job,
+            None,
+            2,
+            open_context=open_context,
+            open_args=("ctx",),
+            log_dir=tmp_path,
+            console=lines.append,
+        )
+    assert f"[c] failed; its log: {tmp_path / 'c.log'}" in lines
