@@ -31,7 +31,7 @@ from typing import Any
 
 from rlhf_fast.eval.results import Estimate, PPOStep, Results, RewardModelResult
 from rlhf_fast.pipeline.evaluation import evaluate, parameter_count, sample_from_policies
-from rlhf_fast.pipeline.parallel import Job, concurrency, plan_threads, run_jobs
+from rlhf_fast.pipeline.parallel import Job, concurrency, plan_threads, remaining, run_jobs
 from rlhf_fast.pipeline.presets import DemoPreset, get_preset
 from rlhf_fast.pipeline.stages import Stages, oracle_ppo_name, rm_sample_sizes, rm_size, stage_keys
 from rlhf_fast.pipeline.targets import check_targets
@@ -546,10 +546,11 @@ def run_demo(
         stages = Stages(console, fresh, default_threads=cores, threads=plan_threads(training, cores, workers))
 
     run = make_world(preset, seed, out, stages)
-    to_run = [job for job in training if not stages.finished(run.out / job.name, run.keys[job.name])]
+    reused = {job.name for job in training if stages.finished(run.out / job.name, run.keys[job.name])}
     for job in training:
-        if job not in to_run:
-            stages.add_record(run_stage(run, job.name))  # reused: one line on the console
+        if job.name in reused:
+            stages.add_record(run_stage(run, job.name))  # one line on the console
+    to_run = remaining(training, reused)
     if workers > 1 and len(to_run) > 1:
         console(
             f"  {workers} training stages at a time, each in a process of its own (progress bars in "

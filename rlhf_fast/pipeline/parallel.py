@@ -55,6 +55,15 @@ def in_order(jobs: Sequence[Job]) -> list[Job]:
     return ordered
 
 
+def remaining(jobs: Sequence[Job], finished: set[str]) -> list[Job]:
+    """The jobs not `finished`, each to run after the unfinished ones among its `after`."""
+    return [
+        Job(job.name, tuple(name for name in job.after if name not in finished))
+        for job in jobs
+        if job.name not in finished
+    ]
+
+
 def _ancestors(jobs: Sequence[Job]) -> dict[str, set[str]]:
     by_name = {job.name: job for job in jobs}
     found: dict[str, set[str]] = {}

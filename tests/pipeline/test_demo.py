@@ -131,6 +131,19 @@ def test_stages_side_by_side_give_the_numbers_of_stages_one_after_another(tmp_pa
     assert records and all(record["threads"] == 1 for record in records)
     (note,) = [n for n in two.to_json()["notes"] if n.startswith("CPU threads per stage")]
     assert "set by --threads" in note and "1 thread:" in note and "2 threads" not in note
+    # A rerun after two PPO stages were lost runs those two side by side and reuses the rest.
+    import shutil
+
+    for name in ("ppo-tiny", "ppo_ptx-tiny"):
+        shutil.rmtree(tmp_path / "two" / name)
+    lines.clear()
+    try:
+        again = run_demo("smoke", tmp_path / "two", seed=0, console=lines.append, threads=1, jobs=2)
+    finally:
+        torch.set_num_threads(before)
+    assert again.to_json()["models"] == one.to_json()["models"]
+    assert sum(" done in " in line for line in lines) == 4  # the world, the two PPO stages, the evaluation
+    assert sum("reused from" in line for line in lines) == 4
     for option in ("threads", "jobs"):
         with pytest.raises(ValueError, match=option):
             run_demo("smoke", tmp_path / "other", seed=0, console=lines.append, **{option: 0})

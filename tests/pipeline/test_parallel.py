@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_fast.pipeline import get_preset
 from rlhf_fast.pipeline.demo import demo_jobs, trained_models
-from rlhf_fast.pipeline.parallel import Job, concurrency, in_order, plan_threads, run_jobs
+from rlhf_fast.pipeline.parallel import Job, concurrency, in_order, plan_threads, remaining, run_jobs
 
 DIAMOND = [Job("a"), Job("b", ("a",)), Job("c", ("a",)), Job("d", ("b", "c"))]
 
@@ -22,6 +22,8 @@ def test_jobs_run_after_what_they_read_in_the_given_order_where_it_allows():
         in_order([Job("a", ("z",))])
     with pytest.raises(ValueError, match="unique"):
         in_order([Job("a"), Job("a")])
+    # What is left once some jobs finished: the rest, after the unfinished jobs they read.
+    assert remaining(DIAMOND, {"a", "c"}) == [Job("b"), Job("d", ("b",))]
 
 
 def test_a_job_that_nothing_can_run_beside_gets_every_core():
