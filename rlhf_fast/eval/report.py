@@ -283,6 +283,9 @@ def _markdown(results: Results, models: list[ModelResult], figures: dict[str, st
                 ["Stage", "Seconds"], [[k, f"{float(v):.1f}"] for k, v in results.timings.items()]
             ),
             "",
+            "A stage's seconds add up the wall clock of its runs; runs side by side overlap, so the stages can add",
+            "up to more than the total.",
+            "",
         ]
     if results.notes:
         parts += ["## Notes", ""] + [f"- {note}" for note in results.notes] + [""]

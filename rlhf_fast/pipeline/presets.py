@@ -1,6 +1,6 @@
 """Presets of the InstructGPT miniature: how big the world, the models and each training stage are.
 
-`quick` fits a 2-core CPU in about eight minutes (the goal: ten); `paper` scales the same pipeline
+`quick` fits a 2-core CPU in about nine minutes (the goal: ten); `paper` scales the same pipeline
 up for a GPU; `smoke` is the smallest run that goes through every stage (tests).
 """
 
@@ -121,9 +121,9 @@ PRESETS: dict[str, DemoPreset] = {
         # most answers with a polite closing, the QA benchmark's answers too ("brown thanks"), and its exact
         # match falls to 0.00-0.08; at 0.1 PPO-ptx recovered 2% / 39% / 74% of it on seeds 0-2, at 0.3 90% /
         # 99% / 92%, winning 0.59 / 0.52 / 0.57 against SFT (PPO 0.66 / 0.61 / 0.59; at 0.1 0.61 / 0.57 / 0.54).
-        # The demo then met 17 / 16 / 16 targets on seeds 0-2, and 17 / 15 / 16 once the reward model's
-        # trainer rounded differently (the same math; PPO (small)'s win rate moves by up to 0.04 with such
-        # noise: docs/demo-seeds.md).
+        # The demo then met 17 / 16 / 16 targets on seeds 0-2, 17 / 15 / 16 once the reward model's trainer
+        # rounded differently (the same math; PPO (small)'s win rate moves by up to 0.04 with such noise) and
+        # 17 / 17 / 17 with the stages side by side on one thread each (another rounding; docs/demo-seeds.md).
         # The policy's output-norm gain learns at 300x PPO's rate. At 1e-4 Adam moves it at most 0.036 in
         # the 360 steps (it moved 0.006, from 1.29): the policy could not sharpen towards what the RM pays
         # for. PPO (small) against SFT on seeds 0-2 (three draws of 300 held-out prompts): 0.566 / 0.533 /
