@@ -82,12 +82,12 @@ class Stages:
     def run(self, name: str, what: str, directory: Path, key: Any, body: Callable[[], None]) -> None:
         """Runs `body` (which writes into `directory`) unless `directory` already holds its result for `key`."""
         key = as_stored(key)
-        finished = self.finished_record(directory)
         if self.finished(directory, key):
             self.console(f"[{name}] {what}: reused from {directory}")
             self.reused.append(directory.name)
-            if "threads" in finished:
-                self.stage_threads[directory.name] = int(finished["threads"])
+            recorded = self.finished_record(directory).get("threads")
+            if recorded is not None:
+                self.stage_threads[directory.name] = int(recorded)
             return
         self.console(f"[{name}] {what}")
         threads = self._set_threads(directory.name)

@@ -68,19 +68,23 @@ def dying_job(context, name):
     return sleep_job(context, name)
 
 
-def test_independent_jobs_run_side_by_side_in_worker_processes(tmp_path):
-    results, lines = {}, []
+def run_diamond_in_two_workers(job, log_dir, lines, results=None):
     run_jobs(
         DIAMOND,
-        sleep_job,
+        job,
         None,
         2,
         open_context=open_context,
         open_args=("ctx",),
-        log_dir=tmp_path,
+        log_dir=log_dir,
         console=lines.append,
-        on_done=results.__setitem__,
+        on_done=None if results is None else results.__setitem__,
     )
+
+
+def test_independent_jobs_run_side_by_side_in_worker_processes(tmp_path):
+    results, lines = {}, []
+    run_diamond_in_two_workers(sleep_job, tmp_path, lines, results)
     assert set(results) == {"a", "b", "c", "d"} and {r["tag"] for r in results.values()} == {"ctx"}
     assert os.getpid() not in {r["pid"] for r in results.values()}
     span = {name: r["span"] for name, r in results.items()}
@@ -100,16 +104,7 @@ def test_one_worker_runs_the_jobs_here_in_order():
 def test_a_failing_job_stops_the_run_with_its_error_and_names_its_log(tmp_path):
     lines = []
     with pytest.raises(ValueError, match="job b failed on purpose"):
-        run_jobs(
-            DIAMOND,
-            failing_job,
-            None,
-            2,
-            open_context=open_context,
-            open_args=("ctx",),
-            log_dir=tmp_path,
-            console=lines.append,
-        )
+        run_diamond_in_two_workers(failing_job, tmp_path, lines)
     assert f"[b] failed; its log: {tmp_path / 'b.log'}" in lines
     assert "about to fail" in (tmp_path / "b.log").read_text()
     assert not (tmp_path / "d.log").exists()  # nothing after the failed job started
@@ -118,14 +113,5 @@ def test_a_failing_job_stops_the_run_with_its_error_and_names_its_log(tmp_path):
 def test_a_job_whose_process_dies_stops_the_run(tmp_path):
     lines = []
     with pytest.raises(RuntimeError, match="the process of stage c died \\(exit code 3\\)"):
-        run_jobs(
-            DIAMOND,
-            dying_job,
-            None,
-            2,
-            open_context=open_context,
-            open_args=("ctx",),
-            log_dir=tmp_path,
-            console=lines.append,
-        )
+        run_diamond_in_two_workers(dying_job, tmp_path, lines)
     assert f"[c] failed; its log: {tmp_path / 'c.log'}" in lines
