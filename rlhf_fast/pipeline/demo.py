@@ -514,7 +514,9 @@ def run_demo(
     default: the cores free when the run starts. `threads`: the CPU intra-op threads of every stage (and,
     without `jobs`, one stage per `threads` free cores); default: each stage's share of the free cores
     (`rlhf_fast.pipeline.parallel.plan_threads`). The results depend on the thread counts through rounding,
-    not on `jobs`: the same seed and counts reproduce a run on the same machine.
+    not on `jobs`: the same seed and counts reproduce a run on the same machine. Stages side by side run in
+    spawned processes, which import the calling script again: call `run_demo` from a script under
+    `if __name__ == "__main__":`.
     """
     from transformers.utils import logging as transformers_logging
 
