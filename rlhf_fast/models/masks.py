@@ -62,14 +62,7 @@ def packed_causal_allowed(document_ids: torch.Tensor) -> torch.Tensor:
     """[B, L] document ids (-1 = padding) -> [B, L, L] bool, True where query q may attend to key k: a query
     sees the keys of its own document at or before it; a padding position sees only itself (no empty softmax
     row, which would give NaN), and no real token sees padding."""
-    if document_ids.dim() != 2:
-        raise ValueError(f"document_ids must be [B, L], got shape {tuple(document_ids.shape)}")
-    length = document_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    real = document_ids >= 0
-    allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & causal & real[:, :, None]
-    diagonal = torch.eye(length, dtype=torch.bool, device=document_ids.device)
-    return allowed | (diagonal & ~real[:, :, None])
+    return _segment_causal_allowed(document_ids, "document_ids", shared_prefix=False)
 
 
 def packed_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -84,14 +77,22 @@ def shared_prefix_causal_allowed(segment_ids: torch.Tensor) -> torch.Tensor:
     shared prefix or in its own segment, so each segment reads as if the prefix alone came before it (the K
     completions of one prompt, `rlhf_fast.data.collate_rankings_shared_prompt`). A padding position sees
     only itself."""
-    if segment_ids.dim() != 2:
-        raise ValueError(f"segment_ids must be [B, L], got shape {tuple(segment_ids.shape)}")
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    real = segment_ids >= 0
-    visible = (segment_ids[:, :, None] == segment_ids[:, None, :]) | (segment_ids == 0)[:, None, :]
+    return _segment_causal_allowed(segment_ids, "segment_ids", shared_prefix=True)
+
+
+def _segment_causal_allowed(ids: torch.Tensor, name: str, *, shared_prefix: bool) -> torch.Tensor:
+    """[B, L] ids (-1 = padding) -> [B, L, L] bool: a real query sees the keys at or before it with its own
+    id, and with `shared_prefix` those with id 0 too; a padding query sees only itself."""
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be [B, L], got shape {tuple(ids.shape)}")
+    length = ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+    real = ids >= 0
+    visible = ids[:, :, None] == ids[:, None, :]
+    if shared_prefix:
+        visible = visible | (ids == 0)[:, None, :]
     allowed = visible & causal & real[:, :, None]
-    diagonal = torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    diagonal = torch.eye(length, dtype=torch.bool, device=ids.device)
     return allowed | (diagonal & ~real[:, :, None])
 
 
@@ -158,6 +159,11 @@ def as_model_mask(
     ):  # narrower range: keep blocked keys finite
         attention_mask = attention_mask.clamp(min=torch.finfo(dtype).min)
     return attention_mask.to(dtype)
+
+
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of `model`'s floating parameters: the one a prepared mask for it is built in."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def reads_prepared_masks(model: torch.nn.Module) -> bool:

@@ -553,7 +553,8 @@ def run_demo(
         if job.name in reused:
             stages.add_record(run_stage(run, job.name))  # one line on the console
     to_run = remaining(training, reused)
-    if workers > 1 and len(to_run) > 1:
+    lanes = workers if len(to_run) > 1 else 1  # a single stage left runs in this process
+    if lanes > 1:
         console(
             f"  {workers} training stages at a time, each in a process of its own (progress bars in "
             f"{out / 'logs'}/)"
@@ -562,7 +563,7 @@ def run_demo(
         to_run,
         run_stage,
         run,
-        workers if len(to_run) > 1 else 1,
+        lanes,
         open_context=open_worker_run,
         open_args=(preset, seed, out, run.paths, fresh, stages.default_threads, stages.threads),
         log_dir=out / "logs",

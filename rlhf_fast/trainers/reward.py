@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rlhf_fast.models.loading import check_token_ids, load_reward_model
-from rlhf_fast.models.masks import reads_prepared_masks
+from rlhf_fast.models.masks import parameter_dtype, reads_prepared_masks
 from rlhf_fast.trainers._common import EpochTrainer, gradient_sync, guarded_step, rank_share
 from rlhf_fast.trainers.phases import phase
 from rlhf_fast.trainers.run_config import RunConfig, check_epoch_settings
@@ -107,7 +107,6 @@ class RewardTrainer(EpochTrainer):
         self.model = self._take_model(load_reward_model(model), pad_token_id)
         check_token_ids(self.model.backbone, _ranking_ids(self.train_data + self.eval_data))
         self._share_prompt = config.share_prompt and reads_prepared_masks(self.model.backbone)
-        self._dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         self._hidden_size = self.model.backbone.get_input_embeddings().embedding_dim
         self._set_up_training(self.model, exported=self.model)
 
@@ -123,7 +122,7 @@ class RewardTrainer(EpochTrainer):
             if self._share_prompt and prompt_sharing_pays(items, self._hidden_size):  # prompt once, then K
                 batch = collate_rankings_shared_prompt(items, self.pad_token_id)
                 segment_ids = batch["segment_ids"].to(device, non_blocking=True)
-                mask = shared_prefix_causal_mask(segment_ids, self._dtype)
+                mask = shared_prefix_causal_mask(segment_ids, parameter_dtype(self.model))
                 readout = {
                     "position_ids": batch["position_ids"].to(device, non_blocking=True),
                     "last_index": batch["last_token_index"].to(device, non_blocking=True),

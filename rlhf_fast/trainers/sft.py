@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlhf_fast.models import packed_causal_mask
+from rlhf_fast.models.masks import parameter_dtype
 from rlhf_fast.models.loading import check_token_ids, load_policy
 from rlhf_fast.ops import value_checks
 from rlhf_fast.trainers._common import (
@@ -126,16 +127,14 @@ class SFTTrainer(EpochTrainer):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"][:, 1:].to(device, non_blocking=True)
         if "document_ids" in batch:
-            attention = packed_causal_mask(batch["document_ids"].to(device), self._dtype())
+            document_ids = batch["document_ids"].to(device)
+            attention = packed_causal_mask(document_ids, parameter_dtype(self.policy))
             position_ids = batch["position_ids"].to(device)
         else:
             attention, position_ids = batch["attention_mask"].to(device), None
         out = module(input_ids, attention, input_ids[:, 1:], mask=loss_mask, position_ids=position_ids)
         nll_sum = -(out.logprobs * loss_mask).sum()
         return nll_sum, loss_mask.sum()
-
-    def _dtype(self) -> torch.dtype:
-        return next(p.dtype for p in self.policy.parameters() if p.is_floating_point())
 
     # ---------------------------------------------------------------------------------------- training
     def train_step(self, examples: list) -> dict[str, torch.Tensor]:
