@@ -1,10 +1,11 @@
 """`rlhf-fast demo`: the InstructGPT paper in miniature, end to end, through the same trainers, data layer,
 checkpoints and models a user runs on a real model.
 
-    make_world → pretrain_base_model → finetune_sft_model → train_reward_model → train_ppo_model
-               → evaluate → check_targets → report
+    make_world → pretrain_base_model → finetune_sft_model → sample_for_rankings → train_reward_model
+               → train_ppo_model → evaluate → check_targets → report
 
-one training stage per model; stages that read none of each other's models run side by side (`demo_jobs`,
+one training stage per model (the reward model's backbone, the base model of its size pretrained further, is
+one too); stages that read none of each other's models run side by side (`demo_jobs`,
 `rlhf_fast.pipeline.parallel`).
 
 Every stage reads the JSONL files the world wrote (the user-facing formats), trains through `SFTTrainer`,
@@ -30,13 +31,26 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_fast.eval.results import Estimate, PPOStep, Results, RewardModelResult
-from rlhf_fast.pipeline.evaluation import evaluate, parameter_count, sample_from_policies
+from rlhf_fast.pipeline.evaluation import (
+    evaluate,
+    merge_shares,
+    parameter_count,
+    policy_shares,
+    sample_policy,
+)
 from rlhf_fast.pipeline.parallel import Job, concurrency, plan_threads, remaining, run_jobs
 from rlhf_fast.pipeline.presets import DemoPreset, get_preset
-from rlhf_fast.pipeline.stages import Stages, oracle_ppo_name, rm_sample_sizes, rm_size, stage_keys
+from rlhf_fast.pipeline.stages import (
+    Stages,
+    oracle_ppo_name,
+    rm_backbone,
+    rm_sample_sizes,
+    rm_size,
+    stage_keys,
+)
 from rlhf_fast.pipeline.targets import check_targets
 
-KINDS = ("base", "sft", "ppo", "ppo_ptx")
+SAMPLES_FILE = "samples.json"  # a sampling stage's output: the samples of each RM prompt
 
 
 @dataclass
@@ -179,22 +193,28 @@ def open_worker_run(
 
 
 def demo_jobs(preset: DemoPreset) -> list[Job]:
-    """The training stages by the models each reads, the larger models' first (they take longer: started
-    first, they end the run sooner)."""
+    """The training stages by the models each reads, the larger models' first and the reward model's own
+    backbone before the SFT models (they take longer: started first, they end the run sooner)."""
     largest_first = tuple(reversed(preset.model_sizes))
-    jobs = [Job(f"base-{size}") for size in largest_first]
-    jobs += [Job(f"sft-{size}", (f"base-{size}",)) for size in largest_first]
-    read_by_rm = dict.fromkeys((rm_size(preset), *rm_sample_sizes(preset)))
-    jobs.append(Job("rm", tuple(f"sft-{size}" for size in read_by_rm)))
-    for size in largest_first:
-        jobs += [Job(f"{kind}-{size}", (f"sft-{size}", "rm")) for kind in ("ppo_ptx", "ppo")]
-        if preset.oracle_ppo and size == preset.model_sizes[-1]:
-            jobs.append(Job(oracle_ppo_name(preset), (f"sft-{size}", "rm")))
+    size = rm_size(preset)
+    jobs = [Job(f"base-{s}") for s in largest_first]
+    if preset.rm_pretrain_steps:
+        jobs.append(Job(f"rm_base-{size}", (f"base-{size}",)))
+    jobs += [Job(f"sft-{s}", (f"base-{s}",)) for s in largest_first]
+    if preset.rm_pretrain_steps:
+        jobs.append(Job(f"rm_sft-{size}", (f"rm_base-{size}",)))
+    sampled = [s for s in largest_first if s in rm_sample_sizes(preset)]
+    jobs += [Job(f"rm_samples-{s}", (f"sft-{s}",)) for s in sampled]
+    jobs.append(Job("rm", (rm_backbone(preset), *(f"rm_samples-{s}" for s in sampled))))
+    for s in largest_first:
+        jobs += [Job(f"{kind}-{s}", (f"sft-{s}", "rm")) for kind in ("ppo_ptx", "ppo")]
+        if preset.oracle_ppo and s == preset.model_sizes[-1]:
+            jobs.append(Job(oracle_ppo_name(preset), (f"sft-{s}", "rm")))
     return jobs
 
 
 def trained_models(preset: DemoPreset) -> list[str]:
-    """Every model the training stages write, in the report's order."""
+    """Every policy the training stages write, in the report's order."""
     names = [f"{kind}-{size}" for kind in ("base", "sft") for size in preset.model_sizes]
     names += [f"{kind}-{size}" for size in preset.model_sizes for kind in ("ppo", "ppo_ptx")]
     return names + ([oracle_ppo_name(preset)] if preset.oracle_ppo else [])
@@ -206,23 +226,27 @@ def run_stage(run: DemoRun, name: str) -> dict[str, Any]:
     kind, _, size = name.rpartition("-")
     if name == "rm":
         train_reward_model(run)
-    elif kind == "base":
-        pretrain_base_model(run, size)
-    elif kind == "sft":
-        finetune_sft_model(run, size)
+    elif kind in ("base", "rm_base"):
+        pretrain_base_model(run, size, kind)
+    elif kind in ("sft", "rm_sft"):
+        finetune_sft_model(run, size, kind)
+    elif kind == "rm_samples":
+        sample_for_rankings(run, size)
     else:
         train_ppo_model(run, kind, size)
     return run.stages.take_record()
 
 
-def pretrain_base_model(run: DemoRun, size: str) -> None:
-    """Causal-LM pretraining on the corpus (loss on every token after the first)."""
+def pretrain_base_model(run: DemoRun, size: str, kind: str = "base") -> None:
+    """Causal-LM pretraining on the corpus (loss on every token after the first). kind "rm_base": the reward
+    model's backbone, the `size` base model pretrained `rm_pretrain_steps` more (a warm-up and cosine decay of
+    its own)."""
     from rlhf_fast.models.tiny import tiny_causal_lm
     from rlhf_fast.trainers import SFTConfig, SFTTrainer
 
     preset, tokenizer = run.preset, run.tokenizer
-    name = f"base-{size}"
-    steps = preset.per_size("pretrain_steps", size)
+    name = f"{kind}-{size}"
+    steps = preset.per_size("pretrain_steps", size) if kind == "base" else preset.rm_pretrain_steps
 
     def pretrain():
         config = SFTConfig(
@@ -235,28 +259,37 @@ def pretrain_base_model(run: DemoRun, size: str) -> None:
             residual_dropout=None,
             min_lr_ratio=0.1,
         )
-        model = tiny_causal_lm(
-            size,
-            vocab_size=len(tokenizer),
-            max_positions=preset.max_positions,
-            seed=run.seed,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
+        if kind == "rm_base":
+            model = run.model_dir(f"base-{size}")
+        else:
+            model = tiny_causal_lm(
+                size,
+                vocab_size=len(tokenizer),
+                max_positions=preset.max_positions,
+                seed=run.seed,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+            )
         SFTTrainer(config, model, run.pretrain_examples, tokenizer=tokenizer).train()
 
-    what = f"pretraining the {size} base model ({steps} steps)"
+    what = (
+        f"pretraining the {size} base model ({steps} steps)"
+        if kind == "base"
+        else f"pretraining the reward model's backbone: the {size} base model, {steps} steps more"
+    )
     run.stages.run("pretrain", what, run.out / name, run.keys[name], pretrain)
 
 
-def finetune_sft_model(run: DemoRun, size: str) -> None:
+def finetune_sft_model(run: DemoRun, size: str, kind: str = "sft") -> None:
     """SFT of the base model on the labelers' demonstrations, and `sft_pretrain_mix` pretraining blocks per
-    demonstration mixed in (one draw for every size; a block's loss is on every token after its first)."""
+    demonstration mixed in (one draw for every size; a block's loss is on every token after its first). kind
+    "rm_sft": the same for the reward model's backbone."""
     from rlhf_fast.trainers import SFTConfig, SFTTrainer
 
     preset = run.preset
-    name = f"sft-{size}"
+    name = f"{kind}-{size}"
+    base = f"{'base' if kind == 'sft' else 'rm_base'}-{size}"
 
     def finetune():
         examples = list(run.demonstrations.examples)
@@ -274,15 +307,48 @@ def finetune_sft_model(run: DemoRun, size: str) -> None:
             residual_dropout=None,
             min_lr_ratio=0.1,
         )
-        SFTTrainer(config, run.model_dir(f"base-{size}"), examples, tokenizer=run.tokenizer).train()
+        SFTTrainer(config, run.model_dir(base), examples, tokenizer=run.tokenizer).train()
 
-    run.stages.run(
-        "sft", f"supervised fine-tuning of the {size} model", run.out / name, run.keys[name], finetune
-    )
+    model = f"the {size} model" if kind == "sft" else f"the reward model's {size} backbone"
+    run.stages.run("sft", f"supervised fine-tuning of {model}", run.out / name, run.keys[name], finetune)
+
+
+def rm_sample_counts(run: DemoRun) -> tuple[random.Random, list[int]]:
+    """K = rm_min_k..rm_max_k samples for each RM prompt, and the generator that drew them (it draws the
+    rankings next)."""
+    rng = random.Random(f"demo:{run.seed}:rankings")
+    preset = run.preset
+    return rng, [rng.randint(preset.rm_min_k, preset.rm_max_k) for _ in run.world.instances("rm")]
+
+
+def sample_for_rankings(run: DemoRun, size: str) -> None:
+    """The `size` SFT model's share of each RM prompt's K samples (`policy_shares`), which the RM stage
+    ranks."""
+    preset = run.preset
+    sizes = rm_sample_sizes(preset)
+    index, name = sizes.index(size), f"rm_samples-{size}"
+
+    def sample():
+        counts = policy_shares(rm_sample_counts(run)[1], len(sizes))[index]
+        samples = sample_policy(
+            run.model_dir(f"sft-{size}"),
+            run.tokenizer,
+            [i.prompt for i in run.world.instances("rm")],
+            counts,
+            preset.max_new_tokens,
+            preset.rm_sample_temperature,
+            run.seed + index,
+            preset.eval_batch_size,
+        )
+        (run.out / name).mkdir(parents=True, exist_ok=True)
+        (run.out / name / SAMPLES_FILE).write_text(json.dumps(samples))
+
+    what = f"sampling the {size} SFT model for the rankings"
+    run.stages.run("rm", what, run.out / name, run.keys[name], sample)
 
 
 def train_reward_model(run: DemoRun) -> None:
-    """K = rm_min_k..rm_max_k SFT samples per prompt, ranked by training labelers; the RM learns the rankings
+    """Training labelers rank each RM prompt's K samples (`sample_for_rankings`); the RM learns the rankings
     (`reward_model_summary` puts rankings.jsonl, as a user would have them, beside the other datasets)."""
     from rlhf_fast.data import encode_rankings, read_rankings, write_jsonl
     from rlhf_fast.trainers import RewardConfig, RewardTrainer
@@ -291,20 +357,15 @@ def train_reward_model(run: DemoRun) -> None:
     preset, world, out = run.preset, run.world, run.out
 
     def train():
-        rng = random.Random(f"demo:{run.seed}:rankings")
-        instances = world.instances("rm")
-        per_prompt = [rng.randint(preset.rm_min_k, preset.rm_max_k) for _ in instances]
-        samples = sample_from_policies(
-            [run.model_dir(f"sft-{s}") for s in rm_sample_sizes(preset)],
-            run.tokenizer,
-            [i.prompt for i in instances],
-            per_prompt,
-            preset.max_new_tokens,
-            preset.rm_sample_temperature,
-            run.seed,
-            preset.eval_batch_size,
-        )
-        rankings = make_rankings(world, instances, samples, world.train_labelers, rng)
+        rng, per_prompt = rm_sample_counts(run)
+        shares = [
+            json.loads((out / f"rm_samples-{size}" / SAMPLES_FILE).read_text())
+            for size in rm_sample_sizes(preset)
+        ]
+        samples = merge_shares(shares)
+        if [len(texts) for texts in samples] != per_prompt:
+            raise RuntimeError(f"the samples in {out}/rm_samples-*/ are not this run's (their counts differ)")
+        rankings = make_rankings(world, world.instances("rm"), samples, world.train_labelers, rng)
         (out / "rm").mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "rm" / "rankings.jsonl", rankings)
         encoded = list(
@@ -322,7 +383,7 @@ def train_reward_model(run: DemoRun) -> None:
         )
         trainer = RewardTrainer(
             config,
-            run.model_dir(f"sft-{rm_size(preset)}"),
+            run.model_dir(rm_backbone(preset)),
             encoded[split:],
             eval_data=encoded[:split],
             normalization_data=run.demonstrations,
@@ -427,6 +488,16 @@ def _ppo_history(metrics_path: Path) -> list[PPOStep]:
 
 
 # ---- report ------------------------------------------------------------------------------------------------
+def _rm_start(preset: DemoPreset) -> str:
+    size = rm_size(preset)
+    if not preset.rm_pretrain_steps:
+        return f"the {size} SFT model"
+    return (
+        f"an SFT model of its own: the {size} base model pretrained {preset.rm_pretrain_steps} steps more, "
+        "then fine-tuned as the policies"
+    )
+
+
 def _notes(
     preset: DemoPreset, reused: list[str], stage_threads: dict[str, int], fixed_threads: bool = False
 ) -> list[str]:
@@ -440,7 +511,7 @@ def _notes(
             "(exact match on a public-benchmark format)."
         ),
         (
-            f"The RM starts from the {rm_size(preset)} SFT model and learns from rankings of samples of the "
+            f"The RM starts from {_rm_start(preset)} and learns from rankings of samples of the "
             f"{', '.join(rm_sample_sizes(preset))} SFT model(s); its agreement is measured on pairs of samples of "
             "the same models for held-out prompts, judged by held-out labelers."
         ),

@@ -6,6 +6,7 @@ reward model gets with no RL, the reference for PPO's gains."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -42,6 +43,40 @@ def parameter_count(directory: Path) -> int:
     return total
 
 
+def policy_shares(per_prompt: list[int], policies: int) -> list[list[int]]:
+    """How many of prompt i's `per_prompt[i]` samples each of `policies` policies draws: an equal share, the
+    first policies one more while a remainder lasts."""
+    return [
+        [count // policies + (1 if index < count % policies else 0) for count in per_prompt]
+        for index in range(policies)
+    ]
+
+
+def sample_policy(
+    policy_dir: Path,
+    tokenizer,
+    prompts: list[str],
+    counts: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+) -> list[list[str]]:
+    """`counts[i]` samples of the policy in `policy_dir` for `prompts[i]`."""
+    from rlhf_fast.eval.generate import generate_responses
+    from rlhf_fast.models import PolicyModel
+
+    flat = [prompt for prompt, count in zip(prompts, counts) for _ in range(count)]
+    if not flat:
+        return [[] for _ in prompts]
+    policy = PolicyModel.from_pretrained(policy_dir).eval()
+    responses = generate_responses(
+        policy, tokenizer, flat, max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
+    )
+    ends = list(itertools.accumulate(counts))
+    return [responses[end - count : end] for count, end in zip(counts, ends)]
+
+
 def sample_from_policies(
     policy_dirs: list[Path],
     tokenizer,
@@ -52,34 +87,23 @@ def sample_from_policies(
     seed: int,
     batch_size: int,
 ) -> list[list[str]]:
-    """`per_prompt[i]` samples for prompt i, shared round-robin between the policies in `policy_dirs` (the first
-    policy takes the remainder), as InstructGPT's comparisons came from several models."""
-    from rlhf_fast.eval.generate import generate_responses
-    from rlhf_fast.models import PolicyModel
-
-    samples: list[list[str]] = [[] for _ in prompts]
-    for index, directory in enumerate(policy_dirs):
-        counts = [
-            count // len(policy_dirs) + (1 if index < count % len(policy_dirs) else 0) for count in per_prompt
-        ]
-        flat = [prompt for prompt, count in zip(prompts, counts) for _ in range(count)]
-        if not flat:
-            continue
-        policy = PolicyModel.from_pretrained(directory).eval()
-        responses = generate_responses(
-            policy,
-            tokenizer,
-            flat,
-            max_new_tokens,
-            temperature=temperature,
-            batch_size=batch_size,
-            seed=seed + index,
+    """`per_prompt[i]` samples for prompt i, shared between the policies in `policy_dirs` (`policy_shares`;
+    policy k samples with `seed + k`), as InstructGPT's comparisons came from several models; each prompt's
+    samples in the order of the policies."""
+    shares = policy_shares(per_prompt, len(policy_dirs))
+    samples = [
+        sample_policy(
+            directory, tokenizer, prompts, counts, max_new_tokens, temperature, seed + index, batch_size
         )
-        start = 0
-        for bucket, count in zip(samples, counts):
-            bucket.extend(responses[start : start + count])
-            start += count
-    return samples
+        for index, (directory, counts) in enumerate(zip(policy_dirs, shares))
+    ]
+    return merge_shares(samples)
+
+
+def merge_shares(shares: list[list[list[str]]]) -> list[list[str]]:
+    """Each prompt's samples from the policies' shares (`shares[k][i]`: policy k's for prompt i), in the order
+    of the policies."""
+    return [[text for share in per_policy for text in share] for per_policy in zip(*shares)]
 
 
 def _answers(run: DemoRun, name: str, suite, fresh: bool, model: str | None = None, best_of: int = 1):

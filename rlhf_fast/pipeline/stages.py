@@ -142,6 +142,12 @@ def rm_sample_sizes(preset: DemoPreset) -> tuple[str, ...]:
     return tuple(preset.rm_sample_sizes or preset.model_sizes)
 
 
+def rm_backbone(preset: DemoPreset) -> str:
+    """The stage whose model the RM starts from: an SFT model of its own (`DemoPreset.rm_pretrain_steps`), or
+    the policy's of its size."""
+    return f"rm_sft-{rm_size(preset)}" if preset.rm_pretrain_steps else f"sft-{rm_size(preset)}"
+
+
 def oracle_ppo_name(preset: DemoPreset) -> str:
     """The stage and model name of PPO against the labelers' utility (`DemoPreset.oracle_ppo`)."""
     from rlhf_fast.eval.report import ORACLE_PPO_KIND
@@ -183,21 +189,34 @@ def stage_keys(
         }
         if preset.sft_pretrain_mix:  # SFT on demonstrations alone depends on them alone
             keys[f"sft-{size}"].update(pretrain=files["pretrain"], pretrain_mix=preset.sft_pretrain_mix)
+    if preset.rm_pretrain_steps:
+        size = rm_size(preset)
+        keys[f"rm_base-{size}"] = {
+            "from": keys[f"base-{size}"],
+            "steps": preset.rm_pretrain_steps,
+            "learning_rate": preset.per_size("pretrain_learning_rate", size),
+        }
+        keys[f"rm_sft-{size}"] = {**keys[f"sft-{size}"], "base": keys[f"rm_base-{size}"]}
+    sampling = _fields(
+        preset, "rm_min_k", "rm_max_k", "rm_sample_temperature", "max_new_tokens", "eval_batch_size"
+    )
+    for size in rm_sample_sizes(preset):
+        keys[f"rm_samples-{size}"] = {
+            "policy": keys[f"sft-{size}"],
+            "policies": list(rm_sample_sizes(preset)),  # the share of each prompt's samples it draws
+            "prompts": files["prompts_rm"],
+            **sampling,
+        }
     keys["rm"] = {
-        "policy": keys[f"sft-{rm_size(preset)}"],
-        "samples_from": [keys[f"sft-{size}"] for size in rm_sample_sizes(preset)],
+        "policy": keys[rm_backbone(preset)],
+        "samples_from": [keys[f"rm_samples-{size}"] for size in rm_sample_sizes(preset)],
         "prompts": files["prompts_rm"],
         "world": world,
         **_fields(
             preset,
-            "rm_min_k",
-            "rm_max_k",
             "rm_epochs",
             "rm_batch_size",
             "rm_learning_rate",
-            "rm_sample_temperature",
-            "max_new_tokens",
-            "eval_batch_size",
         ),
     }
     for size in preset.model_sizes:

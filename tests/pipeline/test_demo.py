@@ -78,11 +78,11 @@ def test_targets_are_reported_met_or_not_with_their_standard_errors(smoke_run):
     assert len(marked) == len(expected)
     markdown = (out / "report" / "report.md").read_text()
     assert all(t.target in markdown for t in expected)
-    # One start line per stage (world, pretrain, sft, rm, ppo x2, ppo against the labelers, eval), each closed
-    # by a "done" line.
+    # One start line per stage (world, pretrain, sft, the RM's backbone (pretrain, sft), the samples it learns
+    # from, rm, ppo x2, ppo against the labelers, eval), each closed by a "done" line.
     stage_lines = [line for line in lines if line.startswith("[")]
     done = [line for line in stage_lines if " done in " in line]
-    assert len(done) == 8 and len(stage_lines) == 2 * len(done)
+    assert len(done) == 11 and len(stage_lines) == 2 * len(done)
 
 
 def test_rerun_reuses_finished_stages(smoke_run):
@@ -90,7 +90,8 @@ def test_rerun_reuses_finished_stages(smoke_run):
     lines: list[str] = []
     again = run_demo("smoke", out, seed=0, console=lines.append)
     reused = [line for line in lines if line.endswith(("-tiny", "/rm")) and "reused from" in line]
-    assert len(reused) == 6  # base, sft, rm, ppo, ppo_ptx, ppo against the labelers
+    # base, sft, the RM's backbone (base, sft), its samples, rm, ppo, ppo_ptx, ppo against the labelers
+    assert len(reused) == 9
     assert again.to_json()["models"] == results.to_json()["models"]
     assert again.to_json()["targets"] == results.to_json()["targets"]
     # Each stage's thread count is recorded when it runs and reported again when it is reused.
@@ -125,7 +126,7 @@ def test_stages_side_by_side_give_the_numbers_of_stages_one_after_another(tmp_pa
     # Side by side, each stage's progress bars went to a log of its own, its console lines to the console.
     assert {path.stem for path in (tmp_path / "two" / "logs").glob("*.log")} > {"rm", "ppo-tiny"}
     assert not (tmp_path / "one" / "logs").exists()
-    assert sum(" done in " in line for line in lines) == 8 and any("at a time" in line for line in lines)
+    assert sum(" done in " in line for line in lines) == 11 and any("at a time" in line for line in lines)
     # Every stage ran with the one thread asked for, and the report says so.
     records = [json.loads(path.read_text()) for path in (tmp_path / "two").glob("*/stage.json")]
     assert records and all(record["threads"] == 1 for record in records)
@@ -143,7 +144,7 @@ def test_stages_side_by_side_give_the_numbers_of_stages_one_after_another(tmp_pa
         torch.set_num_threads(before)
     assert again.to_json()["models"] == one.to_json()["models"]
     assert sum(" done in " in line for line in lines) == 4  # the world, the two PPO stages, the evaluation
-    assert sum("reused from" in line for line in lines) == 4
+    assert sum("reused from" in line for line in lines) == 7
     for option in ("threads", "jobs"):
         with pytest.raises(ValueError, match=option):
             run_demo("smoke", tmp_path / "other", seed=0, console=lines.append, **{option: 0})
