@@ -37,7 +37,9 @@ def test_a_job_that_nothing_can_run_beside_gets_every_core():
     jobs = demo_jobs(preset)
     rm_stages = {"rm_base-small", "rm_sft-small", "rm_samples-tiny", "rm_samples-small", "rm"}
     assert {job.name for job in jobs} == set(trained_models(preset)) | rm_stages
-    assert {job.name: job.after for job in jobs}["rm"] == ("rm_sft-small", "rm_samples-small", "rm_samples-tiny")
+    after = {job.name: job.after for job in jobs}
+    assert after["rm"] == ("rm_sft-small", "rm_samples-small", "rm_samples-tiny")
+    assert after["rm_base-small"] == ("base-small",) and after["rm_sft-small"] == ("rm_base-small",)
     threads = plan_threads(jobs, cores=2, workers=2)
     assert threads.pop("rm") == 2 and set(threads.values()) == {1}
     assert concurrency(jobs)["ppo-small"] == 5 and concurrency(jobs)["base-tiny"] == 6
