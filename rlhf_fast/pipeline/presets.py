@@ -114,12 +114,12 @@ PRESETS: dict[str, DemoPreset] = {
         # learning rate of 2.5e-4 gives the same, 1e-3 0.73, dropout 0.1 0.70. It underfits (its training
         # rankings hardly better than held-out ones), and its backbone is the lever. Trained alone on the
         # rankings of the previous default's runs (seeds 0 / 1 / 2), from the small SFT model its gap to the
-        # labelers' agreement was -0.070 / -0.079 / -0.121 (validation accuracy 0.748 / 0.738 / 0.710); from
-        # an SFT model of the small base pretrained 1,500 steps more -0.049 / -0.037 / -0.048 (0.780 / 0.754
-        # / 0.754); two passes instead of three lose 0.005-0.03 of accuracy; a small model pretrained 3,000
-        # steps from scratch gave -0.073 (0.755) on seed 0. In the demo (seed 0) the 1,500 steps more gave
-        # -0.056 (0.771) and PPO-ptx (small) then ran on past its answers (KL 7.7 nats, win rate 0.35 against
-        # SFT): measured, not applied (rm_pretrain_steps; docs/demo-seeds.md).
+        # labelers' agreement was -0.070 (the demo's RM) / -0.079 / -0.121 (validation accuracy 0.748 / 0.738
+        # / 0.710); from an SFT model of the small base pretrained 1,500 steps more -0.049 / -0.037 / -0.048
+        # (0.780 / 0.754 / 0.754); two passes instead of three lose 0.005-0.03 of accuracy; a small model
+        # pretrained 3,000 steps from scratch gave -0.073 (0.755) on seed 0. In the demo (seed 0) the 1,500
+        # steps more gave -0.056 (0.771) and PPO-ptx (small) then ran on past its answers (KL 7.7 nats, win
+        # rate 0.35 against SFT): measured, not applied (rm_pretrain_steps; docs/demo-seeds.md).
         rm_epochs=3, rm_batch_size=8,
         # PPO's settings were measured with the RM of 4,000 prompts. Batches of 64 halve the gradient's
         # variance, whose noise let the policy drift (KL 3-4 nats without gain), and kl_coef 0.2 prices a word
