@@ -119,7 +119,8 @@ PRESETS: dict[str, DemoPreset] = {
         # (0.780 / 0.754 / 0.754); two passes instead of three lose 0.005-0.03 of accuracy; a small model
         # pretrained 3,000 steps from scratch gave -0.073 (0.755) on seed 0. In the demo (seed 0) the 1,500
         # steps more gave -0.056 (0.771) and PPO-ptx (small) then ran on past its answers (KL 7.7 nats, win
-        # rate 0.35 against SFT): measured, not applied (rm_pretrain_steps; docs/demo-seeds.md).
+        # rate 0.35 against SFT); on seeds 1 / 2 -0.031 / -0.038 and every target met: measured, not applied
+        # (rm_pretrain_steps; docs/demo-seeds.md).
         rm_epochs=3, rm_batch_size=8,
         # PPO's settings were measured with the RM of 4,000 prompts. Batches of 64 halve the gradient's
         # variance, whose noise let the policy drift (KL 3-4 nats without gain), and kl_coef 0.2 prices a word
