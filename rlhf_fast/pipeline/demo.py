@@ -50,7 +50,10 @@ from rlhf_fast.pipeline.stages import (
 )
 from rlhf_fast.pipeline.targets import check_targets
 
-SAMPLES_FILE = "samples.json"  # a sampling stage's output: the samples of each RM prompt
+
+def samples_file(out: Path, size: str) -> Path:
+    """Where the sampling stage of the `size` SFT model writes its share of each RM prompt's samples."""
+    return out / f"rm_samples-{size}" / "samples.json"
 
 
 @dataclass
@@ -340,8 +343,9 @@ def sample_for_rankings(run: DemoRun, size: str) -> None:
             run.seed + index,
             preset.eval_batch_size,
         )
-        (run.out / name).mkdir(parents=True, exist_ok=True)
-        (run.out / name / SAMPLES_FILE).write_text(json.dumps(samples))
+        path = samples_file(run.out, size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(samples))
 
     what = f"sampling the {size} SFT model for the rankings"
     run.stages.run("rm", what, run.out / name, run.keys[name], sample)
@@ -358,10 +362,7 @@ def train_reward_model(run: DemoRun) -> None:
 
     def train():
         rng, per_prompt = rm_sample_counts(run)
-        shares = [
-            json.loads((out / f"rm_samples-{size}" / SAMPLES_FILE).read_text())
-            for size in rm_sample_sizes(preset)
-        ]
+        shares = [json.loads(samples_file(out, size).read_text()) for size in rm_sample_sizes(preset)]
         samples = merge_shares(shares)
         if [len(texts) for texts in samples] != per_prompt:
             raise RuntimeError(f"the samples in {out}/rm_samples-*/ are not this run's (their counts differ)")
