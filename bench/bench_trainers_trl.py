@@ -10,6 +10,9 @@
    Per-phase profile of each side (rollout, scoring, rewards+GAE, update, other): ours from the `phase(...)`
    marks of `PPOTrainer.iteration()` (`rlhf_fast.trainers.phases.PhaseTimer`), TRL's by wrapping the
    functions its `train()` calls (`batch_generation`, `forward`, `get_reward`, `gc.collect`, `log`).
+   One difference in the work: rlhf_fast's reward model reads a response cut at the token limit at an eos
+   appended to it (one more column in its forward, `rlhf_fast.models.ended_with_eos`); TRL's reads such a
+   response at its last token.
 2. Reward model: 64 prompts with K=4 ranked completions, 16 prompts (96 comparisons) per optimizer step, one
    epoch, the same model shape. rlhf_fast trains on the K-wise rankings (each completion encoded once, and
    each prompt once for its K completions: `RewardConfig.share_prompt`, the default); TRL's

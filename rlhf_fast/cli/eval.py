@@ -1,10 +1,10 @@
 """`rlhf-fast eval`: generate responses to a prompt file, and score them with a reward model.
 
 Responses come from `rlhf_fast.rollout.sample` (greedy unless --temperature > 0). With --reward, every
-response is scored the way PPO scores a rollout: the prompt's tokens, the response's tokens and, when the
-response ended, the eos token, read by the reward model at the last token. With --baseline as well, the
-win rate of the policy against the baseline is the mean over prompts of 1 (higher reward), 1/2 (tie) or 0,
-with its standard error over prompts.
+response is scored the way PPO scores a rollout: the prompt's tokens, the response's tokens and the eos
+token (whether the response ended or was cut at --max-new-tokens), read by the reward model at the eos.
+With --baseline as well, the win rate of the policy against the baseline is the mean over prompts of 1
+(higher reward), 1/2 (tie) or 0, with its standard error over prompts.
 
 With --best-of N (and --reward, --temperature > 0), the policy answers with the best of N samples by the
 reward model's score (`rlhf_fast.eval.generate.best_of_n`): what the reward model alone gets out of the policy.
@@ -73,10 +73,8 @@ def reward_rows(
 
     if same_vocabulary(reward_tokenizer, tokenizer):  # true for the policy's own tokenizer too
         eos = int(reward_tokenizer.eos_token_id)
-        return token_rows(prompt_ids, generation.token_ids, generation.finished, eos, limit)
-    return response_rows(
-        reward_tokenizer, prompt_texts, generation.texts, ended=generation.finished, limit=limit
-    )
+        return token_rows(prompt_ids, generation.token_ids, eos, limit)
+    return response_rows(reward_tokenizer, prompt_texts, generation.texts, limit=limit)
 
 
 def _estimate(values: list[float]) -> dict[str, float]:

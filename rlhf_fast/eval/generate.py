@@ -180,9 +180,8 @@ def best_of_n(
 
     What the reward model gets out of the policy with no training, at a KL from the policy of at most
     log n - (n - 1)/n nats: the reference point for what RL against the same reward model gains. The reward
-    model reads each sample as PPO scores a rollout (`token_rows`: prompt + response, + eos where the response
-    ended), so it must share the policy's tokenizer. With n = 1 the result is `generate`'s at the same seed
-    (no reward model needed).
+    model reads each sample as PPO scores a rollout (`token_rows`: prompt + response + eos), so it must share
+    the policy's tokenizer. With n = 1 the result is `generate`'s at the same seed (no reward model needed).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -194,7 +193,7 @@ def best_of_n(
     if n == 1 or not repeated:
         return samples
     eos_id, pad_id = _special_ids(tokenizer)
-    rows = token_rows(repeated, samples.token_ids, samples.finished, eos_id)
+    rows = token_rows(repeated, samples.token_ids, eos_id)
     scores = torch.tensor(reward_scores(reward_model, rows, pad_id, batch_size)).view(len(prompt_ids), n)
     chosen = [row * n + column for row, column in enumerate(scores.argmax(dim=1).tolist())]  # first maxima
     return Generation(
@@ -225,27 +224,21 @@ def best_of_n_responses(
 def token_rows(
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
-    ended: bool | Sequence[bool],
     eos_id: int,
     limit: int | None = None,
 ) -> list[list[int]]:
-    """The token rows a reward model scores, as PPO scores a rollout: prompt + response (+ eos where the
-    response `ended`); rows over `limit` tokens keep their last `limit`."""
-    ended = [ended] * len(prompt_ids) if isinstance(ended, bool) else list(ended)
+    """The token rows a reward model scores, as PPO scores a rollout: prompt + response + eos, whether the
+    response ended or was cut at the token limit (`rlhf_fast.models.ended_with_eos`, the rows as tensors);
+    rows over `limit` tokens keep their last `limit`."""
     rows = []
-    for prompt, response, done in zip(prompt_ids, response_ids, ended, strict=True):
-        row = list(prompt) + list(response) + ([eos_id] if done else [])
+    for prompt, response in zip(prompt_ids, response_ids, strict=True):
+        row = list(prompt) + list(response) + [eos_id]
         rows.append(row[-limit:] if limit is not None and len(row) > limit else row)
     return rows
 
 
 def response_rows(
-    tokenizer,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    *,
-    ended: bool | Sequence[bool] = True,
-    limit: int | None = None,
+    tokenizer, prompts: Sequence[str], responses: Sequence[str], *, limit: int | None = None
 ) -> list[list[int]]:
     """`token_rows` of texts, tokenized as the data layer does (separately, no special tokens)."""
     from rlhf_fast.data.encode import tokenize_texts
@@ -253,7 +246,6 @@ def response_rows(
     return token_rows(
         tokenize_texts(tokenizer, list(prompts)),
         tokenize_texts(tokenizer, list(responses)),
-        ended,
         int(tokenizer.eos_token_id),
         limit,
     )

@@ -7,7 +7,7 @@ from rlhf_fast.models.masks import (
     shared_prefix_causal_mask,
 )
 from rlhf_fast.models.policy import PolicyModel
-from rlhf_fast.models.reward import RewardModel, last_token_index
+from rlhf_fast.models.reward import RewardModel, ended_with_eos, last_token_index
 from rlhf_fast.models.tiny import SPECIAL_TOKENS, TINY_SIZES, build_word_tokenizer, tiny_causal_lm
 from rlhf_fast.models.value import ValueModel
 
@@ -19,6 +19,7 @@ __all__ = [
     "ValueModel",
     "build_word_tokenizer",
     "causal_mask",
+    "ended_with_eos",
     "last_token_index",
     "packed_causal_mask",
     "position_ids_from_mask",

@@ -397,27 +397,23 @@ def reencode_for_reward(
     reward_tokenizer,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy token rows [B, P+T] (the last `response_width` columns the response) as the reward model's
-    tokenizer encodes the same text: prompt ids + response ids (+ its eos when the response ended with
-    `eos_token_id`), as the data layer encodes a ranking's completion. Decoding and encoding are one batched
+    tokenizer encodes the same text: prompt ids + response ids (without a trailing `eos_token_id`) + its eos,
+    as the data layer encodes a ranking's completion, whether or not the response ended. Decoding and encoding are one batched
     call each; returns right-padded ids [B, L'] int64 and their mask [B, L'] bool, on the CPU."""
     from rlhf_fast.data.encode import tokenize_texts
 
-    prompts, responses, ended = [], [], []
+    prompts, responses = [], []
     for row, mask in zip(sequences.tolist(), attention_mask.tolist()):
         prompt = [t for t, m in zip(row[:-response_width], mask[:-response_width]) if m]
         response = [t for t, m in zip(row[-response_width:], mask[-response_width:]) if m]
-        ended.append(bool(response) and response[-1] == eos_token_id)
         prompts.append(prompt)
-        responses.append(response[:-1] if ended[-1] else response)
+        responses.append(response[:-1] if response and response[-1] == eos_token_id else response)
     decode = functools.partial(tokenizer.batch_decode, skip_special_tokens=True)
     prompt_ids = tokenize_texts(reward_tokenizer, decode(prompts))
     response_ids = tokenize_texts(reward_tokenizer, decode(responses))
     eos = reward_tokenizer.eos_token_id
     pad = reward_tokenizer.pad_token_id if reward_tokenizer.pad_token_id is not None else 0
-    rows = [
-        p + r + ([eos] if end and eos is not None else [])
-        for p, r, end in zip(prompt_ids, response_ids, ended)
-    ]
+    rows = [p + r + ([eos] if eos is not None else []) for p, r in zip(prompt_ids, response_ids)]
     rows = [row or [pad] for row in rows]
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -17,6 +17,23 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.bool().long() * positions).argmax(-1)
 
 
+def ended_with_eos(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, ended: torch.Tensor, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] token rows and mask -> [B, L+1]: `eos_token_id` after the last real token of each row not
+    `ended` [B] bool, padding (masked out) after the others.
+
+    Every row a reward model trains on ends with eos and is read there; a response cut at the token limit
+    read at its last token would be scored at a position the head never learned (PPO finds and exploits
+    those scores), so it is read as the text it holds, ended. The rows as token lists: `token_rows`."""
+    ended = ended.bool()
+    after_last = last_token_index(attention_mask)[:, None] + 1
+    ids = torch.cat([input_ids, input_ids[:, -1:]], dim=1)  # the new column's padding is masked out
+    ids = ids.scatter(1, after_last, torch.where(ended[:, None], ids.gather(1, after_last), eos_token_id))
+    mask = torch.cat([attention_mask.bool(), torch.zeros_like(ended)[:, None]], dim=1)
+    return ids, mask.scatter(1, after_last, ~ended[:, None] | mask.gather(1, after_last))
+
+
 class RewardModel(ScalarHeadModel):
     """``forward(input_ids, attention_mask) -> scores [B] float32``, the head applied to the hidden state of the
     last real token of each row, plus the normalization offset (``set_normalization``)."""

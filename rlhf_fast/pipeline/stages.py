@@ -17,8 +17,10 @@ from typing import Any
 
 from rlhf_fast.pipeline.presets import DemoPreset
 
-# Part of every stage's key: bump it when a stage's code changes what the stage produces.
+# Part of every stage's key: bump it when a stage's code changes what the stage produces. STAGE_VERSIONS:
+# the same for the stages of one kind alone (and, through their keys, the stages that use them).
 PIPELINE_VERSION = 2
+STAGE_VERSIONS = {"ppo": 2, "eval": 2}
 STAGE_FILE = "stage.json"
 
 
@@ -222,6 +224,7 @@ def stage_keys(
     for size in preset.model_sizes:
         for kind in ("ppo", "ppo_ptx"):
             keys[f"{kind}-{size}"] = {
+                "version": STAGE_VERSIONS["ppo"],
                 "policy": keys[f"sft-{size}"],
                 "rm": keys["rm"],
                 "prompts": files["prompts_train"],
@@ -245,5 +248,8 @@ def stage_keys(
     if preset.oracle_ppo:
         largest = preset.model_sizes[-1]
         keys[oracle_ppo_name(preset)] = {**keys[f"ppo-{largest}"], "reward": "labelers", "world": world}
-    keys["eval"] = _fields(preset, "eval_prompts", "eval_temperature", "max_new_tokens", "eval_batch_size")
+    keys["eval"] = {
+        "version": STAGE_VERSIONS["eval"],
+        **_fields(preset, "eval_prompts", "eval_temperature", "max_new_tokens", "eval_batch_size"),
+    }
     return keys

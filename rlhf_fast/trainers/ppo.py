@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_fast.models import last_token_index
+from rlhf_fast.models import ended_with_eos, last_token_index
 from rlhf_fast.models.loading import (
     Precision,
     adapters_disabled,
@@ -229,15 +229,20 @@ class PPOTrainer(RunLoop):
 
     # -------------------------------------------------------------------------------------------- models
     @torch.no_grad()
-    def score(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, sequences: torch.Tensor, attention_mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """The reward model's scores [B] float32 of the full sequences [B, P+T] (prompt left-padded, response
         up to EOS, then padding), with the value adapters off when the value model shares the RM's base.
 
-        With a reward tokenizer of its own, the rows are decoded with the policy's tokenizer and re-encoded
-        with the RM's (on the host, one batched call each way per iteration) exactly as the RM's training data
-        was encoded: prompt ids + response ids (+ the RM's eos when the response ended with eos)."""
+        Every row is read at an eos, as the RM's training rows are: a response that did not end (`ended` [B]
+        bool false: cut at max_new_tokens) gets one appended (`ended_with_eos`), so the RM judges the text it
+        holds rather than a position it never learned to score. With a reward tokenizer of its own, the rows
+        are decoded with the policy's tokenizer and re-encoded with the RM's (on the host, one batched call
+        each way per iteration) exactly as the RM's training data was encoded: prompt ids + response ids +
+        the RM's eos."""
         if self.reencode_for_reward:
             sequences, attention_mask = self._reencode_for_reward(sequences, attention_mask)
+        else:
+            sequences, attention_mask = ended_with_eos(sequences, attention_mask, ended, self.eos_token_id)
         model = self.reward_model if isinstance(self.reward_model, nn.Module) else None
         with adapters_disabled(model) if model is not None else contextlib.nullcontext():
             return self.reward_module(sequences, attention_mask).float()
@@ -336,12 +341,12 @@ class PPOTrainer(RunLoop):
                     mismatch = logprob_mismatch(out.logprobs, logprobs, response_mask)
                 with phase("score/value"):
                     values = self.value_module(sequences, attention_mask, steps)
+                has_eos = ((response_ids == self.eos_token_id) & response_mask).any(dim=1)
                 with phase("score/reward"):
-                    scores = self.score(sequences, attention_mask)
+                    scores = self.score(sequences, attention_mask, has_eos)
 
             # 3. Rewards: −β·KL at every response token, the (penalized) RM score added at the last one.
             with phase("rewards_gae"):
-                has_eos = ((response_ids == self.eos_token_id) & response_mask).any(dim=1)
                 if cfg.missing_eos_penalty is not None:
                     scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
                 kl = torch.where(response_mask, kl, 0)

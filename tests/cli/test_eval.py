@@ -69,6 +69,7 @@ def test_eval_rewards_and_win_rate(evaluated, reward_dir):
     from rlhf_fast.models import RewardModel
 
     _data, stdout, rows, summary = evaluated
+    assert not all(row["finished"] for row in rows)  # a response cut at --max-new-tokens is read with an eos
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     reward_model = RewardModel.from_pretrained(reward_dir).eval()
     for row in rows:
@@ -76,7 +77,7 @@ def test_eval_rewards_and_win_rate(evaluated, reward_dir):
             ids = (
                 tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
                 + tokenizer(row[f"{prefix}response"], add_special_tokens=False)["input_ids"]
-                + ([tokenizer.eos_token_id] if row[f"{prefix}finished"] else [])
+                + [tokenizer.eos_token_id]  # whether the response ended or was cut
             )
             with torch.no_grad():
                 expected = reward_model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool)).item()

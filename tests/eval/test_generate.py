@@ -82,14 +82,14 @@ def test_best_of_n_picks_each_prompts_highest_scoring_sample(small_world, model_
     n, options = 5, {"temperature": 1.0, "batch_size": 8, "seed": 11}
     chosen = best_of_n_responses(model, _TokenSumReward(sign), tokenizer, prompts, n, 6, **options)
     # The same samples drawn again; per prompt, the first of the largest (sign 1) or smallest (sign -1) token
-    # sum of the response as the reward model reads it (+ eos where it ended).
+    # sum of the response as the reward model reads it (+ eos, whether it ended or was cut).
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     repeated = [ids for ids in prompt_ids for _ in range(n)]
     samples = generate(model, tokenizer, repeated, 6, **options)
     expected = []
     for row in range(len(prompts)):
         candidates = range(row * n, (row + 1) * n)
-        sums = [sum(samples.token_ids[i]) + tokenizer.eos_token_id * samples.finished[i] for i in candidates]
+        sums = [sum(samples.token_ids[i]) + tokenizer.eos_token_id for i in candidates]
         best = max(range(n), key=lambda j: (sign * sums[j], -j))
         expected.append(samples.texts[row * n + best])
     assert chosen == expected

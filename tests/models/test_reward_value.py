@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from rlhf_fast.models import PolicyModel, RewardModel, ValueModel, build_word_tokenizer, last_token_index
+from rlhf_fast.models import (
+    PolicyModel,
+    RewardModel,
+    ValueModel,
+    build_word_tokenizer,
+    ended_with_eos,
+    last_token_index,
+)
 from rlhf_fast.models._common import use_fused_activations
 from tests.helpers import fresh_generator
 from tests.models.archs import ARCHITECTURES, build_causal_lm, left_padded_prompts
@@ -33,6 +40,37 @@ def test_last_token_index_any_padding_side():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     assert last_token_index(mask).tolist() == [3, 2, 0, 3]
     assert last_token_index(mask.bool()).tolist() == [3, 2, 0, 3]
+
+
+def test_ended_with_eos_appends_eos_where_the_row_did_not_end(generator):
+    """[B, L] rows (prompt left-padded, response right-padded) -> the rows `token_rows` builds from the same
+    token lists: an eos after every response that did not end; the ones that did keep theirs."""
+    from rlhf_fast.eval.generate import token_rows
+
+    eos, pad, batch, prompt_width, response_width = 2, 0, 9, 5, 4
+    prompt_lengths = torch.randint(1, prompt_width + 1, (batch,), generator=generator).tolist()
+    response_lengths = torch.randint(0, response_width + 1, (batch,), generator=generator).tolist()
+    ended = (torch.rand(batch, generator=generator) < 0.5) & (torch.tensor(response_lengths) > 0)
+    ended[0], ended[1] = True, False  # both kinds, whatever the draw
+    response_lengths[0] = max(response_lengths[0], 1)
+    ids = torch.full((batch, prompt_width + response_width), pad)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    prompts, responses = [], []
+    for row in range(batch):
+        prompt = torch.randint(3, 50, (prompt_lengths[row],), generator=generator).tolist()
+        response = torch.randint(3, 50, (response_lengths[row],), generator=generator).tolist()
+        if ended[row]:
+            response[-1] = eos
+        ids[row, prompt_width - len(prompt) : prompt_width + len(response)] = torch.tensor(prompt + response)
+        mask[row, prompt_width - len(prompt) : prompt_width + len(response)] = True
+        prompts.append(prompt)
+        responses.append(response[:-1] if ended[row] else response)
+
+    out_ids, out_mask = ended_with_eos(ids, mask, ended, eos)
+    assert out_ids.shape == (batch, prompt_width + response_width + 1) and out_mask.dtype == torch.bool
+    assert [out_ids[row][out_mask[row]].tolist() for row in range(batch)] == token_rows(prompts, responses, eos)
+    assert torch.equal(out_ids[:, :-1][mask], ids[mask])  # the rows' own tokens untouched
+    assert torch.equal(last_token_index(out_mask), last_token_index(mask) + (~ended).long())
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -85,7 +85,8 @@ def test_lora_ppo_trains_adapters_and_heads_and_its_reference_is_the_base(tmp_pa
     assert trainer.value_model.backbone is trainer.reward_model.backbone  # the value head rides the RM's base
     ids = trainer.prompt_batch(0)["prompt_ids"]
     mask = trainer.prompt_batch(0)["prompt_mask"]
-    reward_before = trainer.score(ids, mask)
+    ended = torch.ones(len(ids), dtype=torch.bool)  # the prompts read as they are
+    reward_before = trainer.score(ids, mask, ended)
     trainer.train()
 
     # Predictions from real tokens only: the base may run the functional forward (rlhf_fast.models.functional),
@@ -97,7 +98,7 @@ def test_lora_ppo_trains_adapters_and_heads_and_its_reference_is_the_base(tmp_pa
         adapted = trainer.policy_module(ids, mask, ids[:, 1:], mask=real).logprobs
         torch.testing.assert_close(reference, expected, rtol=0, atol=0)
         assert not torch.allclose(adapted, expected, atol=1e-4)  # the adapters learned something
-        torch.testing.assert_close(trainer.score(ids, mask), reward_before, rtol=0, atol=0)
+        torch.testing.assert_close(trainer.score(ids, mask, ended), reward_before, rtol=0, atol=0)
 
     # Export: the merged model in the original architecture, and the adapter alone (peft's layout).
     final = tmp_path / "final"
@@ -125,8 +126,9 @@ def test_a_reward_model_with_its_own_tokenizer_scores_the_re_encoded_text(tmp_pa
         PolicyModel(tiny_causal_lm("tiny", len(reward_tokenizer), max_positions=64, seed=3)),
         head_init_std=0.5,
     )
+    new_tokens = 24  # long enough for some responses to end and others to be cut
     config = PPOConfig(
-        batch_size=8, num_minibatches=2, max_iterations=1, max_new_tokens=6, output_dir=str(tmp_path)
+        batch_size=8, num_minibatches=2, max_iterations=1, max_new_tokens=new_tokens, output_dir=str(tmp_path)
     )
     trainer = PPOTrainer(
         config,
@@ -144,28 +146,28 @@ def test_a_reward_model_with_its_own_tokenizer_scores_the_re_encoded_text(tmp_pa
         trainer.policy,
         batch["prompt_ids"],
         batch["prompt_mask"],
-        6,
+        new_tokens,
         eos_token_id=trainer.eos_token_id,
         pad_token_id=trainer.pad_token_id,
         generator=generator,
     )
     sequences = out.sequences
     mask = torch.cat([batch["prompt_mask"].bool(), out.response_mask], dim=1)
-    scores = trainer.score(sequences, mask)
+    ended = ((out.response_ids == policy_tokenizer.eos_token_id) & out.response_mask).any(dim=1)
+    scores = trainer.score(sequences, mask, ended)
 
+    assert ended.any() and not ended.all()  # both kinds of row: the eos the response holds, one appended
     expected = []
-    eos = policy_tokenizer.eos_token_id
     for prompt, prompt_mask, response, response_mask in zip(
         batch["prompt_ids"], batch["prompt_mask"], out.response_ids, out.response_mask
     ):
         response = response[response_mask.bool()].tolist()
-        ended = bool(response) and response[-1] == eos
         prompt_text = policy_tokenizer.decode(prompt[prompt_mask.bool()].tolist(), skip_special_tokens=True)
         response_text = policy_tokenizer.decode(response, skip_special_tokens=True)
         ids = (
             reward_tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
             + reward_tokenizer(response_text, add_special_tokens=False)["input_ids"]
-            + ([reward_tokenizer.eos_token_id] if ended else [])
+            + [reward_tokenizer.eos_token_id]
         )
         row = torch.tensor([ids])
         with torch.no_grad():

@@ -293,7 +293,8 @@ def test_explained_variance_is_finite_when_returns_are_constant(tmp_path):
 
 def test_rollout_scores_equal_the_reward_models_scores_of_the_same_text(tmp_path):
     """PPO optimizes what evaluation measures: the score of a sampled row (left-padded prompt, response, eos,
-    padding) equals the reward model's score of the decoded prompt and response, encoded as its training data."""
+    padding) equals the reward model's score of the decoded prompt and response, encoded as its training data
+    (+ eos), for responses that ended and responses cut at max_new_tokens alike."""
     from rlhf_fast.eval.generate import response_rows, reward_scores
     from rlhf_fast.models import RewardModel
 
@@ -309,7 +310,9 @@ def test_rollout_scores_equal_the_reward_models_scores_of_the_same_text(tmp_path
     )
     batch = trainer.prompt_batch(0)
     out = sample(trainer.policy, batch["prompt_ids"], batch["prompt_mask"], 6, **trainer._sample_options)
-    scores = trainer.score(out.sequences, torch.cat([batch["prompt_mask"].bool(), out.response_mask], dim=1))
+    attention_mask = torch.cat([batch["prompt_mask"].bool(), out.response_mask], dim=1)
+    has_eos = ((out.response_ids == tokenizer.eos_token_id) & out.response_mask).any(dim=1)
+    scores = trainer.score(out.sequences, attention_mask, has_eos)
 
     eos = tokenizer.eos_token_id
     prompts, responses, ended = [], [], []
@@ -320,7 +323,8 @@ def test_rollout_scores_equal_the_reward_models_scores_of_the_same_text(tmp_path
         ended.append(bool(ids) and ids[-1] == eos)
         prompts.append(tokenizer.decode(prompt[prompt_mask.bool()].tolist()))
         responses.append(tokenizer.decode(ids[:-1] if ended[-1] else ids))
-    assert any(ended) and any(response for response in responses)
-    rows = response_rows(tokenizer, prompts, responses, ended=ended)
+    assert any(ended) and not all(ended) and any(response for response in responses)
+    assert has_eos.tolist() == ended
+    rows = response_rows(tokenizer, prompts, responses)
     expected = reward_scores(reward_model, rows, tokenizer.pad_token_id)
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
