@@ -112,16 +112,16 @@ PRESETS: dict[str, DemoPreset] = {
         # The RM learns from 12,000 ranked prompts (the paper: 33,000): on seed 0 its held-out agreement was
         # 0.73 from 4,000 prompts (four passes), 0.77 from 8,000, 0.79 from 12,000 (three or four passes); a
         # learning rate of 2.5e-4 gives the same, 1e-3 0.73, dropout 0.1 0.70. It underfits (its training
-        # rankings hardly better than held-out ones), and its backbone is the lever. Trained alone on the
-        # rankings of the previous default's runs (seeds 0 / 1 / 2), from the small SFT model its gap to the
-        # labelers' agreement was -0.070 (the demo's RM) / -0.079 / -0.121 (validation accuracy 0.748 / 0.738
-        # / 0.710); from an SFT model of the small base pretrained 1,500 steps more -0.049 / -0.037 / -0.048
-        # (0.780 / 0.754 / 0.754); two passes instead of three lose 0.005-0.03 of accuracy; a small model
-        # pretrained 3,000 steps from scratch gave -0.073 (0.755) on seed 0. In the demo (seed 0) the 1,500
-        # steps more gave -0.056 (0.771) and PPO-ptx (small) then ran on past its answers (KL 7.7 nats, win
-        # rate 0.35 against SFT); on seeds 1 / 2 -0.031 / -0.038 and every target met: measured, not applied
-        # (rm_pretrain_steps; docs/demo-seeds.md).
-        rm_epochs=3, rm_batch_size=8,
+        # rankings hardly better than held-out ones), and its backbone is the lever: an SFT model of its own,
+        # from the small base model pretrained 1,500 steps more. Trained alone on the same rankings (seeds 0 /
+        # 1 / 2), its gap to the labelers' agreement was -0.049 / -0.037 / -0.048 (validation accuracy 0.780 /
+        # 0.754 / 0.754), from the small policy's SFT model -0.070 / -0.079 / -0.121 (0.748 / 0.738 / 0.710);
+        # a small model pretrained 3,000 steps from scratch -0.073 (0.755) on seed 0. In the demo (three
+        # passes): -0.056 / -0.031 / -0.038, 17 / 18 / 18 targets where the policy's SFT model gave 17 / 17 /
+        # 17. Four passes (the validation accuracy still rose at the third): -0.047 / -0.023 / -0.030 (0.788 /
+        # 0.775 / 0.775) trained alone; two lose 0.005-0.03 of accuracy (docs/demo-seeds.md).
+        rm_pretrain_steps=1500,
+        rm_epochs=4, rm_batch_size=8,
         # PPO's settings were measured with the RM of 4,000 prompts. Batches of 64 halve the gradient's
         # variance, whose noise let the policy drift (KL 3-4 nats without gain), and kl_coef 0.2 prices a word
         # off the SFT distribution above what the RM pays for it; measured, each alone helps less than both.

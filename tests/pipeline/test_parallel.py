@@ -31,25 +31,28 @@ def test_a_job_that_nothing_can_run_beside_gets_every_core():
     assert plan_threads(DIAMOND, cores=2, workers=2) == {"a": 2, "b": 1, "c": 1, "d": 2}
     assert plan_threads(DIAMOND, cores=8, workers=2) == {"a": 8, "b": 4, "c": 4, "d": 8}
     assert plan_threads(DIAMOND, cores=2, workers=1) == {"a": 2, "b": 2, "c": 2, "d": 2}
-    # The quick demo on two cores: the sizes' pretraining and SFT and the samples the RM learns from side by
-    # side, the RM alone (from the largest policy's SFT model), PPO side by side.
+    # The quick demo on two cores: the sizes' pretraining and SFT, the reward model's own backbone (the small
+    # base model pretrained further, then SFT) and the samples the RM learns from side by side, the RM alone,
+    # PPO side by side.
     preset = get_preset("quick")
+    assert preset.rm_pretrain_steps > 0
     jobs = demo_jobs(preset)
     sampling = {"rm_samples-tiny", "rm_samples-small"}
-    assert {job.name for job in jobs} == set(trained_models(preset)) | sampling | {"rm"}
-    assert {job.name: job.after for job in jobs}["rm"] == ("sft-small", "rm_samples-small", "rm_samples-tiny")
-    threads = plan_threads(jobs, cores=2, workers=2)
-    assert threads.pop("rm") == 2 and set(threads.values()) == {1}
-    assert concurrency(jobs)["ppo-small"] == 5 and concurrency(jobs)["base-tiny"] == 4
-    # With a backbone of its own (rm_pretrain_steps), the RM reads the SFT model of the small base model
-    # pretrained further; those two stages run beside the policies' SFT and sampling.
-    jobs = demo_jobs(preset.replace(rm_pretrain_steps=1500))
+    backbone = {"rm_base-small", "rm_sft-small"}
+    assert {job.name for job in jobs} == set(trained_models(preset)) | sampling | backbone | {"rm"}
     after = {job.name: job.after for job in jobs}
     assert after["rm"] == ("rm_sft-small", "rm_samples-small", "rm_samples-tiny")
     assert after["rm_base-small"] == ("base-small",) and after["rm_sft-small"] == ("rm_base-small",)
     threads = plan_threads(jobs, cores=2, workers=2)
     assert threads.pop("rm") == 2 and set(threads.values()) == {1}
-
+    assert concurrency(jobs)["ppo-small"] == 5 and concurrency(jobs)["base-tiny"] == 6
+    # Without (rm_pretrain_steps=0), the RM reads the largest policy's SFT model.
+    jobs = demo_jobs(preset.replace(rm_pretrain_steps=0))
+    assert {job.name for job in jobs} == set(trained_models(preset)) | sampling | {"rm"}
+    assert {job.name: job.after for job in jobs}["rm"] == ("sft-small", "rm_samples-small", "rm_samples-tiny")
+    threads = plan_threads(jobs, cores=2, workers=2)
+    assert threads.pop("rm") == 2 and set(threads.values()) == {1}
+    assert concurrency(jobs)["base-tiny"] == 4
 
 # Module level: worker processes import these by name.
 def open_context(tag, *, console):
