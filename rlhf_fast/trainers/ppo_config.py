@@ -59,7 +59,9 @@ class PPOConfig(RunConfig):
     )
     whiten_advantages: bool = True
     whiten_rewards: bool = False
-    missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
+    # Subtracted from the score of a response cut at max_new_tokens (no EOS); the reward model reads such a
+    # response at an EOS appended to it either way (`PPOTrainer.score`)
+    missing_eos_penalty: float | None = None
     # CLI: a reward model whose tokenizer differs from the policy's scores decoded and re-encoded text
     # (the trainer does so whenever it is given a differing `reward_tokenizer`)
     reencode_for_reward: bool = False
