@@ -398,8 +398,9 @@ def reencode_for_reward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy token rows [B, P+T] (the last `response_width` columns the response) as the reward model's
     tokenizer encodes the same text: prompt ids + response ids (without a trailing `eos_token_id`) + its eos,
-    as the data layer encodes a ranking's completion, whether or not the response ended. Decoding and encoding are one batched
-    call each; returns right-padded ids [B, L'] int64 and their mask [B, L'] bool, on the CPU."""
+    as the data layer encodes a ranking's completion, whether or not the response ended. Decoding and
+    encoding are one batched call each; returns right-padded ids [B, L'] int64 and their mask [B, L'] bool,
+    on the CPU."""
     from rlhf_fast.data.encode import tokenize_texts
 
     prompts, responses = [], []

@@ -229,7 +229,9 @@ class PPOTrainer(RunLoop):
 
     # -------------------------------------------------------------------------------------------- models
     @torch.no_grad()
-    def score(self, sequences: torch.Tensor, attention_mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, ended: torch.Tensor
+    ) -> torch.Tensor:
         """The reward model's scores [B] float32 of the full sequences [B, P+T] (prompt left-padded, response
         up to EOS, then padding), with the value adapters off when the value model shares the RM's base.
 

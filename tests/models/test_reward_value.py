@@ -68,7 +68,8 @@ def test_ended_with_eos_appends_eos_where_the_row_did_not_end(generator):
 
     out_ids, out_mask = ended_with_eos(ids, mask, ended, eos)
     assert out_ids.shape == (batch, prompt_width + response_width + 1) and out_mask.dtype == torch.bool
-    assert [out_ids[row][out_mask[row]].tolist() for row in range(batch)] == token_rows(prompts, responses, eos)
+    rows = [out_ids[row][out_mask[row]].tolist() for row in range(batch)]
+    assert rows == token_rows(prompts, responses, eos)
     assert torch.equal(out_ids[:, :-1][mask], ids[mask])  # the rows' own tokens untouched
     assert torch.equal(last_token_index(out_mask), last_token_index(mask) + (~ended).long())
 
