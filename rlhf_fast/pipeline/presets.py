@@ -119,7 +119,7 @@ PRESETS: dict[str, DemoPreset] = {
         # a small model pretrained 3,000 steps from scratch -0.073 (0.755) on seed 0. In the demo (three
         # passes): -0.056 / -0.031 / -0.038, 17 / 18 / 18 targets where the policy's SFT model gave 17 / 17 /
         # 17. Four passes (the validation accuracy still rose at the third): -0.047 / -0.023 / -0.030 (0.788 /
-        # 0.775 / 0.775) trained alone; two lose 0.005-0.03 of accuracy (docs/demo-seeds.md).
+        # 0.775 / 0.775), and every target on every seed; two lose 0.005-0.03 of accuracy (docs/demo-seeds.md).
         rm_pretrain_steps=1500,
         rm_epochs=4, rm_batch_size=8,
         # PPO's settings were measured with the RM of 4,000 prompts. Batches of 64 halve the gradient's
