@@ -118,10 +118,12 @@ PRESETS: dict[str, DemoPreset] = {
         # 0.754 / 0.754), from the small policy's SFT model -0.070 / -0.079 / -0.121 (0.748 / 0.738 / 0.710);
         # a small model pretrained 3,000 steps from scratch -0.073 (0.755) on seed 0. In the demo (three
         # passes): -0.056 / -0.031 / -0.038, 17 / 18 / 18 targets where the policy's SFT model gave 17 / 17 /
-        # 17. Four passes (the validation accuracy still rose at the third): -0.047 / -0.023 / -0.030 (0.788 /
-        # 0.775 / 0.775), and every target on every seed; two lose 0.005-0.03 of accuracy (docs/demo-seeds.md).
+        # 17. The validation accuracy still rises with every pass; trained alone, four passes gave -0.047 /
+        # -0.023 / -0.030 (0.788 / 0.775 / 0.775; in the demo every target on every seed), five -0.037 / -0.015
+        # / -0.025 (0.795 / 0.786 / 0.790), six -0.034 / - / -0.018 on seeds 0 / 2: five, a pass costing about
+        # 25 s; two lose 0.005-0.03 of accuracy (docs/demo-seeds.md).
         rm_pretrain_steps=1500,
-        rm_epochs=4, rm_batch_size=8,
+        rm_epochs=5, rm_batch_size=8,
         # PPO's settings were measured with the RM of 4,000 prompts. Batches of 64 halve the gradient's
         # variance, whose noise let the policy drift (KL 3-4 nats without gain), and kl_coef 0.2 prices a word
         # off the SFT distribution above what the RM pays for it; measured, each alone helps less than both.
